@@ -1,0 +1,74 @@
+"""Where gam_triton runs: Triton on CUDA (or the interpreter on CPU), PyTorch elsewhere.
+
+Also the small helpers the launch functions share: the B x C x HW stride view of a 4-D tensor,
+output allocation (with optional NaN poisoning for tests) and the fp32 dot precision.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is a Linux-only dependency; elsewhere only the PyTorch path exists
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+#: TRITON_INTERPRET=1 runs the kernels on the CPU through Triton's interpreter (how CI tests them).
+#: Triton reads it when kernels are decorated, so it is read once, at import, here too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Dtypes the Triton kernels take; float64 goes through the PyTorch path.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the Triton kernels should handle ``x``: CUDA, or CPU under the interpreter."""
+    if not HAS_TRITON or x.dtype not in KERNEL_DTYPES:
+        return False
+    return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+
+
+def poison_outputs() -> bool:
+    """GAM_TRITON_POISON=1 fills kernel outputs with NaN before launch, so unwritten elements show."""
+    return os.environ.get("GAM_TRITON_POISON", "0") == "1"
+
+
+def new_output(like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """An uninitialised B x C x H x W output (NaN-poisoned when asked) in the requested layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=fmt)
+    if poison_outputs():
+        out.fill_(float("nan"))
+    return out
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last in the sense that matters for speed: the channel stride is 1 and C > 1."""
+    return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
+
+
+def bchw_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """Return (t', stride_b, stride_c, stride_p) so that t'[b, c, p] = t'.flat[b*sb + c*sc + p*sp].
+
+    p = h * W + w runs over the H x W map. NCHW-contiguous and channels_last tensors (and any tensor
+    whose H and W dims merge) are used in place; anything else is copied to contiguous first.
+    """
+    _, _, h, w = t.shape
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        sp = t.stride(3)
+    elif w == 1:
+        sp = t.stride(2)
+    else:
+        t = t.contiguous()
+        sp = t.stride(3)
+    return t, t.stride(0), t.stride(1), sp
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton ``input_precision`` for fp32 dots: tf32 only where PyTorch's own matmul would use it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -1,0 +1,88 @@
+"""BatchNorm-apply + ReLU op: z = relu(scale[c] * y + shift[c]) between GAM's two convolutions.
+
+Used in train mode, where BatchNorm1 runs on batch statistics and cannot be folded into conv1.
+:func:`bn_relu` runs the Triton kernel (``kernels/bn_relu.py``) on CUDA / under the interpreter and
+PyTorch elsewhere; ``gam_triton::bn_relu`` is the ``triton_op`` with its autograd formula.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import autotune
+from ._runtime import HAS_TRITON, INTERPRET, bchw_view, is_channels_last, new_output, use_triton
+from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
+
+__all__ = ["bn_relu", "bn_relu_torch"]
+
+
+def bn_relu_torch(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """PyTorch BatchNorm-apply + ReLU, differentiable."""
+    c = y.shape[1]
+    return torch.relu(torch.addcmul(shift.view(1, c, 1, 1), y, scale.view(1, c, 1, 1)).to(y.dtype))
+
+
+def _launch(y, scale, shift, z, config: Config) -> None:
+    from triton import cdiv
+
+    from .kernels.bn_relu import bn_relu_kernel
+
+    bsz, c, h, w = y.shape
+    hw = h * w
+    y, syb, syc, syp = bchw_view(y)
+    _, szb, szc, szp = bchw_view(z)
+    grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
+    kernel = bn_relu_kernel
+    if not INTERPRET:
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(kernel)
+    kernel[grid](y, scale, shift, z, hw, c, syb, syc, syp, szb, szc, szp, **config.launch_kwargs())
+
+
+def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    cl = is_channels_last(y)
+    z = new_output(y, y.dtype, cl)
+    if z.numel() == 0:
+        return z
+    c, hw = y.shape[1], y.shape[2] * y.shape[3]
+    heur = elementwise_heuristic(c, hw, cl)
+
+    def bench(cfg: Config) -> float:
+        from triton.testing import do_bench
+
+        return do_bench(lambda: _launch(y, scale, shift, z, cfg))
+
+    key = (c, next_pow2(hw), str(y.dtype), cl)
+    cfg = autotune.select("bn_relu", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
+    _launch(y, scale, shift, z, cfg)
+    return z
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    y, scale, shift = inputs
+    ctx.save_for_backward(y, scale, shift)
+
+
+def _backward(ctx, dz):
+    y, scale, shift = ctx.saved_tensors
+    c = y.shape[1]
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf = y.to(acc)
+    d = dz.to(acc) * ((yf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)) > 0)
+    dy = (d * scale.view(1, c, 1, 1)).to(y.dtype)
+    return dy, (d * yf).sum((0, 2, 3)).to(scale.dtype), d.sum((0, 2, 3)).to(shift.dtype)
+
+
+_op = None
+if HAS_TRITON:
+    from torch.library import triton_op
+
+    _op = triton_op("gam_triton::bn_relu", _bn_relu_impl, mutates_args={})
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """z = relu(scale[c] * y + shift[c]) for a B x C x H x W ``y``; z keeps y's dtype and layout."""
+    if not use_triton(y):
+        return bn_relu_torch(y, scale, shift)
+    return _op(y, scale.float().contiguous(), shift.float().contiguous())

@@ -1,0 +1,134 @@
+"""Final gate op: out = x1 * shuffle_G(sigmoid(scale * y2 + shift)), BatchNorm2 and shuffle folded in.
+
+* :func:`final_gate` - Triton kernel (``kernels/final_gate.py``) on CUDA / under the interpreter,
+  :func:`final_gate_torch` elsewhere. Output dtype: ``promote_types(x1, y2)`` (what ``x1 * s`` gives under
+  autocast); output layout: ``out_channels_last`` or x1's.
+* ``gam_triton::final_gate`` - the kernel as a ``torch.library.triton_op`` with its autograd formula.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import autotune
+from ._runtime import HAS_TRITON, INTERPRET, bchw_view, is_channels_last, new_output, use_triton
+from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
+
+__all__ = ["final_gate", "final_gate_torch", "shuffle", "unshuffle"]
+
+
+def shuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """The YOLO form's channel shuffle: out[:, c] = t[:, (c % G) * (C // G) + c // G]."""
+    if not groups:
+        return t
+    b, c, h, w = t.shape
+    return t.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def unshuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`shuffle`."""
+    if not groups:
+        return t
+    b, c, h, w = t.shape
+    return t.reshape(b, c // groups, groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     groups: int) -> torch.Tensor:
+    """PyTorch final gate, differentiable; the shuffle is a strided view, not a copy."""
+    b, c, h, w = x1.shape
+    s = torch.sigmoid(torch.addcmul(shift.view(1, c, 1, 1), y2, scale.view(1, c, 1, 1)).to(y2.dtype))
+    if not groups:
+        return x1 * s
+    s_view = s.view(b, groups, c // groups, h, w).transpose(1, 2)  # [b, c/G, G, h, w], no copy
+    return (x1.view(b, c // groups, groups, h, w) * s_view).reshape(b, c, h, w)
+
+
+def _launch(x1, y2, scale, shift, groups, out, config: Config) -> None:
+    from triton import cdiv
+
+    from .kernels.final_gate import final_gate_kernel
+
+    bsz, c, h, w = x1.shape
+    hw = h * w
+    x1, sxb, sxc, sxp = bchw_view(x1)
+    y2, syb, syc, syp = bchw_view(y2)
+    _, sob, soc, sop = bchw_view(out)
+    grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
+    kernel = final_gate_kernel
+    if not INTERPRET:
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(kernel)
+    kernel[grid](x1, y2, scale, shift, out, hw, c, c // groups if groups else c,
+                 sxb, sxc, sxp, syb, syc, syp, sob, soc, sop,
+                 SHUFFLE_G=groups, **config.launch_kwargs())
+
+
+def _final_gate_impl(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     groups: int, out_channels_last: bool) -> torch.Tensor:
+    out = new_output(x1, torch.promote_types(x1.dtype, y2.dtype), out_channels_last)
+    if out.numel() == 0:
+        return out
+    c, hw = x1.shape[1], x1.shape[2] * x1.shape[3]
+    cl = is_channels_last(y2)
+    heur = elementwise_heuristic(c, hw, cl)
+
+    def bench(cfg: Config) -> float:
+        from triton.testing import do_bench
+
+        return do_bench(lambda: _launch(x1, y2, scale, shift, groups, out, cfg))
+
+    key = (c, next_pow2(hw), str(x1.dtype), str(y2.dtype), is_channels_last(x1), cl,
+           out_channels_last, groups)
+    cfg = autotune.select("final_gate", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
+    _launch(x1, y2, scale, shift, groups, out, cfg)
+    return out
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x1, y2, scale, shift, groups, _ = inputs
+    ctx.groups = groups
+    ctx.save_for_backward(x1, y2, scale, shift)
+
+
+def _backward(ctx, dout):
+    """dx1 = dout * s; dt = unshuffle(dout * x1 * s (1 - s)); dy2 = dt * scale; dscale, dshift summed."""
+    x1, y2, scale, shift = ctx.saved_tensors
+    g = ctx.groups
+    c = x1.shape[1]
+    acc = torch.float64 if y2.dtype == torch.float64 else torch.float32
+    t = y2.to(acc) * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+    s = shuffle(torch.sigmoid(t), g)
+    d = dout.to(acc)
+    dx1 = (d * s).to(x1.dtype)
+    dt = unshuffle(d * x1.to(acc) * s * (1 - s), g)
+    dy2 = (dt * scale.view(1, c, 1, 1)).to(y2.dtype)
+    dscale = (dt * y2.to(acc)).sum((0, 2, 3)).to(scale.dtype)
+    dshift = dt.sum((0, 2, 3)).to(shift.dtype)
+    return dx1, dy2, dscale, dshift, None, None
+
+
+_op = None
+if HAS_TRITON:
+    from torch.library import triton_op
+
+    _op = triton_op("gam_triton::final_gate", _final_gate_impl, mutates_args={})
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def final_gate(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               groups: int = 0, out_channels_last: Optional[bool] = None) -> torch.Tensor:
+    """out = x1 * shuffle_groups(sigmoid(scale[c] * y2 + shift[c])) for B x C x H x W x1 and y2.
+
+    ``scale`` and ``shift`` are per-channel vectors (converted to fp32 on the Triton path); ``groups``
+    0 means no shuffle. Inputs are validated by :class:`gam_triton.GAM`, not here.
+    """
+    groups = int(groups or 0)
+    if not use_triton(x1):
+        return final_gate_torch(x1, y2, scale, shift, groups)
+    if out_channels_last is None:
+        out_channels_last = is_channels_last(x1)
+    return _op(x1, y2, scale.float().contiguous(), shift.float().contiguous(), groups,
+               bool(out_channels_last))

@@ -1,0 +1,193 @@
+"""The GAM module: a drop-in for the GAM blocks of public code, running the fused Triton kernels.
+
+Parameters and buffers carry the names of the common nn.Sequential forms (``channel_attention.0``/``.2``,
+``spatial_attention.0``/``.1``/``.3``/``.4``), so existing checkpoints load with ``strict=True``; the seed
+form's names (``fc1``, ``fc2``, ``conv1``, ``bn``, ``conv2``, ``bn1``) are renamed on load.
+
+Forward (per pixel p; see ``shared/GAM_NOTES.md``):
+    x1  = x * g(W2 relu(W1 x + b1) + b2)               Triton channel-gate kernel
+    z1  = relu(BN1(conv1(x1)))                         cuDNN conv; BN1 folded in eval, bn_relu kernel in train
+    out = x1 * shuffle(sigmoid(BN2(conv2(z1))))        cuDNN conv + Triton final-gate kernel
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._runtime import use_triton
+from .batchnorm import bn_scale_shift, fold_conv_bn, uses_batch_stats
+from .bn_relu import bn_relu
+from .channel_gate import channel_gate
+from .final_gate import final_gate
+
+__all__ = ["GAM"]
+
+_SEED_NAMES = {
+    "channel_attention.fc1.": "channel_attention.0.",
+    "channel_attention.fc2.": "channel_attention.2.",
+    "spatial_attention.conv1.": "spatial_attention.0.",
+    "spatial_attention.bn.": "spatial_attention.1.",
+    "spatial_attention.conv2.": "spatial_attention.3.",
+    "spatial_attention.bn1.": "spatial_attention.4.",
+}
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"GAM: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"GAM: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _rename_seed_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    """Load-state-dict pre-hook: rename the seed form's parameter names to ours, in place."""
+    for key in list(state_dict.keys()):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        for old, new in _SEED_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
+
+
+class GAM(nn.Module):
+    """Global Attention Mechanism block (Liu et al. 2021) with fused Triton kernels.
+
+    Args:
+        in_channels: channels C of the input.
+        out_channels: must equal ``in_channels`` (the output gates the input); None means the same.
+        rate: reduction rate r; the hidden width is C // r.
+        kernel_size: odd size of both spatial convolutions (padding kernel_size // 2).
+        group: grouped convolutions with ``groups=rate`` (the YOLO form's default).
+        channel_sigmoid: sigmoid on the channel branch (paper); False multiplies by the MLP output as
+            the YOLO and seed forms do.
+        shuffle_groups: shuffle the spatial map's channels in this many groups after its sigmoid (the
+            YOLO form uses 4); None for no shuffle.
+
+    Defaults are the paper's form. :meth:`from_module` builds one from any of the public forms.
+    """
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, rate: int = 4,
+                 kernel_size: int = 7, group: bool = False, channel_sigmoid: bool = True,
+                 shuffle_groups: Optional[int] = None) -> None:
+        super().__init__()
+        c = _check_int("in_channels", in_channels, 1)
+        if out_channels is not None and _check_int("out_channels", out_channels, 1) != c:
+            raise ValueError(f"GAM: out_channels ({out_channels}) must equal in_channels ({c}): "
+                             "the output is a gate over the input")
+        rate = _check_int("rate", rate, 1)
+        k = _check_int("kernel_size", kernel_size, 1)
+        if k % 2 == 0:
+            raise ValueError(f"GAM: kernel_size must be odd (padding kernel_size // 2 keeps H x W), got {k}")
+        for name, flag in (("group", group), ("channel_sigmoid", channel_sigmoid)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"GAM: {name} must be a bool, got {type(flag).__name__}")
+        cr = c // rate
+        if cr == 0:
+            raise ValueError(f"GAM: in_channels // rate is 0 (in_channels={c}, rate={rate}): "
+                             "the channel MLP would have no hidden unit")
+        groups = rate if group else 1
+        if group and (c % groups or cr % groups):
+            raise ValueError(f"GAM: group=True needs in_channels ({c}) and in_channels // rate ({cr}) "
+                             f"divisible by rate ({rate})")
+        if shuffle_groups is not None:
+            shuffle_groups = _check_int("shuffle_groups", shuffle_groups, 1)
+            if c % shuffle_groups:
+                raise ValueError(f"GAM: shuffle_groups ({shuffle_groups}) must divide in_channels ({c})")
+        self.in_channels = c
+        self.rate = rate
+        self.kernel_size = k
+        self.group = group
+        self.channel_sigmoid = channel_sigmoid
+        self.shuffle_groups = shuffle_groups
+        self.channel_attention = nn.Sequential(nn.Linear(c, cr), nn.ReLU(inplace=True), nn.Linear(cr, c))
+        self.spatial_attention = nn.Sequential(
+            nn.Conv2d(c, cr, k, padding=k // 2, groups=groups),
+            nn.BatchNorm2d(cr),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cr, c, k, padding=k // 2, groups=groups),
+            nn.BatchNorm2d(c),
+        )
+        self._folded: Optional[tuple] = None  # (key, weight, bias) of conv1 with BN1 folded in
+        self._register_load_state_dict_pre_hook(_rename_seed_keys)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, rate={self.rate}, kernel_size={self.kernel_size}, "
+                f"group={self.group}, channel_sigmoid={self.channel_sigmoid}, "
+                f"shuffle_groups={self.shuffle_groups}")
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "GAM":
+        """A GAM computing the same function as ``module`` (any of the public forms), same weights."""
+        from .convert import gam_from_module
+
+        return gam_from_module(module)
+
+    # -- input checks ----------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"GAM: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"GAM: expected a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"GAM: expected {self.in_channels} channels, got input shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"GAM: input must be a floating-point tensor, got {x.dtype}")
+        w = self.channel_attention[0].weight
+        if x.device != w.device:
+            raise ValueError(f"GAM: input is on {x.device} but the module's parameters are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"GAM: input dtype {x.dtype} differs from the parameters' {w.dtype} "
+                            "(convert the module with .to(dtype) or run under torch.autocast)")
+
+    # -- eval-mode BN1 folding, cached while nothing changes ------------------------------------------------
+    def _conv1_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.spatial_attention[0], self.spatial_attention[1]
+        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        cacheable = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+        if torch.compiler.is_compiling() or not cacheable:
+            return fold_conv_bn(conv.weight, conv.bias, bn)
+        key = (bn.eps, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                w, b = fold_conv_bn(conv.weight, conv.bias, bn)
+            self._folded = (key, w, b)
+        return self._folded[1], self._folded[2]
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
+        conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        fast = use_triton(x)
+        in_cl = x.stride(1) == 1 and x.shape[1] > 1
+        # cuDNN runs fp16/bf16 convolutions fastest in channels_last: write x1 in that layout.
+        x1_cl = in_cl or (fast and x.is_cuda and (x.dtype != torch.float32
+                                                  or torch.is_autocast_enabled("cuda")))
+        x1 = channel_gate(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_sigmoid,
+                          out_channels_last=x1_cl)
+        pad, groups = conv1.padding, conv1.groups
+        if uses_batch_stats(bn1):
+            y1 = F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
+            scale1, shift1 = bn_scale_shift(bn1, y1)
+            z1 = bn_relu(y1, scale1, shift1)
+        else:
+            w1, b1 = self._conv1_folded()
+            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
+        y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=conv2.padding, groups=conv2.groups)
+        scale2, shift2 = bn_scale_shift(bn2, y2)
+        return final_gate(x1, y2, scale2, shift2, self.shuffle_groups or 0, out_channels_last=in_cl)

@@ -1,0 +1,10 @@
+"""Triton kernels of gam_triton, shipped inside the package as ``gam_triton.kernels``.
+
+One file per fused operation; each file holds only ``@triton.jit`` kernels (no launch logic):
+
+* :mod:`.channel_gate` - x1 = x * g(W2 relu(W1 x + b1) + b2), the channel MLP gate, in one pass.
+* :mod:`.final_gate`   - out = x1 * sigmoid(scale * y2 + shift), channel shuffle folded in.
+* :mod:`.bn_relu`      - z = relu(scale * y + shift), BatchNorm-apply + ReLU between the convolutions.
+
+The launch functions, autograd and custom-op registration live in ``gam_triton/``.
+"""
