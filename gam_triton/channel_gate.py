@@ -23,13 +23,18 @@ __all__ = ["channel_gate", "channel_gate_torch", "channel_gate_reference_grads"]
 
 def channel_gate_torch(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                        b2: Optional[torch.Tensor], sigmoid: bool) -> torch.Tensor:
-    """PyTorch channel gate, differentiable, without permute copies."""
+    """PyTorch channel gate, differentiable, without permute copies.
+
+    The matmuls run in the weights' dtype (x is cast to it, as nn.Linear under autocast does); the gate
+    multiplies x in its own dtype, so fp32 x with half weights gives an fp32 result.
+    """
+    xd = x.to(w1.dtype)
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels_last: the NHWC view is contiguous
-        xp = x.permute(0, 2, 3, 1)
+        xp = xd.permute(0, 2, 3, 1)
         a = F.linear(torch.relu(F.linear(xp, w1, b1)), w2, b2).permute(0, 3, 1, 2)
     else:
         b, c, h, w = x.shape
-        xv = x.reshape(b, c, h * w)
+        xv = xd.reshape(b, c, h * w)
         hid = torch.matmul(w1, xv)
         if b1 is not None:
             hid = hid + b1[:, None]
@@ -155,10 +160,12 @@ def channel_gate(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     ``out_channels_last`` picks the output layout (default: the input's). Inputs are not validated
     here: :class:`gam_triton.GAM` does that before any kernel runs.
     """
-    if not use_triton(x):
-        return channel_gate_torch(x, w1, b1, w2, b2, sigmoid)
     if out_channels_last is None:
         out_channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    if not use_triton(x):
+        out = channel_gate_torch(x, w1, b1, w2, b2, sigmoid)
+        fmt = torch.channels_last if out_channels_last else torch.contiguous_format
+        return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
     b1 = _bias_or_zeros(b1, w1.shape[0], w1)
     b2 = _bias_or_zeros(b2, w2.shape[0], w2)
     return _op(x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(sigmoid),

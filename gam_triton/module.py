@@ -178,8 +178,13 @@ class GAM(nn.Module):
         # cuDNN runs fp16/bf16 convolutions fastest in channels_last: write x1 in that layout.
         x1_cl = in_cl or (fast and x.is_cuda and (x.dtype != torch.float32
                                                   or torch.is_autocast_enabled("cuda")))
-        x1 = channel_gate(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_sigmoid,
-                          out_channels_last=x1_cl)
+        lin = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+        if fast and torch.is_autocast_enabled(x.device.type):
+            # The custom op sits outside autocast's casts: run its dots in the autocast dtype, as the
+            # reference's nn.Linear would, while x1 keeps x's dtype (x * att promotes, as there).
+            dt = torch.get_autocast_dtype(x.device.type)
+            lin = [None if t is None else t.to(dt) for t in lin]
+        x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
         pad, groups = conv1.padding, conv1.groups
         if uses_batch_stats(bn1):
             y1 = F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)

@@ -50,7 +50,7 @@ class YoloGAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x_permute = x.permute(0, 2, 3, 1).reshape(b, -1, c)
+        x_permute = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         x_att_permute = self.channel_attention(x_permute).view(b, h, w, c)
         x_channel_att = x_att_permute.permute(0, 3, 1, 2)
         x = x * x_channel_att
@@ -71,7 +71,7 @@ class PaperGAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x_permute = x.permute(0, 2, 3, 1).reshape(b, -1, c)
+        x_permute = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         x_att_permute = self.channel_attention(x_permute).view(b, h, w, c)
         x_channel_att = x_att_permute.permute(0, 3, 1, 2).sigmoid()
         x = x * x_channel_att

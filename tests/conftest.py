@@ -1,0 +1,30 @@
+"""Test set-up: poisoned kernel outputs, a private autotune cache, and the device the kernels run on.
+
+* ``GAM_TRITON_POISON=1``: every kernel output starts as NaN, so an element a kernel fails to write
+  shows up as a mismatch.
+* ``GAM_TRITON_CACHE_DIR``: a temporary folder, so tests never touch the user's cache.
+* ``device`` fixture: "cpu" under ``TRITON_INTERPRET=1`` (the kernels run in Triton's interpreter, as in
+  CI); "cuda" when a GPU is present and the interpreter is off (the kernels compile for real); "cpu"
+  otherwise (the PyTorch path is what is tested then).
+"""
+import os
+import tempfile
+
+os.environ.setdefault("GAM_TRITON_POISON", "1")
+os.environ.setdefault("GAM_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gam_triton_test_cache_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gam_triton._runtime import INTERPRET  # noqa: E402
+
+DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+
+if DEVICE == "cuda":  # compare fp32 against float64 without TF32 in the convolutions
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE

@@ -1,0 +1,213 @@
+"""The three fused ops alone against float64 references: channel gate, final gate, BN-apply + ReLU.
+
+Checks that the Triton path really runs where it should (a launch counter), mixed dtypes (autocast:
+fp32 activations with half weights), random shapes through hypothesis, and that outputs are poisoned
+before the kernels write them (so an unwritten element would fail the comparison).
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gam_triton.bn_relu as bn_relu_mod
+import gam_triton.channel_gate as cg_mod
+import gam_triton.final_gate as fg_mod
+from gam_cases import TOL, assert_close
+from gam_triton._runtime import INTERPRET, new_output, use_triton
+from gam_triton.bn_relu import bn_relu
+from gam_triton.channel_gate import channel_gate, channel_gate_reference_grads
+from gam_triton.final_gate import final_gate, shuffle, unshuffle
+from gam_triton.reference import channel_shuffle
+
+KERNELS_RUN = INTERPRET or torch.cuda.is_available()
+
+
+def _weights(c, cr, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(cr, c, generator=g) / c ** 0.5).to(device, dtype)
+    b1 = (torch.randn(cr, generator=g) * 0.3).to(device, dtype)
+    w2 = (torch.randn(c, cr, generator=g) / cr ** 0.5).to(device, dtype)
+    b2 = (torch.randn(c, generator=g) * 0.3).to(device, dtype)
+    return w1, b1, w2, b2
+
+
+def _x(b, c, h, w, dtype, device, cl, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g).to(device, dtype)
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+def channel_gate_f64(x, w1, b1, w2, b2, sigmoid):
+    """Straight from GAM_NOTES: per pixel, a = W2 relu(W1 x + b1) + b2; x1 = x * g(a)."""
+    xp = x.double().permute(0, 2, 3, 1)
+    a = torch.relu(xp @ w1.double().t() + b1.double()) @ w2.double().t() + b2.double()
+    a = a.permute(0, 3, 1, 2)
+    return x.double() * (torch.sigmoid(a) if sigmoid else a)
+
+
+def final_gate_f64(x1, y2, scale, shift, groups):
+    c = x1.shape[1]
+    s = torch.sigmoid(y2.double() * scale.double().view(1, c, 1, 1) + shift.double().view(1, c, 1, 1))
+    if groups:
+        s = channel_shuffle(s, groups)
+    return x1.double() * s
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count kernel launches of the three ops (wrapping each module's _launch)."""
+    counts = {"channel_gate": 0, "final_gate": 0, "bn_relu": 0}
+    for name, mod in (("channel_gate", cg_mod), ("final_gate", fg_mod), ("bn_relu", bn_relu_mod)):
+        orig = mod._launch
+
+        def counted(*a, _orig=orig, _name=name, **k):
+            counts[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(mod, "_launch", counted)
+    return counts
+
+
+def test_outputs_are_poisoned_before_kernels_write():
+    out = new_output(torch.empty(1, 3, 2, 2), torch.float32, False)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("c,rate", [(20, 4), (24, 4), (48, 4), (192, 4), (576, 4), (20, 3), (5, 4)])
+@pytest.mark.parametrize("sigmoid", [True, False])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_channel_gate_fp32(c, rate, sigmoid, cl, device, launches):
+    cr = c // rate
+    w = _weights(c, cr, torch.float32, device)
+    x = _x(2, c, 3, 5, torch.float32, device, cl)
+    got = channel_gate(x, *w, sigmoid)
+    assert launches["channel_gate"] == (1 if KERNELS_RUN else 0)
+    assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert_close(got, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), sigmoid), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("out_cl", [False, True])
+def test_channel_gate_half_and_layout_change(dtype, out_cl, device):
+    w = _weights(48, 12, dtype, device)
+    x = _x(2, 48, 4, 3, dtype, device, False)
+    got = channel_gate(x, *w, True, out_channels_last=out_cl)
+    assert got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
+    assert_close(got, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), True), dtype)
+
+
+def test_channel_gate_mixed_dtype_as_under_autocast(device):
+    """fp32 activations with fp16 weights: dots in fp16 (as nn.Linear under autocast), output fp32."""
+    w = _weights(24, 6, torch.float16, device)
+    x = _x(2, 24, 3, 3, torch.float32, device, True)
+    got = channel_gate(x, *w, False)
+    assert got.dtype == torch.float32
+    assert_close(got, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), False), torch.float16)
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_channel_gate_gradients(sigmoid, device):
+    w = [t.requires_grad_() for t in _weights(20, 5, torch.float32, device)]
+    x = _x(2, 20, 3, 4, torch.float32, device, False).requires_grad_()
+    gout = _x(2, 20, 3, 4, torch.float32, device, False, seed=5)
+    channel_gate(x, *w, sigmoid).backward(gout)
+    xd = x.detach().cpu().double().requires_grad_()
+    wd = [t.detach().cpu().double().requires_grad_() for t in w]
+    channel_gate_f64(xd, *wd, sigmoid).backward(gout.cpu().double())
+    for got, want in zip([x.grad] + [t.grad for t in w], [xd.grad] + [t.grad for t in wd]):
+        n = max(want.abs().max().item(), 1.0)
+        assert_close(got / n, want / n, torch.float32, 5)
+    # The explicit formulas agree with autograd of the float64 reference too.
+    formula = channel_gate_reference_grads(xd.detach(), *(t.detach() for t in wd), sigmoid, gout.cpu().double())
+    for got, want in zip(formula, [xd.grad] + [t.grad for t in wd]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("groups", [0, 4, 2])
+@pytest.mark.parametrize("layouts", [(False, False), (True, True), (False, True), (True, False)])
+def test_final_gate(groups, layouts, device, launches):
+    x1 = _x(2, 24, 3, 5, torch.float32, device, layouts[0])
+    y2 = _x(2, 24, 3, 5, torch.float32, device, layouts[1], seed=2)
+    g = torch.Generator().manual_seed(3)
+    scale, shift = torch.randn(24, generator=g).to(device), torch.randn(24, generator=g).to(device)
+    got = final_gate(x1, y2, scale, shift, groups)
+    assert launches["final_gate"] == (1 if KERNELS_RUN else 0)
+    assert_close(got, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), groups), torch.float32)
+
+
+def test_final_gate_mixed_dtype_promotes(device):
+    x1 = _x(1, 16, 2, 3, torch.float32, device, False)
+    y2 = _x(1, 16, 2, 3, torch.float16, device, False, seed=2)
+    scale, shift = torch.ones(16, device=device), torch.zeros(16, device=device)
+    got = final_gate(x1, y2, scale, shift, 4)
+    assert got.dtype == torch.float32
+    assert_close(got, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float16)
+
+
+def test_final_gate_gradients(device):
+    x1 = _x(2, 16, 3, 2, torch.float32, device, False).requires_grad_()
+    y2 = _x(2, 16, 3, 2, torch.float32, device, True, seed=2).requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    scale = torch.randn(16, generator=g).to(device).requires_grad_()
+    shift = torch.randn(16, generator=g).to(device).requires_grad_()
+    gout = _x(2, 16, 3, 2, torch.float32, device, False, seed=9)
+    final_gate(x1, y2, scale, shift, 4).backward(gout)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x1, y2, scale, shift)]
+    final_gate_f64(*leaves, 4).backward(gout.cpu().double())
+    for got, want in zip((x1, y2, scale, shift), leaves):
+        assert_close(got.grad, want.grad, torch.float32, 5)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bn_relu_values_and_grads(cl, device, launches):
+    y = _x(2, 12, 3, 3, torch.float32, device, cl).requires_grad_()
+    g = torch.Generator().manual_seed(4)
+    scale = torch.randn(12, generator=g).to(device).requires_grad_()
+    shift = torch.randn(12, generator=g).to(device).requires_grad_()
+    z = bn_relu(y, scale, shift)
+    assert launches["bn_relu"] == (1 if KERNELS_RUN else 0)
+    assert z.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    gout = _x(2, 12, 3, 3, torch.float32, device, cl, seed=6)
+    z.backward(gout)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (y, scale, shift)]
+    want = torch.relu(leaves[0] * leaves[1].view(1, -1, 1, 1) + leaves[2].view(1, -1, 1, 1))
+    want.backward(gout.cpu().double())
+    assert_close(z, want, torch.float32)
+    for got, ref in zip((y, scale, shift), leaves):
+        assert_close(got.grad, ref.grad, torch.float32, 5)
+
+
+def test_shuffle_helpers_invert_and_match_reference():
+    t = torch.arange(2 * 8 * 2 * 1, dtype=torch.float32).view(2, 8, 2, 1)
+    assert torch.equal(shuffle(t, 4), channel_shuffle(t, 4))
+    assert torch.equal(unshuffle(shuffle(t, 4), 4), t)
+
+
+def test_dispatch_rule():
+    x = torch.randn(1, 4, 2, 2)
+    assert use_triton(x) == INTERPRET
+    assert not use_triton(x.double()), "float64 always takes the PyTorch path"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=st.integers(1, 70), rate=st.integers(1, 8), b=st.integers(0, 3), h=st.integers(1, 9),
+       w=st.integers(1, 9), cl=st.booleans(), sigmoid=st.booleans(), groups=st.sampled_from([0, 2, 4]),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_random_shapes_property(c, rate, b, h, w, cl, sigmoid, groups, dtype, device):
+    """Any C, C/r >= 1, any map size, any batch: both fused ops equal their float64 definitions."""
+    cr = c // rate
+    if cr == 0 or (groups and c % groups):
+        return
+    wts = _weights(c, cr, dtype, device)
+    x = _x(b, c, h, w, dtype, device, cl)
+    x1 = channel_gate(x, *wts, sigmoid)
+    assert x1.shape == x.shape and not (b and torch.isnan(x1).any())
+    assert_close(x1, channel_gate_f64(x.cpu(), *(t.cpu() for t in wts), sigmoid), dtype, 2.0)
+    y2 = _x(b, c, h, w, dtype, device, not cl, seed=3)
+    scale = torch.linspace(-1, 1, c, device=device)
+    shift = torch.linspace(0.5, -0.5, c, device=device)
+    out = final_gate(x1, y2, scale, shift, groups)
+    want = final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), groups)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2 * rtol, atol=2 * atol)
