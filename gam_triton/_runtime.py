@@ -72,3 +72,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def define_op(name: str, impl, fake, backward, setup_context):
+    """Register ``impl`` as the custom op ``gam_triton::<name>`` with its autograd formula.
+
+    On a GPU it is a ``torch.library.triton_op``: torch.compile traces into it and sees the Triton
+    kernels (launched through ``wrap_triton``). Under the interpreter the kernels cannot be traced with
+    fake tensors, so it is an opaque ``torch.library.custom_op`` with ``fake`` as its shape function.
+    """
+    if INTERPRET:
+        op = torch.library.custom_op(f"gam_triton::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+    else:
+        op = torch.library.triton_op(f"gam_triton::{name}", impl, mutates_args={})
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def launcher(kernel):
+    """The kernel as launched from inside an op: ``wrap_triton`` on a GPU, as is in the interpreter."""
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import HAS_TRITON, INTERPRET, bchw_view, is_channels_last, new_output, use_triton
+from ._runtime import (HAS_TRITON, bchw_view, define_op, is_channels_last, launcher, new_output,
+                       use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
+
+if HAS_TRITON:
+    from triton import cdiv
+
+    from .kernels.bn_relu import bn_relu_kernel
 
 __all__ = ["bn_relu", "bn_relu_torch"]
 
@@ -22,21 +28,13 @@ def bn_relu_torch(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
 
 
 def _launch(y, scale, shift, z, config: Config) -> None:
-    from triton import cdiv
-
-    from .kernels.bn_relu import bn_relu_kernel
-
     bsz, c, h, w = y.shape
     hw = h * w
     y, syb, syc, syp = bchw_view(y)
     _, szb, szc, szp = bchw_view(z)
     grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
-    kernel = bn_relu_kernel
-    if not INTERPRET:
-        from torch.library import wrap_triton
-
-        kernel = wrap_triton(kernel)
-    kernel[grid](y, scale, shift, z, hw, c, syb, syc, syp, szb, szc, szp, **config.launch_kwargs())
+    launcher(bn_relu_kernel)[grid](y, scale, shift, z, hw, c, syb, syc, syp, szb, szc, szp,
+                                   **config.launch_kwargs())
 
 
 def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -58,6 +56,11 @@ def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     return z
 
 
+def _fake(y, scale, shift):
+    fmt = torch.channels_last if is_channels_last(y) else torch.contiguous_format
+    return torch.empty_like(y, memory_format=fmt)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     y, scale, shift = inputs
     ctx.save_for_backward(y, scale, shift)
@@ -73,12 +76,7 @@ def _backward(ctx, dz):
     return dy, (d * yf).sum((0, 2, 3)).to(scale.dtype), d.sum((0, 2, 3)).to(shift.dtype)
 
 
-_op = None
-if HAS_TRITON:
-    from torch.library import triton_op
-
-    _op = triton_op("gam_triton::bn_relu", _bn_relu_impl, mutates_args={})
-    _op.register_autograd(_backward, setup_context=_setup_context)
+_op = define_op("bn_relu", _bn_relu_impl, _fake, _backward, _setup_context) if HAS_TRITON else None
 
 
 def bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-from ._runtime import HAS_TRITON, INTERPRET, bchw_view, dot_precision, new_output, use_triton
-from .configs import Config, channel_gate_candidates, channel_gate_heuristic
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, dot_precision, launcher, new_output,
+                       use_triton)
+from .configs import Config, channel_gate_candidates, channel_gate_heuristic, next_pow2
+
+if HAS_TRITON:
+    from triton import cdiv
+
+    from .kernels.channel_gate import channel_gate_fwd_kernel
 
 __all__ = ["channel_gate", "channel_gate_torch", "channel_gate_reference_grads"]
 
@@ -53,22 +59,13 @@ def _bias_or_zeros(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> tor
 def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
             sigmoid: bool, out: torch.Tensor, config: Config) -> None:
     """Launch the channel-gate kernel writing ``out`` (same shape as x, any layout)."""
-    from triton import cdiv
-
-    from .kernels.channel_gate import channel_gate_fwd_kernel
-
     bsz, c, h, w = x.shape
     hw = h * w
     cr = w1.shape[0]
     xv, sxb, sxc, sxp = bchw_view(x)
     _, sob, soc, sop = bchw_view(out)
     grid = (bsz * cdiv(hw, config.BLOCK_P),)
-    kernel = channel_gate_fwd_kernel
-    if not INTERPRET:
-        from torch.library import wrap_triton
-
-        kernel = wrap_triton(kernel)
-    kernel[grid](
+    launcher(channel_gate_fwd_kernel)[grid](
         xv, w1, b1, w2, b2, out, hw, c, cr,
         sxb, sxc, sxp, sob, soc, sop,
         SIGMOID=sigmoid, DOT_F32=INTERPRET or w1.dtype == torch.float32,
@@ -78,8 +75,6 @@ def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
 
 def _key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool) -> tuple:
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
-    from .configs import next_pow2
-
     return (c, cr, next_pow2(hw), str(x.dtype), str(w1.dtype),
             x.stride(1) == 1, out_channels_last)
 
@@ -101,6 +96,11 @@ def _channel_gate_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: 
                           lambda: channel_gate_candidates(c, cr, hw, x.dtype), bench)
     _launch(x, w1, b1, w2, b2, sigmoid, out, cfg)
     return out
+
+
+def _fake(x, w1, b1, w2, b2, sigmoid, out_channels_last):
+    fmt = torch.channels_last if out_channels_last else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -144,12 +144,7 @@ def _backward(ctx, dx1):
     return (*grads, None, None)
 
 
-_op = None
-if HAS_TRITON:
-    from torch.library import triton_op
-
-    _op = triton_op("gam_triton::channel_gate", _channel_gate_impl, mutates_args={})
-    _op.register_autograd(_backward, setup_context=_setup_context)
+_op = define_op("channel_gate", _channel_gate_impl, _fake, _backward, _setup_context) if HAS_TRITON else None
 
 
 def channel_gate(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,

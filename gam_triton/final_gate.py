@@ -12,8 +12,14 @@ from typing import Optional
 import torch
 
 from . import autotune
-from ._runtime import HAS_TRITON, INTERPRET, bchw_view, is_channels_last, new_output, use_triton
+from ._runtime import (HAS_TRITON, bchw_view, define_op, is_channels_last, launcher, new_output,
+                       use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
+
+if HAS_TRITON:
+    from triton import cdiv
+
+    from .kernels.final_gate import final_gate_kernel
 
 __all__ = ["final_gate", "final_gate_torch", "shuffle", "unshuffle"]
 
@@ -46,22 +52,13 @@ def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
 
 
 def _launch(x1, y2, scale, shift, groups, out, config: Config) -> None:
-    from triton import cdiv
-
-    from .kernels.final_gate import final_gate_kernel
-
     bsz, c, h, w = x1.shape
     hw = h * w
     x1, sxb, sxc, sxp = bchw_view(x1)
     y2, syb, syc, syp = bchw_view(y2)
     _, sob, soc, sop = bchw_view(out)
     grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
-    kernel = final_gate_kernel
-    if not INTERPRET:
-        from torch.library import wrap_triton
-
-        kernel = wrap_triton(kernel)
-    kernel[grid](x1, y2, scale, shift, out, hw, c, c // groups if groups else c,
+    launcher(final_gate_kernel)[grid](x1, y2, scale, shift, out, hw, c, c // groups if groups else c,
                  sxb, sxc, sxp, syb, syc, syp, sob, soc, sop,
                  SHUFFLE_G=groups, **config.launch_kwargs())
 
@@ -87,6 +84,11 @@ def _final_gate_impl(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
     return out
 
 
+def _fake(x1, y2, scale, shift, groups, out_channels_last):
+    fmt = torch.channels_last if out_channels_last else torch.contiguous_format
+    return torch.empty_like(x1, dtype=torch.promote_types(x1.dtype, y2.dtype), memory_format=fmt)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x1, y2, scale, shift, groups, _ = inputs
     ctx.groups = groups
@@ -110,12 +112,7 @@ def _backward(ctx, dout):
     return dx1, dy2, dscale, dshift, None, None
 
 
-_op = None
-if HAS_TRITON:
-    from torch.library import triton_op
-
-    _op = triton_op("gam_triton::final_gate", _final_gate_impl, mutates_args={})
-    _op.register_autograd(_backward, setup_context=_setup_context)
+_op = define_op("final_gate", _final_gate_impl, _fake, _backward, _setup_context) if HAS_TRITON else None
 
 
 def final_gate(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
