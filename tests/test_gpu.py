@@ -1,0 +1,126 @@
+"""GPU-only checks: the kernels compiled for real at the shapes people run, in every dtype.
+
+The rest of the suite also runs on the GPU when CUDA is present and TRITON_INTERPRET is not set (its
+``device`` fixture is then "cuda"); this file adds what only a GPU can show: bf16 through the compiled
+tl.dot, YOLO-sized channel counts, TF32 following PyTorch's flag, CUDA-graph capture, 64-bit offsets.
+"""
+import pytest
+import torch
+
+from gam_cases import TOL, assert_close, make_ref
+from gam_triton import GAM
+from gam_triton._runtime import INTERPRET
+from gam_triton.channel_gate import channel_gate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compile the kernels"),
+    pytest.mark.skipif(INTERPRET, reason="TRITON_INTERPRET=1 runs kernels in the interpreter; unset it "
+                                         "to compile them for the GPU"),
+]
+
+
+def _ref64(ref, x):
+    with torch.no_grad():
+        return ref.to(torch.float64)(x.to(torch.float64))
+
+
+@pytest.mark.parametrize("form,c", [("yolo_grouped", 64), ("yolo_grouped", 192), ("yolo_plain", 576),
+                                    ("paper", 320), ("seed", 24), ("paper", 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_yolo_shapes_compiled(form, c, dtype, channels_last):
+    ref = make_ref(form, c).cuda().eval()
+    gam = GAM.from_module(ref).to(dtype=dtype).eval()
+    x = torch.randn(2, c, 20, 24, device="cuda").to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = gam(x)
+    assert_close(got, _ref64(ref, x).cpu(), dtype, 2.0, f"{form} C={c} {dtype}")
+
+
+def test_fp32_dots_follow_allow_tf32():
+    """ieee when torch.backends.cuda.matmul.allow_tf32 is False (tight), tf32 when True (looser)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 256, 40, 40, device="cuda", generator=g)
+    w1 = torch.randn(64, 256, device="cuda", generator=g) / 16
+    w2 = torch.randn(256, 64, device="cuda", generator=g) / 8
+    b1, b2 = torch.zeros(64, device="cuda"), torch.zeros(256, device="cuda")
+    xd = x.double().permute(0, 2, 3, 1)
+    a = torch.relu(xd @ w1.double().t()) @ w2.double().t()
+    want = x.double() * torch.sigmoid(a.permute(0, 3, 1, 2))
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        err_ieee = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        err_tf32 = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert err_ieee < 1e-5 < err_tf32 < 5e-2
+
+
+def test_cuda_graph_capture_after_warmup():
+    ref = make_ref("yolo_grouped", 128).cuda().eval()
+    gam = GAM.from_module(ref).half().eval()
+    static_x = torch.randn(8, 128, 40, 40, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                gam(static_x)  # warm-up: compiles and tunes outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = gam(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_out, gam(new_x), torch.float16)
+
+
+def test_compiled_model_on_gpu_matches_eager():
+    ref = make_ref("yolo_grouped", 64).cuda().eval()
+    gam = GAM.from_module(ref).half().eval()
+    x = torch.randn(4, 64, 40, 40, device="cuda", dtype=torch.half)
+    compiled = torch.compile(gam, fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(x), gam(x), torch.float16)
+
+
+def test_train_step_bf16_autocast_matches_reference():
+    ref = make_ref("yolo_grouped", 128).cuda().train()
+    gam = GAM.from_module(ref).train()
+    x = torch.randn(4, 128, 20, 20, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, want = gam(x), ref(x)
+    assert out.dtype == want.dtype
+    out.float().square().mean().backward()
+    want.float().square().mean().backward()
+    rtol, atol = TOL[torch.bfloat16]
+    for (name, p), q in zip(gam.named_parameters(), ref.parameters()):
+        n = max(q.grad.abs().max().item(), 1e-2)
+        torch.testing.assert_close(p.grad / n, q.grad / n, rtol=4 * rtol, atol=4 * atol, msg=name)
+
+
+def test_int64_offsets_beyond_2_pow_31_elements():
+    """B*C*H*W > 2**31: offsets are 64-bit; the last image is still right."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip(f"needs 16 GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    b, c, h, w = 33, 64, 1024, 1040  # 2.25e9 elements, fp16
+    x = torch.randn(b, c, h, w, device="cuda", dtype=torch.half)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w1 = (torch.randn(16, c, device="cuda", generator=g) / 8).half()
+    w2 = (torch.randn(c, 16, device="cuda", generator=g) / 4).half()
+    b1, b2 = torch.zeros(16, device="cuda").half(), torch.zeros(c, device="cuda").half()
+    out = channel_gate(x, w1, b1, w2, b2, True)
+    tail = x[-1:, :, -8:, :]
+    xd = tail.double().permute(0, 2, 3, 1)
+    a = torch.relu(xd @ w1.double().t()) @ w2.double().t()
+    want = tail.double() * torch.sigmoid(a.permute(0, 3, 1, 2))
+    assert_close(out[-1:, :, -8:, :], want.cpu(), torch.float16)
