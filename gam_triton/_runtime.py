@@ -31,16 +31,16 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
 
-def poison_outputs() -> bool:
-    """GAM_TRITON_POISON=1 fills kernel outputs with NaN before launch, so unwritten elements show."""
-    return os.environ.get("GAM_TRITON_POISON", "0") == "1"
+#: GAM_TRITON_POISON=1 (set by the tests) fills kernel outputs with NaN before launch, so that an
+#: element a kernel fails to write shows up. Read once, at import.
+POISON = os.environ.get("GAM_TRITON_POISON", "0") == "1"
 
 
 def new_output(like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """An uninitialised B x C x H x W output (NaN-poisoned when asked) in the requested layout."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=fmt)
-    if poison_outputs():
+    if POISON:
         out.fill_(float("nan"))
     return out
 

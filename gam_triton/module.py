@@ -115,7 +115,7 @@ class GAM(nn.Module):
             nn.Conv2d(cr, c, k, padding=k // 2, groups=groups),
             nn.BatchNorm2d(c),
         )
-        self._folded: Optional[tuple] = None  # (key, weight, bias) of conv1 with BN1 folded in
+        self._eval_cache: dict = {}  # name -> (key, value): eval-mode constants, see _cached
         self._register_load_state_dict_pre_hook(_rename_seed_keys)
 
     @property
@@ -151,20 +151,31 @@ class GAM(nn.Module):
             raise TypeError(f"GAM: input dtype {x.dtype} differs from the parameters' {w.dtype} "
                             "(convert the module with .to(dtype) or run under torch.autocast)")
 
-    # -- eval-mode BN1 folding, cached while nothing changes ------------------------------------------------
-    def _conv1_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self.spatial_attention[0], self.spatial_attention[1]
-        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                   if t is not None]
-        cacheable = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-        if torch.compiler.is_compiling() or not cacheable:
-            return fold_conv_bn(conv.weight, conv.bias, bn)
-        key = (bn.eps, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-        if self._folded is None or self._folded[0] != key:
+    # -- eval-mode constants (BN1 folded into conv1, BN2 as scale/shift), cached while nothing changes --
+    def _cached(self, name: str, tensors: list, extra: tuple, compute):
+        """``compute()``, memoised on the identity and version counters of ``tensors`` and on ``extra``.
+
+        Not cached while autograd needs the result (it must be differentiable) or under torch.compile
+        (which traces the computation instead).
+        """
+        tensors = [t for t in tensors if t is not None]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if needs_grad or torch.compiler.is_compiling():
+            return compute()
+        try:
+            key = (extra, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return compute()
+        hit = self._eval_cache.get(name)
+        if hit is None or hit[0] != key:
             with torch.no_grad():
-                w, b = fold_conv_bn(conv.weight, conv.bias, bn)
-            self._folded = (key, w, b)
-        return self._folded[1], self._folded[2]
+                hit = (key, compute())
+            self._eval_cache[name] = hit
+        return hit[1]
+
+    @staticmethod
+    def _bn_tensors(bn: nn.BatchNorm2d) -> list:
+        return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +194,8 @@ class GAM(nn.Module):
             # The custom op sits outside autocast's casts: run its dots in the autocast dtype, as the
             # reference's nn.Linear would, while x1 keeps x's dtype (x * att promotes, as there).
             dt = torch.get_autocast_dtype(x.device.type)
-            lin = [None if t is None else t.to(dt) for t in lin]
+            lin = self._cached("linear_autocast", lin, (dt,),
+                               lambda: [None if t is None else t.to(dt) for t in lin])
         x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
         pad, groups = conv1.padding, conv1.groups
         if uses_batch_stats(bn1):
@@ -191,8 +203,13 @@ class GAM(nn.Module):
             scale1, shift1 = bn_scale_shift(bn1, y1)
             z1 = bn_relu(y1, scale1, shift1)
         else:
-            w1, b1 = self._conv1_folded()
+            w1, b1 = self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)],
+                                  (bn1.eps,), lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
             z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
         y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=conv2.padding, groups=conv2.groups)
-        scale2, shift2 = bn_scale_shift(bn2, y2)
+        if uses_batch_stats(bn2):
+            scale2, shift2 = bn_scale_shift(bn2, y2)
+        else:
+            scale2, shift2 = self._cached("bn2", self._bn_tensors(bn2), (bn2.eps, y2.dtype),
+                                          lambda: bn_scale_shift(bn2, y2))
         return final_gate(x1, y2, scale2, shift2, self.shuffle_groups or 0, out_channels_last=in_cl)

@@ -98,3 +98,25 @@ def test_autocast_matches_reference_dtype_and_values(device):
     assert got.dtype == want.dtype
     exact = f64(ref).eval()(x.cpu().double())
     assert_close(got, exact, dtype, scale=2.0, what="autocast")
+
+
+def test_eval_constants_are_cached_under_no_grad(device, monkeypatch):
+    """Under no_grad the folded conv1 and BN2's scale/shift are computed once, not per forward."""
+    import gam_triton.module as module_mod
+
+    calls = {"fold": 0}
+    real = module_mod.fold_conv_bn
+
+    def counting(*a, **k):
+        calls["fold"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module_mod, "fold_conv_bn", counting)
+    gam = GAM(24).to(device).eval()
+    x = make_input(1, 24, 3, 3, torch.float32, device, False)
+    with torch.no_grad():
+        first = gam(x)
+        second = gam(x)
+    assert calls["fold"] == 1 and torch.equal(first, second)
+    gam(x)  # grad enabled and parameters require grad: recomputed, differentiable
+    assert calls["fold"] == 2
