@@ -46,11 +46,9 @@ def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     heur = elementwise_heuristic(c, hw, cl)
 
     def bench(cfg: Config) -> float:
-        from triton.testing import do_bench
+        return autotune.bench_ms(lambda: _launch(y, scale, shift, z, cfg))
 
-        return do_bench(lambda: _launch(y, scale, shift, z, cfg))
-
-    key = (c, next_pow2(hw), str(y.dtype), cl)
+    key = (c, next_pow2(hw), autotune.batch_bucket(y.shape[0], hw), str(y.dtype), cl)
     cfg = autotune.select("bn_relu", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
     _launch(y, scale, shift, z, cfg)
     return z

@@ -69,13 +69,13 @@ def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
         xv, w1, b1, w2, b2, out, hw, c, cr,
         sxb, sxc, sxp, sob, soc, sop,
         SIGMOID=sigmoid, DOT_F32=INTERPRET or w1.dtype == torch.float32,
-        INPUT_PRECISION=dot_precision(w1.dtype), **config.launch_kwargs(),
+        INPUT_PRECISION=dot_precision(w1.dtype), ONE_TILE=c <= config.BLOCK_C, **config.launch_kwargs(),
     )
 
 
 def _key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool) -> tuple:
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
-    return (c, cr, next_pow2(hw), str(x.dtype), str(w1.dtype),
+    return (c, cr, next_pow2(hw), autotune.batch_bucket(x.shape[0], hw), str(x.dtype), str(w1.dtype),
             x.stride(1) == 1, out_channels_last)
 
 
@@ -88,9 +88,7 @@ def _channel_gate_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: 
     heur = channel_gate_heuristic(c, cr, hw, x.dtype)
 
     def bench(cfg: Config) -> float:
-        from triton.testing import do_bench
-
-        return do_bench(lambda: _launch(x, w1, b1, w2, b2, sigmoid, out, cfg))
+        return autotune.bench_ms(lambda: _launch(x, w1, b1, w2, b2, sigmoid, out, cfg))
 
     cfg = autotune.select("channel_gate", _key(x, w1, out_channels_last), heur,
                           lambda: channel_gate_candidates(c, cr, hw, x.dtype), bench)

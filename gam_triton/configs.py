@@ -1,16 +1,27 @@
 """Launch configurations of the Triton kernels: the heuristic default and the candidate set per shape.
 
 A :class:`Config` names the tile (BLOCK_P pixels x BLOCK_C channels; BLOCK_R >= C/r for the channel gate)
-and the launch options (num_warps, num_stages). The autotuner (:mod:`gam_triton.autotune`) benchmarks the
-candidates on a GPU and falls back to the heuristic everywhere else.
+and the launch options (num_warps, num_stages). Per kernel: a heuristic default that compiles for any shape,
+and a candidate set pruned by shape (no block larger than the problem, nothing that cannot compile or would
+spill) and capped at MAX_CANDIDATES, nearest the heuristic first. Candidates depend on H*W only through its
+next power of two, as the autotuner's key does. The autotuner (:mod:`gam_triton.autotune`) benchmarks the
+candidates on a GPU and uses the heuristic everywhere else.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 from ._runtime import INTERPRET
+
+
+#: Configurations timed per shape besides the heuristic: compiling one costs 0.3-1 s the first time on a
+#: machine (Triton's own on-disk kernel cache makes it free afterwards), timing one about 30 ms.
+MAX_CANDIDATES = 12
+#: Shared memory the channel-gate operand tiles may take (bytes): compiles on every GPU since Volta.
+SMEM_BUDGET = 96 * 1024
 
 
 def next_pow2(n: int) -> int:
@@ -59,20 +70,33 @@ def channel_gate_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Conf
 
 
 def channel_gate_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list[Config]:
-    """Candidates pruned by shape: no block larger than the problem, BLOCK_R fixed by C/r."""
+    """At most MAX_CANDIDATES tiles, pruned by shape and by what compiles, nearest the heuristic first.
+
+    BLOCK_R is fixed by C/r (>= 16, a power of two). Dropped: blocks larger than the (power-of-two rounded)
+    problem; an fp32 accumulator (h: BLOCK_P x BLOCK_R, a: BLOCK_P x BLOCK_C) above 128 registers per thread;
+    operand tiles (x: BLOCK_P x BLOCK_C, W: BLOCK_C x BLOCK_R, times num_stages) above SMEM_BUDGET bytes of
+    shared memory; num_stages 3 unless the channel loop runs at least 3 times.
+    """
     block_r = max(16, next_pow2(CR))
     cmax = max(16, next_pow2(C))
     pmax = max(16, next_pow2(HW))
+    esize = _itemsize(dtype)
     out = []
     for bp in (16, 32, 64, 128):
         for bc in (16, 32, 64, 128):
-            for nw in (2, 4, 8):
-                if bp > pmax or bc > cmax:
+            if bp > pmax or bc > cmax:
+                continue
+            loops = -(-C // bc)
+            for nw in (4, 8):
+                threads = 32 * nw
+                if max(bp * block_r, bp * bc) > 128 * threads:
                     continue
-                if bp * block_r > 128 * 128:  # h would spill: too many fp32 registers per program
-                    continue
-                out.append(Config(bp, bc, block_r, nw, 2))
-    return out or [channel_gate_heuristic(C, CR, HW, dtype)]
+                for ns in ((2, 3) if loops >= 3 else (2,)):
+                    if ns * (bp * bc + bc * block_r) * esize > SMEM_BUDGET:
+                        continue
+                    out.append(Config(bp, bc, block_r, nw, ns))
+    heur = channel_gate_heuristic(C, CR, HW, dtype)
+    return _nearest(out, heur) or [heur]
 
 
 # --- elementwise kernels (final gate, bn_relu) --------------------------------------------------------
@@ -91,13 +115,39 @@ def elementwise_heuristic(C: int, HW: int, channels_last: bool) -> Config:
 
 
 def elementwise_candidates(C: int, HW: int, channels_last: bool) -> list[Config]:
+    """At most MAX_CANDIDATES tiles of 256-8192 elements, 4-32 per thread, nearest the heuristic first.
+
+    No block larger than the (power-of-two rounded) problem; num_stages 1 (no loop to pipeline).
+    """
     cmax = max(16, next_pow2(C))
     pmax = max(16, next_pow2(HW))
     out = []
-    for bp in (16, 32, 64, 128, 256, 512):
-        for bc in (16, 32, 64, 128):
-            if bp > pmax or bc > cmax or not 512 <= bp * bc <= 8192:
+    for bp in (16, 32, 64, 128, 256, 512, 1024):
+        for bc in (16, 32, 64, 128, 256):
+            if bp > pmax or bc > cmax:
                 continue
-            for nw in (4, 8):
-                out.append(Config(bp, bc, 0, nw, 1))
-    return out or [elementwise_heuristic(C, HW, channels_last)]
+            for nw in (2, 4, 8):
+                if 4 <= bp * bc // (32 * nw) <= 32:
+                    out.append(Config(bp, bc, 0, nw, 1))
+    heur = elementwise_heuristic(C, HW, channels_last)
+    return _nearest(out, heur) or [heur]
+
+
+# --- ranking --------------------------------------------------------------------------------------------
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _log2(n: int) -> float:
+    return float(max(1, n).bit_length() - 1)
+
+
+def _nearest(cands: list[Config], ref: Config, limit: Optional[int] = None) -> list[Config]:
+    """The ``limit`` (default MAX_CANDIDATES) candidates closest to ``ref`` in log2 tile-size steps."""
+    def dist(c: Config) -> tuple:
+        d = (abs(_log2(c.BLOCK_P) - _log2(ref.BLOCK_P)) + abs(_log2(c.BLOCK_C) - _log2(ref.BLOCK_C))
+             + 0.5 * abs(_log2(c.num_warps) - _log2(ref.num_warps))
+             + 0.25 * abs(c.num_stages - ref.num_stages))
+        return (d, c.BLOCK_P, c.BLOCK_C, c.num_warps, c.num_stages)
+
+    return sorted(cands, key=dist)[: limit or MAX_CANDIDATES]

@@ -73,12 +73,10 @@ def _final_gate_impl(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
     heur = elementwise_heuristic(c, hw, cl)
 
     def bench(cfg: Config) -> float:
-        from triton.testing import do_bench
+        return autotune.bench_ms(lambda: _launch(x1, y2, scale, shift, groups, out, cfg))
 
-        return do_bench(lambda: _launch(x1, y2, scale, shift, groups, out, cfg))
-
-    key = (c, next_pow2(hw), str(x1.dtype), str(y2.dtype), is_channels_last(x1), cl,
-           out_channels_last, groups)
+    key = (c, next_pow2(hw), autotune.batch_bucket(x1.shape[0], hw), str(x1.dtype), str(y2.dtype),
+           is_channels_last(x1), cl, out_channels_last, groups)
     cfg = autotune.select("final_gate", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
     _launch(x1, y2, scale, shift, groups, out, cfg)
     return out

@@ -211,3 +211,32 @@ def test_random_shapes_property(c, rate, b, h, w, cl, sigmoid, groups, dtype, de
     want = final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), groups)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.cpu().double(), want, rtol=2 * rtol, atol=2 * atol)
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
+@pytest.mark.parametrize("c,cr,block_c,block_p", [(20, 5, 16, 16), (48, 12, 16, 32), (576, 144, 128, 16),
+                                                  (48, 12, 64, 16)])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_channel_gate_every_tiling(c, cr, block_c, block_p, cl, device):
+    """The chunked two-pass path (C > BLOCK_C) and the one-tile path give the same, right answer."""
+    from gam_triton.configs import Config, next_pow2
+
+    w = _weights(c, cr, torch.float32, device)
+    x = _x(2, c, 3, 7, torch.float32, device, cl)
+    out = new_output(x, x.dtype, cl)
+    cfg = Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=max(16, next_pow2(cr)), num_warps=4, num_stages=1)
+    cg_mod._launch(x, *w, True, out, cfg)
+    assert_close(out, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), True), torch.float32)
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
+@pytest.mark.parametrize("block_p,block_c", [(16, 16), (64, 32)])
+def test_final_gate_every_tiling(block_p, block_c, device):
+    from gam_triton.configs import Config
+
+    x1 = _x(2, 40, 5, 7, torch.float32, device, True)
+    y2 = _x(2, 40, 5, 7, torch.float32, device, False, seed=2)
+    scale, shift = torch.linspace(-1, 1, 40, device=device), torch.linspace(1, -1, 40, device=device)
+    out = new_output(x1, torch.float32, False)
+    fg_mod._launch(x1, y2, scale, shift, 4, out, Config(BLOCK_P=block_p, BLOCK_C=block_c))
+    assert_close(out, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float32)
