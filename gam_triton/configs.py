@@ -62,11 +62,14 @@ def channel_gate_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Conf
     if INTERPRET:  # fewer, larger programs: the interpreter's cost is per program, not per element
         return Config(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
                       BLOCK_R=block_r, num_warps=4, num_stages=1)
-    block_c = max(16, min(64, next_pow2(C)))
+    # Up to C = 128 one tile holds every channel, so x is read from memory once (ONE_TILE); beyond, chunks
+    # of 64 channels keep the x and W tiles small.
+    block_c = max(16, next_pow2(C)) if C <= 128 else 64
     # h (BLOCK_P x BLOCK_R fp32) lives in registers: shrink the pixel block as C/r grows.
     block_p = 64 if block_r <= 64 else 32
     block_p = max(16, min(block_p, next_pow2(HW)))
-    return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4, num_stages=2)
+    warps = 8 if block_p * block_c >= 8192 else 4
+    return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=2)
 
 
 def channel_gate_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list[Config]:
