@@ -7,6 +7,8 @@ Reads y once (B*C*HW elements) and 2*C floats, writes z once (B*C*HW elements). 
 import triton
 import triton.language as tl
 
+from .tiles import tile_2d, tile_ptrs
+
 
 @triton.jit
 def bn_relu_kernel(
@@ -17,18 +19,12 @@ def bn_relu_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One [BLOCK_P, BLOCK_C] tile of z. Grid: (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C))."""
-    n_pblocks = tl.cdiv(HW, BLOCK_P)
-    pid_b = (tl.program_id(0) // n_pblocks).to(tl.int64)
-    pid_p = tl.program_id(0) % n_pblocks
-    pid_c = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_b, offs_p, offs_c, mask = tile_2d(HW, C, BLOCK_P, BLOCK_C)
     c_mask = offs_c < C
-    mask = (offs_p[:, None] < HW) & c_mask[None, :]
     scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
-    y = tl.load(y_ptr + pid_b * stride_yb + offs_p[:, None] * stride_yp + offs_c[None, :] * stride_yc,
+    y = tl.load(tile_ptrs(y_ptr, pid_b, offs_p, offs_c, stride_yb, stride_yc, stride_yp),
                 mask=mask, other=0.0).to(tl.float32)
     z = tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
-    tl.store(z_ptr + pid_b * stride_zb + offs_p[:, None] * stride_zp + offs_c[None, :] * stride_zc,
+    tl.store(tile_ptrs(z_ptr, pid_b, offs_p, offs_c, stride_zb, stride_zc, stride_zp),
              z.to(z_ptr.dtype.element_ty), mask=mask)

@@ -11,6 +11,8 @@ about 5 FLOPs per element. Memory-bound.
 import triton
 import triton.language as tl
 
+from .tiles import tile_2d, tile_ptrs
+
 
 @triton.jit
 def final_gate_kernel(
@@ -23,24 +25,18 @@ def final_gate_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One [BLOCK_P, BLOCK_C] tile of out. Grid: (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)). CPG = C // G."""
-    n_pblocks = tl.cdiv(HW, BLOCK_P)
-    pid_b = (tl.program_id(0) // n_pblocks).to(tl.int64)
-    pid_p = tl.program_id(0) % n_pblocks
-    pid_c = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_b, offs_p, offs_c, mask = tile_2d(HW, C, BLOCK_P, BLOCK_C)
     c_mask = offs_c < C
-    mask = (offs_p[:, None] < HW) & c_mask[None, :]
     if SHUFFLE_G > 0:
         src = (offs_c % SHUFFLE_G) * CPG + offs_c // SHUFFLE_G
     else:
         src = offs_c
     scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
-    y = tl.load(y2_ptr + pid_b * stride_yb + offs_p[:, None] * stride_yp + src[None, :] * stride_yc,
+    y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
                 mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x1_ptr + pid_b * stride_xb + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
+    x = tl.load(tile_ptrs(x1_ptr, pid_b, offs_p, offs_c, stride_xb, stride_xc, stride_xp),
                 mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(y * scale[None, :] + shift[None, :])
-    tl.store(out_ptr + pid_b * stride_ob + offs_p[:, None] * stride_op + offs_c[None, :] * stride_oc,
+    tl.store(tile_ptrs(out_ptr, pid_b, offs_p, offs_c, stride_ob, stride_oc, stride_op),
              (x * s).to(out_ptr.dtype.element_ty), mask=mask)
