@@ -34,6 +34,8 @@ def channel_gate_torch(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Ten
     The matmuls run in the weights' dtype (x is cast to it, as nn.Linear under autocast does); the gate
     multiplies x in its own dtype, so fp32 x with half weights gives an fp32 result.
     """
+    if not torch.is_grad_enabled():  # matmul copies operands that require grad, even under no_grad
+        w1, b1, w2, b2 = (None if t is None else t.detach() for t in (w1, b1, w2, b2))
     xd = x.to(w1.dtype)
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels_last: the NHWC view is contiguous
         xp = xd.permute(0, 2, 3, 1)

@@ -44,7 +44,7 @@ def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
                      groups: int) -> torch.Tensor:
     """PyTorch final gate, differentiable; the shuffle is a strided view, not a copy."""
     b, c, h, w = x1.shape
-    s = torch.sigmoid(torch.addcmul(shift.view(1, c, 1, 1), y2, scale.view(1, c, 1, 1)).to(y2.dtype))
+    s = torch.addcmul(shift.view(1, c, 1, 1), y2, scale.view(1, c, 1, 1)).to(y2.dtype).sigmoid_()
     if not groups:
         return x1 * s
     s_view = s.view(b, groups, c // groups, h, w).transpose(1, 2)  # [b, c/G, G, h, w], no copy

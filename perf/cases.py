@@ -1,0 +1,121 @@
+"""What one sweep row times: the callable of a provider for a (kind, shape, dtype, mode).
+
+Kinds: ``gam`` (the whole block, YOLO form ``gam_triton.reference.YoloGAM``), ``channel_gate`` and
+``final_gate`` (the fused components alone, forward only; see ``components.py``). Providers:
+
+* ``eager``: the reference in plain PyTorch;
+* ``compile`` / ``compile-max-autotune``: ``torch.compile`` of the reference (default mode /
+  ``mode="max-autotune"``), after ``torch._dynamo.reset()`` so each shape compiles afresh;
+* ``gam_triton``: ``gam_triton.GAM.from_module(reference)`` (the public conversion) or the component op.
+
+Modes: ``forward`` (eval, the caller runs it under ``torch.no_grad()``) and ``train`` (``module.train()``,
+forward + backward with a random output gradient; the input requires grad as inside a network).
+Inputs rotate over several sets on a GPU when one set is small enough to stay in L2.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import components as comp
+from common import Shape, gam_bytes, gam_flops, rotation_count
+
+
+@dataclass
+class Case:
+    """One timed call (``step``), what to clear between calls, and the work it does."""
+
+    step: Callable[[], object]
+    bytes: int
+    flops: int
+    grads: list = field(default_factory=list)
+
+
+def compiled(fn, provider: str):
+    """torch.compile of ``fn`` for a compile provider, from a clean dynamo state."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # no cache-size limit reached, no automatic dynamic shapes across rows
+    return torch.compile(fn, mode="max-autotune" if provider == "compile-max-autotune" else None)
+
+
+def _cycle(n: int) -> Callable[[], int]:
+    it = itertools.cycle(range(n))
+    return lambda: next(it)
+
+
+def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
+    from gam_triton import GAM
+    from gam_triton.reference import YoloGAM
+
+    train = mode == "train"
+    torch.manual_seed(0)
+    ref = YoloGAM(shape.channels, shape.channels, group=shape.group, rate=shape.rate)
+    ref = ref.to(device=device, dtype=dtype).train(train)
+    if provider == "gam_triton":
+        model = GAM.from_module(ref)
+    elif provider == "eager":
+        model = ref
+    else:
+        model = compiled(ref, provider)
+    nbytes = gam_bytes(shape, dtype, mode)
+    n = rotation_count(nbytes, device != "cpu")
+    size = (shape.batch, shape.channels, shape.height, shape.width)
+    xs = [torch.randn(size, device=device, dtype=dtype).requires_grad_(train) for _ in range(n)]
+    nxt = _cycle(n)
+    if train:
+        gs = [torch.randn(size, device=device, dtype=dtype) for _ in range(n)]
+
+        def step():
+            i = nxt()
+            model(xs[i]).backward(gs[i])
+
+        grads = xs + list(model.parameters())
+    else:
+        def step():
+            return model(xs[nxt()])
+
+        grads = []
+    return Case(step, nbytes, gam_flops(shape, mode), grads)
+
+
+def channel_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str) -> Case:
+    nbytes = comp.channel_gate_bytes(shape, dtype)
+    n = rotation_count(nbytes, device != "cpu")
+    sets = [comp.make_channel_gate(shape, dtype, device, seed=i) for i in range(n)]
+    if provider == "gam_triton":
+        fn = comp.channel_gate_triton
+    elif provider == "eager":
+        fn = comp.channel_gate_eager
+    else:
+        fn = compiled(comp.channel_gate_eager, provider)
+    nxt = _cycle(n)
+    return Case(lambda: fn(*sets[nxt()]), nbytes, comp.channel_gate_flops(shape))
+
+
+def final_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str) -> Case:
+    nbytes = comp.final_gate_bytes(shape, dtype)
+    n = rotation_count(nbytes, device != "cpu")
+    sets = [comp.make_final_gate(shape, dtype, device, seed=i) for i in range(n)]
+    nxt = _cycle(n)
+    if provider == "gam_triton":
+        folded = [(x1, y2, *comp.final_gate_scale_shift(bn, y2)) for x1, y2, bn in sets]
+        return Case(lambda: comp.final_gate_triton(*folded[nxt()]), nbytes, comp.final_gate_flops(shape))
+    fn = comp.final_gate_eager if provider == "eager" else compiled(comp.final_gate_eager, provider)
+    return Case(lambda: fn(*sets[nxt()]), nbytes, comp.final_gate_flops(shape))
+
+
+def build_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
+    """The Case of one row; components exist in forward mode only."""
+    if kind == "gam":
+        return gam_case(shape, dtype, mode, provider, device)
+    if mode != "forward":
+        raise ValueError(f"{kind} rows are forward-only (got mode {mode!r})")
+    if kind == "channel_gate":
+        return channel_gate_case(shape, dtype, provider, device)
+    if kind == "final_gate":
+        return final_gate_case(shape, dtype, provider, device)
+    raise ValueError(f"unknown kind {kind!r}")

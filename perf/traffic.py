@@ -1,0 +1,341 @@
+"""Bytes moved and kernel launches of one GAM call: eager (counted over its aten ops) vs gam_triton.
+
+    python perf/traffic.py                      # markdown tables for the YOLO shapes, B=16, bf16
+    python perf/traffic.py --batch 1 --dtype fp32 --out traffic.md
+    python perf/traffic.py --device cuda --mode train   # on a GPU: gam_triton's kernels counted as they run
+
+Counting (:class:`TrafficCounter`, a ``TorchDispatchMode``): every aten op a module dispatches is
+recorded with the bytes of its tensor inputs (read) and outputs (written), each tensor once per op and
+only the elements it spans (a stride-0 broadcast counts once). Views (permute, view, transpose, expand,
+detach, ...) and allocations (empty) are free: 0 bytes, 0 launches; every other op is one launch.
+These are compulsory bytes per op: a convolution that re-reads its input from DRAM moves more.
+
+* eager: the reference ``YoloGAM`` runs on ``meta`` tensors (shapes, no compute: any size is instant).
+* gam_triton: where its kernels run (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), they appear as
+  the custom ops ``gam_triton::channel_gate`` / ``final_gate`` / ``bn_relu`` and are counted like any
+  op (one launch; exactly the traffic their docstrings state). On ``meta`` tensors gam_triton takes its
+  PyTorch path, so :func:`gam_triton_traffic` swaps each op's PyTorch stand-in for the kernel it replaces
+  (one launch, its inputs read once, its output written once) and counts everything else
+  (convolutions, ReLU, the BN2 scale/shift vectors) as dispatched. Tests check both agree.
+
+The time floor is bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): a bound for a
+memory-bound block, not a prediction; these are computed values, never measurements. Reads nothing,
+writes only ``--out`` when given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from common import DTYPES, GPU_BANDWIDTH, Shape, gam_bytes, gam_flops, yolo_pairs  # noqa: E402
+
+#: Ops that move no data and launch nothing (beyond those whose schema says they are views).
+FREE_OPS = {
+    "aten::_unsafe_view", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_reshape_alias",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+    "aten::resize_", "aten::set_", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
+    "aten::sym_storage_offset", "aten::is_same_size",
+}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the memory a tensor spans: broadcast (stride 0) dimensions count once."""
+    if t.numel() == 0:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """The distinct tensors of a (nested) argument structure, in order."""
+    seen, out = set(), []
+    for leaf in tree_flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            out.append(leaf)
+    return out
+
+
+@dataclass
+class OpRecord:
+    name: str
+    launches: int
+    bytes_read: int
+    bytes_written: int
+
+
+@dataclass
+class Traffic:
+    """What a call moved: per-op records and their totals."""
+
+    ops: list[OpRecord] = field(default_factory=list)
+
+    @property
+    def launches(self) -> int:
+        return sum(o.launches for o in self.ops)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(o.bytes_read for o in self.ops)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(o.bytes_written for o in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    def floor_us(self, bandwidth: float) -> float:
+        """Microseconds to move ``bytes`` at ``bandwidth`` bytes/s."""
+        return self.bytes / bandwidth * 1e6
+
+    def by_op(self) -> dict[str, tuple[int, int]]:
+        """{op name: (launches, bytes)} for the ops that launch."""
+        out: dict[str, tuple[int, int]] = {}
+        for o in self.ops:
+            if o.launches:
+                n, b = out.get(o.name, (0, 0))
+                out[o.name] = (n + o.launches, b + o.bytes_read + o.bytes_written)
+        return out
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Records every op dispatched inside it (see the module docstring for what counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traffic = Traffic()
+        self._paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self._paused:
+            name = func.name().split(".")[0]
+            if func.is_view or name in FREE_OPS:
+                self.traffic.ops.append(OpRecord(name, 0, 0, 0))
+            else:
+                self.record(name, (args, kwargs), out)
+        return out
+
+    def record(self, name: str, inputs, outputs, launches: int = 1) -> None:
+        read = sum(tensor_bytes(t) for t in _tensors(inputs))
+        written = sum(tensor_bytes(t) for t in _tensors(outputs))
+        self.traffic.ops.append(OpRecord(name, launches, read, written))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+
+def count(fn: Callable[[], object]) -> Traffic:
+    """Run ``fn()`` under a :class:`TrafficCounter` and return what it moved."""
+    with TrafficCounter() as counter:
+        fn()
+    return counter.traffic
+
+
+# --- GAM: eager against gam_triton -------------------------------------------------------------------------
+def _modules(shape: Shape, dtype: torch.dtype, device: str, train: bool):
+    from gam_triton import GAM
+    from gam_triton.reference import YoloGAM
+
+    torch.manual_seed(0)
+    ref = YoloGAM(shape.channels, shape.channels, group=shape.group, rate=shape.rate).to(dtype=dtype)
+    gam = GAM.from_module(ref)  # converted on the CPU (the conversion runs a float64 probe)
+    return ref.to(device).train(train), gam.to(device).train(train)
+
+
+def _call(module, shape: Shape, dtype: torch.dtype, device: str, train: bool) -> Callable[[], object]:
+    size = (shape.batch, shape.channels, shape.height, shape.width)
+    x = torch.randn(size, dtype=dtype, device=device, requires_grad=train)
+    if not train:
+        def fwd():
+            with torch.no_grad():
+                module(x)
+        return fwd
+    grad = torch.randn(size, dtype=dtype, device=device)
+    return lambda: module(x).backward(grad)
+
+
+def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta") -> Traffic:
+    """Traffic of the reference YOLO GAM (eval forward, or train forward + backward)."""
+    train = mode == "train"
+    ref, _ = _modules(shape, dtype, device, train)
+    return count(_call(ref, shape, dtype, device, train))
+
+
+#: gam_triton's op modules and, in each, the PyTorch stand-in of the kernel (used off CUDA / interpreter).
+KERNEL_STANDINS = {
+    "gam_triton::channel_gate": ("gam_triton.channel_gate", "channel_gate_torch"),
+    "gam_triton::final_gate": ("gam_triton.final_gate", "final_gate_torch"),
+    "gam_triton::bn_relu": ("gam_triton.bn_relu", "bn_relu_torch"),
+}
+
+
+@contextlib.contextmanager
+def _kernels_for_standins(counter: TrafficCounter) -> Iterator[None]:
+    """Count each PyTorch stand-in call as the one kernel launch it replaces on a GPU."""
+    saved = []
+    for op_name, (mod_name, attr) in KERNEL_STANDINS.items():
+        mod = importlib.import_module(mod_name)
+        original = getattr(mod, attr)
+
+        def standin(*args, _orig=original, _name=op_name, **kwargs):
+            with counter.paused():
+                out = _orig(*args, **kwargs)
+            counter.record(_name, (args, kwargs), out)
+            return out
+
+        saved.append((mod, attr, original))
+        setattr(mod, attr, standin)
+    try:
+        yield
+    finally:
+        for mod, attr, original in saved:
+            setattr(mod, attr, original)
+
+
+def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta") -> Traffic:
+    """Traffic of gam_triton's GAM: its kernels as launches, the rest (cuDNN convs, ...) as dispatched.
+
+    ``device="meta"`` (any machine, forward only): the stand-ins are counted as their kernels. On
+    "cuda", or "cpu" under TRITON_INTERPRET=1, the kernels run and are counted as the custom ops they are.
+    """
+    train = mode == "train"
+    if device == "meta" and train:
+        raise ValueError("gam_triton's train traffic is counted where its kernels run (device 'cuda', or "
+                         "'cpu' under TRITON_INTERPRET=1): its backward formulas differ from the stand-ins'")
+    _, gam = _modules(shape, dtype, device, train)
+    fn = _call(gam, shape, dtype, device, train)
+    fn()  # the first call folds BN1 into conv1 and caches it; steady state is what counts
+    with TrafficCounter() as counter:
+        ctx = _kernels_for_standins(counter) if device == "meta" else contextlib.nullcontext()
+        with ctx:
+            fn()
+    return counter.traffic
+
+
+# --- the tables ----------------------------------------------------------------------------------------------
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def gam_table(shapes: Sequence[Shape], dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
+    """Markdown: eager vs gam_triton bytes, launches and time floors, one row per shape."""
+    dtype = DTYPES[dtype_name]
+    head = ("| shape | GFLOP | ideal MB | eager MB | eager launches | gam_triton MB | gam_triton launches | "
+            "eager / gam_triton bytes | floor H100 eager us | floor H100 gam_triton us | "
+            "floor H200 gam_triton us |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in shapes:
+        e, g = eager_traffic(s, dtype, mode, device), gam_triton_traffic(s, dtype, mode, device)
+        ideal = gam_bytes(s, dtype, mode)
+        lines.append(
+            f"| {s.label()} | {gam_flops(s, mode) / 1e9:.1f} | {_mb(ideal)} | {_mb(e.bytes)} | {e.launches} | {_mb(g.bytes)} | {g.launches} | "
+            f"{e.bytes / g.bytes:.2f} | {e.floor_us(GPU_BANDWIDTH['H100']):.0f} | "
+            f"{g.floor_us(GPU_BANDWIDTH['H100']):.0f} | {g.floor_us(GPU_BANDWIDTH['H200']):.0f} |")
+    return "\n".join(lines)
+
+
+def component_table(shapes: Sequence[Shape], dtype_name: str) -> str:
+    """Markdown: the fused components alone, eager's ops against the one kernel (eval forward)."""
+    import components as comp
+
+    dtype = DTYPES[dtype_name]
+    lines = ["| component | shape | eager MB | eager launches | kernel MB | kernel launches | "
+             "floor H100 eager us | floor H100 kernel us |", "|---|---|---|---|---|---|---|---|"]
+    for s in shapes:
+        x, w1, b1, w2, b2 = comp.make_channel_gate(s, dtype, "meta")
+        cases = [("channel gate", lambda: comp.channel_gate_eager(x, w1, b1, w2, b2),
+                  comp.channel_gate_bytes(s, dtype))]
+        x1, y2, bn = comp.make_final_gate(s, dtype, "meta")
+        cases.append(("final gate", lambda: comp.final_gate_eager(x1, y2, bn), comp.final_gate_bytes(s, dtype)))
+        for name, fn, kernel_bytes in cases:
+            with torch.no_grad():
+                e = count(fn)
+            bw = GPU_BANDWIDTH["H100"]
+            lines.append(f"| {name} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | {_mb(kernel_bytes)} | 1 | "
+                         f"{e.floor_us(bw):.0f} | {kernel_bytes / bw * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def op_breakdown(shape: Shape, dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
+    """Markdown: launches and MB per op name, eager and gam_triton, for one shape."""
+    dtype = DTYPES[dtype_name]
+    e = eager_traffic(shape, dtype, mode, device).by_op()
+    g = gam_triton_traffic(shape, dtype, mode, device).by_op()
+    lines = [f"| op ({shape.label()}, {dtype_name}) | eager launches | eager MB | gam_triton launches | "
+             "gam_triton MB |", "|---|---|---|---|---|"]
+    for name in list(dict.fromkeys(list(e) + list(g))):
+        el, eb = e.get(name, (0, 0))
+        gl, gb = g.get(name, (0, 0))
+        lines.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    return "\n".join(lines)
+
+
+def report(batch: int, dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
+    """The markdown tables for the YOLO shapes at one batch size, dtype and mode."""
+    shapes = [Shape(batch, c, s, s, 4, g) for c, s in yolo_pairs() for g in (True, False)]
+    plain = [s for s in shapes if not s.group]
+    what = "eval forward" if mode == "forward" else "train forward + backward"
+    parts = [
+        f"Computed by `python perf/traffic.py --batch {batch} --dtype {dtype_name} --mode {mode}` "
+        f"({what}, rate 4, counted on {device} tensors): computed values, not measured times. "
+        "GFLOP = channel MLP + the two 7x7 convolutions (train: 3x forward); ideal = read x and the "
+        "weights, write out (one perfect kernel); floor = bytes / bandwidth (H100 3.0 TB/s, H200 4.3 TB/s).",
+        "### Whole block",
+        gam_table(shapes, dtype_name, mode, device),
+        "### Per op, one shape",
+        op_breakdown(Shape(batch, 256, 40, 40, 4, True), dtype_name, mode, device),
+    ]
+    if mode == "forward":
+        parts += ["### Fused components alone", component_table(plain, dtype_name)]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="perf/traffic.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--mode", choices=["forward", "train"], default="forward",
+                    help="train needs --device cuda (gam_triton's backward is counted where it runs)")
+    ap.add_argument("--device", choices=["meta", "cuda"], default="meta",
+                    help="meta: shapes only, any machine (default); cuda: run for real on the GPU")
+    ap.add_argument("--out", help="write the markdown to this file too")
+    args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    if args.mode == "train" and args.device == "meta":
+        ap.error("--mode train needs --device cuda: on meta tensors gam_triton's kernels do not run")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    text = report(args.batch, args.dtype, args.mode, args.device)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
