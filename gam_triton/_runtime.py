@@ -97,3 +97,13 @@ def launcher(kernel):
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype active for ``device_type``, or None (also for types autocast does not know)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # e.g. "meta": no autocast there
+        pass
+    return None

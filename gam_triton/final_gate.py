@@ -21,7 +21,7 @@ if HAS_TRITON:
 
     from .kernels.final_gate import final_gate_kernel
 
-__all__ = ["final_gate", "final_gate_torch", "shuffle", "unshuffle"]
+__all__ = ["final_gate", "final_gate_torch", "gate_multiply", "shuffle", "unshuffle"]
 
 
 def shuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -40,15 +40,21 @@ def unshuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(b, c // groups, groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
-def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                     groups: int) -> torch.Tensor:
-    """PyTorch final gate, differentiable; the shuffle is a strided view, not a copy."""
-    b, c, h, w = x1.shape
-    s = torch.addcmul(shift.view(1, c, 1, 1), y2, scale.view(1, c, 1, 1)).to(y2.dtype).sigmoid_()
+def gate_multiply(x1: torch.Tensor, s: torch.Tensor, groups: int) -> torch.Tensor:
+    """x1 * shuffle_groups(s), the shuffle taken as a strided view of s rather than a copy."""
     if not groups:
         return x1 * s
+    b, c, h, w = x1.shape
     s_view = s.view(b, groups, c // groups, h, w).transpose(1, 2)  # [b, c/G, G, h, w], no copy
     return (x1.view(b, c // groups, groups, h, w) * s_view).reshape(b, c, h, w)
+
+
+def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     groups: int) -> torch.Tensor:
+    """PyTorch final gate, differentiable: one affine pass, an in-place sigmoid, the gated multiply."""
+    c = x1.shape[1]
+    s = torch.addcmul(shift.view(1, c, 1, 1), y2, scale.view(1, c, 1, 1)).to(y2.dtype).sigmoid_()
+    return gate_multiply(x1, s, groups)
 
 
 def _launch(x1, y2, scale, shift, groups, out, config: Config) -> None:

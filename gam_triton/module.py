@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runtime import use_triton
+from ._runtime import autocast_dtype, use_triton
 from .batchnorm import bn_scale_shift, fold_conv_bn, uses_batch_stats
 from .bn_relu import bn_relu
 from .channel_gate import channel_gate
-from .final_gate import final_gate
+from .final_gate import final_gate, gate_multiply
 
 __all__ = ["GAM"]
 
@@ -147,7 +147,7 @@ class GAM(nn.Module):
         w = self.channel_attention[0].weight
         if x.device != w.device:
             raise ValueError(f"GAM: input is on {x.device} but the module's parameters are on {w.device}")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(f"GAM: input dtype {x.dtype} differs from the parameters' {w.dtype} "
                             "(convert the module with .to(dtype) or run under torch.autocast)")
 
@@ -187,29 +187,40 @@ class GAM(nn.Module):
         fast = use_triton(x)
         in_cl = x.stride(1) == 1 and x.shape[1] > 1
         # cuDNN runs fp16/bf16 convolutions fastest in channels_last: write x1 in that layout.
-        x1_cl = in_cl or (fast and x.is_cuda and (x.dtype != torch.float32
-                                                  or torch.is_autocast_enabled("cuda")))
+        amp = autocast_dtype(x.device.type)
+        x1_cl = in_cl or (fast and x.is_cuda and (x.dtype != torch.float32 or amp is not None))
         lin = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-        if fast and torch.is_autocast_enabled(x.device.type):
+        if fast and amp is not None:
             # The custom op sits outside autocast's casts: run its dots in the autocast dtype, as the
             # reference's nn.Linear would, while x1 keeps x's dtype (x * att promotes, as there).
-            dt = torch.get_autocast_dtype(x.device.type)
-            lin = self._cached("linear_autocast", lin, (dt,),
-                               lambda: [None if t is None else t.to(dt) for t in lin])
+            lin = self._cached("linear_autocast", lin, (amp,),
+                               lambda: [None if t is None else t.to(amp) for t in lin])
         x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
         pad, groups = conv1.padding, conv1.groups
+        conv = F.conv2d
         if uses_batch_stats(bn1):
-            y1 = F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
-            scale1, shift1 = bn_scale_shift(bn1, y1)
-            z1 = bn_relu(y1, scale1, shift1)
+            y1 = conv(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
+            if fast:
+                z1 = bn_relu(y1, *bn_scale_shift(bn1, y1))
+            else:  # PyTorch path: nn.BatchNorm2d itself (fused forward and backward on the CPU)
+                z1 = torch.relu(bn1(y1))
         else:
             w1, b1 = self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)],
                                   (bn1.eps,), lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
-            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
-        y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=conv2.padding, groups=conv2.groups)
+            z1 = torch.relu_(conv(x1, w1, b1, padding=pad, groups=groups))
+        shuffle = self.shuffle_groups or 0
+        pad2, groups2 = conv2.padding, conv2.groups
         if uses_batch_stats(bn2):
-            scale2, shift2 = bn_scale_shift(bn2, y2)
-        else:
+            y2 = conv(z1, conv2.weight, conv2.bias, padding=pad2, groups=groups2)
+            if fast:
+                return final_gate(x1, y2, *bn_scale_shift(bn2, y2), shuffle, out_channels_last=in_cl)
+            return gate_multiply(x1, torch.sigmoid(bn2(y2)), shuffle)
+        if fast:  # BN2 is applied inside the final-gate kernel, for free
+            y2 = conv(z1, conv2.weight, conv2.bias, padding=pad2, groups=groups2)
             scale2, shift2 = self._cached("bn2", self._bn_tensors(bn2), (bn2.eps, y2.dtype),
                                           lambda: bn_scale_shift(bn2, y2))
-        return final_gate(x1, y2, scale2, shift2, self.shuffle_groups or 0, out_channels_last=in_cl)
+            return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=in_cl)
+        # PyTorch path: BN2 folded into conv2 too, then an in-place sigmoid and the gated multiply.
+        w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)],
+                              (bn2.eps,), lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
+        return gate_multiply(x1, conv(z1, w2, b2, padding=pad2, groups=groups2).sigmoid_(), shuffle)

@@ -184,30 +184,33 @@ def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", devic
     return count(_call(ref, shape, dtype, device, train))
 
 
-#: gam_triton's op modules and, in each, the PyTorch stand-in of the kernel (used off CUDA / interpreter).
+#: gam_triton's kernels as the GAM module calls them, and the PyTorch stand-in of each (off CUDA / the
+#: interpreter). On meta tensors the module is made to take its Triton path (``use_triton`` -> True) and
+#: each kernel call runs its stand-in, counted as the one launch it is on a GPU.
 KERNEL_STANDINS = {
-    "gam_triton::channel_gate": ("gam_triton.channel_gate", "channel_gate_torch"),
-    "gam_triton::final_gate": ("gam_triton.final_gate", "final_gate_torch"),
-    "gam_triton::bn_relu": ("gam_triton.bn_relu", "bn_relu_torch"),
+    "gam_triton::channel_gate": ("channel_gate", "gam_triton.channel_gate", "channel_gate_torch"),
+    "gam_triton::final_gate": ("final_gate", "gam_triton.final_gate", "final_gate_torch"),
+    "gam_triton::bn_relu": ("bn_relu", "gam_triton.bn_relu", "bn_relu_torch"),
 }
 
 
 @contextlib.contextmanager
 def _kernels_for_standins(counter: TrafficCounter) -> Iterator[None]:
-    """Count each PyTorch stand-in call as the one kernel launch it replaces on a GPU."""
-    saved = []
-    for op_name, (mod_name, attr) in KERNEL_STANDINS.items():
-        mod = importlib.import_module(mod_name)
-        original = getattr(mod, attr)
+    """Run gam_triton's GAM down its Triton path, each kernel call counted as one launch."""
+    module = importlib.import_module("gam_triton.module")
+    saved = [(module, "use_triton", module.use_triton)]
+    module.use_triton = lambda x: True
+    for op_name, (entry, mod_name, attr) in KERNEL_STANDINS.items():
+        torch_impl = getattr(importlib.import_module(mod_name), attr)
 
-        def standin(*args, _orig=original, _name=op_name, **kwargs):
+        def standin(*args, _impl=torch_impl, _name=op_name, out_channels_last=None, **kwargs):
             with counter.paused():
-                out = _orig(*args, **kwargs)
+                out = _impl(*args, **kwargs)
             counter.record(_name, (args, kwargs), out)
             return out
 
-        saved.append((mod, attr, original))
-        setattr(mod, attr, standin)
+        saved.append((module, entry, getattr(module, entry)))
+        setattr(module, entry, standin)
     try:
         yield
     finally:
@@ -227,11 +230,13 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
                          "'cpu' under TRITON_INTERPRET=1): its backward formulas differ from the stand-ins'")
     _, gam = _modules(shape, dtype, device, train)
     fn = _call(gam, shape, dtype, device, train)
-    fn()  # the first call folds BN1 into conv1 and caches it; steady state is what counts
-    with TrafficCounter() as counter:
-        ctx = _kernels_for_standins(counter) if device == "meta" else contextlib.nullcontext()
-        with ctx:
-            fn()
+    def path(counter: TrafficCounter):
+        return _kernels_for_standins(counter) if device == "meta" else contextlib.nullcontext()
+
+    with path(TrafficCounter()):
+        fn()  # the first call folds BN1 into conv1 and caches BN2's affine; steady state is what counts
+    with TrafficCounter() as counter, path(counter):
+        fn()
     return counter.traffic
 
 

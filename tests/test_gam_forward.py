@@ -101,7 +101,7 @@ def test_autocast_matches_reference_dtype_and_values(device):
 
 
 def test_eval_constants_are_cached_under_no_grad(device, monkeypatch):
-    """Under no_grad the folded conv1 and BN2's scale/shift are computed once, not per forward."""
+    """Under no_grad the folded convolutions and BN2's scale/shift are computed once, not per forward."""
     import gam_triton.module as module_mod
 
     calls = {"fold": 0}
@@ -116,7 +116,8 @@ def test_eval_constants_are_cached_under_no_grad(device, monkeypatch):
     x = make_input(1, 24, 3, 3, torch.float32, device, False)
     with torch.no_grad():
         first = gam(x)
+        folds = calls["fold"]  # conv1 (and conv2 on the PyTorch path)
         second = gam(x)
-    assert calls["fold"] == 1 and torch.equal(first, second)
+    assert folds >= 1 and calls["fold"] == folds and torch.equal(first, second)
     gam(x)  # grad enabled and parameters require grad: recomputed, differentiable
-    assert calls["fold"] == 2
+    assert calls["fold"] == 2 * folds
