@@ -32,21 +32,29 @@ def channel_gate_torch(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Ten
     """PyTorch channel gate, differentiable, without permute copies.
 
     The matmuls run in the weights' dtype (x is cast to it, as nn.Linear under autocast does); the gate
-    multiplies x in its own dtype, so fp32 x with half weights gives an fp32 result.
+    multiplies x in its own dtype, so fp32 x with half weights gives an fp32 result. Per layout and
+    autograd need, the form that is fastest on the CPU (measured, see perf/NOTES.md):
+    channels_last - F.linear on the free NHWC view; NCHW without autograd - batched matmuls on the
+    B x C x HW view; NCHW with autograd - 1x1 convolutions (matmul's backward would copy operands).
     """
-    if not torch.is_grad_enabled():  # matmul copies operands that require grad, even under no_grad
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    if not needs_grad:  # matmul copies operands that require grad, even under no_grad
         w1, b1, w2, b2 = (None if t is None else t.detach() for t in (w1, b1, w2, b2))
     xd = x.to(w1.dtype)
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels_last: the NHWC view is contiguous
         xp = xd.permute(0, 2, 3, 1)
         a = F.linear(torch.relu(F.linear(xp, w1, b1)), w2, b2).permute(0, 3, 1, 2)
+    elif needs_grad:
+        hid = torch.relu(F.conv2d(xd, w1[:, :, None, None], b1))
+        a = F.conv2d(hid, w2[:, :, None, None], b2)
     else:
         b, c, h, w = x.shape
         xv = xd.reshape(b, c, h * w)
         hid = torch.matmul(w1, xv)
         if b1 is not None:
             hid = hid + b1[:, None]
-        a = torch.matmul(w2, torch.relu(hid))
+        a = torch.matmul(w2, torch.relu_(hid))
         if b2 is not None:
             a = a + b2[:, None]
         a = a.view(b, c, h, w)
