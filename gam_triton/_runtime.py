@@ -39,7 +39,7 @@ POISON = os.environ.get("GAM_TRITON_POISON", "0") == "1"
 def new_output(like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """An uninitialised B x C x H x W output (NaN-poisoned when asked) in the requested layout."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=fmt)
+    out = torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=fmt)
     if POISON:
         out.fill_(float("nan"))
     return out
@@ -107,3 +107,25 @@ def autocast_dtype(device_type: str):
     except RuntimeError:  # e.g. "meta": no autocast there
         pass
     return None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def call_directly(*tensors) -> bool:
+    """True for a plain eager call that needs no autograd: the launch function may then be called
+    without the custom-op dispatcher (tens of microseconds per op, which matter at batch 1).
+
+    False under torch.compile / export, under any Python dispatch mode (FakeTensor, FlopCounterMode,
+    profilers of ops), for tensor subclasses, and when a gradient must flow: those go through the op.
+    """
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) in _PLAIN and not (grad and t.requires_grad) for t in tensors if t is not None)
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()

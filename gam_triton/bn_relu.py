@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, define_op, is_channels_last, launcher, new_output,
-                       use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, define_op, is_channels_last,
+                       launcher, new_output, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -81,4 +81,5 @@ def bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
     """z = relu(scale[c] * y + shift[c]) for a B x C x H x W ``y``; z keeps y's dtype and layout."""
     if not use_triton(y):
         return bn_relu_torch(y, scale, shift)
-    return _op(y, scale.float().contiguous(), shift.float().contiguous())
+    args = (y, scale.float().contiguous(), shift.float().contiguous())
+    return _bn_relu_impl(*args) if call_directly(*args) else _op(*args)

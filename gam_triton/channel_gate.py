@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, dot_precision, launcher, new_output,
-                       use_triton)
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, call_directly, define_op, dot_precision, launcher,
+                       new_output, use_triton)
 from .configs import Config, channel_gate_candidates, channel_gate_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -171,5 +171,6 @@ def channel_gate(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
         return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
     b1 = _bias_or_zeros(b1, w1.shape[0], w1)
     b2 = _bias_or_zeros(b2, w2.shape[0], w2)
-    return _op(x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(sigmoid),
-               bool(out_channels_last))
+    args = (x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(sigmoid),
+            bool(out_channels_last))
+    return _channel_gate_impl(*args) if call_directly(*args[:5]) else _op(*args)

@@ -81,7 +81,8 @@ def _build(layers: list[nn.Module], args: dict, sigmoid: bool, shuffle: Optional
     gam = GAM(**args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)
     ref = layers[0].weight
     gam.to(device=ref.device, dtype=ref.dtype)
-    ours = [gam.channel_attention[0], gam.channel_attention[2]] + [gam.spatial_attention[i] for i in (0, 1, 3, 4)]
+    ours = [gam.channel_attention[0], gam.channel_attention[2],
+            *(gam.spatial_attention[i] for i in (0, 1, 3, 4))]
     for mine, theirs in zip(ours, layers):
         if getattr(theirs, "bias", True) is None:
             mine.bias = None

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, define_op, is_channels_last, launcher, new_output,
-                       use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, define_op, is_channels_last,
+                       launcher, new_output, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -131,5 +131,5 @@ def final_gate(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: t
         return final_gate_torch(x1, y2, scale, shift, groups)
     if out_channels_last is None:
         out_channels_last = is_channels_last(x1)
-    return _op(x1, y2, scale.float().contiguous(), shift.float().contiguous(), groups,
-               bool(out_channels_last))
+    args = (x1, y2, scale.float().contiguous(), shift.float().contiguous(), groups, bool(out_channels_last))
+    return _final_gate_impl(*args) if call_directly(*args[:4]) else _op(*args)

@@ -240,3 +240,30 @@ def test_final_gate_every_tiling(block_p, block_c, device):
     out = new_output(x1, torch.float32, False)
     fg_mod._launch(x1, y2, scale, shift, 4, out, Config(BLOCK_P=block_p, BLOCK_C=block_c))
     assert_close(out, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float32)
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the dispatch choice exists only where the kernels run")
+def test_eager_no_grad_calls_skip_the_dispatcher_but_autograd_and_modes_do_not(monkeypatch, device):
+    """Plain no-grad calls run the launch function directly (less overhead at batch 1); calls that need
+    autograd, or run under a dispatch mode (FakeTensor, FlopCounterMode, ...), go through the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    real_op = cg_mod._op
+    monkeypatch.setattr(cg_mod, "_op", lambda *a: calls.append(1) or real_op(*a))
+    w = _weights(16, 4, torch.float32, device)
+    x = _x(1, 16, 2, 3, torch.float32, device, False)
+    with torch.no_grad():
+        direct = channel_gate(x, *w, True)
+    assert calls == []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen():
+        via_mode = channel_gate(x, *w, True)
+    via_grad = channel_gate(x.clone().requires_grad_(), *w, True)
+    assert len(calls) == 2
+    torch.testing.assert_close(direct, via_mode)
+    torch.testing.assert_close(direct, via_grad.detach())
