@@ -79,7 +79,7 @@ def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
         xv, w1, b1, w2, b2, out, hw, c, cr,
         sxb, sxc, sxp, sob, soc, sop,
         SIGMOID=sigmoid, DOT_F32=INTERPRET or w1.dtype == torch.float32,
-        INPUT_PRECISION=dot_precision(w1.dtype), ONE_TILE=c <= config.BLOCK_C, **config.launch_kwargs(),
+        INPUT_PRECISION=dot_precision(w1.dtype), N_CHUNKS=cdiv(c, config.BLOCK_C), **config.launch_kwargs(),
     )
 
 

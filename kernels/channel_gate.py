@@ -65,7 +65,7 @@ def channel_gate_fwd_kernel(
     stride_ob, stride_oc, stride_op,
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
     """x1 = x * g(W2 relu(W1 x + b1) + b2) for BLOCK_P pixels of one image.
 
@@ -73,8 +73,9 @@ def channel_gate_fwd_kernel(
     are row-major contiguous; b1, b2 contiguous. The dots run in the weights' dtype (x is rounded to it
     first, as nn.Linear under autocast does) with fp32 accumulation; DOT_F32 upcasts both operands to fp32
     (the interpreter's bf16 dot is wrong). BLOCK_R >= CR and BLOCK_R, BLOCK_C, BLOCK_P >= 16 (tl.dot);
-    padded rows and columns are masked to 0. With ONE_TILE (C <= BLOCK_C) the x tile is loaded once and
-    kept in registers for both dots and the multiply; otherwise pass 2 re-reads each chunk (from L2).
+    padded rows and columns are masked to 0. N_CHUNKS = cdiv(C, BLOCK_C) (a constexpr: loops over runtime
+    bounds break older interpreters). With N_CHUNKS == 1 the x tile is loaded once and kept in registers
+    for both dots and the multiply; otherwise pass 2 re-reads each chunk (from L2).
     """
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
@@ -87,7 +88,7 @@ def channel_gate_fwd_kernel(
     b1 = tl.load(b1_ptr + offs_r, mask=offs_r < CR, other=0.0).to(tl.float32)
     h = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
 
-    if ONE_TILE:  # one tile holds every channel: x is read once
+    if N_CHUNKS == 1:  # one tile holds every channel: x is read once
         offs_c = tl.arange(0, BLOCK_C)
         x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
         h = _hidden_chunk(h, x, w1_ptr, offs_c, offs_r, C, CR, DOT_F32, INPUT_PRECISION)
@@ -96,14 +97,14 @@ def channel_gate_fwd_kernel(
                     SIGMOID, DOT_F32, INPUT_PRECISION)
     else:
         # Pass 1: h = relu(x W1^T + b1), accumulated over channel chunks.  [BLOCK_P, BLOCK_R]
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+        for i in range(N_CHUNKS):
+            offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
             x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
             h = _hidden_chunk(h, x, w1_ptr, offs_c, offs_r, C, CR, DOT_F32, INPUT_PRECISION)
         h = tl.maximum(h + b1[None, :], 0.0).to(w1_ptr.dtype.element_ty)
         # Pass 2: per output-channel chunk, a = h W2^T + b2, the gate, and the multiply.
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+        for i in range(N_CHUNKS):
+            offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
             x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
             _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR,
                         stride_oc, stride_op, SIGMOID, DOT_F32, INPUT_PRECISION)
