@@ -115,12 +115,8 @@ def plot_gam(df, mode: str, dtype: str, out_dir: str) -> Optional[str]:
     axes[2].set_title("gam_triton's speedup over torch.compile of the reference (default mode, "
                       "max-autotune)", fontsize=10)
     axes[2].set_xlabel("shape: batch, channels, map (g = grouped 7x7 convolutions, p = plain); rate 4")
-    fig.suptitle(_title(d, f"GAM block (YOLO form), {mode}, {dtype}"), fontsize=11)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"gam_{mode}_{dtype}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, _title(d, f"GAM block (YOLO form), {mode}, {dtype}"),
+                 os.path.join(out_dir, f"gam_{mode}_{dtype}.png"))
 
 
 def plot_components(df, dtype: str, out_dir: str) -> Optional[str]:
@@ -152,9 +148,16 @@ def plot_components(df, dtype: str, out_dir: str) -> Optional[str]:
         ax.set_title(f"{name} (forward)", fontsize=10)
         _finish_axis(ax, labels, "GB/s over compulsory bytes", True)
         ax.set_xlabel("shape: batch, channels, map")
-    fig.suptitle(_title(d, f"Fused components alone, {dtype}"), fontsize=11)
+    return _save(fig, _title(d, f"Fused components alone, {dtype}"),
+                 os.path.join(out_dir, f"components_{dtype}.png"))
+
+
+def _save(fig, title: str, path: str) -> str:
+    """Title, lay out, write the PNG, free the figure; return its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"components_{dtype}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
