@@ -14,12 +14,13 @@ SHAPES = [(2, 5, 7), (1, 1, 1), (1, 3, 2), (0, 4, 4)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("c", [20, 24, 48])
+# Grouped convolutions need C and C/4 divisible by 4, so yolo_grouped is tested at C = 48 only.
+FORM_CHANNELS = [(form, c) for form in FORMS for c in (20, 24, 48) if channels_ok(form, c)]
+
+
+@pytest.mark.parametrize("form,c", FORM_CHANNELS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_forward_matches_reference_fp32(form, c, channels_last, device):
-    if not channels_ok(form, c):
-        pytest.skip(f"{form} cannot be built with C={c} (grouping/shuffle need divisibility)")
     ref = make_ref(form, c).eval()
     gam = GAM.from_module(ref).to(device).eval()
     want_mod = f64(ref).eval()
