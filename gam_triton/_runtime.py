@@ -129,3 +129,30 @@ def _current_dispatch_mode():
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return _get_current_dispatch_mode()
+
+
+def check_bchw(name: str, t, channels: int = None, like=None) -> None:
+    """ValueError/TypeError unless ``t`` is a floating 4-D tensor (with ``channels`` channels, and the
+    shape and device of ``like`` when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating-point, got {t.dtype}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{name} has {t.shape[1]} channels, expected {channels}")
+    if like is not None and (t.shape != like.shape or t.device != like.device):
+        raise ValueError(f"{name} must match the shape and device of the input: got {tuple(t.shape)} on "
+                         f"{t.device}, expected {tuple(like.shape)} on {like.device}")
+
+
+def check_vector(name: str, t, n: int, device) -> None:
+    """ValueError/TypeError unless ``t`` is None or a floating vector of ``n`` elements on ``device``."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = getattr(t, "dtype", type(t).__name__)
+        raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+    if tuple(t.shape) != (n,) or t.device != device:
+        raise ValueError(f"{name} must have shape ({n},) on {device}, got {tuple(t.shape)} on {t.device}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, call_directly, define_op, is_channels_last,
-                       launcher, new_output, use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op,
+                       is_channels_last, launcher, new_output, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -79,6 +79,11 @@ _op = define_op("bn_relu", _bn_relu_impl, _fake, _backward, _setup_context) if H
 
 def bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """z = relu(scale[c] * y + shift[c]) for a B x C x H x W ``y``; z keeps y's dtype and layout."""
+    check_bchw("y", y)
+    if scale is None or shift is None:
+        raise TypeError("scale and shift are required")
+    check_vector("scale", scale, y.shape[1], y.device)
+    check_vector("shift", shift, y.shape[1], y.device)
     if not use_triton(y):
         return bn_relu_torch(y, scale, shift)
     args = (y, scale.float().contiguous(), shift.float().contiguous())

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, call_directly, define_op, dot_precision, launcher,
-                       new_output, use_triton)
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, call_directly, check_bchw, check_vector, define_op,
+                       dot_precision, launcher, new_output, use_triton)
 from .configs import Config, channel_gate_candidates, channel_gate_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -161,8 +161,22 @@ def channel_gate(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     """x1 = x * g(W2 relu(W1 x + b1) + b2) over the channels of each pixel of a B x C x H x W tensor.
 
     ``out_channels_last`` picks the output layout (default: the input's). Inputs are not validated
-    here: :class:`gam_triton.GAM` does that before any kernel runs.
+    here beyond shapes, dtypes and devices (checked before any kernel runs, ValueError/TypeError).
     """
+    check_bchw("x", x)
+    if not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError("w1 and w2 must be 2-D tensors (C/r x C and C x C/r)")
+    cr, c = w1.shape
+    if c != x.shape[1] or tuple(w2.shape) != (c, cr) or cr == 0:
+        raise ValueError(f"weights do not fit x with {x.shape[1]} channels: w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)} (expected (C/r, C) and (C, C/r))")
+    if w1.dtype != w2.dtype or not w1.is_floating_point():
+        raise TypeError(f"w1 and w2 must share one floating dtype, got {w1.dtype} and {w2.dtype}")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    check_vector("b1", b1, cr, x.device)
+    check_vector("b2", b2, c, x.device)
     if out_channels_last is None:
         out_channels_last = x.stride(1) == 1 and x.shape[1] > 1
     if not use_triton(x):

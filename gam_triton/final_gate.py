@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, call_directly, define_op, is_channels_last,
-                       launcher, new_output, use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op,
+                       is_channels_last, launcher, new_output, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -124,9 +124,18 @@ def final_gate(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: t
     """out = x1 * shuffle_groups(sigmoid(scale[c] * y2 + shift[c])) for B x C x H x W x1 and y2.
 
     ``scale`` and ``shift`` are per-channel vectors (converted to fp32 on the Triton path); ``groups``
-    0 means no shuffle. Inputs are validated by :class:`gam_triton.GAM`, not here.
+    0 means no shuffle. Shapes, dtypes, devices and groups are checked before any kernel runs.
     """
+    check_bchw("x1", x1)
+    check_bchw("y2", y2, like=x1)
+    c = x1.shape[1]
+    check_vector("scale", scale, c, x1.device)
+    check_vector("shift", shift, c, x1.device)
+    if scale is None or shift is None:
+        raise TypeError("scale and shift are required")
     groups = int(groups or 0)
+    if groups < 0 or (groups and c % groups):
+        raise ValueError(f"groups ({groups}) must be 0 (no shuffle) or divide the {c} channels")
     if not use_triton(x1):
         return final_gate_torch(x1, y2, scale, shift, groups)
     if out_channels_last is None:

@@ -46,3 +46,47 @@ def test_bad_forward_input(make_x, exc, match, no_kernel):
     gam = GAM(24).eval()
     with pytest.raises(exc, match=match):
         gam(make_x())
+
+
+def _cg_args():
+    return [torch.randn(1, 8, 3, 3), torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), torch.randn(8)]
+
+
+@pytest.mark.parametrize("i,bad,exc,match", [
+    (0, torch.randn(8, 3, 3), ValueError, "x must be 4-D"),
+    (0, torch.ones(1, 8, 3, 3, dtype=torch.int32), TypeError, "x must be floating-point"),
+    (1, torch.randn(2, 6), ValueError, "weights do not fit"),
+    (3, torch.randn(8, 3), ValueError, "weights do not fit"),
+    (1, torch.randn(2, 8, dtype=torch.float64), TypeError, "share one floating dtype"),
+    (2, torch.randn(3), ValueError, r"b1 must have shape \(2,\)"),
+    (4, torch.randn(8, 1), ValueError, r"b2 must have shape \(8,\)"),
+    (1, torch.randn(2, 8, device="meta"), ValueError, "w1 is on meta"),
+])
+def test_channel_gate_rejects_bad_arguments(i, bad, exc, match, no_kernel):
+    from gam_triton.channel_gate import channel_gate
+
+    args = _cg_args()
+    args[i] = bad
+    with pytest.raises(exc, match=match):
+        channel_gate(*args, True)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(y2=torch.randn(1, 8, 3, 4)), ValueError, "y2 must match the shape"),
+    (dict(scale=torch.randn(7)), ValueError, r"scale must have shape \(8,\)"),
+    (dict(shift=None), TypeError, "required"),
+    (dict(groups=3), ValueError, r"groups \(3\) must be 0"),
+    (dict(x1="x"), TypeError, "x1 must be a torch.Tensor"),
+])
+def test_final_gate_and_bn_relu_reject_bad_arguments(kwargs, exc, match):
+    from gam_triton.bn_relu import bn_relu
+    from gam_triton.final_gate import final_gate
+
+    args = dict(x1=torch.randn(1, 8, 3, 3), y2=torch.randn(1, 8, 3, 3), scale=torch.ones(8),
+                shift=torch.zeros(8), groups=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        final_gate(**args)
+    if "scale" in kwargs or "shift" in kwargs:
+        with pytest.raises(exc, match=match):
+            bn_relu(torch.randn(1, 8, 2, 2), args["scale"], args["shift"])
