@@ -7,14 +7,19 @@
 #
 #   make gpu-suite                      # or: bash perf/gpu_suite.sh
 #   PY=python SWEEP_ARGS="--providers eager,compile,gam_triton" bash perf/gpu_suite.sh
-# PY: the Python to use (default: .venv/bin/python, created by `make env` when missing).
+# PY: the Python to use. Default: a python3 that already imports torch and gam_triton (an offline GPU
+# image: `pip install --no-deps --no-build-isolation -e .` first), else .venv/bin/python (`make env`).
 # SWEEP_ARGS: extra arguments for both sweeps. SKIP_TESTS=1 skips step 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -z "${PY:-}" ]; then
-    [ -x .venv/bin/python ] || make env || exit 1
-    PY=.venv/bin/python
+    if python3 -c "import torch, gam_triton" >/dev/null 2>&1; then
+        PY=python3
+    else
+        [ -x .venv/bin/python ] || make env || exit 1
+        PY=.venv/bin/python
+    fi
 fi
 unset TRITON_INTERPRET
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
