@@ -19,7 +19,7 @@ import triton.language as tl
 def _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp):
     """Load the [BLOCK_P, BLOCK_C] tile of x at pixels offs_p and channels offs_c (0 outside)."""
     mask = (offs_p[:, None] < HW) & (offs_c[None, :] < C)
-    ptrs = x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc
+    ptrs = x_base + offs_p[:, None] * stride_xp + offs_c[None, :].to(tl.int64) * stride_xc
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -53,7 +53,7 @@ def _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR,
         a = tl.sigmoid(a)
     out = x.to(tl.float32) * a
     mask = (offs_p[:, None] < HW) & c_mask[None, :]
-    tl.store(o_base + offs_p[:, None] * stride_op + offs_c[None, :] * stride_oc,
+    tl.store(o_base + offs_p[:, None] * stride_op + offs_c[None, :].to(tl.int64) * stride_oc,
              out.to(o_base.dtype.element_ty), mask=mask)
 
 

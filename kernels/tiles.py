@@ -3,7 +3,7 @@
 A B x C x H x W tensor is addressed as [b, c, p] with p = h * W + w through three strides, so one
 kernel serves NCHW-contiguous and channels_last tensors alike. The grid is
 (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)), image-major, so the batch is not bound by the 65535 limit
-of the second and third grid dimensions. Offsets are 64-bit.
+of the second and third grid dimensions. Offsets are 64-bit (pixel and channel terms alike, so one image may hold more than 2**31 elements).
 """
 import triton
 import triton.language as tl
@@ -24,4 +24,4 @@ def tile_2d(HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def tile_ptrs(ptr, pid_b, offs_p, offs_c, stride_b, stride_c, stride_p):
     """Pointers of the [BLOCK_P, BLOCK_C] tile at image pid_b, pixels offs_p, channels offs_c."""
-    return ptr + pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
+    return ptr + pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
