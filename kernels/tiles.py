@@ -3,7 +3,8 @@
 A B x C x H x W tensor is addressed as [b, c, p] with p = h * W + w through three strides, so one
 kernel serves NCHW-contiguous and channels_last tensors alike. The grid is
 (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)), image-major, so the batch is not bound by the 65535 limit
-of the second and third grid dimensions. Offsets are 64-bit (pixel and channel terms alike, so one image may hold more than 2**31 elements).
+of the second and third grid dimensions. Offsets are 64-bit (pixel and channel terms alike, so one
+image may hold more than 2**31 elements).
 """
 import triton
 import triton.language as tl
