@@ -16,10 +16,10 @@ cells = [
         "it a PyTorch path runs. **Timings printed below are only performance numbers on a GPU**: on the "
         "CPU they are CPU figures, and under the interpreter they measure the interpreter."),
     nbf.v4.new_code_cell(
-        "import os, time\n"
+        "import time\n"
         "import torch\n"
         "import gam_triton\n"
-        "from gam_triton.reference import YoloGAM, PaperGAM\n"
+        "from gam_triton.reference import YoloGAM\n"
         "from gam_triton._runtime import INTERPRET, use_triton\n"
         "device = 'cuda' if torch.cuda.is_available() and not INTERPRET else 'cpu'\n"
         "print('device:', device, '| interpreter:', INTERPRET, '| torch', torch.__version__)"),
