@@ -66,7 +66,7 @@ import torch
 
 from ._runtime import INTERPRET
 from .configs import Config, next_pow2
-from .tune_cache import CONFIG_FIELDS, TuneCache, cache_dir, cache_path
+from .tune_cache import TuneCache, cache_dir, cache_path
 
 __all__ = ["select", "bench_ms", "batch_bucket", "enabled", "reset", "drain_log", "cache_file",
            "TuneRecord", "CaptureWarning", "WORK_CAP", "CPU_DEVICE"]
@@ -285,7 +285,7 @@ def _resolve(st: _State, dev: str, op: str, key: tuple, heuristic: Config,
         entry = cache.lookup(op, ks)
         if entry is None:
             return None
-        c = Config(**{f: entry[f] for f in CONFIG_FIELDS})
+        c = Config.from_dict(entry)
         if entry["source"] == "heuristic":
             ok = mode != "bench" and c == heuristic
         else:

@@ -9,7 +9,7 @@ candidates on a GPU and uses the heuristic everywhere else.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -44,8 +44,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        fields = {k: int(d[k]) for k in ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages")}
-        return cls(**fields)
+        """The Config held in ``d`` (a cache entry: extra keys such as "source" are ignored)."""
+        return cls(**{k: int(d[k]) for k in CONFIG_FIELDS})
 
     def launch_kwargs(self) -> dict:
         kw = {"BLOCK_P": self.BLOCK_P, "BLOCK_C": self.BLOCK_C,
@@ -53,6 +53,10 @@ class Config:
         if self.BLOCK_R:
             kw["BLOCK_R"] = self.BLOCK_R
         return kw
+
+
+#: The fields of a Config, in order: what a cache entry must hold.
+CONFIG_FIELDS = tuple(f.name for f in fields(Config))
 
 
 # --- channel gate -----------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ import threading
 import warnings
 from typing import Any, Optional
 
+from .configs import CONFIG_FIELDS
+
 try:  # POSIX advisory locks; elsewhere concurrent writers may drop each other's new entries
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -44,7 +46,6 @@ FORMAT = 1
 #: Files bigger than this are not read (a tuning cache holds kilobytes).
 MAX_FILE_BYTES = 16 << 20
 
-CONFIG_FIELDS = ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages")
 _META_FLOATS = ("ms", "heuristic_ms", "tune_s")
 _SOURCES = ("tuned", "heuristic")
 _OP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")

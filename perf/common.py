@@ -51,7 +51,9 @@ def sanitize(name: str) -> str:
 
 def interpreting() -> bool:
     """True when Triton's interpreter is on (gam_triton's kernels then run on the CPU, slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from gam_triton._runtime import INTERPRET
+
+    return INTERPRET
 
 
 def _triton_version() -> str:
