@@ -6,6 +6,12 @@ statistics replaced by random values (so that no trained weight can hide a diffe
 input in eval mode, and each candidate configuration of :class:`~gam_triton.GAM` built from the same
 copy is compared with it. The first that reproduces it is kept; if none does, ``ValueError``. The source
 module itself is never run, so its BatchNorm statistics are untouched.
+
+:func:`convert` puts each new block where the old one was and carries over what frameworks attach to a
+layer (:func:`carry_over`): plain instance attributes (ultralytics' ``f``, ``i``, ``type``, ``np``, names,
+pruning or quantisation flags), forward / forward-pre / backward / state-dict hooks, the training flag,
+and the parameter and buffer objects themselves (so an optimizer or EMA built before the conversion still
+holds the block's parameters).
 """
 from __future__ import annotations
 
@@ -18,9 +24,21 @@ from torch import nn
 
 from .module import GAM
 
-__all__ = ["gam_from_module", "convert"]
+__all__ = ["gam_from_module", "convert", "carry_over"]
 
 log = logging.getLogger("gam_triton")
+
+#: Hook tables of nn.Module that move with a layer when :func:`convert` replaces it. A table the new block
+#: does not use itself is shared (the same dict object, so a RemovableHandle the user holds still removes
+#: the hook); one the block fills in its own constructor gets the old entries added in front of its own.
+HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks", "_backward_pre_hooks",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_is_full_backward_hook"}
+
 
 # (channel_sigmoid, shuffle_groups), most common first.
 _SEQUENTIAL_FORMS = [(False, 4), (True, None), (False, None), (True, 4)]
@@ -76,8 +94,12 @@ def _structure(module: nn.Module) -> tuple[list[nn.Module], bool, dict]:
     return layers, seed, dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1)
 
 
-def _build(layers: list[nn.Module], args: dict, sigmoid: bool, shuffle: Optional[int]) -> GAM:
-    """A GAM with the configuration given and the weights, statistics and BN settings of ``layers``."""
+def _build(layers: list[nn.Module], args: dict, sigmoid: bool, shuffle: Optional[int], share: bool = False) -> GAM:
+    """A GAM with the configuration given and the weights, statistics and BN settings of ``layers``.
+
+    ``share``: the new block holds the very Parameter and buffer objects of ``layers`` (in-place
+    replacement); otherwise copies of them.
+    """
     gam = GAM(**args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)
     ref = layers[0].weight
     gam.to(device=ref.device, dtype=ref.dtype)
@@ -95,6 +117,12 @@ def _build(layers: list[nn.Module], args: dict, sigmoid: bool, shuffle: Optional
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 if getattr(theirs, name) is None:
                     mine.register_buffer(name, None)
+        if share:
+            for name, p in theirs.named_parameters(recurse=False):
+                setattr(mine, name, p)
+            for name, b in theirs.named_buffers(recurse=False):
+                setattr(mine, name, b)
+            continue
         mine.load_state_dict(theirs.state_dict(), strict=True)
         for (_, p_mine), (_, p_theirs) in zip(mine.named_parameters(), theirs.named_parameters()):
             p_mine.requires_grad_(p_theirs.requires_grad)
@@ -114,6 +142,10 @@ def _randomise(module: nn.Module, gen: torch.Generator) -> None:
 
 def _find_form(module: nn.Module, seed: bool, args: dict) -> tuple[bool, Optional[int]]:
     probe_src = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    for m in probe_src.modules():  # the block's own function: hooks (a user's, a framework's) are not part of it
+        for table in HOOK_TABLES:
+            if getattr(m, table, None):
+                object.__setattr__(m, table, type(getattr(m, table))())
     gen = torch.Generator().manual_seed(1234)
     _randomise(probe_src, gen)
     x = torch.randn(2, args["in_channels"], 5, 6, generator=gen, dtype=torch.float64)
@@ -138,22 +170,71 @@ def _find_form(module: nn.Module, seed: bool, args: dict) -> tuple[bool, Optiona
                      "groups or not): refusing to convert it into a different function")
 
 
-def gam_from_module(module: nn.Module) -> GAM:
-    """Build a :class:`GAM` equal to ``module`` (weights, statistics, mode, device and dtype)."""
+def _plain_attributes(old: nn.Module, new: nn.Module) -> dict:
+    """The instance attributes of ``old`` that a framework or user set on it: not nn.Module's internals,
+    not attributes the new block defines itself (its own construction, its class's attributes and properties;
+    nn.Module's method names such as ``type`` stay free, as they were on ``old``)."""
+    mine = set(vars(new))
+    for cls in type(new).__mro__:
+        if cls is nn.Module:
+            break
+        mine.update(vars(cls))
+    return {k: v for k, v in vars(old).items() if k not in _MODULE_INTERNALS and k not in mine}
+
+
+def carry_over(old: nn.Module, new: nn.Module, hooks: bool = True) -> nn.Module:
+    """Give ``new`` what ``old`` held beyond its parameters and buffers; return ``new``.
+
+    Copied: the plain instance attributes (by reference, see :func:`_plain_attributes`), the training flag
+    and, with ``hooks``, every hook table in :data:`HOOK_TABLES` (and whether backward hooks are "full").
+    Not copied: attributes the new block defines itself (``in_channels``, ``rate``, ...), class-level
+    monkeypatches of ``type(old)``, and hooks registered globally (``nn.modules.module.register_module_*``
+    apply to every module anyway).
+    """
+    for k, v in _plain_attributes(old, new).items():
+        object.__setattr__(new, k, v)
+    if hooks:
+        for table in HOOK_TABLES:
+            theirs = getattr(old, table, None)
+            if theirs is None:  # older torch without this table
+                continue
+            own = getattr(new, table)
+            if not own:
+                object.__setattr__(new, table, theirs)
+            elif theirs:
+                merged = type(own)(theirs)
+                merged.update(own)
+                object.__setattr__(new, table, merged)
+        if getattr(old, "_is_full_backward_hook", None) is not None:
+            new._is_full_backward_hook = old._is_full_backward_hook
+    new.train(old.training)
+    return new
+
+
+def gam_from_module(module: nn.Module, share: bool = False) -> GAM:
+    """Build a :class:`GAM` equal to ``module`` (weights, statistics, mode, device and dtype).
+
+    ``share`` (what :func:`convert` uses): hold ``module``'s own Parameter and buffer objects instead of
+    copies. The plain attributes ``module`` carries (e.g. ultralytics' ``f``/``i``/``type``/``np``) are
+    copied; its hooks are not: ``module`` still exists and keeps them, and a copy would make each hook fire
+    for two blocks (``convert``, which replaces the block, moves them).
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
     layers, seed, args = _structure(module)
     sigmoid, shuffle = _find_form(module, seed, args)
-    gam = _build(layers, args, sigmoid, shuffle)
-    gam.train(module.training)
-    return gam
+    gam = _build(layers, args, sigmoid, shuffle, share=share)
+    return carry_over(module, gam, hooks=False)
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace, in place, every GAM block of ``model`` by a :class:`GAM`; return ``model``.
 
-    A block with GAM's layers whose function matches no supported form is left as it is, with a warning.
-    A ``model`` that is itself a GAM block cannot be replaced in place: use ``GAM.from_module``.
+    Each new block takes the old one's place under the same name and holds the old block's Parameter and
+    buffer objects (an optimizer built before the conversion keeps working), its plain attributes and its
+    hooks (:func:`carry_over`). A block with GAM's layers whose function matches no supported form is left as
+    it is, with a warning. A ``model`` that is itself a GAM block cannot be replaced in place: use
+    ``GAM.from_module``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -165,7 +246,7 @@ def convert(model: nn.Module) -> nn.Module:
             path = f"{prefix}{name}"
             if not isinstance(child, GAM) and _layers(child) is not None:
                 try:
-                    new = gam_from_module(child)
+                    new = carry_over(child, gam_from_module(child, share=True))
                 except ValueError as e:
                     log.warning("gam_triton.convert: left %s as it is: %s", path, e)
                 else:
