@@ -1,7 +1,8 @@
 """Writes notebooks/explore.ipynb (run it after editing the cells here: python notebooks/make_explore.py).
 
 The notebook is executed by tests/test_notebook.py, so every cell must run on a CPU-only machine
-under TRITON_INTERPRET=1 in a few seconds.
+under TRITON_INTERPRET=1 in a few seconds (the quick CPU sweep of section 5: 10-20 s). Every figure is one
+call of perf/figures.py: keep the logic there, not in the cells. Committed without outputs.
 """
 from pathlib import Path
 
@@ -10,17 +11,26 @@ import nbformat as nbf
 cells = [
     nbf.v4.new_markdown_cell(
         "# Exploring gam_triton\n\n"
-        "Swap a GAM block for gam_triton's, check it computes the same thing, look at what it runs.\n\n"
+        "Swap a GAM block for gam_triton's, check it computes the same thing, then look, in pictures, at "
+        "where eager's bytes and launches go, where each kernel sits under the GPU roofs, how fast it is "
+        "against eager and torch.compile, which tile each shape gets and what the block computes.\n\n"
         "On a GPU the channel gate and the final gate are fused Triton kernels. On a CPU-only machine "
         "with `TRITON_INTERPRET=1` the same kernels run in Triton's interpreter (correct, slow); without "
-        "it a PyTorch path runs. **Timings printed below are only performance numbers on a GPU**: on the "
-        "CPU they are CPU figures, and under the interpreter they measure the interpreter."),
+        "it a PyTorch path runs. Every figure says where its numbers come from, as the sweep does: "
+        "**computed** (traffic model), **CPU figures** (never GPU performance), **interpreter** (never a "
+        "performance figure) or **GPU** (the card is named). The figures are drawn by `perf/figures.py`."),
     nbf.v4.new_code_cell(
-        "import time\n"
+        "%matplotlib inline\n"
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
         "import torch\n"
         "import gam_triton\n"
         "from gam_triton.reference import YoloGAM\n"
         "from gam_triton._runtime import INTERPRET, use_triton\n"
+        "root = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
+        "sys.path.insert(0, str(root / 'perf'))\n"
+        "import figures\n"
+        "from common import Shape\n"
         "device = 'cuda' if torch.cuda.is_available() and not INTERPRET else 'cpu'\n"
         "print('device:', device, '| interpreter:', INTERPRET, '| torch', torch.__version__)"),
     nbf.v4.new_markdown_cell(
@@ -61,36 +71,39 @@ cells = [
         "print('grad error:', (g_new - g_old).abs().max().item())\n"
         "print('running means agree:', torch.allclose(old.spatial_attention[1].running_mean,\n"
         "                                             new.spatial_attention[1].running_mean, atol=1e-5))"),
-    nbf.v4.new_markdown_cell("## 4. A quick timing (read the label)"),
-    nbf.v4.new_code_cell(
-        "def wall_ms(fn, n=5):\n"
-        "    fn()\n"
-        "    t = []\n"
-        "    for _ in range(n):\n"
-        "        if device == 'cuda': torch.cuda.synchronize()\n"
-        "        t0 = time.perf_counter(); fn()\n"
-        "        if device == 'cuda': torch.cuda.synchronize()\n"
-        "        t.append((time.perf_counter() - t0) * 1e3)\n"
-        "    return sorted(t)[len(t) // 2]\n"
-        "old.eval(); new.eval()\n"
-        "with torch.no_grad():\n"
-        "    te, tg = wall_ms(lambda: old(x)), wall_ms(lambda: new(x))\n"
-        "label = ('GPU' if device == 'cuda' else\n"
-        "         'INTERPRETER - not a performance number' if INTERPRET else 'CPU figures')\n"
-        "print(f'[{label}] eager {te:.2f} ms, gam_triton {tg:.2f} ms')"),
-    nbf.v4.new_markdown_cell("## 5. Sweep results\nIf a perf sweep has been run (`make sweep`), its CSV is "
-                             "read here; GPU results are committed under `perf/results/<gpu-name>/`."),
-    nbf.v4.new_code_cell(
-        "from pathlib import Path\n"
-        "import pandas as pd\n"
-        "root = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
-        "csvs = sorted(root.glob('perf/results/*/results.csv'))\n"
-        "for csv in csvs:\n"
-        "    df = pd.read_csv(csv)\n"
-        "    print(csv.parent.name, len(df), 'rows')\n"
-        "    print(df.groupby(['provider', 'mode'])['ms'].median() if 'ms' in df else df.head())\n"
-        "if not csvs:\n"
-        "    print('no sweep results yet: run `make sweep`')"),
+    nbf.v4.new_markdown_cell(
+        "## 4. Where eager's bytes and launches go\n"
+        "Pick a shape (YOLO at 640: P3 80x80 with C = 64..320, P4 40x40 with 128..640, P5 20x20 with "
+        "256..1024; batch 16 in training) and a dtype; the figures below use them. The bars are counted by "
+        "`perf/traffic.py` on meta tensors: compulsory bytes per op, computed, not measured."),
+    nbf.v4.new_code_cell("shape = Shape(batch=16, channels=256, height=40, width=40, rate=4, group=True)\n"
+                         "dtype = 'bf16'"),
+    nbf.v4.new_code_cell("figures.traffic_figure(shape, dtype)"),
+    nbf.v4.new_markdown_cell(
+        "## 5. Roofline\n"
+        "Each kernel and the whole block by arithmetic intensity under the H100 and H200 ceilings "
+        "(GAM_NOTES), with the measured points of the newest committed GPU results on top; without GPU "
+        "results a tiny CPU sweep runs here (CPU figures; under the interpreter gam_triton's points are "
+        "interpreter times, not performance)."),
+    nbf.v4.new_code_cell("csv = figures.results_or_quick_sweep(tempfile.mkdtemp(prefix='gam_sweep_'))\n"
+                         "print('results:', csv)\n"
+                         "figures.roofline_figure([shape], dtype, csv)"),
+    nbf.v4.new_markdown_cell("## 6. Speedup over eager and torch.compile\nPer shape, from the same results."),
+    nbf.v4.new_code_cell("figures.speedup_figure(csv)"),
+    nbf.v4.new_markdown_cell(
+        "## 7. The autotuner\n"
+        "The tile each YOLO shape gets per kernel: the heuristic, or the tuned tile where this machine's "
+        "tuning cache has one (`python -m gam_triton.tune ...`); below, registers, spills and warps per SM of "
+        "those tiles per GPU architecture once `perf/compile/report.csv` exists."),
+    nbf.v4.new_code_cell("figures.autotune_figure(figures.yolo_shapes(shape.batch), dtype)"),
+    nbf.v4.new_markdown_cell(
+        "## 8. What the block computes\n"
+        "The channel gate and the spatial map of a YOLO GAM block on a synthetic image (a disc, a square, "
+        "a ring, gradients, stripes mixed over 16 channels), before conversion (the reference module) and "
+        "after (`GAM.from_module`), and their difference: conversion changes nothing. The maps come from "
+        "`gam_triton.inspect.attention_maps`."),
+    nbf.v4.new_code_cell("torch.manual_seed(0)\n"
+                         "figures.attention_figure(YoloGAM(16, 16), figures.synthetic_input(16, 48), device)"),
 ]
 nb = nbf.v4.new_notebook(cells=cells)
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -1,0 +1,85 @@
+"""What a GAM block computes, map by map: :func:`attention_maps`.
+
+    from gam_triton.inspect import attention_maps
+    maps = attention_maps(module, x)        # module: a gam_triton.GAM or any block GAM.from_module accepts
+    maps.channel_gate, maps.spatial_map     # B x C x H x W each
+
+A GAM block multiplies its input twice (``shared/GAM_NOTES.md``)::
+
+    x1  = x  * channel_gate      channel_gate = g(W2 relu(W1 x + b1) + b2), g = sigmoid or identity
+    out = x1 * spatial_map       spatial_map  = shuffle(sigmoid(BN2(conv2(relu(BN1(conv1(x1)))))))
+
+The maps are computed from the module's own layers (its ``nn.Linear``, ``nn.Conv2d`` and
+``nn.BatchNorm2d`` children, whatever the form names them) with the form's gate and shuffle: a
+gam_triton GAM's ``channel_sigmoid`` / ``shuffle_groups``, or, for any other module, the form that
+:meth:`gam_triton.GAM.from_module` finds by experiment. Then the module itself is run (``module(x)``: the
+reference's forward, or gam_triton's kernels where they run), and ``residual`` = max |module(x) - x1 *
+spatial_map| says that the maps drawn are the ones the block really applies. Eval mode only: in train
+mode BatchNorm would use (and update) batch statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .final_gate import shuffle as _shuffle
+
+__all__ = ["AttentionMaps", "attention_maps"]
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """The two attentions of one GAM call, each B x C x H x W, and how the block combined them."""
+
+    channel_gate: torch.Tensor  #: what multiplies x (per pixel and channel)
+    spatial_map: torch.Tensor   #: what multiplies x1 (after the sigmoid and the shuffle)
+    x1: torch.Tensor            #: x * channel_gate
+    out: torch.Tensor           #: module(x), as the module computes it
+    channel_sigmoid: bool       #: the form: sigmoid on the channel branch
+    shuffle_groups: Optional[int]  #: the form: spatial map shuffled in this many groups (None: no shuffle)
+    residual: float             #: max |out - x1 * spatial_map|: ~0 when the maps are the ones applied
+
+
+def _form(module: nn.Module) -> tuple[list[nn.Module], bool, Optional[int]]:
+    from .convert import _find_form, _layers, _structure
+    from .module import GAM
+
+    if isinstance(module, GAM):
+        layers, _ = _layers(module)
+        return layers, module.channel_sigmoid, module.shuffle_groups
+    layers, seed, args = _structure(module)  # ValueError for what is not a GAM block
+    sigmoid, shuffle = _find_form(module, seed, args)
+    return layers, sigmoid, shuffle
+
+
+@torch.no_grad()
+def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
+    """The channel gate and the spatial map ``module`` applies to ``x`` (B x C x H x W), in eval mode.
+
+    ``module``: a :class:`gam_triton.GAM` or any GAM block :meth:`gam_triton.GAM.from_module` accepts.
+    Raises ``TypeError`` / ``ValueError`` for what is not a GAM block, a module in train mode, or an input
+    that is not a floating-point B x C x H x W tensor with the module's channel count.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"attention_maps: expected an nn.Module, got {type(module).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError("attention_maps: x must be a floating-point B x C x H x W tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if module.training:
+        raise ValueError("attention_maps: the module is in train mode (BatchNorm would use and update batch "
+                         "statistics): call .eval() first")
+    layers, sigmoid, shuffle = _form(module)
+    fc1, fc2, conv1, bn1, conv2, bn2 = layers
+    if x.shape[1] != fc1.in_features:
+        raise ValueError(f"attention_maps: the block has {fc1.in_features} channels, x has shape {tuple(x.shape)}")
+    a = fc2(F.relu(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+    gate = torch.sigmoid(a) if sigmoid else a
+    x1 = x * gate
+    spatial = _shuffle(torch.sigmoid(bn2(conv2(F.relu(bn1(conv1(x1)))))), shuffle or 0)
+    out = module(x)
+    residual = (out.float() - (x1 * spatial).float()).abs().max().item() if out.numel() else 0.0
+    return AttentionMaps(gate.contiguous(), spatial.contiguous(), x1, out, sigmoid, shuffle, residual)
