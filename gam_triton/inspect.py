@@ -61,14 +61,18 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     """The channel gate and the spatial map ``module`` applies to ``x`` (B x C x H x W), in eval mode.
 
     ``module``: a :class:`gam_triton.GAM` or any GAM block :meth:`gam_triton.GAM.from_module` accepts.
-    Raises ``TypeError`` / ``ValueError`` for what is not a GAM block, a module in train mode, or an input
-    that is not a floating-point B x C x H x W tensor with the module's channel count.
+    Raises ``TypeError`` for a non-module, a non-tensor or a non-floating-point input; ``ValueError`` for
+    what is not a GAM block, a module in train mode, an input that is not B x C x H x W with the module's
+    channel count.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"attention_maps: expected an nn.Module, got {type(module).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError("attention_maps: x must be a floating-point B x C x H x W tensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"attention_maps: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"attention_maps: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"attention_maps: x must be a floating-point tensor, got {x.dtype}")
     if module.training:
         raise ValueError("attention_maps: the module is in train mode (BatchNorm would use and update batch "
                          "statistics): call .eval() first")

@@ -21,7 +21,8 @@ cells = [
         "performance figure) or **GPU** (the card is named). The figures are drawn by `perf/figures.py`."),
     nbf.v4.new_code_cell(
         "%matplotlib inline\n"
-        "import sys, tempfile\n"
+        "import sys\n"
+        "import tempfile\n"
         "from pathlib import Path\n"
         "import torch\n"
         "import gam_triton\n"
@@ -29,8 +30,8 @@ cells = [
         "from gam_triton._runtime import INTERPRET, use_triton\n"
         "root = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
         "sys.path.insert(0, str(root / 'perf'))\n"
-        "import figures\n"
-        "from common import Shape\n"
+        "import figures  # noqa: E402 - perf/ is put on the path just above\n"
+        "from common import Shape  # noqa: E402\n"
         "device = 'cuda' if torch.cuda.is_available() and not INTERPRET else 'cpu'\n"
         "print('device:', device, '| interpreter:', INTERPRET, '| torch', torch.__version__)"),
     nbf.v4.new_markdown_cell(

@@ -556,7 +556,7 @@ def _compile_panel(subfig, table, report: str) -> None:
         used = table[["kernel", *fields]].drop_duplicates()
         sel = df.merge(used, on=["kernel", *fields], how="inner")
         df = sel if not sel.empty else df
-        df = df.assign(config=[f"{r['kernel']}\n" + _tile({f: int(r[f]) if f in fields else 0
+        df = df.assign(config=[f"{r['kernel']} " + _tile({f: int(r[f]) if f in fields else 0
                                                             for f in ("BLOCK_P", "BLOCK_C", "BLOCK_R",
                                                                       "num_warps", "num_stages")})
                                for _, r in df.iterrows()])
@@ -578,7 +578,8 @@ def _compile_panel(subfig, table, report: str) -> None:
         if m == "registers":
             ax.axhline(255, color="black", linestyle="--", linewidth=0.8, label="255: hardware limit")
         ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels(configs, rotation=45, ha="right", fontsize=6)
+        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=6)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel(lab)
         ax.set_title(lab, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
@@ -625,7 +626,7 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
     axes = fig.subplots(3, 4)
     rows = [("reference (eager PyTorch)", before), ("gam_triton (GAM.from_module)", after)]
     for j, (title, get) in enumerate(cols):
-        imgs = [get(m)[0].float().mean(0).cpu() for _, m in rows]
+        imgs = [get(m)[0].float().mean(0).cpu().numpy() for _, m in rows]
         lo = min(float(i.min()) for i in imgs)
         hi = max(float(i.max()) for i in imgs)
         for i, ((row_name, _), img) in enumerate(zip(rows, imgs)):
@@ -634,7 +635,7 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
         fig.colorbar(im, ax=axes[:2, j].tolist(), shrink=0.7)
         if j == 0:
             continue
-        diff = (get(rows[0][1])[0].float() - get(rows[1][1])[0].float()).abs().amax(0).cpu()
+        diff = (get(rows[0][1])[0].float() - get(rows[1][1])[0].float()).abs().amax(0).cpu().numpy()
         im = axes[2][j].imshow(diff, cmap="magma", vmin=0.0, vmax=max(float(diff.max()), 1e-12))
         axes[2][j].set_title(f"|before - after| of the {title}\n(max over channels; max {float(diff.max()):.1e})",
                              fontsize=8)
