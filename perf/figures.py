@@ -313,11 +313,13 @@ def quick_cpu_sweep(out_dir: str, channels: int = 16, size: int = 4, modes: Sequ
                     budget_s: float = 0.05) -> str:
     """A tiny CPU sweep of the whole block (one grouped shape, batch 1, eager / compile / gam_triton) into
     ``out_dir``; returns its results.csv. CPU figures (interpreter figures for gam_triton under
-    TRITON_INTERPRET=1). About 10-20 s, most of it torch.compile."""
+    TRITON_INTERPRET=1). About 10-20 s, most of it torch.compile. On a GPU machine it runs on the GPU (bf16)
+    and its rows say so: a toy shape, not the sweep (``make gpu-suite``)."""
     import sweep
 
     argv = ["--quick", "--channels", str(channels), "--sizes", str(size), "--batches", "1", "--group", "grouped",
-            "--kinds", "gam", "--modes", ",".join(modes), "--budget-s", str(budget_s), "--no-plot",
+            "--kinds", "gam", "--modes", ",".join(modes), "--providers", "eager,compile,gam_triton",
+            "--budget-s", str(budget_s), "--no-plot",
             "--out", out_dir]
     with contextlib.redirect_stdout(io.StringIO()):
         return sweep.run(argv)
@@ -341,8 +343,8 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
     dtype = dtype or ("bf16" if "bf16" in dtypes else dtypes[0])
     df = df[df["dtype"] == dtype]
     modes = [m for m in ("forward", "train") if (df["mode"] == m).any()]
-    fig = _figure(max(8.0, 3 + 0.6 * df[["batch", "channels", "height", "group"]].drop_duplicates().shape[0]),
-                  3.6 * len(modes) + 1.2)
+    n_shapes = df[["batch", "channels", "height", "width", "group"]].drop_duplicates().shape[0]
+    fig = _figure(plot._fig_width(2 * n_shapes), 3.6 * len(modes) + 1.2)
     axes = fig.subplots(len(modes), 1, squeeze=False)[:, 0]
     label = data_label(df)
     for ax, mode in zip(axes, modes):
@@ -369,7 +371,8 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
     axes[-1].set_xlabel("shape: batch, channels, map (g = grouped 7x7 convolutions, p = plain); rate 4")
     first = df.iloc[0]
     fig.suptitle(f"gam_triton's speedup over eager PyTorch and torch.compile, whole GAM block (YOLO form), "
-                 f"{dtype}\n{first['device']} | torch {first['torch']} | triton {first['triton']}\n{label}",
+                 f"{dtype}\n{first['device']} | torch {first['torch']} | triton {first['triton']}\n"
+                 + label.replace("; ", "\n"),
                  fontsize=10)
     return fig
 

@@ -323,3 +323,18 @@ def test_attention_figure_shows_both_sides_and_their_difference(device):
     assert err < 1e-5
     titles = " ".join(ax.get_title() for ax in axes)
     assert "channel gate" in titles and "spatial map" in titles and "|before - after|" in titles
+
+
+def test_quick_cpu_sweep_plans_one_tiny_shape_without_max_autotune(monkeypatch, tmp_path):
+    import sweep
+
+    seen = []
+    monkeypatch.setattr(sweep, "run", lambda argv: seen.append(argv) or "x.csv")
+    assert figures.quick_cpu_sweep(str(tmp_path)) == "x.csv"
+    args = sweep.parser().parse_args(seen[0])
+    for on_gpu in (False, True):
+        specs = sweep.plan(args, on_gpu)
+        assert {s.provider for s in specs} == {"eager", "compile", "gam_triton"}
+        assert {(s.kind, s.mode) for s in specs} == {("gam", "forward")}
+        assert {s.shape for s in specs} == {Shape(1, 16, 4, 4, 4, True)}
+    assert args.out == str(tmp_path) and args.no_plot
