@@ -92,6 +92,7 @@ def _fake_backends(matmul):
 
 def test_torch_without_the_new_api(monkeypatch):
     """torch 2.6 - 2.8: only ``allow_tf32`` exists."""
+    monkeypatch.setattr(_runtime, "_FP32_GETTER", None)
     monkeypatch.setattr(torch, "backends", _fake_backends(types.SimpleNamespace(allow_tf32=True)))
     assert fp32_matmul_allows_tf32() and dot_precision(torch.float32) == "tf32"
     monkeypatch.setattr(torch, "backends", _fake_backends(types.SimpleNamespace(allow_tf32=False)))
@@ -104,7 +105,17 @@ def test_unreadable_settings_mean_ieee(monkeypatch):
             raise RuntimeError("mixed legacy and new APIs")
 
     monkeypatch.setattr(torch, "backends", _fake_backends(Broken()))
+    monkeypatch.setattr(_runtime, "_FP32_GETTER", None)
     assert dot_precision(torch.float32) == "ieee"
+
+
+@needs_new_api
+@pytest.mark.parametrize("generic,matmul", [("none", "none"), ("tf32", "none"), ("ieee", "tf32"), ("tf32", "ieee")])
+def test_fast_getter_agrees_with_the_public_attributes(monkeypatch, generic, matmul):
+    torch.backends.fp32_precision, MATMUL.fp32_precision = generic, matmul
+    fast = fp32_matmul_allows_tf32()
+    monkeypatch.setattr(_runtime, "_FP32_GETTER", None)
+    assert fp32_matmul_allows_tf32() == fast
 
 
 # -- the device context of the launches --------------------------------------------------------------------
