@@ -297,7 +297,7 @@ def _result_text(row: dict) -> str:
         text += f"  x{vs:.2f} vs eager ({row['vs_eager_p20']:.2f}-{row['vs_eager_p80']:.2f})"
     if row.get("noisy") == "True":
         text += f"  NOISY (spread x{row['spread']:.2f})"
-    return text + f"  (first call {row['compile_s']:.1f} s)"
+    return text + f"  (first call {row.get('compile_s', 0.0):.1f} s)"
 
 
 def run(argv: Optional[Sequence[str]] = None) -> str:
@@ -336,8 +336,8 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     with results.RowWriter(csv_path) as writer:
         # A shape with any row to measure is measured with all its planned providers (those already in the
         # CSV are timed again as references for the ratios, not written twice).
-        for group in group_specs([s for s in specs if (s.kind, s.shape, s.dtype, s.mode) in
-                                  {(t.kind, t.shape, t.dtype, t.mode) for t in todo}]):
+        todo_shapes = {(t.kind, t.shape, t.dtype, t.mode) for t in todo}
+        for group in group_specs([s for s in specs if (s.kind, s.shape, s.dtype, s.mode) in todo_shapes]):
             for spec, row in zip(group, measure_group(group, mach, copy_gbps, args.budget_s)):
                 if results.row_key(spec.key_fields(mach)) not in todo_keys:
                     continue

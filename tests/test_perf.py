@@ -308,3 +308,52 @@ def test_old_csv_is_upgraded_and_noisy_rows_are_marked(tmp_path):
     assert len(df) == len(results.load(str(csv_path))) and (df["noisy"] == "True").sum() == 1
     assert "1 of" in summary.summarize(df) and "flagged noisy" in summary.summarize(df)
     assert len(plot.plot_csv(str(csv_path), str(tmp_path / "figs"))) == 3
+
+
+def test_gpu_rounds_use_do_bench_per_round(monkeypatch):
+    """The GPU branch (checked here with a stand-in for do_bench): GPU_ROUNDS rounds, rotating order, the
+    medians over rounds of do_bench's median / p20 / p80."""
+    import triton.testing
+
+    order = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        fn()
+        order.append(fn.__name__)
+        ms = {"eager": 2.0, "fast": 1.0}[fn.__name__] * (1 + len(order))  # later rounds slower: cancels
+        return [ms, ms * 0.9, ms * 1.1]
+
+    def eager():
+        pass
+
+    def fast():
+        pass
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    res = common.bench_interleaved({"eager": (eager, []), "fast": (fast, [])}, on_gpu=True)
+    assert len(res.rounds["eager"]) == common.GPU_ROUNDS
+    assert order[:4] == ["eager", "fast", "fast", "eager"]  # the order rotates
+    assert res.timings["eager"].ms == common._median(res.rounds["eager"])
+    assert res.timings["fast"].ms_p20 < res.timings["fast"].ms < res.timings["fast"].ms_p80
+
+
+def test_resumed_shape_is_timed_with_all_its_providers_but_written_once(tmp_path, monkeypatch):
+    """A shape whose eager row is already in the CSV: eager is timed again in the rounds (the reference of
+    the per-round ratios) but not written a second time."""
+    seen = []
+
+    def fake_group(group, mach, copy_gbps, budget_s):
+        seen.append([s.provider for s in group])
+        return [dict(s.key_fields(mach), ms=1.0, note=mach.note, date=mach.date) for s in group]
+
+    monkeypatch.setattr(sweep, "measure_group", fake_group)
+    monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda on_gpu: 1.0)
+    monkeypatch.setattr(common, "machine", lambda: common.Machine("cpu", False, "t", "x", "3", "d", "", "CPU"))
+    args = ["--quick", "--channels", "16", "--sizes", "4", "--batches", "1", "--group", "grouped", "--kinds", "gam",
+            "--modes", "forward", "--out", str(tmp_path), "--no-plot"]
+    sweep.run(args + ["--providers", "eager"])
+    assert seen == [["eager"]]
+    sweep.run(args + ["--providers", "eager,gam_triton"])
+    assert seen[-1] == ["eager", "gam_triton"]
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(rows["provider"]) == ["eager", "gam_triton"]
