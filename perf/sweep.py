@@ -13,6 +13,8 @@ measured), ``env.json`` (machine, versions, date, arguments), the PNGs of ``plot
 Rows: the whole GAM block (YOLO form) in ``forward`` (eval, no grad) and ``train`` (forward + backward)
 modes, and the two fused components (channel gate, final gate) in forward mode, for every shape, dtype
 and provider. Compile, JIT and autotuning time is the untimed first call, reported as ``compile_s``.
+The providers of one shape are then timed together in interleaved rounds (:func:`measure_group`): the
+speedups are medians of per-round ratios, and a row whose rounds disagree is flagged ``noisy``.
 Without a GPU, every figure is a CPU figure (``note`` column) and says nothing about GPU performance.
 """
 from __future__ import annotations
