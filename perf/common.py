@@ -99,8 +99,13 @@ class Machine:
             d["cuda"] = torch.version.cuda
             d["cudnn"] = torch.backends.cudnn.version()
             d["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-            d["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-            d["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+            try:  # raises once the new fp32_precision API has been used (torch >= 2.9)
+                d["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+            except RuntimeError:
+                d["cudnn_allow_tf32"] = getattr(torch.backends.cudnn, "fp32_precision", None)
+            from gam_triton._runtime import fp32_matmul_allows_tf32
+
+            d["matmul_allow_tf32"] = fp32_matmul_allows_tf32()
         else:
             d["cpu"] = platform.processor() or platform.machine()
             d["threads"] = torch.get_num_threads()
