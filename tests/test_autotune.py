@@ -504,6 +504,29 @@ def test_key_bucketing_tunes_once_per_bucket_and_keeps_results(gpu_mode, monkeyp
     assert any(r.config != channel_gate_heuristic(16, 4, 64, torch.float32) for r in tuned)
 
 
+@needs_kernels
+def test_fp32_precision_is_part_of_the_channel_gate_key(gpu_mode, monkeypatch, device):
+    """A config tuned with ieee fp32 dots is not reused once the user allows TF32 (and back)."""
+    from gam_triton import _runtime
+    from gam_triton.channel_gate import channel_gate
+
+    calls = counting_bench_ms(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=g).to(device)
+    w1, b1 = torch.randn(4, 16, generator=g).to(device), torch.randn(4, generator=g).to(device)
+    w2, b2 = torch.randn(16, 4, generator=g).to(device), torch.randn(16, generator=g).to(device)
+    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: False)
+    channel_gate(x, w1, b1, w2, b2, True)
+    n = len(calls)
+    channel_gate(x, w1, b1, w2, b2, True)
+    assert len(calls) == n  # same precision: the tuned config is reused
+    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: True)
+    channel_gate(x, w1, b1, w2, b2, True)
+    assert len(calls) > n  # TF32 allowed: another key, tuned anew
+    keys = set(cache_json()["entries"]["channel_gate"])
+    assert {k.rsplit(",", 1)[1] for k in keys} == {"ieee", "tf32"}
+
+
 # -- guards -------------------------------------------------------------------------------------------------
 def test_capture_guard_uses_heuristic_warns_once_and_tunes_later(gpu_mode, monkeypatch):
     monkeypatch.setattr(autotune, "capturing", lambda: True)
