@@ -383,6 +383,57 @@ def test_cache_and_memory_follow_the_tensors_device(gpu_mode, monkeypatch):
     assert all(os.path.exists(autotune.cache_file(f"Fake GPU {i}")) for i in (0, 1))
 
 
+class FakeEvent:
+    """torch.cuda.Event stand-in on a fake clock advanced by the timed function."""
+
+    clock = [0.0]
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = FakeEvent.clock[0]
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_bench_ms_reuses_one_flush_buffer(monkeypatch):
+    """The timing loop (checked with stand-ins for the CUDA calls): one flush buffer per device for every
+    candidate and key, zeroed before each timed call, the median of the timed calls."""
+    allocated, zeroed = [], []
+
+    class Buffer:
+        def zero_(self):
+            zeroed.append(1)
+
+    def fake_alloc(index):
+        allocated.append(index)
+        return Buffer()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(autotune, "_FLUSH", {})
+
+    def flush_buffer(index):
+        buf = autotune._FLUSH.get(index)
+        if buf is None:
+            buf = autotune._FLUSH[index] = fake_alloc(index)
+        return buf
+
+    monkeypatch.setattr(autotune, "flush_buffer", flush_buffer)
+    durations = iter([0.5] * 10 + [0.2, 0.3, 0.1] * 1000)
+
+    def fn():
+        FakeEvent.clock[0] += next(durations)
+
+    assert autotune.bench_ms(fn) == pytest.approx(0.2)  # median of 0.2 / 0.3 / 0.1 repeated
+    zeroed_once = len(zeroed)
+    assert autotune.bench_ms(lambda: None) == 0.0  # a second candidate: same buffer, timed calls capped
+    assert allocated == [0] and len(zeroed) - zeroed_once == 5 + autotune.MAX_REPS
+
+
 # -- failures while tuning ----------------------------------------------------------------------------------
 def _raising(exc_by_block_p):
     """A bench that raises ``exc_by_block_p[cfg.BLOCK_P]`` when present, else returns TIMES."""
