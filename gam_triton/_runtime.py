@@ -1,10 +1,12 @@
 """Where gam_triton runs: Triton on CUDA (or the interpreter on CPU), PyTorch elsewhere.
 
 Also the small helpers the launch functions share: the B x C x HW stride view of a 4-D tensor,
-output allocation (with optional NaN poisoning for tests) and the fp32 dot precision.
+output allocation (with optional NaN poisoning for tests), the device context of the launches and the
+fp32 dot precision.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -50,6 +52,20 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
 
 
+_NO_DEVICE = contextlib.nullcontext()
+
+
+def on_device(t: torch.Tensor):
+    """Context under which kernels for ``t`` launch on ``t``'s device: ``torch.cuda.device(t.device)`` for a
+    CUDA tensor (a model on cuda:1 while cuda:0 is current), a shared no-op elsewhere (CPU, interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_DEVICE
+
+
+def device_index(t: torch.Tensor):
+    """The CUDA device index of ``t``, or None for a tensor elsewhere (the autotuner's device)."""
+    return t.device.index if t.is_cuda else None
+
+
 def bchw_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Return (t', stride_b, stride_c, stride_p) so that t'[b, c, p] = t'.flat[b*sb + c*sc + p*sp].
 
@@ -67,9 +83,38 @@ def bchw_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, t.stride(0), t.stride(1), sp
 
 
+#: torch >= 2.9: the C++ getter behind ``torch.backends.cuda.matmul.fp32_precision`` (a fraction of a
+#: microsecond; the attribute goes through a Python ``__getattr__``); None on older torch.
+_FP32_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """True when PyTorch's own fp32 CUDA matmuls may use TF32, read through whichever API exists.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none" = inherit
+    ``torch.backends.fp32_precision``, resolved by the getter); once a user sets it, reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` raises RuntimeError. The legacy setters (``allow_tf32``,
+    ``torch.set_float32_matmul_precision``) also set the new value, and PyTorch's cuBLAS path uses TF32
+    exactly when it is "tf32": that is the rule here. Older torch has only ``allow_tf32``. "ieee"
+    (PyTorch's default) when nothing can be read. Called on every launch: well under a microsecond on
+    torch >= 2.9.
+    """
+    try:
+        if _FP32_GETTER is not None:
+            return _FP32_GETTER("cuda", "matmul") == "tf32"
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except (AttributeError, RuntimeError, TypeError):  # torch < 2.9: no such setting
+        pass
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """Triton ``input_precision`` for fp32 dots: tf32 only where PyTorch's own matmul would use it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """Triton ``input_precision`` for fp32 dots: "tf32" only where PyTorch's own fp32 matmul would use
+    TF32 (:func:`fp32_matmul_allows_tf32`), else "ieee"; "tf32" for other dtypes (it does not apply)."""
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return "ieee"
     return "tf32"
 

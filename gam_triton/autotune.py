@@ -14,11 +14,13 @@ Decision, in order (the first step is the hot path: one dict lookup per call, no
 4. Still a miss:
 
    * on a GPU, eager, real tensors: benchmark the heuristic and the candidates with :func:`bench_ms`
-     (``triton.testing.do_bench``, 5 ms warm-up, 25 ms of repetitions, median), skip those that fail to
-     compile (OutOfResources, CompilationError, any exception), keep the fastest (ties within 2 % go to the
-     heuristic), store it with its time, the heuristic's time and the tuning time. The callers' ``bench``
-     closures launch on the call's real tensors: the kernels only read their inputs and write the output
-     buffer, which the final launch overwrites, so tuning does not change any result;
+     (do_bench's method with one reused L2-flush buffer, 5 ms warm-up, 25 ms of repetitions, median), skip
+     those that fail to compile (OutOfResources, CompilationError, PTXASError; :func:`failure_kind`), keep the
+     fastest (ties within 2 % go to the heuristic), store it with its time, the heuristic's time and the
+     tuning time. Running out of GPU memory stops the tuning: the heuristic is used (not stored) with a
+     :class:`TuningWarning`; any other CUDA error (an illegal address: the context is lost) propagates.
+     The callers' ``bench`` closures launch on the call's real tensors: the kernels only read their inputs
+     and write the output buffer, which the final launch overwrites, so tuning does not change any result;
    * without a GPU (``TRITON_INTERPRET=1`` on the CPU): the heuristic, stored in the cache all the same
      (``"source": "heuristic"``) so that CI runs the whole cache machinery;
    * inside CUDA-graph capture (tuning would launch kernels into the graph and break it) or while
@@ -47,8 +49,10 @@ What Triton's own autotuner (``triton.autotune``) does not do, and this module d
 Triton version under a directory the user controls, shared by processes with atomic merged writes; keys
 bucketed (Triton keys on exact argument values, so H*W = 6400 and 6000 would tune twice); a heuristic path
 for the interpreter (its benchmarker needs a GPU driver); no tuning inside CUDA-graph capture or on fake
-tensors; an off switch; configs read in plain JSON. Used from Triton: ``do_bench`` (timing with L2 flush),
-its compile errors for pruning what cannot compile, its version in the cache name.
+tensors; an off switch; configs read in plain JSON. Used from Triton: ``do_bench``'s timing method (with L2 flush),
+its compile errors for pruning what cannot compile, its version in the cache name. The cache file is also
+keyed on a hash of the kernels' source (:func:`gam_triton.tune_cache.kernels_hash`), and on the GPU name of the
+tensors' device (a model on cuda:1 uses cuda:1's name and is tuned there).
 """
 from __future__ import annotations
 
@@ -66,10 +70,10 @@ import torch
 
 from ._runtime import INTERPRET
 from .configs import Config, next_pow2
-from .tune_cache import TuneCache, cache_dir, cache_path
+from .tune_cache import TuneCache, cache_dir, cache_path, kernels_hash
 
 __all__ = ["select", "bench_ms", "batch_bucket", "enabled", "reset", "drain_log", "cache_file",
-           "TuneRecord", "CaptureWarning", "WORK_CAP", "CPU_DEVICE"]
+           "TuneRecord", "CaptureWarning", "TuningWarning", "WORK_CAP", "CPU_DEVICE"]
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,16 @@ WARMUP_MS = 5
 REP_MS = 25
 #: A candidate must beat the heuristic by more than this factor to replace it (timing noise).
 TIE = 1.02
+#: At most this many warm-up or timed calls per candidate (kernels of a few microseconds).
+MAX_REPS = 1000
 
 
 class CaptureWarning(UserWarning):
     """A kernel met a shape with no tuned config during CUDA-graph capture; the heuristic one was used."""
+
+
+class TuningWarning(UserWarning):
+    """Tuning a shape ran out of GPU memory; the heuristic config is used for it in this process."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +135,54 @@ def enabled() -> bool:
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
-    """Median time of ``fn()`` in ms with triton.testing.do_bench and this module's small budgets."""
-    from triton.testing import do_bench
+    """Median time of ``fn()`` in ms on the current CUDA device, L2 flushed before each call.
 
-    return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+    What ``triton.testing.do_bench`` does (an estimate from 5 calls, ``WARMUP_MS`` of warm-up, ``REP_MS`` of
+    timed calls between CUDA events), without its 256 MB flush buffer allocated anew on every call (Triton
+    3.4 to 3.9): the buffer of :func:`flush_buffer` is allocated once per device and reused. The launch
+    functions call it inside ``torch.cuda.device(x.device)``, so the current device is the tensors'.
+    """
+    buf = flush_buffer(torch.cuda.current_device())
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        buf.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)  # includes the flush: the repetition counts err low
+    n_warmup = max(1, min(MAX_REPS, int(WARMUP_MS / est)))
+    n_rep = max(1, min(MAX_REPS, int(REP_MS / est)))
+    for _ in range(n_warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        buf.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
+    mid = len(times) // 2
+    return float(times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2)
+
+
+_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def flush_buffer(index: int) -> torch.Tensor:
+    """The L2-flush buffer of CUDA device ``index`` (zeroed before each timed call): twice the L2 cache
+    (at least 16 MB; Triton's 256 MB where the size is unknown), allocated at the first tuning on that
+    device and kept (tens of MB: 100 MB on an H100); :func:`reset` releases it."""
+    buf = _FLUSH.get(index)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0
+        nbytes = min(256 << 20, max(16 << 20, 2 * l2)) if l2 > 0 else 256 << 20
+        buf = _FLUSH[index] = torch.empty(nbytes // 4, dtype=torch.int32, device=torch.device("cuda", index))
+    return buf
 
 
 # -- policy hooks (module functions so that tests can monkeypatch them) -------------------------------------
@@ -162,14 +216,16 @@ def tracing() -> bool:
         return False
 
 
-def device_name() -> str:
-    """The name the cache file is keyed on: the current CUDA device's name, or CPU_DEVICE."""
+def device_name(index: Optional[int] = None) -> str:
+    """The name the cache file is keyed on: the name of CUDA device ``index`` (default: the current one;
+    the launch functions pass their tensors' device), or CPU_DEVICE without CUDA or under the interpreter."""
     if not _has_cuda():
         return CPU_DEVICE
-    idx = torch.cuda.current_device()
-    name = _DEVICE_NAMES.get(idx)
+    if index is None:
+        index = torch.cuda.current_device()
+    name = _DEVICE_NAMES.get(index)
     if name is None:
-        name = _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+        name = _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
     return name
 
 
@@ -202,8 +258,9 @@ class _State:
         if c is None:
             import triton
 
-            version = triton.__version__
-            c = self.caches[device] = TuneCache(cache_path(device, version, self.directory), device, version)
+            version, src = triton.__version__, kernels_hash()
+            c = self.caches[device] = TuneCache(cache_path(device, version, self.directory, src), device, version,
+                                                src)
         return c
 
 
@@ -219,9 +276,11 @@ def _state() -> _State:
 
 
 def reset() -> None:
-    """Forget everything this process knows (memory table, loaded files, warnings) and re-read the env."""
+    """Forget everything this process knows (memory table, loaded files, warnings, flush buffers) and
+    re-read the env."""
     global _STATE
     _STATE = None
+    _FLUSH.clear()
 
 
 def cache_file(device: Optional[str] = None) -> str:
@@ -245,17 +304,19 @@ def key_string(key: tuple) -> str:
 
 # -- the entry point ---------------------------------------------------------------------------------------
 def select(op: str, key: tuple, heuristic: Config, candidates: Callable[[], Sequence[Config]],
-           bench: Optional[Callable[[Config], float]]) -> Config:
+           bench: Optional[Callable[[Config], float]], device: Optional[int] = None) -> Config:
     """Return the configuration to launch ``op`` with for shape ``key`` (see the module docstring).
 
     ``candidates()`` is called only when tuning or validating a cached entry; ``bench(cfg)`` (time in ms, may
-    raise for a config that cannot compile) only when tuning. ``key`` must be a hashable tuple of ints,
-    bools and strings.
+    raise for a config that cannot compile) only when tuning, on the current device (the launch functions
+    call ``select`` inside ``torch.cuda.device`` of their tensors). ``key`` must be a hashable tuple of ints,
+    bools and strings. ``device``: the CUDA index of the tensors (:func:`gam_triton._runtime.device_index`),
+    whose GPU name picks the cache file; None: the current device.
     """
     st = _STATE or _state()
     if not st.enabled:
         return heuristic
-    dev = device_name()
+    dev = device_name(device)
     cfg = st.memory.get((dev, op, key))
     if cfg is not None:
         return cfg
@@ -349,7 +410,18 @@ def _tune(op: str, ks: str, heuristic: Config, cands: Sequence[Config],
     for cfg in todo:
         try:
             ms = float(bench(cfg))
-        except Exception as e:  # noqa: BLE001 - OutOfResources, CompilationError, PTXASError, ...
+        except Exception as e:  # noqa: BLE001 - sorted below: skipped, fallback or raised
+            kind = failure_kind(e)
+            if kind == "fatal":
+                raise
+            if kind == "oom":
+                _FLUSH.clear()
+                warnings.warn(f"gam_triton: out of GPU memory while tuning {op} ({ks}) at {cfg}: {_first_line(e)}; "
+                              "using the heuristic config for this shape in this process (not stored)",
+                              TuningWarning, stacklevel=4)
+                return TuneRecord(op, ks, heuristic, "failed", tune_s=time.perf_counter() - t0,
+                                  candidates=len(todo), failed=failed + 1)
+            check_device()  # a sticky error behind an unexpected exception propagates from here
             log.debug("gam_triton: %s %s: %s failed: %s", op, ks, cfg, e)
             failed += 1
             continue
@@ -371,3 +443,64 @@ def _tune(op: str, ks: str, heuristic: Config, cands: Sequence[Config],
     log.info("gam_triton: tuned %s (%s) in %.2f s over %d configs: %s%s", op, ks, tune_s, len(todo), best,
              f" ({rec.speedup:.2f}x over the heuristic)" if rec.speedup else "")
     return rec
+
+
+# -- failures while tuning ----------------------------------------------------------------------------------
+def _compile_errors() -> tuple:
+    """Triton's compile-time failures of one config (a config that does not fit: skip it)."""
+    errors = []
+    try:
+        from triton.runtime import errors as runtime_errors
+
+        errors += [getattr(runtime_errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(runtime_errors, n)]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from triton.compiler.errors import CompilationError
+
+        errors.append(CompilationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+def failure_kind(e: BaseException) -> str:
+    """How tuning treats an exception from timing one config.
+
+    * ``"skip"``: the config cannot run here; the next one is timed. Triton's compile failures
+      (OutOfResources, CompilationError, PTXASError), a launch asking for too many registers
+      ("too many resources requested for launch", which leaves the context usable), and other exceptions
+      that leave the device usable (:func:`check_device` decides);
+    * ``"oom"``: out of GPU memory (``torch.OutOfMemoryError`` or a CUDA/Triton "out of memory"): tuning stops
+      and the heuristic is used, with a :class:`TuningWarning`;
+    * ``"fatal"``: any other CUDA error (an illegal address, a launch failure, ``torch.AcceleratorError``):
+      re-raised, as the CUDA context is unusable (sticky errors) and the user must see it.
+    """
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if oom_types and isinstance(e, oom_types):
+        return "oom"
+    if isinstance(e, _compile_errors()):
+        return "skip"
+    text = str(e)
+    low = text.lower()
+    if "out of memory" in low and ("cuda" in low or "triton error" in low):
+        return "oom"
+    if "too many resources requested for launch" in low:
+        return "skip"
+    accel = getattr(torch, "AcceleratorError", None)
+    if (accel is not None and isinstance(e, accel)) or "CUDA error" in text or "Triton Error [CUDA]" in text \
+            or "CUDA_ERROR" in text:
+        return "fatal"
+    return "skip"
+
+
+def check_device() -> None:
+    """Synchronise the current CUDA device (where kernels can run): a sticky CUDA error raises here."""
+    if can_benchmark() and torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op,
-                       is_channels_last, launcher, new_output, use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op, device_index,
+                       is_channels_last, launcher, new_output, on_device, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -49,8 +49,10 @@ def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
         return autotune.bench_ms(lambda: _launch(y, scale, shift, z, cfg))
 
     key = (c, next_pow2(hw), autotune.batch_bucket(y.shape[0], hw), str(y.dtype), cl)
-    cfg = autotune.select("bn_relu", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
-    _launch(y, scale, shift, z, cfg)
+    with on_device(y):  # the tensors' device, for tuning and launch
+        cfg = autotune.select("bn_relu", key, heur, lambda: elementwise_candidates(c, hw, cl), bench,
+                              device_index(y))
+        _launch(y, scale, shift, z, cfg)
     return z
 
 

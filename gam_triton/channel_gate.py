@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import autotune
 from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, call_directly, check_bchw, check_vector, define_op,
-                       dot_precision, launcher, new_output, use_triton)
+                       device_index, dot_precision, launcher, new_output, on_device, use_triton)
 from .configs import Config, channel_gate_candidates, channel_gate_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -86,7 +86,7 @@ def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
 def _key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool) -> tuple:
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
     return (c, cr, next_pow2(hw), autotune.batch_bucket(x.shape[0], hw), str(x.dtype), str(w1.dtype),
-            x.stride(1) == 1, out_channels_last)
+            x.stride(1) == 1, out_channels_last, dot_precision(w1.dtype))
 
 
 def _channel_gate_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -100,9 +100,10 @@ def _channel_gate_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: 
     def bench(cfg: Config) -> float:
         return autotune.bench_ms(lambda: _launch(x, w1, b1, w2, b2, sigmoid, out, cfg))
 
-    cfg = autotune.select("channel_gate", _key(x, w1, out_channels_last), heur,
-                          lambda: channel_gate_candidates(c, cr, hw, x.dtype), bench)
-    _launch(x, w1, b1, w2, b2, sigmoid, out, cfg)
+    with on_device(x):  # the tensors' device, for tuning and launch (cuda:1 while cuda:0 is current)
+        cfg = autotune.select("channel_gate", _key(x, w1, out_channels_last), heur,
+                              lambda: channel_gate_candidates(c, cr, hw, x.dtype), bench, device_index(x))
+        _launch(x, w1, b1, w2, b2, sigmoid, out, cfg)
     return out
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import autotune
-from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op,
-                       is_channels_last, launcher, new_output, use_triton)
+from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op, device_index,
+                       is_channels_last, launcher, new_output, on_device, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
 
 if HAS_TRITON:
@@ -83,8 +83,10 @@ def _final_gate_impl(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
 
     key = (c, next_pow2(hw), autotune.batch_bucket(x1.shape[0], hw), str(x1.dtype), str(y2.dtype),
            is_channels_last(x1), cl, out_channels_last, groups)
-    cfg = autotune.select("final_gate", key, heur, lambda: elementwise_candidates(c, hw, cl), bench)
-    _launch(x1, y2, scale, shift, groups, out, cfg)
+    with on_device(x1):  # the tensors' device, for tuning and launch
+        cfg = autotune.select("final_gate", key, heur, lambda: elementwise_candidates(c, hw, cl), bench,
+                              device_index(x1))
+        _launch(x1, y2, scale, shift, groups, out, cfg)
     return out
 
 

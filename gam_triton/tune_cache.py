@@ -1,9 +1,12 @@
 """Persistent tuning cache: one JSON file per device and Triton version, safe to share between processes.
 
-File: ``$GAM_TRITON_CACHE_DIR/<device>__triton-<version>.json`` (default directory ``~/.cache/gam_triton``;
-``<device>`` is the sanitised GPU name, ``cpu-interpreter`` under ``TRITON_INTERPRET=1``). Contents::
+File: ``$GAM_TRITON_CACHE_DIR/<device>__triton-<version>__kernels-<hash>.json`` (default directory
+``~/.cache/gam_triton``; ``<device>`` is the sanitised GPU name, ``cpu-interpreter`` under
+``TRITON_INTERPRET=1``; ``<hash>`` is :func:`kernels_hash`, 12 hex digits of the kernels' source, so that a
+kernel edit starts a new file; files of other versions or hashes are left alone, neither read nor deleted).
+Contents::
 
-    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.9.0",
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.9.0", "kernels": "0123456789ab",
      "entries": {"channel_gate": {"256,64,8192,16,torch.bfloat16,...": {
          "BLOCK_P": 64, "BLOCK_C": 64, "BLOCK_R": 64, "num_warps": 4, "num_stages": 2,
          "source": "tuned", "ms": 0.0123, "heuristic_ms": 0.0151, "tune_s": 0.84, "candidates": 12}}}}
@@ -22,6 +25,7 @@ Safety and robustness rules (issue 3):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,7 +42,7 @@ try:  # POSIX advisory locks; elsewhere concurrent writers may drop each other's
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CacheWarning", "TuneCache", "FORMAT", "cache_dir", "cache_path", "sanitise",
+__all__ = ["CacheWarning", "TuneCache", "FORMAT", "cache_dir", "cache_path", "kernels_hash", "sanitise",
            "validate_entry", "CONFIG_FIELDS"]
 
 #: Version of the file layout. A file with another number is ignored (with a warning) and rewritten.
@@ -68,10 +72,35 @@ def cache_dir() -> str:
     return os.path.abspath(os.path.expanduser(d))
 
 
-def cache_path(device: str, triton_version: str, directory: Optional[str] = None) -> str:
-    """Path of the cache file for ``device`` (a GPU name) and ``triton_version``."""
-    name = f"{sanitise(device)}__triton-{sanitise(triton_version)}.json"
+def cache_path(device: str, triton_version: str, directory: Optional[str] = None,
+               kernels: Optional[str] = None) -> str:
+    """Path of the cache file for ``device`` (a GPU name), ``triton_version`` and the kernels' source hash
+    (default :func:`kernels_hash`)."""
+    kernels = kernels_hash() if kernels is None else kernels
+    name = f"{sanitise(device)}__triton-{sanitise(triton_version)}__kernels-{sanitise(kernels)}.json"
     return os.path.join(directory or cache_dir(), name)
+
+
+_KERNELS_HASH: list[str] = []
+
+
+def kernels_hash() -> str:
+    """A short hash (12 hex digits) of the source of the ``gam_triton.kernels`` package (its ``*.py`` files,
+    names and bytes), computed once per process: a kernel edit gets a new cache file, so configs tuned
+    for the old kernels are not served. Files of other hashes stay on disk, unread."""
+    if not _KERNELS_HASH:
+        import importlib.util
+
+        spec = importlib.util.find_spec(__package__ + ".kernels")  # located, not imported (needs no triton)
+        directory = list(spec.submodule_search_locations)[0]
+        h = hashlib.sha256()
+        for name in sorted(f for f in os.listdir(directory) if f.endswith(".py")):
+            with open(os.path.join(directory, name), "rb") as f:
+                data = f.read()
+            h.update(f"{name}\0{len(data)}\0".encode())
+            h.update(data)
+        _KERNELS_HASH.append(h.hexdigest()[:12])
+    return _KERNELS_HASH[0]
 
 
 def _is_int(v: Any) -> bool:
@@ -160,10 +189,11 @@ class TuneCache:
     one entry into the file as it is on disk at that moment, under the lock, and writes it atomically.
     """
 
-    def __init__(self, path: str, device: str, triton_version: str) -> None:
+    def __init__(self, path: str, device: str, triton_version: str, kernels: str = "") -> None:
         self.path = path
         self.device = device
         self.triton_version = triton_version
+        self.kernels = kernels
         self.entries: dict[str, dict[str, dict]] = {}
         self.writable = True
         self._loaded = False
@@ -266,7 +296,7 @@ class TuneCache:
                 os.close(lock_fd)  # closing releases the flock
 
     def _atomic_write(self, directory: str, entries: dict) -> None:
-        data = {"format": FORMAT, "device": self.device, "triton": self.triton_version,
+        data = {"format": FORMAT, "device": self.device, "triton": self.triton_version, "kernels": self.kernels,
                 "entries": {op: dict(sorted(t.items())) for op, t in sorted(entries.items())}}
         text = json.dumps(data, indent=1, allow_nan=False)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".",

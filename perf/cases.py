@@ -34,11 +34,13 @@ class Case:
     grads: list = field(default_factory=list)
 
 
-def compiled(fn, provider: str):
-    """torch.compile of ``fn`` for a compile provider, from a clean dynamo state."""
+def compiled(fn, provider: str, reset_dynamo: bool = True):
+    """torch.compile of ``fn`` for a compile provider, from a clean dynamo state (``reset_dynamo=False``:
+    the caller resets once per shape, so that the providers of one shape all stay compiled)."""
     import torch._dynamo
 
-    torch._dynamo.reset()  # no cache-size limit reached, no automatic dynamic shapes across rows
+    if reset_dynamo:
+        torch._dynamo.reset()  # no cache-size limit reached, no automatic dynamic shapes across rows
     return torch.compile(fn, mode="max-autotune" if provider == "compile-max-autotune" else None)
 
 
@@ -47,7 +49,8 @@ def _cycle(n: int) -> Callable[[], int]:
     return lambda: next(it)
 
 
-def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
+def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str,
+             reset_dynamo: bool = True) -> Case:
     from gam_triton import GAM
     from gam_triton.reference import YoloGAM
 
@@ -60,7 +63,7 @@ def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device:
     elif provider == "eager":
         model = ref
     else:
-        model = compiled(ref, provider)
+        model = compiled(ref, provider, reset_dynamo)
     nbytes = gam_bytes(shape, dtype, mode)
     n = rotation_count(nbytes, device != "cpu")
     size = (shape.batch, shape.channels, shape.height, shape.width)
@@ -82,7 +85,8 @@ def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device:
     return Case(step, nbytes, gam_flops(shape, mode), grads)
 
 
-def channel_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str) -> Case:
+def channel_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str,
+                      reset_dynamo: bool = True) -> Case:
     nbytes = comp.channel_gate_bytes(shape, dtype)
     n = rotation_count(nbytes, device != "cpu")
     sets = [comp.make_channel_gate(shape, dtype, device, seed=i) for i in range(n)]
@@ -91,12 +95,13 @@ def channel_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: s
     elif provider == "eager":
         fn = comp.channel_gate_eager
     else:
-        fn = compiled(comp.channel_gate_eager, provider)
+        fn = compiled(comp.channel_gate_eager, provider, reset_dynamo)
     nxt = _cycle(n)
     return Case(lambda: fn(*sets[nxt()]), nbytes, comp.channel_gate_flops(shape))
 
 
-def final_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str) -> Case:
+def final_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str,
+                    reset_dynamo: bool = True) -> Case:
     nbytes = comp.final_gate_bytes(shape, dtype)
     n = rotation_count(nbytes, device != "cpu")
     sets = [comp.make_final_gate(shape, dtype, device, seed=i) for i in range(n)]
@@ -104,18 +109,19 @@ def final_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str
     if provider == "gam_triton":
         folded = [(x1, y2, *comp.final_gate_scale_shift(bn, y2)) for x1, y2, bn in sets]
         return Case(lambda: comp.final_gate_triton(*folded[nxt()]), nbytes, comp.final_gate_flops(shape))
-    fn = comp.final_gate_eager if provider == "eager" else compiled(comp.final_gate_eager, provider)
+    fn = comp.final_gate_eager if provider == "eager" else compiled(comp.final_gate_eager, provider, reset_dynamo)
     return Case(lambda: fn(*sets[nxt()]), nbytes, comp.final_gate_flops(shape))
 
 
-def build_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
+def build_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str,
+               reset_dynamo: bool = True) -> Case:
     """The Case of one row; components exist in forward mode only."""
     if kind == "gam":
-        return gam_case(shape, dtype, mode, provider, device)
+        return gam_case(shape, dtype, mode, provider, device, reset_dynamo)
     if mode != "forward":
         raise ValueError(f"{kind} rows are forward-only (got mode {mode!r})")
     if kind == "channel_gate":
-        return channel_gate_case(shape, dtype, provider, device)
+        return channel_gate_case(shape, dtype, provider, device, reset_dynamo)
     if kind == "final_gate":
-        return final_gate_case(shape, dtype, provider, device)
+        return final_gate_case(shape, dtype, provider, device, reset_dynamo)
     raise ValueError(f"unknown kind {kind!r}")

@@ -7,6 +7,9 @@
   few tiny shapes for CPUs.
 * :func:`bench` - median, p20 and p80 of one call in ms: ``triton.testing.do_bench`` on a GPU,
   wall-clock ``time.perf_counter`` medians on the CPU.
+* :func:`bench_interleaved` - the providers of one shape timed in rounds, each round taking every
+  provider in turn (what the sweep uses): per-round ratios (:func:`ratio_stats`) cancel a busy
+  neighbour that slows a whole round; :func:`spread` says how far the rounds disagree.
 * :func:`copy_bandwidth_gbps` - a device-to-device (or RAM-to-RAM) copy, bytes read + written per
   second: the ceiling each component's ``roofline_frac`` is measured against.
 * :func:`gam_flops`, :func:`gam_bytes` - FLOPs and compulsory bytes of one GAM block call.
@@ -96,8 +99,13 @@ class Machine:
             d["cuda"] = torch.version.cuda
             d["cudnn"] = torch.backends.cudnn.version()
             d["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-            d["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-            d["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+            try:  # raises once the new fp32_precision API has been used (torch >= 2.9)
+                d["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+            except RuntimeError:
+                d["cudnn_allow_tf32"] = getattr(torch.backends.cudnn, "fp32_precision", None)
+            from gam_triton._runtime import fp32_matmul_allows_tf32
+
+            d["matmul_allow_tf32"] = fp32_matmul_allows_tf32()
         else:
             d["cpu"] = platform.processor() or platform.machine()
             d["threads"] = torch.get_num_threads()
@@ -241,6 +249,115 @@ def bench(fn: Callable[[], object], on_gpu: bool, grads_to_none: Sequence[torch.
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+#: Rounds of an interleaved measurement (CPU: fewer when the calls are slow, never under MIN_ROUNDS).
+ROUNDS = 5
+MIN_ROUNDS = 3
+GPU_ROUNDS = 3
+#: A row whose p80 / p20 across rounds (of its ratio to eager; of its time for eager) exceeds this is
+#: flagged ``noisy``: its figure is not known to better than about +-20 %.
+NOISY_SPREAD = 1.5
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """What :func:`bench_interleaved` measured: per provider its :class:`Timing` over every call and the
+    median time of each round (``rounds[name][r]``, ms), round r of every provider taken back to back."""
+
+    timings: dict
+    rounds: dict
+
+
+def bench_interleaved(fns: dict, on_gpu: bool, budget_s: float = 0.5, max_reps: int = 200) -> Interleaved:
+    """Time several callables of one shape in rounds: every round times each of them in turn (the order
+    rotates from round to round), so a busy neighbour that slows one round slows every provider in it and
+    per-round ratios stay readable.
+
+    ``fns`` maps a name to ``(fn, grads_to_none)``; each ``fn`` has already run once (compiled).
+    CPU: one warm-up call each (its time is the first estimate), then ``ROUNDS`` rounds (fewer, down to
+    ``MIN_ROUNDS``, when the calls are too slow for ``budget_s`` seconds per callable); in each round every
+    callable runs for the same wall-clock slot of ``budget_s / rounds`` seconds (at least one call), timed
+    call by call with ``time.perf_counter``: a slowed provider makes fewer calls, not a longer slot, so a
+    busy stretch longer than a round falls on every provider alike. Timing: median / p20 / p80 over all its
+    calls.
+    GPU: ``GPU_ROUNDS`` rounds of ``triton.testing.do_bench`` (25 ms warm-up in the first round, 5 ms later,
+    100 / rounds ms of repetitions, L2 flushed between calls); Timing: the medians over rounds of the
+    rounds' median, p20 and p80.
+    """
+    names = list(fns)
+    per_round: dict = {n: [] for n in names}
+    if on_gpu:
+        from triton.testing import do_bench
+
+        q20: dict = {n: [] for n in names}
+        q80: dict = {n: [] for n in names}
+        reps = {n: 0 for n in names}
+        rep_ms = max(10, 100 // GPU_ROUNDS)
+        for r in range(GPU_ROUNDS):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                fn, grads = fns[n]
+                med, p20, p80 = do_bench(fn, warmup=25 if r == 0 else 5, rep=rep_ms,
+                                         grad_to_none=list(grads) or None, quantiles=[0.5, 0.2, 0.8])
+                per_round[n].append(med)
+                q20[n].append(p20)
+                q80[n].append(p80)
+                reps[n] += max(1, int(rep_ms / max(med, 1e-6)))
+        timings = {n: Timing(_median(per_round[n]), _median(q20[n]), _median(q80[n]), reps[n]) for n in names}
+        return Interleaved(timings, per_round)
+
+    est = {}
+    for n in names:
+        fn, grads = fns[n]
+        _clear_grads(grads)
+        t0 = time.perf_counter()
+        fn()
+        est[n] = time.perf_counter() - t0
+    rounds = ROUNDS
+    one_round = sum(est.values())
+    if one_round * rounds > budget_s * len(names):
+        rounds = max(MIN_ROUNDS, int(budget_s * len(names) / max(one_round, 1e-9)))
+    slot = budget_s / rounds
+    cap = max(1, max_reps // rounds)
+    times: dict = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            fn, grads = fns[n]
+            ts = []
+            slot_start = time.perf_counter()
+            while not ts or (len(ts) < cap and time.perf_counter() - slot_start < slot):
+                _clear_grads(grads)
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            times[n] += ts
+            per_round[n].append(_median(ts))
+    timings = {}
+    for n in names:
+        t = sorted(times[n])
+        timings[n] = Timing(_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8), len(t))
+    return Interleaved(timings, per_round)
+
+
+def _median(values: Sequence[float]) -> float:
+    return _quantile(sorted(values), 0.5)
+
+
+def ratio_stats(base_rounds: Sequence[float], rounds: Sequence[float]) -> tuple[float, float, float]:
+    """Median, p20 and p80 of the per-round ratios ``base / provider`` (speedup over ``base``)."""
+    ratios = sorted(b / p for b, p in zip(base_rounds, rounds) if p > 0)
+    if not ratios:
+        nan = float("nan")
+        return nan, nan, nan
+    return _quantile(ratios, 0.5), _quantile(ratios, 0.2), _quantile(ratios, 0.8)
+
+
+def spread(values: Sequence[float]) -> float:
+    """p80 / p20 of per-round values (ratios or times): 1.0 when every round agrees."""
+    v = sorted(x for x in values if x == x and x > 0)
+    if len(v) < 2:
+        return float("nan")
+    return _quantile(v, 0.8) / _quantile(v, 0.2)
 
 
 def timed_first_call(fn: Callable[[], object], on_gpu: bool) -> float:

@@ -10,7 +10,9 @@ folder), one figure per dtype and mode:
 * ``components_<dtype>.png`` - channel gate and final gate alone (forward): GB/s per provider across
   shapes against the copy bandwidth measured in the same run (the roofline) and 85% of it.
 
-CPU runs say so in every title: those are CPU figures, not GPU performance.
+CPU runs say so in every title: those are CPU figures, not GPU performance. Speedups are the medians of the
+per-round ratios the sweep measured (``vs_eager``, ``vs_compile``; the ratio of the medians for older CSVs and
+for max-autotune); rows flagged ``noisy`` get a hollow red ring and the title counts them.
 """
 from __future__ import annotations
 
@@ -44,10 +46,34 @@ def _title(df, what: str) -> str:
     note = str(first.get("note", "") or "")
     if note:
         title += f"\n{note}"
+    n_noisy = int((df["noisy"] == "True").sum()) if "noisy" in df.columns else 0
+    if n_noisy:
+        title += (f"\n{n_noisy} of {len(df)} rows NOISY (hollow markers): their rounds disagree by more than "
+                  "x1.5; do not read them")
     return title
 
 
+def _mark_noisy(ax, x, values, noisy) -> None:
+    """Hollow red rings over the points of rows flagged noisy."""
+    pts = [(i, v) for i, v, n in zip(x, values, noisy) if n and v == v]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=140, facecolors="none", edgecolors="#d62728",
+                   linewidths=1.5, zorder=5)
+
+
+def _speedup(ms, table, base: str, p: str):
+    """Speedup of provider ``p`` over ``base`` per shape: the per-round ratio column (``vs_eager``,
+    ``vs_compile``) where the sweep measured it, else the ratio of the medians."""
+    sp = ms[base] / ms[p]
+    col = table.get(f"vs_{base}")
+    if col is not None and p in col.columns:
+        sp = col[p].where(col[p].notna(), sp)
+    return sp
+
+
 def _pivot(df, value: str):
+    if value == "noisy_flag":
+        df = df.assign(noisy_flag=(df["noisy"] == "True").astype(float))
     d = df.assign(shape=[results.shape_label(r) for _, r in df.iterrows()])
     order = list(dict.fromkeys(d["shape"]))
     table = d.pivot_table(index="shape", columns="provider", values=value, aggfunc="last")
@@ -80,11 +106,15 @@ def plot_gam(df, mode: str, dtype: str, out_dir: str) -> Optional[str]:
         return None
     ms = _pivot(d, "ms")
     tflops = _pivot(d, "tflops")
+    noisy = _pivot(d, "noisy_flag").reindex(ms.index).fillna(0) > 0
+    ratios = {f"vs_{b}": _pivot(d, f"vs_{b}").reindex(ms.index) for b in ("eager", "compile")}
     labels = list(ms.index)
     x = range(len(labels))
     fig, axes = plt.subplots(3, 1, figsize=(_fig_width(len(labels)), 11), sharex=True)
     for p in _providers(tflops):
         axes[0].plot(x, tflops[p], label=p, linestyle="-", **PROVIDER_STYLE.get(p, {}))
+        if p in noisy.columns:
+            _mark_noisy(axes[0], x, tflops[p], noisy[p])
     axes[0].set_yscale("log")
     _finish_axis(axes[0], labels, "TFLOP/s (higher is better)", False)
     axes[0].set_title("Throughput: model FLOPs / median time" + (" (train counts 3x forward)"
@@ -94,18 +124,21 @@ def plot_gam(df, mode: str, dtype: str, out_dir: str) -> Optional[str]:
         for p in _providers(ms):
             if p == "eager":
                 continue
-            sp = ms["eager"] / ms[p]
+            sp = _speedup(ms, ratios, "eager", p)
             axes[1].plot(x, sp, label=f"{p} (geomean x{results.geomean(sp):.2f})", **PROVIDER_STYLE.get(p, {}))
+            if p in noisy.columns:
+                _mark_noisy(axes[1], x, sp, noisy[p])
         axes[1].axhline(1.0, color="black", linewidth=0.8)
         axes[1].axhline(GOALS[mode], color="#d62728", linewidth=0.8, linestyle="--",
                         label=f"GPU goal for gam_triton: x{GOALS[mode]}")
         _finish_axis(axes[1], labels, "speedup over eager (x)", False)
-        axes[1].set_title("Speedup over eager PyTorch (the reference YOLO GAM)", fontsize=10)
+        axes[1].set_title("Speedup over eager PyTorch (the reference YOLO GAM): median of per-round ratios",
+                          fontsize=10)
 
     base = [b for b in ("compile", "compile-max-autotune") if b in ms.columns]
     for b in base:
         if "gam_triton" in ms.columns:
-            sp = ms[b] / ms["gam_triton"]
+            sp = _speedup(ms, ratios, b, "gam_triton")
             style = dict(PROVIDER_STYLE["gam_triton"], linestyle="-" if b == "compile" else ":")
             if b != "compile":
                 style.update(marker="v", color="#ff7f0e")
@@ -133,10 +166,13 @@ def plot_components(df, dtype: str, out_dir: str) -> Optional[str]:
     for ax, kind in zip(axes[:, 0], kinds):
         k = _sort_shapes(d[d["kind"] == kind])
         gbps = _pivot(k, "gbps")
+        noisy = _pivot(k, "noisy_flag").reindex(gbps.index).fillna(0) > 0
         labels = list(gbps.index)
         x = range(len(labels))
         for p in _providers(gbps):
             ax.plot(x, gbps[p], label=p, **PROVIDER_STYLE.get(p, {}))
+            if p in noisy.columns:
+                _mark_noisy(ax, x, gbps[p], noisy[p])
         copy = k["copy_gbps"].dropna()
         if len(copy):
             bw = float(copy.iloc[-1])

@@ -15,10 +15,15 @@ from typing import Iterable
 #: call), gbps (1e9 bytes/s over the compulsory bytes), tflops (1e12 FLOP/s), peak_mem_mb (MiB one call
 #: allocates beyond its inputs and weights, GPU only), roofline_frac (gbps / copy_gbps, component rows),
 #: copy_gbps (a large device copy measured in the same run), compile_s (seconds of the untimed first call).
+#: Added later (older files are upgraded in place, the new columns left empty): rounds (interleaved rounds the
+#: providers of a shape were timed in), vs_eager / vs_eager_p20 / vs_eager_p80 and vs_compile (median, p20, p80
+#: of the per-round speedups over eager / compile), spread (p80 / p20 across rounds of the ratio to eager, or of
+#: the time for eager rows) and noisy ("True" when spread > 1.5: the row's figure is not readable).
 COLUMNS = [
     "device", "torch", "triton", "dtype", "mode", "kind", "batch", "channels", "height", "width", "rate",
     "group", "provider", "ms", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb", "roofline_frac",
     "copy_gbps", "compile_s", "reps", "error", "note", "date",
+    "rounds", "vs_eager", "vs_eager_p20", "vs_eager_p80", "vs_compile", "spread", "noisy",
 ]
 KEY_COLUMNS = ["device", "torch", "triton", "dtype", "mode", "kind", "batch", "channels", "height", "width",
                "rate", "group", "provider"]
@@ -101,10 +106,12 @@ def load(path_or_rows) -> "pandas.DataFrame":  # noqa: F821
     """results.csv as a DataFrame of measured rows: failed rows dropped, then the newest row per key."""
     import pandas as pd
 
-    df = pd.read_csv(path_or_rows, dtype={"group": str, "error": str, "note": str}, keep_default_na=True)
+    df = pd.read_csv(path_or_rows, dtype={"group": str, "error": str, "note": str, "noisy": str},
+                     keep_default_na=True)
     for col in COLUMNS:
         if col not in df.columns:
-            df[col] = float("nan") if col not in ("error", "note", "group") else ""
+            df[col] = float("nan") if col not in ("error", "note", "group", "noisy") else ""
+    df["noisy"] = df["noisy"].astype(object).fillna("").astype(str)
     df["error"] = df["error"].fillna("")
     df["note"] = df["note"].fillna("")
     df["group"] = df["group"].fillna("")

@@ -26,12 +26,18 @@ SHAPE_COLS = ["batch", "channels", "height", "width", "rate", "group"]
 
 
 def speedups(df, kind: str, dtype: str, mode: str, base: str, provider: str = "gam_triton"):
-    """Per-shape ``ms(base) / ms(provider)`` for one kind, dtype and mode (a pandas Series)."""
+    """Per-shape speedup of ``provider`` over ``base`` for one kind, dtype and mode (a pandas Series): the
+    median of the per-round ratios (``vs_<base>`` column) where measured, else ``ms(base) / ms(provider)``."""
     d = df[(df["kind"] == kind) & (df["dtype"] == dtype) & (df["mode"] == mode)]
     a = d[d["provider"] == base].set_index(SHAPE_COLS)["ms"]
-    b = d[d["provider"] == provider].set_index(SHAPE_COLS)["ms"]
+    pr = d[d["provider"] == provider].set_index(SHAPE_COLS)
+    b = pr["ms"]
     both = a.index.intersection(b.index)
-    return a.loc[both] / b.loc[both]
+    sp = a.loc[both] / b.loc[both]
+    col = f"vs_{base}"  # the per-round ratios, where the sweep measured them
+    if col in pr.columns:
+        sp = pr.loc[both, col].where(pr.loc[both, col].notna(), sp)
+    return sp
 
 
 def _fmt(x: float, pattern: str = "x{:.2f}") -> str:
@@ -53,6 +59,10 @@ def summarize(df) -> str:
              f"{first['device']} | torch {first['torch']} | triton {first['triton']} | {first['date']}", ""]
     if str(first.get("note", "") or ""):
         lines += [f"**{first['note']}.**", ""]
+    n_noisy = int((df["noisy"] == "True").sum()) if "noisy" in df.columns else 0
+    if n_noisy:
+        lines += [f"**{n_noisy} of {len(df)} rows flagged noisy** (their rounds disagree by more than x1.5: "
+                  "the machine was busy); their figures are not readable, rerun them.", ""]
     lines += ["## Whole GAM block (YOLO form): geomean speedup of gam_triton", "",
               "| dtype | mode | shapes | vs eager | vs compile | vs compile-max-autotune |",
               "|---|---|---|---|---|---|"]

@@ -13,6 +13,8 @@ measured), ``env.json`` (machine, versions, date, arguments), the PNGs of ``plot
 Rows: the whole GAM block (YOLO form) in ``forward`` (eval, no grad) and ``train`` (forward + backward)
 modes, and the two fused components (channel gate, final gate) in forward mode, for every shape, dtype
 and provider. Compile, JIT and autotuning time is the untimed first call, reported as ``compile_s``.
+The providers of one shape are then timed together in interleaved rounds (:func:`measure_group`): the
+speedups are medians of per-round ratios, and a row whose rounds disagree is flagged ``noisy``.
 Without a GPU, every figure is a CPU figure (``note`` column) and says nothing about GPU performance.
 """
 from __future__ import annotations
@@ -184,41 +186,95 @@ def plan(args, on_gpu: bool) -> list[Spec]:
     return specs
 
 
-# --- measuring one row -------------------------------------------------------------------------------------
+# --- measuring the providers of one shape ------------------------------------------------------------------
 def _one_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".replace("\n", " ").replace("\r", " ")
     return text[:300]
 
 
-def measure(spec: Spec, mach: Machine, copy_gbps: float, budget_s: float) -> dict:
-    """Build, run once untimed (compile_s), time, and return the CSV row; failures go to ``error``."""
+def group_specs(specs: Sequence[Spec]) -> list[list[Spec]]:
+    """The specs of one (kind, shape, dtype, mode) together, in plan order: they are measured in rounds."""
+    groups: dict = {}
+    for s in specs:
+        groups.setdefault((s.kind, s.shape, s.dtype, s.mode), []).append(s)
+    return list(groups.values())
+
+
+def measure_group(specs: Sequence[Spec], mach: Machine, copy_gbps: float, budget_s: float) -> list[dict]:
+    """Build every provider of one shape, run each once untimed (compile_s), time them interleaved in
+    rounds (:func:`common.bench_interleaved`) and return their CSV rows (in ``specs`` order); a provider
+    that fails gets its ``error`` and the others go on.
+
+    Beyond the times: ``rounds``; ``vs_eager`` (and p20 / p80) and ``vs_compile``, the medians of the
+    per-round ratios ms(eager) / ms(row) and ms(compile) / ms(row), so that a neighbour slowing a whole
+    round cancels out; ``spread``, p80 / p20 across rounds of the ratio to eager (of the time itself for
+    eager, or without an eager row); ``noisy`` when spread > ``common.NOISY_SPREAD``.
+    """
+    import torch._dynamo
+
     from cases import build_case
 
-    row = spec.key_fields(mach)
-    row.update(note=mach.note, date=mach.date, copy_gbps=copy_gbps)
     device = "cuda" if mach.is_gpu else "cpu"
-    grad = torch.no_grad() if spec.mode == "forward" else contextlib.nullcontext()
-    case = None
+    mode = specs[0].mode
+    grad = torch.no_grad() if mode == "forward" else contextlib.nullcontext()
+    rows = {s.provider: dict(s.key_fields(mach), note=mach.note, date=mach.date, copy_gbps=copy_gbps)
+            for s in specs}
+    cases: dict = {}
+    torch._dynamo.reset()  # once per shape: the compile providers of this shape stay compiled while timed
     try:
         with grad:
-            case = build_case(spec.kind, spec.shape, DTYPES[spec.dtype], spec.mode, spec.provider, device)
-            row["compile_s"] = common.timed_first_call(case.step, mach.is_gpu)
-            timing = common.bench(case.step, mach.is_gpu, case.grads, budget_s=budget_s)
-            if mach.is_gpu:
-                row["peak_mem_mb"] = common.peak_memory_mb(case.step, case.grads)
-        seconds = timing.ms * 1e-3
-        row.update(ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, reps=timing.reps,
-                   gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)
-        if spec.kind != "gam" and copy_gbps > 0:
-            row["roofline_frac"] = row["gbps"] / copy_gbps
-    except Exception as e:  # one provider failing (compile error, OOM) must not stop the sweep
-        row["error"] = _one_line(e)
+            for s in specs:
+                try:
+                    case = build_case(s.kind, s.shape, DTYPES[s.dtype], s.mode, s.provider, device,
+                                      reset_dynamo=False)
+                    rows[s.provider]["compile_s"] = common.timed_first_call(case.step, mach.is_gpu)
+                    cases[s.provider] = case
+                except Exception as e:  # one provider failing (compile error, OOM) must not stop the sweep
+                    rows[s.provider]["error"] = _one_line(e)
+            if cases:
+                try:
+                    res = common.bench_interleaved({p: (c.step, c.grads) for p, c in cases.items()}, mach.is_gpu,
+                                                   budget_s=budget_s)
+                except Exception as e:
+                    for p in cases:
+                        rows[p]["error"] = _one_line(e)
+                    res = None
+                if res is not None:
+                    for p, case in cases.items():
+                        _fill_row(rows[p], p, case, res, copy_gbps)
+                    if mach.is_gpu:
+                        for p, case in cases.items():
+                            try:
+                                rows[p]["peak_mem_mb"] = common.peak_memory_mb(case.step, case.grads)
+                            except Exception as e:
+                                rows[p]["error"] = _one_line(e)
     finally:
-        del case
+        cases.clear()
         gc.collect()
         if mach.is_gpu:
             torch.cuda.empty_cache()
-    return row
+    return [rows[s.provider] for s in specs]
+
+
+def _fill_row(row: dict, provider: str, case, res, copy_gbps: float) -> None:
+    timing = res.timings[provider]
+    seconds = timing.ms * 1e-3
+    row.update(ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, reps=timing.reps,
+               gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12,
+               rounds=len(res.rounds[provider]))
+    if row["kind"] != "gam" and copy_gbps > 0:
+        row["roofline_frac"] = row["gbps"] / copy_gbps
+    mine = res.rounds[provider]
+    if "eager" in res.rounds and provider != "eager":
+        med, p20, p80 = common.ratio_stats(res.rounds["eager"], mine)
+        row.update(vs_eager=med, vs_eager_p20=p20, vs_eager_p80=p80)
+        row["spread"] = common.spread([e / m for e, m in zip(res.rounds["eager"], mine) if m > 0])
+    else:
+        row["spread"] = common.spread(mine)
+    if "compile" in res.rounds and provider != "compile":
+        row["vs_compile"] = common.ratio_stats(res.rounds["compile"], mine)[0]
+    sp = row["spread"]
+    row["noisy"] = "" if sp != sp else str(bool(sp > common.NOISY_SPREAD))
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -234,11 +290,16 @@ def _configure(on_gpu: bool, threads: Optional[int]) -> None:
         inductor_config.compile_threads = 1
 
 
-def _speedup_text(row: dict, eager_ms: dict, spec: Spec) -> str:
-    ref = eager_ms.get((spec.kind, spec.shape, spec.dtype, spec.mode))
-    if spec.provider == "eager" or not ref or not row.get("ms"):
-        return ""
-    return f"  x{ref / row['ms']:.2f} vs eager"
+def _result_text(row: dict) -> str:
+    if row.get("error"):
+        return f"FAILED  {row['error'][:120]}"
+    text = f"{row['ms']:9.3f} ms"
+    vs = row.get("vs_eager")
+    if vs is not None and vs == vs:
+        text += f"  x{vs:.2f} vs eager ({row['vs_eager_p20']:.2f}-{row['vs_eager_p80']:.2f})"
+    if row.get("noisy") == "True":
+        text += f"  NOISY (spread x{row['spread']:.2f})"
+    return text + f"  (first call {row.get('compile_s', 0.0):.1f} s)"
 
 
 def run(argv: Optional[Sequence[str]] = None) -> str:
@@ -268,23 +329,30 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     copy_gbps = common.copy_bandwidth_gbps(mach.is_gpu) if todo else 0.0
     if todo:
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
-    eager_ms: dict = {}
+        print("providers of a shape are timed in interleaved rounds; 'vs eager' is the median of the per-round "
+              f"ratios (p20-p80); NOISY: rounds disagree by more than x{common.NOISY_SPREAD}")
+    todo_keys = {results.row_key(s.key_fields(mach)) for s in todo}
     start = time.perf_counter()
+    i = noisy = 0
+    width = len(str(len(todo)))
     with results.RowWriter(csv_path) as writer:
-        for i, spec in enumerate(todo, 1):
-            row = measure(spec, mach, copy_gbps, args.budget_s)
-            writer.write(row)
-            if spec.provider == "eager" and row.get("ms"):
-                eager_ms[(spec.kind, spec.shape, spec.dtype, spec.mode)] = row["ms"]
-            elapsed = time.perf_counter() - start
-            eta = elapsed / i * (len(todo) - i)
-            if row.get("error"):
-                result = f"FAILED  {row['error'][:120]}"
-            else:
-                result = (f"{row['ms']:9.3f} ms{_speedup_text(row, eager_ms, spec)}"
-                          f"  (first call {row['compile_s']:.1f} s)")
-            print(f"[{i:>{len(str(len(todo)))}}/{len(todo)}] {spec.label()} {result}   "
-                  f"[{elapsed:.0f} s, ~{eta:.0f} s left]", flush=True)
+        # A shape with any row to measure is measured with all its planned providers (those already in the
+        # CSV are timed again as references for the ratios, not written twice).
+        todo_shapes = {(t.kind, t.shape, t.dtype, t.mode) for t in todo}
+        for group in group_specs([s for s in specs if (s.kind, s.shape, s.dtype, s.mode) in todo_shapes]):
+            for spec, row in zip(group, measure_group(group, mach, copy_gbps, args.budget_s)):
+                if results.row_key(spec.key_fields(mach)) not in todo_keys:
+                    continue
+                writer.write(row)
+                i += 1
+                noisy += row.get("noisy") == "True"
+                elapsed = time.perf_counter() - start
+                eta = elapsed / i * (len(todo) - i)
+                print(f"[{i:>{width}}/{len(todo)}] {spec.label()} {_result_text(row)}   "
+                      f"[{elapsed:.0f} s, ~{eta:.0f} s left]", flush=True)
+    if noisy:
+        print(f"{noisy} row(s) flagged NOISY: the machine was busy; their ratios are not readable. Rerun them "
+              "(e.g. into a fresh --out) on a quieter machine, or with --threads 1.")
 
     if not args.no_plot:
         import plot

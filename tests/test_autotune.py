@@ -39,7 +39,9 @@ class Bench:
     def __call__(self, cfg: Config) -> float:
         self.calls.append(cfg)
         if cfg.BLOCK_P in self.fail:
-            raise RuntimeError("out of resource: shared memory")
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(232448, 101376, "shared memory")
         return self.times[cfg.BLOCK_P]
 
 
@@ -310,14 +312,206 @@ def test_batch_bucket():
     assert autotune.batch_bucket(1, 1 << 20) == 1
 
 
-def test_cache_path_is_per_device_and_triton_version(cache_dir):
+def test_cache_path_is_per_device_triton_version_and_kernels(cache_dir):
     import triton
 
+    src = tune_cache.kernels_hash()
+    assert len(src) == 12 and int(src, 16) >= 0 and tune_cache.kernels_hash() == src
     path = tune_cache.cache_path("NVIDIA H100 80GB HBM3", triton.__version__, str(cache_dir))
-    assert os.path.basename(path) == f"NVIDIA_H100_80GB_HBM3__triton-{triton.__version__}.json"
+    assert os.path.basename(path) == f"NVIDIA_H100_80GB_HBM3__triton-{triton.__version__}__kernels-{src}.json"
+    assert autotune.cache_file().endswith(f"__kernels-{src}.json")
     assert tune_cache.sanitise("../../etc/passwd") == "etc_passwd"
     if not torch.cuda.is_available() or INTERPRET:
         assert os.path.basename(autotune.cache_file()).startswith("cpu-interpreter__triton-")
+
+
+def test_kernel_edit_gets_a_new_file_and_old_files_stay(gpu_mode, monkeypatch, cache_dir):
+    """A kernel edit (another source hash) does not serve the configs tuned for the old source; the old
+    file is neither read nor deleted."""
+    sel()
+    old_file = autotune.cache_file()
+    old_text = open(old_file).read()
+    assert json.loads(old_text)["kernels"] == tune_cache.kernels_hash()
+    monkeypatch.setattr(tune_cache, "_KERNELS_HASH", ["0123456789ab"])
+    monkeypatch.setattr(autotune, "kernels_hash", tune_cache.kernels_hash)
+    autotune.reset()
+    b = Bench()
+    assert sel(bench=b) == Config(32, 32, 16, 4, 2) and len(b.calls) == 4  # tuned again
+    assert autotune.cache_file() != old_file and autotune.cache_file().endswith("__kernels-0123456789ab.json")
+    assert open(old_file).read() == old_text
+
+
+def test_kernels_hash_follows_the_source(tmp_path, monkeypatch):
+    """The hash covers the kernels' *.py files: one byte changed, another hash (computed on a copy)."""
+    import importlib.util
+    import shutil
+
+    src_dir = list(importlib.util.find_spec("gam_triton.kernels").submodule_search_locations)[0]
+    copy = tmp_path / "kernels"
+    shutil.copytree(src_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def hash_of(directory):
+        spec = type("Spec", (), {"submodule_search_locations": [str(directory)]})()
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+        monkeypatch.setattr(tune_cache, "_KERNELS_HASH", [])
+        return tune_cache.kernels_hash()
+
+    same = hash_of(copy)
+    f = copy / "channel_gate.py"
+    f.write_text(f.read_text() + "\n# an edit\n")
+    assert hash_of(copy) != same
+    monkeypatch.undo()
+    assert same == tune_cache.kernels_hash()
+
+
+def test_cache_and_memory_follow_the_tensors_device(gpu_mode, monkeypatch):
+    """select(device=i) names the cache after device i, never the current device (a model on cuda:1)."""
+    monkeypatch.setattr(autotune, "_has_cuda", lambda: True)
+    monkeypatch.setattr(autotune, "_DEVICE_NAMES", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+
+    def no_current():
+        raise AssertionError("the current device must not be asked when the tensors' device is known")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_current)
+    b0, b1 = Bench(), Bench(times={16: 1.0, 32: 3.0, 64: 2.0, 128: 4.0})  # device 1 prefers BLOCK_P=16
+    assert autotune.select("fake_op", (1, 2, "k"), H, lambda: CANDS, b0, device=0).BLOCK_P == 32
+    assert autotune.select("fake_op", (1, 2, "k"), H, lambda: CANDS, b1, device=1).BLOCK_P == 16
+    assert len(b0.calls) == len(b1.calls) == 4  # one tuning per device, same key
+    files = sorted(os.path.basename(autotune.cache_file(f"Fake GPU {i}")) for i in (0, 1))
+    assert files[0].startswith("Fake_GPU_0__") and files[1].startswith("Fake_GPU_1__")
+    assert all(os.path.exists(autotune.cache_file(f"Fake GPU {i}")) for i in (0, 1))
+
+
+class FakeEvent:
+    """torch.cuda.Event stand-in on a fake clock advanced by the timed function."""
+
+    clock = [0.0]
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = FakeEvent.clock[0]
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_bench_ms_reuses_one_flush_buffer(monkeypatch):
+    """The timing loop (checked with stand-ins for the CUDA calls): one flush buffer per device for every
+    candidate and key, zeroed before each timed call, the median of the timed calls."""
+    allocated, zeroed = [], []
+
+    class Buffer:
+        def zero_(self):
+            zeroed.append(1)
+
+    def fake_alloc(index):
+        allocated.append(index)
+        return Buffer()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(autotune, "_FLUSH", {})
+
+    def flush_buffer(index):
+        buf = autotune._FLUSH.get(index)
+        if buf is None:
+            buf = autotune._FLUSH[index] = fake_alloc(index)
+        return buf
+
+    monkeypatch.setattr(autotune, "flush_buffer", flush_buffer)
+    durations = iter([0.5] * 10 + [0.2, 0.3, 0.1] * 1000)
+
+    def fn():
+        FakeEvent.clock[0] += next(durations)
+
+    assert autotune.bench_ms(fn) == pytest.approx(0.2)  # median of 0.2 / 0.3 / 0.1 repeated
+    zeroed_once = len(zeroed)
+    assert autotune.bench_ms(lambda: None) == 0.0  # a second candidate: same buffer, timed calls capped
+    assert allocated == [0] and len(zeroed) - zeroed_once == 5 + autotune.MAX_REPS
+
+
+# -- failures while tuning ----------------------------------------------------------------------------------
+def _raising(exc_by_block_p):
+    """A bench that raises ``exc_by_block_p[cfg.BLOCK_P]`` when present, else returns TIMES."""
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg)
+        exc = exc_by_block_p.get(cfg.BLOCK_P)
+        if exc is not None:
+            raise exc
+        return TIMES[cfg.BLOCK_P]
+
+    bench.calls = calls
+    return bench
+
+
+def _compile_failures():
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return [OutOfResources(232448, 101376, "shared memory"), PTXASError("ptxas fatal: too many registers"),
+            CompilationError("src", None, "bad block shape"),
+            RuntimeError("Triton Error [CUDA]: too many resources requested for launch")]
+
+
+@pytest.mark.parametrize("i", range(4), ids=["OutOfResources", "PTXASError", "CompilationError", "launch-resources"])
+def test_compile_failures_skip_the_candidate(gpu_mode, i):
+    exc = _compile_failures()[i]
+    assert autotune.failure_kind(exc) == "skip"
+    b = _raising({32: exc})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sel(bench=b) == H and len(b.calls) == 4  # 32 failed; 64 (the heuristic, 2 ms) wins
+    assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB"),
+                                 RuntimeError("Triton Error [CUDA]: out of memory")], ids=["torch", "triton"])
+def test_out_of_memory_falls_back_to_the_heuristic_with_a_warning(gpu_mode, exc):
+    b = _raising({16: exc})
+    with pytest.warns(autotune.TuningWarning, match="out of GPU memory"):
+        assert sel(bench=b) == H
+    assert [c.BLOCK_P for c in b.calls] == [64, 16]  # tuning stopped at the failure
+    assert not os.path.exists(autotune.cache_file())  # not stored: a later process tunes again
+    rec, = autotune.drain_log()
+    assert rec.source == "failed"
+    assert sel(bench=b) == H and len(b.calls) == 2  # remembered for this process: no retry on every call
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                 RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")],
+                         ids=["torch", "triton"])
+def test_sticky_cuda_error_propagates(gpu_mode, exc):
+    b = _raising({16: exc})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        sel(bench=b)
+    assert not os.path.exists(autotune.cache_file())
+
+
+def test_accelerator_error_propagates(gpu_mode):
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.AcceleratorError")
+    assert autotune.failure_kind(accel("unspecified launch failure")) == "fatal"
+
+
+def test_unexpected_error_checks_the_device(gpu_mode, monkeypatch):
+    """An exception that is neither a compile failure nor a CUDA error skips the candidate unless the device
+    reports an error when synchronised (then that error propagates)."""
+    b = _raising({16: ValueError("num_warps must be a power of 2")})
+    assert sel(bench=b) == Config(32, 32, 16, 4, 2)
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(autotune, "check_device", sticky)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        sel(key=(2, 2, "other"), bench=_raising({16: ValueError("odd")}))
 
 
 def counting_bench_ms(monkeypatch):
@@ -359,6 +553,29 @@ def test_key_bucketing_tunes_once_per_bucket_and_keeps_results(gpu_mode, monkeyp
     assert run(5, 8, 8) > n2     # batch 5 -> bucket 8: tuned again
     tuned = [r for r in autotune.drain_log() if r.source == "tuned"]
     assert any(r.config != channel_gate_heuristic(16, 4, 64, torch.float32) for r in tuned)
+
+
+@needs_kernels
+def test_fp32_precision_is_part_of_the_channel_gate_key(gpu_mode, monkeypatch, device):
+    """A config tuned with ieee fp32 dots is not reused once the user allows TF32 (and back)."""
+    from gam_triton import _runtime
+    from gam_triton.channel_gate import channel_gate
+
+    calls = counting_bench_ms(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=g).to(device)
+    w1, b1 = torch.randn(4, 16, generator=g).to(device), torch.randn(4, generator=g).to(device)
+    w2, b2 = torch.randn(16, 4, generator=g).to(device), torch.randn(16, generator=g).to(device)
+    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: False)
+    channel_gate(x, w1, b1, w2, b2, True)
+    n = len(calls)
+    channel_gate(x, w1, b1, w2, b2, True)
+    assert len(calls) == n  # same precision: the tuned config is reused
+    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: True)
+    channel_gate(x, w1, b1, w2, b2, True)
+    assert len(calls) > n  # TF32 allowed: another key, tuned anew
+    keys = set(cache_json()["entries"]["channel_gate"])
+    assert {k.rsplit(",", 1)[1] for k in keys} == {"ieee", "tf32"}
 
 
 # -- guards -------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ The rest of the suite also runs on the GPU when CUDA is present and TRITON_INTER
 ``device`` fixture is then "cuda"); this file adds what only a GPU can show: bf16 through the compiled
 tl.dot, YOLO-sized channel counts, TF32 following PyTorch's flag, CUDA-graph capture, 64-bit offsets.
 """
+import os
+
 import pytest
 import torch
 
@@ -124,3 +126,63 @@ def test_int64_offsets_beyond_2_pow_31_elements():
     a = torch.relu(xd @ w1.double().t()) @ w2.double().t()
     want = tail.double() * torch.sigmoid(a.permute(0, 3, 1, 2))
     assert_close(out[-1:, :, -8:, :], want.cpu(), torch.float16)
+
+
+def test_fp32_dots_follow_the_new_precision_api():
+    """``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9) is read as well as ``allow_tf32``, and
+    setting it does not break the launch (reading allow_tf32 raises once it is set)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision API (added in torch 2.9)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 256, 20, 20, device="cuda", generator=g)
+    w1 = torch.randn(64, 256, device="cuda", generator=g) / 16
+    w2 = torch.randn(256, 64, device="cuda", generator=g) / 8
+    b1, b2 = torch.zeros(64, device="cuda"), torch.zeros(256, device="cuda")
+    xd = x.double().permute(0, 2, 3, 1)
+    want = x.double() * torch.sigmoid((torch.relu(xd @ w1.double().t()) @ w2.double().t()).permute(0, 3, 1, 2))
+    old_legacy, old_new = matmul.allow_tf32, (torch.backends.fp32_precision, matmul.fp32_precision)
+    try:
+        matmul.fp32_precision = "ieee"
+        err_ieee = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        matmul.fp32_precision = "tf32"
+        err_tf32 = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+    finally:
+        matmul.allow_tf32 = old_legacy
+        torch.backends.fp32_precision, matmul.fp32_precision = old_new
+    assert err_ieee < 1e-5 < err_tf32 < 5e-2
+
+
+def _check_on_device(dev: torch.device) -> None:
+    """GAM (eval, then a train step) on ``dev`` while cuda:0 is current: every kernel launches and tunes
+    on ``dev``, the result is right, the current device is unchanged, the cache is named after ``dev``."""
+    from gam_triton import autotune
+
+    ref = make_ref("yolo_grouped", 64).to(dev).eval()
+    gam = GAM.from_module(ref).eval()
+    x = torch.randn(2, 64, 20, 24, device=dev)
+    torch.cuda.set_device(0)
+    autotune.reset()
+    with torch.no_grad():
+        got = gam(x)
+    assert_close(got, _ref64(ref, x).cpu(), torch.float32, 2.0, f"GAM on {dev}")
+    gam.train()
+    xg = x.clone().requires_grad_(True)
+    out = gam(xg)  # train mode: channel gate, BN + ReLU, final gate (and their tuning) on dev
+    out.square().mean().backward()
+    torch.cuda.synchronize(dev)
+    assert torch.cuda.current_device() == 0
+    assert out.device == dev and xg.grad.device == dev and torch.isfinite(xg.grad).all()
+    assert {r.op for r in autotune.drain_log()} >= {"channel_gate", "final_gate", "bn_relu"}
+    assert os.path.exists(autotune.cache_file(torch.cuda.get_device_name(dev)))
+
+
+def test_runs_on_the_tensors_device():
+    _check_on_device(torch.device("cuda", torch.cuda.device_count() - 1))
+
+
+def test_runs_on_cuda1_while_cuda0_is_current():
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip(f"needs two CUDA devices to run a model on cuda:1 while cuda:0 is current; {n} found")
+    _check_on_device(torch.device("cuda", 1))

@@ -23,7 +23,8 @@ import traffic  # noqa: E402
 
 REQUIRED_COLUMNS = ["device", "torch", "triton", "dtype", "mode", "batch", "channels", "height", "width",
                     "rate", "group", "provider", "ms", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb",
-                    "roofline_frac", "compile_s", "error", "note"]
+                    "roofline_frac", "compile_s", "error", "note", "rounds", "vs_eager", "vs_eager_p20",
+                    "vs_eager_p80", "vs_compile", "spread", "noisy"]
 TINY = ["--quick", "--channels", "16", "--sizes", "4", "--batches", "1", "--group", "grouped",
         "--budget-s", "0.05"]
 
@@ -50,6 +51,14 @@ def test_quick_sweep_writes_csv_and_png_and_resumes(tmp_path):
     errors = df[df["error"] != ""]
     assert errors.empty, errors[["kind", "mode", "provider", "error"]].to_string()
     assert (pd.to_numeric(df["ms"]) > 0).all()
+    assert (pd.to_numeric(df["rounds"]) >= common.MIN_ROUNDS).all()  # interleaved rounds
+    others = df[df["provider"] != "eager"]
+    vs = pd.to_numeric(others["vs_eager"])
+    assert (vs > 0).all() and (pd.to_numeric(others["vs_eager_p20"]) <= vs).all()
+    assert (vs <= pd.to_numeric(others["vs_eager_p80"])).all()
+    assert (pd.to_numeric(df[df["provider"] == "gam_triton"]["vs_compile"]) > 0).all()
+    assert (pd.to_numeric(df["spread"]) >= 1).all() and set(df["noisy"].astype(str)) <= {"True", "False"}
+    assert "per-round" in out
     assert df["device"].eq("cpu").all() and df["note"].str.contains("CPU figures").all()
     comp = df[df["kind"] != "gam"]
     assert (pd.to_numeric(comp["roofline_frac"]) > 0).all()
@@ -209,3 +218,142 @@ def test_analysis_uses_the_newest_versions_only(tmp_path):
     latest = results.latest_run(results.load(str(both)))
     assert set(latest["torch"]) == {"2.11.0"}
     assert "| bf16 | forward | 3 | x2.00 | x1.50 | x1.20 |" in summary.summarize(results.load(str(both)))
+
+
+# -- interleaved rounds ----------------------------------------------------------------------------------------
+class FakeClock:
+    """time.perf_counter stand-in: only the timed functions advance it; a "neighbour" is busy (every call
+    10x slower) between ``busy[0]`` and ``busy[1]`` seconds."""
+
+    def __init__(self, busy):
+        self.t, self.busy = 0.0, busy
+
+    def perf_counter(self):
+        return self.t
+
+    def work(self, seconds):
+        def fn():
+            slow = 10.0 if self.busy[0] <= self.t < self.busy[1] else 1.0
+            self.t += seconds * slow
+        return fn
+
+
+def test_interleaved_rounds_cancel_a_busy_neighbour(monkeypatch):
+    """A neighbour busy for most of the measurement (longer than a round): timed one provider after the
+    other, the speedup reads x0.2 instead of x2; timed in interleaved rounds it reads x2."""
+    busy = (0.03, 0.2)
+    clock = FakeClock(busy)
+    monkeypatch.setattr(common, "time", clock)
+    eager, fast = common.bench(clock.work(0.002), False, budget_s=0.05), common.bench(clock.work(0.001), False,
+                                                                                      budget_s=0.05)
+    assert eager.ms / fast.ms == pytest.approx(0.2)  # the old way: the busy stretch fell on one provider
+
+    clock = FakeClock(busy)
+    monkeypatch.setattr(common, "time", clock)
+    fns = {"eager": (clock.work(0.002), []), "fast": (clock.work(0.001), [])}
+    res = common.bench_interleaved(fns, on_gpu=False, budget_s=0.05)
+    assert len(res.rounds["eager"]) == len(res.rounds["fast"]) == common.ROUNDS
+    assert max(res.rounds["eager"]) == pytest.approx(20.0)  # busy rounds: 10x slower...
+    med, _, _ = common.ratio_stats(res.rounds["eager"], res.rounds["fast"])
+    assert med == pytest.approx(2.0)  # ...but the per-round speedup is read right
+
+
+def test_slow_calls_get_fewer_rounds_but_never_under_the_minimum(monkeypatch):
+    clock = FakeClock(busy=(0, 0))
+    monkeypatch.setattr(common, "time", clock)
+    calls = []
+
+    def slow():
+        calls.append(1)
+        clock.t += 1.0
+
+    res = common.bench_interleaved({"a": (slow, []), "b": (slow, [])}, on_gpu=False, budget_s=0.05)
+    assert len(res.rounds["a"]) == common.MIN_ROUNDS and res.timings["a"].reps == common.MIN_ROUNDS
+    assert len(calls) == 2 * (1 + common.MIN_ROUNDS)  # one warm-up call each, then one call per round
+
+
+def _interleaved(eager, other):
+    t = common.Timing(1.0, 0.9, 1.1, 5)
+    return common.Interleaved({"eager": t, "gam_triton": t}, {"eager": eager, "gam_triton": other})
+
+
+def test_rows_get_per_round_ratios_and_a_noisy_flag():
+    case = type("Case", (), {"bytes": 1000, "flops": 1000})()
+    steady = {"kind": "gam"}
+    sweep._fill_row(steady, "gam_triton", case, _interleaved([2, 4, 2, 6, 2], [1, 2, 1, 3, 1]), 0.0)
+    assert steady["vs_eager"] == 2.0 and steady["spread"] == 1.0 and steady["noisy"] == "False"
+    assert steady["rounds"] == 5
+    shaky = {"kind": "gam"}
+    sweep._fill_row(shaky, "gam_triton", case, _interleaved([2, 2, 2, 2, 2], [1, 4, 1, 4, 1]), 0.0)
+    assert shaky["spread"] > common.NOISY_SPREAD and shaky["noisy"] == "True"
+    ref = {"kind": "gam"}
+    sweep._fill_row(ref, "eager", case, _interleaved([1, 1, 9, 9, 1], [1, 1, 1, 1, 1]), 0.0)
+    assert "vs_eager" not in ref and ref["noisy"] == "True"  # eager's own rounds disagree
+
+
+def test_old_csv_is_upgraded_and_noisy_rows_are_marked(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    _handwritten_csv(csv_path)
+    old_cols = list(pd.read_csv(csv_path).columns)
+    assert "vs_eager" not in old_cols
+    df = results.load(str(csv_path))
+    assert df["vs_eager"].isna().all() and (df["noisy"] == "").all()
+    assert summary.summarize(df).count("flagged noisy") == 0
+    row = dict(pd.read_csv(csv_path).iloc[0].fillna("")) | {"batch": 99, "vs_eager": 2.0, "spread": 3.0,
+                                                             "noisy": "True"}
+    with results.RowWriter(str(csv_path)) as w:  # appending upgrades the header first
+        w.write(row)
+    assert list(pd.read_csv(csv_path).columns) == results.COLUMNS
+    df = results.load(str(csv_path))
+    assert len(df) == len(results.load(str(csv_path))) and (df["noisy"] == "True").sum() == 1
+    assert "1 of" in summary.summarize(df) and "flagged noisy" in summary.summarize(df)
+    assert len(plot.plot_csv(str(csv_path), str(tmp_path / "figs"))) == 3
+
+
+def test_gpu_rounds_use_do_bench_per_round(monkeypatch):
+    """The GPU branch (checked here with a stand-in for do_bench): GPU_ROUNDS rounds, rotating order, the
+    medians over rounds of do_bench's median / p20 / p80."""
+    import triton.testing
+
+    order = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        fn()
+        order.append(fn.__name__)
+        ms = {"eager": 2.0, "fast": 1.0}[fn.__name__] * (1 + len(order))  # later rounds slower: cancels
+        return [ms, ms * 0.9, ms * 1.1]
+
+    def eager():
+        pass
+
+    def fast():
+        pass
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    res = common.bench_interleaved({"eager": (eager, []), "fast": (fast, [])}, on_gpu=True)
+    assert len(res.rounds["eager"]) == common.GPU_ROUNDS
+    assert order[:4] == ["eager", "fast", "fast", "eager"]  # the order rotates
+    assert res.timings["eager"].ms == common._median(res.rounds["eager"])
+    assert res.timings["fast"].ms_p20 < res.timings["fast"].ms < res.timings["fast"].ms_p80
+
+
+def test_resumed_shape_is_timed_with_all_its_providers_but_written_once(tmp_path, monkeypatch):
+    """A shape whose eager row is already in the CSV: eager is timed again in the rounds (the reference of
+    the per-round ratios) but not written a second time."""
+    seen = []
+
+    def fake_group(group, mach, copy_gbps, budget_s):
+        seen.append([s.provider for s in group])
+        return [dict(s.key_fields(mach), ms=1.0, note=mach.note, date=mach.date) for s in group]
+
+    monkeypatch.setattr(sweep, "measure_group", fake_group)
+    monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda on_gpu: 1.0)
+    monkeypatch.setattr(common, "machine", lambda: common.Machine("cpu", False, "t", "x", "3", "d", "", "CPU"))
+    args = ["--quick", "--channels", "16", "--sizes", "4", "--batches", "1", "--group", "grouped", "--kinds", "gam",
+            "--modes", "forward", "--out", str(tmp_path), "--no-plot"]
+    sweep.run(args + ["--providers", "eager"])
+    assert seen == [["eager"]]
+    sweep.run(args + ["--providers", "eager,gam_triton"])
+    assert seen[-1] == ["eager", "gam_triton"]
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(rows["provider"]) == ["eager", "gam_triton"]
