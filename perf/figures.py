@@ -406,7 +406,9 @@ def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bo
     bb = batch_bucket(shape.batch, hw)
     x1_cl = channels_last or (cuda and dt != torch.float32)
     c, cr, d = shape.channels, shape.hidden, str(dt)
-    return {"channel_gate": key_string((c, cr, next_pow2(hw), bb, d, d, channels_last, x1_cl)),
+    from gam_triton._runtime import dot_precision
+
+    return {"channel_gate": key_string((c, cr, next_pow2(hw), bb, d, d, channels_last, x1_cl, dot_precision(dt))),
             "bn_relu": key_string((cr, next_pow2(hw), bb, d, x1_cl)),
             "final_gate": key_string((c, next_pow2(hw), bb, d, d, x1_cl, x1_cl, channels_last, 4))}
 
