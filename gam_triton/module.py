@@ -22,6 +22,7 @@ from ._runtime import autocast_dtype, use_triton
 from .batchnorm import bn_scale_shift, fold_conv_bn, uses_batch_stats
 from .bn_relu import bn_relu
 from .channel_gate import channel_gate
+from .deploy import deploying, foreign_batchnorm, plain_forward
 from .final_gate import final_gate, gate_multiply
 
 __all__ = ["GAM"]
@@ -134,6 +135,20 @@ class GAM(nn.Module):
 
         return gam_from_module(module)
 
+    def to_reference(self) -> nn.Module:
+        """A plain PyTorch module of the public form this configuration is (sharing this GAM's layers);
+        see :func:`gam_triton.deploy.to_reference` and :func:`gam_triton.revert`."""
+        from .deploy import to_reference
+
+        return to_reference(self)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles do not carry the eval-constant cache (its keys are this process's pointers)."""
+        state = super().__getstate__()
+        if "_eval_cache" in state:
+            state["_eval_cache"] = {}
+        return state
+
     # -- input checks ----------------------------------------------------------------------------------
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -179,6 +194,8 @@ class GAM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if deploying() or foreign_batchnorm(self):  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
+            return plain_forward(self, x)  # checks x too
         self._check_input(x)
         fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
         conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))

@@ -9,6 +9,9 @@ users already have in their models (see ``shared/GAM_NOTES.md``):
 * :class:`PaperGAM` - form 2, the paper: sigmoid on both branches, no grouping, no shuffle.
 * :class:`SeedGAM`  - form 3, the blog post the project was seeded from: children ``fc1``/``fc2`` and
   ``conv1``/``bn``/``conv2``/``bn1``; its channel sigmoid is built but never applied.
+* :class:`PlainGAM` - not a public form: the same layers and names as forms 1 and 2 with every option of
+  :class:`gam_triton.GAM` (kernel size, grouping, channel sigmoid, shuffle groups); what
+  :func:`gam_triton.revert` gives for a configuration no public form has.
 
 Nothing here is fast on purpose: the permutes and separate elementwise passes are what users pay today.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "channel_shuffle"]
+__all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "channel_shuffle"]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -27,15 +30,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
-def _sequential_layers(c1: int, c2: int, rate: int, group: bool) -> tuple[nn.Sequential, nn.Sequential]:
+def _sequential_layers(c1: int, c2: int, rate: int, group: bool,
+                       kernel_size: int = 7) -> tuple[nn.Sequential, nn.Sequential]:
     cr = c1 // rate
     groups = rate if group else 1
+    k = kernel_size
     channel = nn.Sequential(nn.Linear(c1, cr), nn.ReLU(inplace=True), nn.Linear(cr, c1))
     spatial = nn.Sequential(
-        nn.Conv2d(c1, cr, kernel_size=7, padding=3, groups=groups),
+        nn.Conv2d(c1, cr, kernel_size=k, padding=k // 2, groups=groups),
         nn.BatchNorm2d(cr),
         nn.ReLU(inplace=True),
-        nn.Conv2d(cr, c2, kernel_size=7, padding=3, groups=groups),
+        nn.Conv2d(cr, c2, kernel_size=k, padding=k // 2, groups=groups),
         nn.BatchNorm2d(c2),
     )
     return channel, spatial
@@ -120,3 +125,32 @@ class SeedGAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial_attention(self.channel_attention(x))
+
+
+class PlainGAM(nn.Module):
+    """Every configuration of :class:`gam_triton.GAM` in plain PyTorch (forms 1 and 2 are special cases).
+
+    Same layers and parameter names as forms 1 and 2; ``shuffle_groups`` None or 0 means no shuffle.
+    """
+
+    def __init__(self, in_channels: int, rate: int = 4, kernel_size: int = 7, group: bool = False,
+                 channel_sigmoid: bool = True, shuffle_groups: int | None = None) -> None:
+        super().__init__()
+        self.channel_sigmoid = channel_sigmoid
+        self.shuffle_groups = shuffle_groups
+        self.channel_attention, self.spatial_attention = _sequential_layers(
+            in_channels, in_channels, rate, group, kernel_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_permute = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        x_att_permute = self.channel_attention(x_permute).view(b, h, w, c)
+        x_channel_att = x_att_permute.permute(0, 3, 1, 2)
+        if self.channel_sigmoid:
+            x_channel_att = x_channel_att.sigmoid()
+        x = x * x_channel_att
+        x_spatial_att = self.spatial_attention(x).sigmoid()
+        if self.shuffle_groups:
+            x_spatial_att = channel_shuffle(x_spatial_att, self.shuffle_groups)
+        return x * x_spatial_att
