@@ -70,9 +70,7 @@ def _dynamo_onnx_on_stack() -> bool:
     return False
 
 
-def _is_exporting() -> bool:
-    fn = getattr(torch.compiler, "is_exporting", None)
-    return bool(fn()) if fn is not None else False
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch.compiler.is_exporting: 2.7+
 
 
 def deploying() -> bool:
@@ -94,8 +92,12 @@ def foreign_batchnorm(gam: nn.Module) -> bool:
     """True when a BatchNorm of ``gam`` that uses batch statistics is not a plain ``nn.BatchNorm2d``
     (e.g. after ``nn.SyncBatchNorm.convert_sync_batchnorm``): only the module itself knows how to
     normalise then, so GAM runs :func:`plain_forward`, which calls it."""
-    sa = gam.spatial_attention
-    return any(type(bn) is not nn.BatchNorm2d and uses_batch_stats(bn) for bn in (sa[1], sa[4]))
+    layers = gam.spatial_attention._modules  # indexing the Sequential costs microseconds per call
+    for key in ("1", "4"):
+        bn = layers[key]
+        if type(bn) is not nn.BatchNorm2d and uses_batch_stats(bn):
+            return True
+    return False
 
 
 def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
@@ -135,7 +137,7 @@ def _own_state() -> frozenset:
     if _OWN_STATE is None:
         from .module import GAM
 
-        _OWN_STATE = frozenset(vars(GAM(4, rate=1)))
+        _OWN_STATE = frozenset(vars(GAM(16)))
     return _OWN_STATE
 
 
@@ -192,6 +194,8 @@ def to_reference(gam: nn.Module) -> nn.Module:
             setattr(ref, name, value)
         elif "hooks" in name and isinstance(value, dict) and isinstance(getattr(ref, name, None), dict):
             getattr(ref, name).update((k, h) for k, h in value.items() if not _is_rename_hook(h))
+    if gam._backward_hooks:  # which kind of backward hooks they are
+        ref._is_full_backward_hook = gam._is_full_backward_hook
     return ref
 
 
