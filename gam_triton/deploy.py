@@ -167,10 +167,12 @@ def to_reference(gam: nn.Module) -> nn.Module:
     YOLO form (identity channel gate, shuffle 4, 7x7) -> :class:`YoloGAM`; paper form -> :class:`PaperGAM`;
     identity gate without shuffle or grouping -> :class:`SeedGAM` (the seed's children names ``fc1``...);
     anything else -> :class:`PlainGAM`. The new module SHARES ``gam``'s layers (the same Linear, Conv2d and
-    BatchNorm objects: parameters, buffers, BN settings, hooks on them), takes its mode, its forward and
-    state-dict hooks (except GAM's own seed-name renamer) and the instance attributes that GAM itself does
-    not define (e.g. the ``f``, ``i``, ``type`` attributes a YOLO parser puts on its layers).
+    BatchNorm objects: parameters, buffers, BN settings, hooks on them) and, as :func:`gam_triton.convert`
+    does the other way (:func:`~gam_triton.convert.carry_over`), takes its mode, its hook tables (the same
+    dict objects, so handles still remove hooks; GAM's own seed-name renamer excepted) and the instance
+    attributes that GAM itself does not define (e.g. the ``f``, ``i``, ``type`` a YOLO parser sets).
     """
+    from .convert import carry_over
     from .module import GAM
 
     if not isinstance(gam, GAM):
@@ -184,18 +186,15 @@ def to_reference(gam: nn.Module) -> nn.Module:
             setattr(ref.spatial_attention, name, sa[i])
     else:
         ref.channel_attention, ref.spatial_attention = ca, sa
-    shared = set(gam.modules())
-    for m in ref.modules():  # the mode of the new modules only: the shared layers keep theirs
-        if m not in shared:
-            m.training = gam.training
     own = _own_state()
-    for name, value in vars(gam).items():
-        if name not in own:  # attributes put on the GAM from outside (e.g. a YOLO parser's f, i, type)
-            setattr(ref, name, value)
-        elif "hooks" in name and isinstance(value, dict) and isinstance(getattr(ref, name, None), dict):
-            getattr(ref, name).update((k, h) for k, h in value.items() if not _is_rename_hook(h))
-    if gam._backward_hooks:  # which kind of backward hooks they are
-        ref._is_full_backward_hook = gam._is_full_backward_hook
+    before = set(vars(ref))
+    carry_over(gam, ref)  # what convert() carried from the original block, carried back
+    for name in own & (set(vars(ref)) - before):  # GAM's own configuration and cache stay with GAM
+        delattr(ref, name)
+    table = ref._load_state_dict_pre_hooks
+    if any(_is_rename_hook(h) for h in table.values()):  # GAM's seed-name renamer stays with GAM
+        object.__setattr__(ref, "_load_state_dict_pre_hooks",
+                           type(table)((k, h) for k, h in table.items() if not _is_rename_hook(h)))
     return ref
 
 

@@ -201,6 +201,33 @@ def test_revert_gives_the_original_form(form, path):
         assert_close(again(x), got, torch.float32, what="converted again")
 
 
+def test_revert_mirrors_convert_in_detector_code(path):
+    """A YOLO-yaml-style model (layers routed by ``m.f``): convert, then revert; the original class comes
+    back with the parser's attributes, the user's hooks (their handles still work) and the same outputs;
+    nothing of GAM's own (configuration, eval cache, seed-name renamer) is left on it."""
+    from test_convert_attributes import YamlModel
+
+    torch.manual_seed(0)
+    model = randomise(YamlModel(), 4).to(path).eval()
+    want = f64(model)
+    fired = []
+    handle = model.model[1].register_forward_hook(lambda m, a, o: fired.append(type(m).__name__))
+    x = make_input(2, 3, 6, 5, torch.float32, path, False)
+    with torch.no_grad():
+        convert(model)(x)
+        back = revert(model).model[1]
+        got = model(x)
+    assert type(back) is YoloGAM and (back.f, back.i, back.type) == (-1, 1, "gam_triton.reference.YoloGAM")
+    assert fired == ["GAM", "YoloGAM"]
+    handle.remove()
+    with torch.no_grad():
+        model(x)
+    assert fired == ["GAM", "YoloGAM"], "the user's handle removes the hook from the reverted block"
+    assert not {"in_channels", "rate", "_eval_cache"} & set(vars(back))
+    assert not back._load_state_dict_pre_hooks
+    assert_close(got, want(x.cpu().double()), torch.float32, what="reverted model vs original")
+
+
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=5, shuffle_groups=2), dict(group=True, rate=2)],
                          ids=["k5_shuffle2", "grouped_sigmoid"])
 def test_revert_of_a_configuration_no_form_has(kwargs, path):
