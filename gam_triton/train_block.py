@@ -24,6 +24,7 @@ tensors written), and their aten ops are counted by re-entering the counter (see
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -45,17 +46,28 @@ if HAS_TRITON:
     from .kernels.batchnorm import bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_kernel
     from .kernels.channel_gate_bwd import channel_gate_bwd_kernel
 
-__all__ = ["gam_train_block", "LAUNCH_HOOKS", "FWD_OPS"]
+__all__ = ["gam_train_block", "LAUNCH_HOOKS", "LAUNCH_SCOPES", "OPS"]
 
 #: Callbacks ``hook(name, read_tensors, written_tensors)`` called after each kernel these ops launch.
 LAUNCH_HOOKS: list[Callable] = []
+#: Context-manager factories entered around each kernel launch (a traffic counter pauses itself there: the
+#: interpreter's copies of the kernel arguments are not the kernel's traffic).
+LAUNCH_SCOPES: list[Callable] = []
 #: Names of the ops here, for counters that expand them into their launches.
-FWD_OPS = ("gam_triton::train_block_fwd", "gam_triton::train_block_bwd")
+OPS = ("gam_triton::train_block_fwd", "gam_triton::train_block_bwd")
 
 
-def _note(name: str, read, written) -> None:
-    for hook in LAUNCH_HOOKS:
-        hook(name, read, written)
+@contextlib.contextmanager
+def _kernel(name: str, read, written: Callable[[], tuple]):
+    """Around one kernel launch: the scopes entered, then the hooks told (``written()`` after the launch)."""
+    with contextlib.ExitStack() as stack:
+        for scope in LAUNCH_SCOPES:
+            stack.enter_context(scope())
+        yield
+    if LAUNCH_HOOKS:
+        w = written()
+        for hook in LAUNCH_HOOKS:
+            hook(name, read, w)
 
 
 def _empty(device) -> torch.Tensor:
@@ -70,7 +82,7 @@ def _reduce_geometry(c: int, n: int, cfg: Config) -> tuple[int, int, int, int]:
     return n_parts, n_cb, block_q, cdiv(n_parts, block_q)
 
 
-def _reduce_config(op: str, y: torch.Tensor, extra: tuple) -> Config:  # noqa: D401
+def _reduce_config(op: str, y: torch.Tensor, extra: tuple) -> Config:
     """Heuristic / tuned tile of a BatchNorm reduction over y. Not benchmarked (the kernel bumps counters
     that must start at zero): the heuristic unless a tuned entry exists."""
     c, n = y.shape[1], y.shape[0] * y.shape[2] * y.shape[3]
@@ -100,13 +112,15 @@ def bn_stats(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
     yv, syb, syc, syp = bchw_view(y)
     dummy = stats
-    launcher(bn_stats_kernel)[(n_parts, n_cb)](
-        yv, part, counts, stats, dummy if weight is None else weight, dummy if bias is None else bias,
-        *(t if update else dummy for t in running), n, h * w, c, syb, syc, syp, float(eps), float(max(momentum, 0.0)),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update), CUMULATIVE=momentum < 0,
-        BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _note("bn_stats", (y, weight, bias, *running), (stats, *running) if update else (stats,))
+    written = (stats, part, counts, *running) if update else (stats, part, counts)
+    with _kernel("bn_stats", (y, weight, bias, counts, *running), lambda: written):
+        launcher(bn_stats_kernel)[(n_parts, n_cb)](
+            yv, part, counts, stats, dummy if weight is None else weight, dummy if bias is None else bias,
+            *(t if update else dummy for t in running), n, h * w, c, syb, syc, syp, float(eps),
+            float(max(momentum, 0.0)),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update), CUMULATIVE=momentum < 0,
+            BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return stats
 
 
@@ -134,13 +148,13 @@ def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch
     else:
         xv, sxb, sxc, sxp = bchw_view(x1)
     cpg = c // shuffle if shuffle else c
-    launcher(bn_bwd_reduce_kernel)[(n_parts, n_cb)](
-        gv, xv, yv, stats, part, counts, coef, coef if dweight is None else dweight,
-        coef if dbias is None else dbias, n, hw, c, cpg, sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp,
-        MODE=mode, SHUFFLE_G=shuffle, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-        BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _note("bn_bwd_reduce", (g, x1, y), (coef, dweight, dbias))
+    with _kernel("bn_bwd_reduce", (g, x1, y, stats, counts), lambda: (part, counts, coef, dweight, dbias)):
+        launcher(bn_bwd_reduce_kernel)[(n_parts, n_cb)](
+            gv, xv, yv, stats, part, counts, coef, coef if dweight is None else dweight,
+            coef if dbias is None else dbias, n, hw, c, cpg, sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp,
+            MODE=mode, SHUFFLE_G=shuffle, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
+            BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     dy = new_output(y, y.dtype, is_channels_last(y))
     dx1 = None if mode == 0 else new_output(x1, x1.dtype, is_channels_last(x1))
@@ -153,18 +167,22 @@ def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch
         seb, sec, sep = sdb, sdc, sdp
     else:
         _, seb, sec, sep = bchw_view(dx1)
-    launcher(bn_bwd_apply_kernel)[(cdiv(n, acfg.BLOCK_P), cdiv(c, acfg.BLOCK_C))](
-        gv, xv, yv, stats, coef, dy, dy if dx1 is None else dx1, n, hw, c, cpg,
-        sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp, sdb, sdc, sdp, seb, sec, sep,
-        MODE=mode, SHUFFLE_G=shuffle, **acfg.launch_kwargs())
-    _note("bn_bwd_apply", (g, x1, y), (dy, dx1))
+    with _kernel("bn_bwd_apply", (g, x1, y, stats, coef), lambda: (dy, dx1)):
+        launcher(bn_bwd_apply_kernel)[(cdiv(n, acfg.BLOCK_P), cdiv(c, acfg.BLOCK_C))](
+            gv, xv, yv, stats, coef, dy, dy if dx1 is None else dx1, n, hw, c, cpg,
+            sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp, sdb, sdc, sdp, seb, sec, sep,
+            MODE=mode, SHUFFLE_G=shuffle, **acfg.launch_kwargs())
     return dy, dx1, dweight, dbias
 
 
 # --- channel gate backward ---------------------------------------------------------------------------------
 def channel_gate_backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tensor,
-                          b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool) -> tuple:
-    """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb."""
+                          b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool,
+                          counts: torch.Tensor) -> tuple:
+    """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb.
+
+    One kernel (dx, the (da | dh) and h rows, the bias gradients; ``counts``: one zeroed int32 counter),
+    then dW2 = da^T h and dW1 = dh^T x as GEMMs (one mm each; NCHW with B > 1: a bmm and a sum)."""
     bsz, c, h, w = x.shape
     hw, n, cr = h * w, bsz * h * w, w1.shape[0]
     wdt = w1.dtype
@@ -178,21 +196,29 @@ def channel_gate_backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w
     bv, sbb, sbc, sbp = bchw_view(gb)
     _, sdb, sdc, sdp = bchw_view(dx)
 
-    def launch(cfg: Config) -> None:
-        launcher(channel_gate_bwd_kernel)[(bsz * cdiv(hw, cfg.BLOCK_P),)](
-            xv, av, bv, w1, b1, w2, b2, dx, dah, hid, hw, c, cr,
+    db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
+    block_f = min(128, next_pow2(c + cr))
+
+    def launch(cfg: Config) -> torch.Tensor:
+        n_prog = bsz * cdiv(hw, cfg.BLOCK_P)
+        block_q = min(64, next_pow2(n_prog))
+        bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
+        launcher(channel_gate_bwd_kernel)[(n_prog,)](
+            xv, av, bv, w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, hw, c, cr,
             sxb, sxc, sxp, sab, sac, sap, sbb, sbc, sbp, sdb, sdc, sdp,
             SIGMOID=sigmoid, DOT_F32=INTERPRET or wdt == torch.float32, INPUT_PRECISION=dot_precision(wdt),
-            N_CHUNKS=cdiv(c, cfg.BLOCK_C), **cfg.launch_kwargs())
+            N_CHUNKS=cdiv(c, cfg.BLOCK_C), BLOCK_Q=block_q, N_Q_CHUNKS=cdiv(n_prog, block_q),
+            BLOCK_F=block_f, N_F_CHUNKS=cdiv(c + cr, block_f), **cfg.launch_kwargs())
+        return bpart
 
     cfg = autotune.select("channel_gate_bwd", key, heur, lambda: channel_gate_bwd_candidates(c, cr, hw, x.dtype),
                           lambda cfg: autotune.bench_ms(lambda: launch(cfg)))
-    launch(cfg)
-    _note("channel_gate_bwd", (x, ga, gb, w1, b1, w2, b2), (dx, dah, hid))
+    parts = []
+    with _kernel("channel_gate_bwd", (x, ga, gb, w1, b1, w2, b2, counts),
+                 lambda: (dx, dah, hid, parts[0], db1, db2)):
+        parts.append(launch(cfg))
     da, dh = dah[:, :c], dah[:, c:]
     dw2 = torch.mm(da.t(), hid)
-    db2 = da.sum(0, dtype=torch.float32).to(b2.dtype)
-    db1 = dh.sum(0, dtype=torch.float32).to(b1.dtype)
     if is_channels_last(x) or bsz == 1:
         xf = x.permute(0, 2, 3, 1).reshape(n, c)  # a view for channels_last and for B = 1 NCHW
         dw1 = torch.mm(dh.t(), xf if xf.dtype == wdt else xf.to(wdt))
@@ -212,22 +238,28 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
               rm2: torch.Tensor, rv2: torch.Tensor, nbt2: torch.Tensor, sigmoid: bool, pad: int, groups: int,
               shuffle: int, eps1: float, eps2: float, mom1: float, mom2: float, update1: bool, update2: bool,
               x1_cl: bool, out_cl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x1 = _channel_gate_impl(x, w1, b1, w2, b2, sigmoid, x1_cl)
-    _note("channel_gate", (x, w1, b1, w2, b2), (x1,))
+                                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+    res = {}
+    with _kernel("channel_gate", (x, w1, b1, w2, b2), lambda: (res["x1"],)):
+        res["x1"] = _channel_gate_impl(x, w1, b1, w2, b2, sigmoid, x1_cl)
+    x1 = res["x1"]
     cast = x1.dtype != k1.dtype
     x1c = x1.to(k1.dtype) if cast else x1
     y1 = F.conv2d(x1c, k1, kb1, padding=pad, groups=groups)
     n1, n2 = counter_slots(y1.shape[1]), counter_slots(x.shape[1])
-    counts = torch.zeros(n1 + n2, dtype=torch.int32, device=x.device)
+    # counters of every reduction of the forward and the backward (the kernels leave them zero)
+    counts = torch.zeros(n1 + n2 + 1, dtype=torch.int32, device=x.device)
     stats1 = bn_stats(y1, g1, be1, (rm1, rv1, nbt1), eps1, mom1, update1, counts[:n1])
-    z1 = _bn_relu_impl(y1, stats1[2], stats1[3])
-    _note("bn_relu", (y1, stats1), (z1,))
+    with _kernel("bn_relu", (y1, stats1), lambda: (res["z1"],)):
+        res["z1"] = _bn_relu_impl(y1, stats1[2], stats1[3])
+    z1 = res["z1"]
     y2 = F.conv2d(z1, k2, kb2, padding=pad, groups=groups)
-    stats2 = bn_stats(y2, g2, be2, (rm2, rv2, nbt2), eps2, mom2, update2, counts[n1:])
-    out = _final_gate_impl(x1, y2, stats2[2], stats2[3], shuffle, out_cl)
-    _note("final_gate", (x1, y2, stats2), (out,))
-    return out, x1, (x1c if cast else _empty(x.device)), y1, z1, y2, stats1, stats2
+    stats2 = bn_stats(y2, g2, be2, (rm2, rv2, nbt2), eps2, mom2, update2, counts[n1:n1 + n2])
+    with _kernel("final_gate", (x1, y2, stats2), lambda: (res["out"],)):
+        res["out"] = _final_gate_impl(x1, y2, stats2[2], stats2[3], shuffle, out_cl)
+    out = res["out"]
+    return out, x1, (x1c if cast else _empty(x.device)), y1, z1, y2, stats1, stats2, counts
 
 
 def _fwd_fake(x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, rm1, rv1, nbt1, rm2, rv2, nbt2, sigmoid,
@@ -245,8 +277,9 @@ def _fwd_fake(x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, rm1, rv1, n
     y2 = torch.empty((b, c, h, w), dtype=k2.dtype, device=x.device, memory_format=fmt2)
     ofmt = torch.channels_last if out_cl else torch.contiguous_format
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, k2.dtype), memory_format=ofmt)
+    slots = counter_slots(cr) + counter_slots(c) + 1
     return (out, x1, x1c, y1, z1, y2, x.new_empty((4, cr), dtype=torch.float32),
-            x.new_empty((4, c), dtype=torch.float32))
+            x.new_empty((4, c), dtype=torch.float32), x.new_empty((slots,), dtype=torch.int32))
 
 
 _GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2", "dk1", "dkb1", "dk2", "dkb2", "dg1", "dbe1", "dg2", "dbe2")
@@ -262,23 +295,23 @@ def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
               b2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, g1: Optional[torch.Tensor],
               be1: Optional[torch.Tensor], g2: Optional[torch.Tensor], be2: Optional[torch.Tensor],
               x1: torch.Tensor, x1c: torch.Tensor, y1: torch.Tensor, z1: torch.Tensor, y2: torch.Tensor,
-              stats1: torch.Tensor, stats2: torch.Tensor, sigmoid: bool, pad: int, groups: int, shuffle: int,
-              has_kb1: bool, has_kb2: bool) -> list[torch.Tensor]:
-    n2 = counter_slots(y2.shape[1])
-    counts = torch.zeros(n2 + counter_slots(y1.shape[1]), dtype=torch.int32, device=x.device)
+              stats1: torch.Tensor, stats2: torch.Tensor, counts: torch.Tensor, sigmoid: bool, pad: int,
+              groups: int, shuffle: int, has_kb1: bool, has_kb2: bool) -> list[torch.Tensor]:
+    n1, n2 = counter_slots(y1.shape[1]), counter_slots(y2.shape[1])  # the forward's counters, zero again
     dy2, dx1_gate, dg2, dbe2 = bn_backward(1, dout, x1, y2, stats2, g2, be2, shuffle, counts[:n2])
     dz1, dk2, dkb2 = _conv_backward(dy2, z1, k2, has_kb2, pad, groups)
-    dy1, _, dg1, dbe1 = bn_backward(0, dz1, None, y1, stats1, g1, be1, 0, counts[n2:])
+    dy1, _, dg1, dbe1 = bn_backward(0, dz1, None, y1, stats1, g1, be1, 0, counts[n2:n2 + n1])
     conv_in = x1c if x1c.numel() else x1
     dx1_conv, dk1, dkb1 = _conv_backward(dy1, conv_in, k1, has_kb1, pad, groups)
-    dx, dw1, db1, dw2, db2 = channel_gate_backward(x, dx1_gate, dx1_conv, w1, b1, w2, b2, sigmoid)
+    dx, dw1, db1, dw2, db2 = channel_gate_backward(x, dx1_gate, dx1_conv, w1, b1, w2, b2, sigmoid,
+                                                   counts[n1 + n2:])
     empty = _empty(x.device)
     grads = [dx, dw1, db1, dw2, db2, dk1, dkb1, dk2, dkb2, dg1, dbe1, dg2, dbe2]
     return [empty.clone() if t is None else t for t in grads]
 
 
-def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2, sigmoid,
-              pad, groups, shuffle, has_kb1, has_kb2):
+def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2, counts,
+              sigmoid, pad, groups, shuffle, has_kb1, has_kb2):
     def like(t):
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
@@ -295,11 +328,12 @@ class _TrainBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, running: tuple, args: tuple):
-        out, x1, x1c, y1, z1, y2, stats1, stats2 = _fwd_op(x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2,
-                                                           *running, *args)
+        out, x1, x1c, y1, z1, y2, stats1, stats2, counts = _fwd_op(
+            x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, *running, *args)
         sigmoid, pad, groups, shuffle = args[:4]
         ctx.args = (sigmoid, pad, groups, shuffle, kb1 is not None, kb2 is not None)
-        ctx.save_for_backward(x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2)
+        ctx.save_for_backward(x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2,
+                              counts)
         return out
 
     @staticmethod
@@ -333,7 +367,7 @@ def _define(name, impl, fake, mutates):
 
 if HAS_TRITON:
     _fwd_op = _define("train_block_fwd", _fwd_impl, _fwd_fake, _RUNNING)
-    _bwd_op = _define("train_block_bwd", _bwd_impl, _bwd_fake, ())
+    _bwd_op = _define("train_block_bwd", _bwd_impl, _bwd_fake, ("counts",))
 
 
 def _bn_args(bn: nn.BatchNorm2d, device) -> tuple:

@@ -6,7 +6,7 @@ flat pixel index n = b * HW + p over the N = B*HW values of each channel. Each k
 partials, stores them, and bumps an integer counter of its channel block (no float atomics). The program
 that finds itself last combines the partials of its channel block in a fixed order (deterministic: the
 result does not depend on which program finished last) and writes the per-channel results. The counters
-(int32, ``cdiv(C, BLOCK_C) + 1`` of them) must be zero at launch.
+(int32, ``cdiv(C, BLOCK_C) + 1`` of them) must be zero at launch; the kernels leave them zero.
 
 * :func:`bn_stats_kernel` - forward statistics. Per tile: mean and M2 = sum (y - mean)^2 in fp32 (no fp32
   copy of y); combined with Chan's parallel formula (M2 = sum M2_i + sum n_i (mean_i - mean)^2), which
@@ -117,6 +117,7 @@ def bn_stats_kernel(
         shift = -mean * scale
         if HAS_BIAS:
             shift += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(count_ptr + pid_c, 0)  # left zeroed for the next reduction that uses it
         tl.store(stats_ptr + offs_c, mean, mask=c_mask)
         tl.store(stats_ptr + C + offs_c, invstd, mask=c_mask)
         tl.store(stats_ptr + 2 * C + offs_c, scale, mask=c_mask)
@@ -138,6 +139,7 @@ def bn_stats_kernel(
             finished = tl.atomic_add(count_ptr + n_cblocks, 1, sem="acq_rel")
             if finished == n_cblocks - 1:
                 tl.store(nbt_ptr, nbt + 1)
+                tl.store(count_ptr + n_cblocks, 0)
 
 
 @triton.jit
@@ -200,6 +202,7 @@ def bn_bwd_reduce_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr + pid_c, 1, sem="acq_rel")
     if done == n_parts - 1:
+        tl.store(count_ptr + pid_c, 0)  # left zeroed for the next reduction that uses it
         sum_dt = _sum_partials(part_ptr, 0, offs_c, c_mask, C, n_parts, BLOCK_Q, N_Q_CHUNKS, BLOCK_C)
         sum_dtx = _sum_partials(part_ptr, 1, offs_c, c_mask, C, n_parts, BLOCK_Q, N_Q_CHUNKS, BLOCK_C)
         tl.store(coef_ptr + offs_c, sum_dt / N, mask=c_mask)

@@ -8,10 +8,12 @@ Per pixel p, with dx1 = dx1_gate + dx1_conv (x1's two consumers, summed here as 
     dh  = (W2^T da) * [W1 x + b1 > 0]
     dx  = dx1 * g + W1^T dh
 
-The weight gradients are GEMMs over the pixels (dW2 = da^T h, dW1 = dh^T x, db2 = sum da, db1 = sum dh), run
-by cuBLAS on the rows this kernel writes: ``dah`` [B*HW, C + CR] = (da | dh) and ``h`` [B*HW, CR] (row
-n = b * HW + p, the weights' dtype). Split-K partials of the whole C x CR matrix per program would not fit
-at C = 1024, C/r = 256; the GEMM reads each row once.
+The weight gradients are GEMMs over the pixels (dW2 = da^T h, dW1 = dh^T x), run by cuBLAS on the rows this
+kernel writes: ``dah`` [B*HW, C + CR] = (da | dh) and ``h`` [B*HW, CR] (row n = b * HW + p, the weights'
+dtype). Split-K partials of the whole C x CR matrix per program would not fit at C = 1024, C/r = 256; the
+GEMM reads each row once. The bias gradients db2 = sum da, db1 = sum dh are reduced here: each program
+stores its column sums (fp32, [n_programs, C + CR]), bumps an integer counter (zero at launch, left zero),
+and the last program sums the partials in a fixed order (deterministic) into db2, db1 (the biases' dtype).
 
 Reads x three times per C chunk pass (pass 1, pass 2 and pass 3; from L2 after the first when C fits a few
 chunks), dx1_gate and dx1_conv twice, W1/W2/b1/b2 (cached); writes dx (B*C*HW), dah (B*HW*(C+CR)) and h
@@ -40,6 +42,7 @@ def _gate_pre(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID: tl.constexpr,
 @triton.jit
 def channel_gate_bwd_kernel(
     x_ptr, ga_ptr, gb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dx_ptr, dah_ptr, h_ptr,
+    bpart_ptr, count_ptr, db1_ptr, db2_ptr,
     HW, C, CR,
     stride_xb, stride_xc, stride_xp,
     stride_ab, stride_ac, stride_ap,
@@ -48,16 +51,21 @@ def channel_gate_bwd_kernel(
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr, BLOCK_F: tl.constexpr, N_F_CHUNKS: tl.constexpr,
 ):
     """dx and the (da | dh), h rows for BLOCK_P pixels of one image. Grid: (B * cdiv(HW, BLOCK_P),).
 
     ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own strides); dx in x's strides.
     Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16, N_CHUNKS = cdiv(C, BLOCK_C).
+    Bias partials: N_Q_CHUNKS = cdiv(n_programs, BLOCK_Q) row chunks, N_F_CHUNKS = cdiv(C + CR, BLOCK_F) column
+    chunks in the final sum (constexprs: loops over runtime bounds break older interpreters).
     """
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
     pid_b = (pid // n_pblocks).to(tl.int64)
     pid_p = pid % n_pblocks
+    n_prog = tl.num_programs(0)
+    bpart = bpart_ptr + pid.to(tl.int64) * (C + CR)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.arange(0, BLOCK_R)
     p_mask = offs_p < HW
@@ -91,12 +99,15 @@ def channel_gate_bwd_kernel(
         da = d1 * x
         if SIGMOID:
             da = da * g * (1.0 - g)
+        tl.store(bpart + offs_c, tl.sum(da, 0), mask=c_mask)
         da = da.to(wdt)
         tl.store(dah_ptr + rows[:, None] * ld + offs_c[None, :], da, mask=m)
         w2 = tl.load(w2_ptr + offs_c[:, None] * CR + offs_r[None, :],
                      mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
         dh = _dot(da, w2, dh, DOT_F32, INPUT_PRECISION)
-    dh = tl.where(pre > 0, dh, 0.0).to(wdt)
+    dh = tl.where(pre > 0, dh, 0.0)
+    tl.store(bpart + C + offs_r, tl.sum(dh, 0), mask=r_mask)
+    dh = dh.to(wdt)
     tl.store(dah_ptr + rows[:, None] * ld + C + offs_r[None, :], dh, mask=hr_mask)
 
     # Pass 3: dx = dx1 * g + dh W1, per channel chunk (g recomputed rather than kept).
@@ -112,3 +123,21 @@ def channel_gate_bwd_kernel(
         m = p_mask[:, None] & c_mask[None, :]
         tl.store(dx_ptr + pid_b * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :].to(tl.int64) * stride_dc,
                  dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+    # Bias gradients: the last program to finish sums every program's column sums, in program order.
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == n_prog - 1:
+        tl.store(count_ptr, 0)  # left zeroed for the next use
+        for j in range(N_F_CHUNKS):
+            offs_f = j * BLOCK_F + tl.arange(0, BLOCK_F)
+            f_mask = offs_f < C + CR
+            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for i in range(N_Q_CHUNKS):
+                offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+                m = (offs_q < n_prog)[:, None] & f_mask[None, :]
+                v = tl.load(bpart_ptr + (offs_q.to(tl.int64) * (C + CR))[:, None] + offs_f[None, :], mask=m,
+                            other=0.0, cache_modifier=".cg")
+                acc += tl.sum(v, 0)
+            tl.store(db2_ptr + offs_f, acc.to(db2_ptr.dtype.element_ty), mask=offs_f < C)
+            tl.store(db1_ptr + (offs_f - C), acc.to(db1_ptr.dtype.element_ty), mask=f_mask & (offs_f >= C))

@@ -49,6 +49,15 @@ FREE_OPS = {
 }
 
 
+#: gam_triton ops that run several kernels and aten ops: counted op by op and kernel by kernel, not as one.
+EXPANDED_OPS = ("gam_triton::train_block_fwd", "gam_triton::train_block_bwd")
+
+
+def _is_poison(name: str, args) -> bool:
+    """The tests' NaN poisoning of kernel outputs (GAM_TRITON_POISON=1) is no part of the work: free."""
+    return name == "aten::fill_" and len(args) > 1 and isinstance(args[1], float) and args[1] != args[1]
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the memory a tensor spans: broadcast (stride 0) dimensions count once."""
     if t.numel() == 0:
@@ -124,10 +133,12 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = func.name().split(".")[0]
+        if name in EXPANDED_OPS and not self._paused:
+            return self._expand(name, args, kwargs)
         out = func(*args, **kwargs)
         if not self._paused:
-            name = func.name().split(".")[0]
-            if func.is_view or name in FREE_OPS:
+            if func.is_view or name in FREE_OPS or _is_poison(name, args):
                 self.traffic.ops.append(OpRecord(name, 0, 0, 0))
             else:
                 self.record(name, (args, kwargs), out)
@@ -137,6 +148,24 @@ class TrafficCounter(TorchDispatchMode):
         read = sum(tensor_bytes(t) for t in _tensors(inputs))
         written = sum(tensor_bytes(t) for t in _tensors(outputs))
         self.traffic.ops.append(OpRecord(name, launches, read, written))
+
+    def _expand(self, name: str, args, kwargs):
+        """Run a multi-kernel gam_triton op with this counter active inside it: its aten ops are counted as
+        they dispatch, each of its kernels as one launch (reported through ``train_block.LAUNCH_HOOKS``)."""
+        tb = importlib.import_module("gam_triton.train_block")
+        impl = tb._fwd_impl if name == "gam_triton::train_block_fwd" else tb._bwd_impl
+
+        def hook(kernel: str, read, written) -> None:
+            self.record(f"gam_triton::{kernel}", read, written)
+
+        tb.LAUNCH_HOOKS.append(hook)
+        tb.LAUNCH_SCOPES.append(self.paused)
+        try:
+            with self:
+                return impl(*args, **kwargs)
+        finally:
+            tb.LAUNCH_HOOKS.remove(hook)
+            tb.LAUNCH_SCOPES.remove(self.paused)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -174,7 +203,12 @@ def _call(module, shape: Shape, dtype: torch.dtype, device: str, train: bool) ->
                 module(x)
         return fwd
     grad = torch.randn(size, dtype=dtype, device=device)
-    return lambda: module(x).backward(grad)
+
+    def step():  # one training step as an optimizer loop runs it: gradients set to None first (zero_grad)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(grad)
+    return step
 
 
 def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta") -> Traffic:
