@@ -162,40 +162,40 @@ def _nearest(cands: list[Config], ref: Config, limit: Optional[int] = None) -> l
 
 # --- training path (gam_triton/train_block.py) ------------------------------------------------------------
 def bn_reduce_heuristic(C: int, N: int, channels_last: bool) -> Config:
-    """Tile of the BatchNorm reductions (batch statistics, backward sums) over N = B*H*W pixels.
-
-    Longer along the contiguous dimension; at most 4096 elements; in the interpreter few large programs.
-    The finalising program combines cdiv(N, BLOCK_P) partials, so BLOCK_P stays >= 64 off the interpreter.
-    """
+    """Tile of the BatchNorm kernels of the training path (batch statistics, backward sums, backward apply)
+    over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three 64-bit
+    pointer tiles, which spill beyond that), longer along the contiguous dimension; in the interpreter few
+    large programs."""
     if INTERPRET:
         return Config(BLOCK_P=min(1024, max(16, next_pow2(N))), BLOCK_C=min(64, max(16, next_pow2(C))),
                       num_warps=4, num_stages=1)
     if channels_last:
         bc = max(16, min(64, next_pow2(C)))
-        bp = max(16, min(4096 // bc, next_pow2(N)))
+        bp = max(16, min(2048 // bc, next_pow2(N)))
     else:
-        bp = max(16, min(512, next_pow2(N)))
-        bc = max(16, min(4096 // bp, next_pow2(C)))
-    return Config(BLOCK_P=bp, BLOCK_C=bc, num_warps=4, num_stages=1)
+        bp = max(16, min(128, next_pow2(N)))
+        bc = max(16, min(2048 // bp, next_pow2(C)))
+    return Config(BLOCK_P=bp, BLOCK_C=bc, num_warps=8 if bp * bc >= 2048 else 4, num_stages=1)
 
 
 def bn_reduce_candidates(C: int, N: int, channels_last: bool) -> list[Config]:
-    """The elementwise candidates over N pixels with BLOCK_P >= 64 (bounded partial count), nearest first."""
-    out = [c for c in elementwise_candidates(C, N, channels_last) if c.BLOCK_P >= min(64, next_pow2(N))]
+    """The elementwise candidates over N pixels holding at most 16 elements per thread, nearest first."""
+    out = [c for c in elementwise_candidates(C, N, channels_last) if c.BLOCK_P * c.BLOCK_C <= 16 * 32 * c.num_warps]
     heur = bn_reduce_heuristic(C, N, channels_last)
     return _nearest(out, heur) or [heur]
 
 
 def channel_gate_bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Config:
-    """The channel-gate backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) in
-    registers: half the forward's pixel block, channel chunks of at most 64."""
+    """The channel-gate backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and its
+    64-bit pointer tiles in registers: 8 warps, 32 pixels up to C/r = 64 and 16 beyond, channel chunks
+    shrinking as C/r grows (ptxas, sm_90a: 234 registers, no spill at C/r = 64 and 256)."""
     block_r = max(16, next_pow2(CR))
     if INTERPRET:
         return channel_gate_heuristic(C, CR, HW, dtype)
-    block_c = max(16, min(64, next_pow2(C)))
+    block_c = max(16, min(64 if block_r <= 64 else 32 if block_r <= 128 else 16, next_pow2(C)))
     block_p = 32 if block_r <= 64 else 16
     block_p = max(16, min(block_p, next_pow2(HW)))
-    return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4, num_stages=2)
+    return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8, num_stages=2)
 
 
 def channel_gate_bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list[Config]:

@@ -35,7 +35,7 @@ from . import autotune
 from ._runtime import HAS_TRITON, INTERPRET, bchw_view, dot_precision, is_channels_last, launcher, new_output
 from .batchnorm import uses_batch_stats
 from .configs import (Config, bn_reduce_candidates, bn_reduce_heuristic, channel_gate_bwd_candidates,
-                      channel_gate_bwd_heuristic, elementwise_candidates, elementwise_heuristic, next_pow2)
+                      channel_gate_bwd_heuristic, next_pow2)
 
 if HAS_TRITON:
     from triton import cdiv
@@ -78,7 +78,7 @@ def _empty(device) -> torch.Tensor:
 def _reduce_geometry(c: int, n: int, cfg: Config) -> tuple[int, int, int, int]:
     """(n_parts, n_cblocks, BLOCK_Q, N_Q_CHUNKS) of a reduction over n pixels and c channels."""
     n_parts, n_cb = cdiv(n, cfg.BLOCK_P), cdiv(c, cfg.BLOCK_C)
-    block_q = min(128, next_pow2(n_parts))
+    block_q = min(32, next_pow2(n_parts))  # [BLOCK_Q, BLOCK_C] partial tiles in the final sum
     return n_parts, n_cb, block_q, cdiv(n_parts, block_q)
 
 
@@ -160,8 +160,8 @@ def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch
     dx1 = None if mode == 0 else new_output(x1, x1.dtype, is_channels_last(x1))
     cl = is_channels_last(y)
     key = (c, next_pow2(n), str(y.dtype), str(g.dtype), cl, is_channels_last(g), mode, shuffle)
-    acfg = autotune.select("bn_bwd_apply", key, elementwise_heuristic(c, n, cl),
-                           lambda: elementwise_candidates(c, n, cl), None)
+    acfg = autotune.select("bn_bwd_apply", key, bn_reduce_heuristic(c, n, cl),
+                           lambda: bn_reduce_candidates(c, n, cl), None)
     _, sdb, sdc, sdp = bchw_view(dy)
     if dx1 is None:
         seb, sec, sep = sdb, sdc, sdp
@@ -197,11 +197,11 @@ def channel_gate_backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w
     _, sdb, sdc, sdp = bchw_view(dx)
 
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
-    block_f = min(128, next_pow2(c + cr))
+    block_f = min(64, next_pow2(c + cr))
 
     def launch(cfg: Config) -> torch.Tensor:
         n_prog = bsz * cdiv(hw, cfg.BLOCK_P)
-        block_q = min(64, next_pow2(n_prog))
+        block_q = min(32, next_pow2(n_prog))
         bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
         launcher(channel_gate_bwd_kernel)[(n_prog,)](
             xv, av, bv, w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, hw, c, cr,

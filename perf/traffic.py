@@ -274,6 +274,48 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
     return counter.traffic
 
 
+def extrapolated_train_traffic(shape: Shape, dtype: torch.dtype, device: str, heights: Sequence[int] = (2, 4)
+                               ) -> dict[str, tuple[int, float]]:
+    """gam_triton's train-step traffic at ``shape``, per op: {name: (launches, bytes)}, from two counts where
+    the kernels run (small maps of the same batch and channels: heights ``heights``, width 2), extrapolated
+    linearly in the pixel count H*W. Every term is per pixel or constant (weights, per-channel vectors); the
+    partial-sum buffers depend on the tile sizes and are at most a few hundred kB at B16: a counted model,
+    not a measurement. Used where the full shape is too slow to run (the interpreter)."""
+    counts = []
+    for h in heights:
+        small = Shape(shape.batch, shape.channels, h, 2, shape.rate, shape.group)
+        counts.append((h * 2, gam_triton_traffic(small, dtype, "train", device).by_op()))
+    (p0, a), (p1, b) = counts
+    target = shape.height * shape.width
+    out = {}
+    for name in dict.fromkeys(list(a) + list(b)):
+        (la, ba), (lb, bb) = a.get(name, (0, 0)), b.get(name, (0, 0))
+        if la != lb:
+            raise RuntimeError(f"{name}: launches change with the map size ({la} vs {lb}): cannot extrapolate")
+        out[name] = (la, ba + (bb - ba) * (target - p0) / (p1 - p0))
+    return out
+
+
+def train_step_table(shape: Shape, dtype_name: str, device: str) -> str:
+    """Markdown: one training step (forward + backward, gradients set to None first) per op, eager (counted
+    on meta tensors at the full shape) against gam_triton (:func:`extrapolated_train_traffic`)."""
+    dtype = DTYPES[dtype_name]
+    e = eager_traffic(shape, dtype, "train").by_op()
+    g = extrapolated_train_traffic(shape, dtype, device)
+    lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
+             "gam_triton MB |", "|---|---|---|---|---|"]
+    for name in list(dict.fromkeys(list(e) + list(g))):
+        el, eb = e.get(name, (0, 0))
+        gl, gb = g.get(name, (0, 0))
+        lines.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
+    el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
+    lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
+    bw = GPU_BANDWIDTH["H100"]
+    lines.append(f"| floor H100 (bytes / 3.0 TB/s), us | | {et / bw * 1e6:.0f} | | {gt / bw * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
 # --- the tables ----------------------------------------------------------------------------------------------
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
