@@ -291,12 +291,16 @@ def _conv_backward(dy, inp, weight, has_bias: bool, pad: int, groups: int):
         groups, [True, True, has_bias])
 
 
+#: 13 gradients (a fixed tuple: a list output of an op that mutates an input cannot be functionalised)
+_GRADS = tuple[(torch.Tensor,) * 13]
+
+
 def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
               b2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, g1: Optional[torch.Tensor],
               be1: Optional[torch.Tensor], g2: Optional[torch.Tensor], be2: Optional[torch.Tensor],
               x1: torch.Tensor, x1c: torch.Tensor, y1: torch.Tensor, z1: torch.Tensor, y2: torch.Tensor,
               stats1: torch.Tensor, stats2: torch.Tensor, counts: torch.Tensor, sigmoid: bool, pad: int,
-              groups: int, shuffle: int, has_kb1: bool, has_kb2: bool) -> list[torch.Tensor]:
+              groups: int, shuffle: int, has_kb1: bool, has_kb2: bool) -> _GRADS:
     n1, n2 = counter_slots(y1.shape[1]), counter_slots(y2.shape[1])  # the forward's counters, zero again
     dy2, dx1_gate, dg2, dbe2 = bn_backward(1, dout, x1, y2, stats2, g2, be2, shuffle, counts[:n2])
     dz1, dk2, dkb2 = _conv_backward(dy2, z1, k2, has_kb2, pad, groups)
@@ -305,9 +309,8 @@ def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
     dx1_conv, dk1, dkb1 = _conv_backward(dy1, conv_in, k1, has_kb1, pad, groups)
     dx, dw1, db1, dw2, db2 = channel_gate_backward(x, dx1_gate, dx1_conv, w1, b1, w2, b2, sigmoid,
                                                    counts[n1 + n2:])
-    empty = _empty(x.device)
     grads = [dx, dw1, db1, dw2, db2, dk1, dkb1, dk2, dkb2, dg1, dbe1, dg2, dbe2]
-    return [empty.clone() if t is None else t for t in grads]
+    return tuple(torch.empty(0, device=x.device) if t is None else t for t in grads)
 
 
 def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2, counts,
@@ -316,10 +319,10 @@ def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
     dx = torch.empty_like(x)
-    return [dx, like(w1), like(b1), like(w2), like(b2), like(k1),
+    return (dx, like(w1), like(b1), like(w2), like(b2), like(k1),
             x.new_empty((k1.shape[0],), dtype=k1.dtype) if has_kb1 else x.new_empty(0), like(k2),
             x.new_empty((k2.shape[0],), dtype=k2.dtype) if has_kb2 else x.new_empty(0),
-            like(g1), like(be1), like(g2), like(be2)]
+            like(g1), like(be1), like(g2), like(be2))
 
 
 class _TrainBlock(torch.autograd.Function):

@@ -17,6 +17,10 @@ These are compulsory bytes per op: a convolution that re-reads its input from DR
   PyTorch path, so :func:`gam_triton_traffic` swaps each op's PyTorch stand-in for the kernel it replaces
   (one launch, its inputs read once, its output written once) and counts everything else
   (convolutions, ReLU, the BN2 scale/shift vectors) as dispatched. Tests check both agree.
+* gam_triton in train mode (``gam_triton::train_block_fwd`` / ``_bwd``, several kernels and aten ops each):
+  expanded, its aten ops counted as they dispatch and each kernel as one launch with the tensors it reads
+  and writes (:data:`EXPANDED_OPS`). A train step starts from gradients set to None (``zero_grad``), for
+  eager and gam_triton alike; :func:`train_step_table` gives the bytes of a step at a full shape.
 
 The time floor is bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): a bound for a
 memory-bound block, not a prediction; these are computed values, never measurements. Reads nothing,
