@@ -398,7 +398,7 @@ def gam_train_block(x: torch.Tensor, lin: list, sigmoid: bool, conv1: nn.Conv2d,
     in (autocast), default the convolutions' weights'. Raises ValueError for one value per channel.
     """
     n = x.shape[0] * x.shape[2] * x.shape[3]
-    if n <= 1:
+    if n <= 1 and (bn1.training or bn2.training):  # as nn.BatchNorm2d checks
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}")
     w1, b1, w2, b2 = lin
