@@ -187,13 +187,14 @@ def bn_reduce_candidates(C: int, N: int, channels_last: bool) -> list[Config]:
 
 def channel_gate_bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Config:
     """The channel-gate backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and its
-    64-bit pointer tiles in registers: 8 warps, 32 pixels up to C/r = 64 and 16 beyond, channel chunks
-    shrinking as C/r grows (ptxas, sm_90a: 234 registers, no spill at C/r = 64 and 256)."""
+    64-bit pointer tiles in registers: 8 warps, 32 pixels up to C/r = 64 and 16 beyond (fp32: from C/r = 64),
+    channel chunks shrinking as C/r grows (ptxas -v, perf/NOTES.md "Training path": no spill on sm_90a)."""
     block_r = max(16, next_pow2(CR))
     if INTERPRET:
         return channel_gate_heuristic(C, CR, HW, dtype)
-    block_c = max(16, min(64 if block_r <= 64 else 32 if block_r <= 128 else 16, next_pow2(C)))
-    block_p = 32 if block_r <= 64 else 16
+    wide = dtype == torch.float32 and block_r >= 64  # fp32 operand tiles take twice the registers
+    block_c = max(16, min(32 if wide else 64 if block_r <= 64 else 32 if block_r <= 128 else 16, next_pow2(C)))
+    block_p = 16 if (wide or block_r > 64) else 32
     block_p = max(16, min(block_p, next_pow2(HW)))
     return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8, num_stages=2)
 
