@@ -135,7 +135,8 @@ def test_tiny_model_tracks_the_reference_loss_curve(device):
         curves.append(losses)
     want, got = curves
     assert got[-1] < 0.85 * got[0]
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want), rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=2e-3, atol=1e-5)
 
 
 class _Counting:
