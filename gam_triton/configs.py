@@ -192,9 +192,15 @@ def channel_gate_bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> 
     block_r = max(16, next_pow2(CR))
     if INTERPRET:
         return channel_gate_heuristic(C, CR, HW, dtype)
-    wide = dtype == torch.float32 and block_r >= 64  # fp32 operand tiles take twice the registers
-    block_c = max(16, min(32 if wide else 64 if block_r <= 64 else 32 if block_r <= 128 else 16, next_pow2(C)))
-    block_p = 16 if (wide or block_r > 64) else 32
+    fp32 = dtype == torch.float32  # fp32 operand tiles take twice the registers
+    if block_r >= 256 or (fp32 and block_r >= 128):
+        block_c = 16
+    elif block_r >= 128 or (fp32 and block_r >= 64):
+        block_c = 32
+    else:
+        block_c = 64
+    block_c = max(16, min(block_c, next_pow2(C)))
+    block_p = 16 if (block_r > 64 or (fp32 and block_r >= 64)) else 32
     block_p = max(16, min(block_p, next_pow2(HW)))
     return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8, num_stages=2)
 
