@@ -158,3 +158,56 @@ def _nearest(cands: list[Config], ref: Config, limit: Optional[int] = None) -> l
         return (d, c.BLOCK_P, c.BLOCK_C, c.num_warps, c.num_stages)
 
     return sorted(cands, key=dist)[: limit or MAX_CANDIDATES]
+
+
+# --- training path (gam_triton/train_block.py) ------------------------------------------------------------
+def bn_reduce_heuristic(C: int, N: int, channels_last: bool) -> Config:
+    """Tile of the BatchNorm kernels of the training path (batch statistics, backward sums, backward apply)
+    over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three 64-bit
+    pointer tiles, which spill beyond that), longer along the contiguous dimension; in the interpreter few
+    large programs."""
+    if INTERPRET:
+        return Config(BLOCK_P=min(1024, max(16, next_pow2(N))), BLOCK_C=min(64, max(16, next_pow2(C))),
+                      num_warps=4, num_stages=1)
+    if channels_last:
+        bc = max(16, min(64, next_pow2(C)))
+        bp = max(16, min(2048 // bc, next_pow2(N)))
+    else:
+        bp = max(16, min(128, next_pow2(N)))
+        bc = max(16, min(2048 // bp, next_pow2(C)))
+    return Config(BLOCK_P=bp, BLOCK_C=bc, num_warps=8 if bp * bc >= 2048 else 4, num_stages=1)
+
+
+def bn_reduce_candidates(C: int, N: int, channels_last: bool) -> list[Config]:
+    """The elementwise candidates over N pixels holding at most 16 elements per thread, nearest first."""
+    out = [c for c in elementwise_candidates(C, N, channels_last) if c.BLOCK_P * c.BLOCK_C <= 16 * 32 * c.num_warps]
+    heur = bn_reduce_heuristic(C, N, channels_last)
+    return _nearest(out, heur) or [heur]
+
+
+def channel_gate_bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Config:
+    """The channel-gate backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and its
+    64-bit pointer tiles in registers: 8 warps, 32 pixels up to C/r = 64 and 16 beyond (fp32: from C/r = 64),
+    channel chunks shrinking as C/r grows (ptxas -v, perf/NOTES.md "Training path": no spill on sm_90a)."""
+    block_r = max(16, next_pow2(CR))
+    if INTERPRET:
+        return channel_gate_heuristic(C, CR, HW, dtype)
+    fp32 = dtype == torch.float32  # fp32 operand tiles take twice the registers
+    if block_r >= 256 or (fp32 and block_r >= 128):
+        block_c = 16
+    elif block_r >= 128 or (fp32 and block_r >= 64):
+        block_c = 32
+    else:
+        block_c = 64
+    block_c = max(16, min(block_c, next_pow2(C)))
+    block_p = 16 if (block_r > 64 or (fp32 and block_r >= 64)) else 32
+    block_p = max(16, min(block_p, next_pow2(HW)))
+    return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8, num_stages=2)
+
+
+def channel_gate_bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list[Config]:
+    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread."""
+    out = [c for c in channel_gate_candidates(C, CR, HW, dtype)
+           if 3 * c.BLOCK_P * c.BLOCK_R <= 128 * 32 * c.num_warps]
+    heur = channel_gate_bwd_heuristic(C, CR, HW, dtype)
+    return _nearest(out, heur) or [heur]

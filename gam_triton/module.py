@@ -24,6 +24,7 @@ from .bn_relu import bn_relu
 from .channel_gate import channel_gate
 from .deploy import deploying, foreign_batchnorm, plain_forward
 from .final_gate import final_gate, gate_multiply
+from .train_block import gam_train_block, train_block_applies
 
 __all__ = ["GAM"]
 
@@ -212,6 +213,9 @@ class GAM(nn.Module):
             # reference's nn.Linear would, while x1 keeps x's dtype (x * att promotes, as there).
             lin = self._cached("linear_autocast", lin, (amp,),
                                lambda: [None if t is None else t.to(amp) for t in lin])
+        if fast and train_block_applies(bn1, bn2):  # train mode: forward and backward in fused kernels
+            return gam_train_block(x, lin, self.channel_sigmoid, conv1, bn1, conv2, bn2, self.shuffle_groups or 0,
+                                   x1_cl, in_cl, conv_dtype=amp)
         x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
         pad, groups = conv1.padding, conv1.groups
         conv = F.conv2d

@@ -5,8 +5,9 @@
 
 For every channel count, size (``80`` or ``80x64``), batch, dtype and layout it builds a
 :class:`gam_triton.GAM` of that form and runs it on random input: an eval-mode forward (channel gate and
-final gate), and with ``--train`` also a train-mode forward + backward (adds the BatchNorm-ReLU kernel). Each
-kernel launch met with a new shape key tunes it (or reads it from the cache), exactly as in the real run;
+final gate), and with ``--train`` also a train-mode forward + backward (adds the training kernels:
+BatchNorm-ReLU, the BatchNorm reductions, the channel-gate backward; the reductions keep their heuristic
+tiles). Each kernel launch met with a new shape key tunes it (or reads it from the cache), exactly as in the real run;
 ``--amp`` runs an fp32 module under ``torch.autocast(dtype)`` instead of converting it. One line per shape
 shows the time taken and, per kernel, the config chosen and where it came from.
 
@@ -71,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle", type=int, default=0, metavar="G",
                    help="channel shuffle groups of the spatial map (the YOLO form uses 4; 0: none)")
     p.add_argument("--train", action="store_true",
-                   help="also run a train-mode forward and backward (tunes the BatchNorm-ReLU kernel too)")
+                   help="also run a train-mode forward and backward (tunes the training kernels too)")
     p.add_argument("--amp", action="store_true",
                    help="fp32 module under torch.autocast(--dtype) instead of a module in --dtype")
     p.add_argument("--cache-dir", help="cache directory (sets GAM_TRITON_CACHE_DIR for this run)")

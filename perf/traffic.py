@@ -17,6 +17,10 @@ These are compulsory bytes per op: a convolution that re-reads its input from DR
   PyTorch path, so :func:`gam_triton_traffic` swaps each op's PyTorch stand-in for the kernel it replaces
   (one launch, its inputs read once, its output written once) and counts everything else
   (convolutions, ReLU, the BN2 scale/shift vectors) as dispatched. Tests check both agree.
+* gam_triton in train mode (``gam_triton::train_block_fwd`` / ``_bwd``, several kernels and aten ops each):
+  expanded, its aten ops counted as they dispatch and each kernel as one launch with the tensors it reads
+  and writes (:data:`EXPANDED_OPS`). A train step starts from gradients set to None (``zero_grad``), for
+  eager and gam_triton alike; :func:`train_step_table` gives the bytes of a step at a full shape.
 
 The time floor is bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): a bound for a
 memory-bound block, not a prediction; these are computed values, never measurements. Reads nothing,
@@ -47,6 +51,15 @@ FREE_OPS = {
     "aten::resize_", "aten::set_", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
     "aten::sym_storage_offset", "aten::is_same_size",
 }
+
+
+#: gam_triton ops that run several kernels and aten ops: counted op by op and kernel by kernel, not as one.
+EXPANDED_OPS = ("gam_triton::train_block_fwd", "gam_triton::train_block_bwd")
+
+
+def _is_poison(name: str, args) -> bool:
+    """The tests' NaN poisoning of kernel outputs (GAM_TRITON_POISON=1) is no part of the work: free."""
+    return name == "aten::fill_" and len(args) > 1 and isinstance(args[1], float) and args[1] != args[1]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -124,10 +137,12 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = func.name().split(".")[0]
+        if name in EXPANDED_OPS and not self._paused:
+            return self._expand(name, args, kwargs)
         out = func(*args, **kwargs)
         if not self._paused:
-            name = func.name().split(".")[0]
-            if func.is_view or name in FREE_OPS:
+            if func.is_view or name in FREE_OPS or _is_poison(name, args):
                 self.traffic.ops.append(OpRecord(name, 0, 0, 0))
             else:
                 self.record(name, (args, kwargs), out)
@@ -137,6 +152,24 @@ class TrafficCounter(TorchDispatchMode):
         read = sum(tensor_bytes(t) for t in _tensors(inputs))
         written = sum(tensor_bytes(t) for t in _tensors(outputs))
         self.traffic.ops.append(OpRecord(name, launches, read, written))
+
+    def _expand(self, name: str, args, kwargs):
+        """Run a multi-kernel gam_triton op with this counter active inside it: its aten ops are counted as
+        they dispatch, each of its kernels as one launch (reported through ``train_block.LAUNCH_HOOKS``)."""
+        tb = importlib.import_module("gam_triton.train_block")
+        impl = tb._fwd_impl if name == "gam_triton::train_block_fwd" else tb._bwd_impl
+
+        def hook(kernel: str, read, written) -> None:
+            self.record(f"gam_triton::{kernel}", read, written)
+
+        tb.LAUNCH_HOOKS.append(hook)
+        tb.LAUNCH_SCOPES.append(self.paused)
+        try:
+            with self:
+                return impl(*args, **kwargs)
+        finally:
+            tb.LAUNCH_HOOKS.remove(hook)
+            tb.LAUNCH_SCOPES.remove(self.paused)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -174,7 +207,12 @@ def _call(module, shape: Shape, dtype: torch.dtype, device: str, train: bool) ->
                 module(x)
         return fwd
     grad = torch.randn(size, dtype=dtype, device=device)
-    return lambda: module(x).backward(grad)
+
+    def step():  # one training step as an optimizer loop runs it: gradients set to None first (zero_grad)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(grad)
+    return step
 
 
 def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta") -> Traffic:
@@ -238,6 +276,48 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
     with TrafficCounter() as counter, path(counter):
         fn()
     return counter.traffic
+
+
+def extrapolated_train_traffic(shape: Shape, dtype: torch.dtype, device: str, heights: Sequence[int] = (2, 4)
+                               ) -> dict[str, tuple[int, float]]:
+    """gam_triton's train-step traffic at ``shape``, per op: {name: (launches, bytes)}, from two counts where
+    the kernels run (small maps of the same batch and channels: heights ``heights``, width 2), extrapolated
+    linearly in the pixel count H*W. Every term is per pixel or constant (weights, per-channel vectors); the
+    partial-sum buffers depend on the tile sizes and are at most a few hundred kB at B16: a counted model,
+    not a measurement. Used where the full shape is too slow to run (the interpreter)."""
+    counts = []
+    for h in heights:
+        small = Shape(shape.batch, shape.channels, h, 2, shape.rate, shape.group)
+        counts.append((h * 2, gam_triton_traffic(small, dtype, "train", device).by_op()))
+    (p0, a), (p1, b) = counts
+    target = shape.height * shape.width
+    out = {}
+    for name in dict.fromkeys(list(a) + list(b)):
+        (la, ba), (lb, bb) = a.get(name, (0, 0)), b.get(name, (0, 0))
+        if la != lb:
+            raise RuntimeError(f"{name}: launches change with the map size ({la} vs {lb}): cannot extrapolate")
+        out[name] = (la, ba + (bb - ba) * (target - p0) / (p1 - p0))
+    return out
+
+
+def train_step_table(shape: Shape, dtype_name: str, device: str) -> str:
+    """Markdown: one training step (forward + backward, gradients set to None first) per op, eager (counted
+    on meta tensors at the full shape) against gam_triton (:func:`extrapolated_train_traffic`)."""
+    dtype = DTYPES[dtype_name]
+    e = eager_traffic(shape, dtype, "train").by_op()
+    g = extrapolated_train_traffic(shape, dtype, device)
+    lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
+             "gam_triton MB |", "|---|---|---|---|---|"]
+    for name in list(dict.fromkeys(list(e) + list(g))):
+        el, eb = e.get(name, (0, 0))
+        gl, gb = g.get(name, (0, 0))
+        lines.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
+    el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
+    lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
+    bw = GPU_BANDWIDTH["H100"]
+    lines.append(f"| floor H100 (bytes / 3.0 TB/s), us | | {et / bw * 1e6:.0f} | | {gt / bw * 1e6:.0f} |")
+    return "\n".join(lines)
 
 
 # --- the tables ----------------------------------------------------------------------------------------------

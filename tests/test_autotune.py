@@ -705,7 +705,8 @@ def test_tune_cli_fills_the_cache(cpu_mode, capsys, cache_dir):
         return
     assert status == 0
     assert "[1/2] C=16 r=4 4x4 B=2" in out and "[2/2]" in out and "channel_gate" in out
-    assert set(cache_json()["entries"]) == {"channel_gate", "final_gate", "bn_relu"}
+    assert set(cache_json()["entries"]) == {"channel_gate", "final_gate", "bn_relu",  # and the training path's:
+                                            "bn_stats", "bn_bwd_reduce", "bn_bwd_apply", "channel_gate_bwd"}
 
 
 @needs_kernels

@@ -1,0 +1,143 @@
+"""Backward of GAM's channel gate x1 = x * g(W2 relu(W1 x + b1) + b2), h and a recomputed from x.
+
+Per pixel p, with dx1 = dx1_gate + dx1_conv (x1's two consumers, summed here as the kernel reads them):
+
+    h   = relu(W1 x + b1)                 recomputed (pass 1)
+    a   = W2 h + b2,  g = sigmoid(a) or a recomputed per channel chunk
+    da  = dx1 * x  (* g (1 - g) when SIGMOID)
+    dh  = (W2^T da) * [W1 x + b1 > 0]
+    dx  = dx1 * g + W1^T dh
+
+The weight gradients are GEMMs over the pixels (dW2 = da^T h, dW1 = dh^T x), run by cuBLAS on the rows this
+kernel writes: ``dah`` [B*HW, C + CR] = (da | dh) and ``h`` [B*HW, CR] (row n = b * HW + p, the weights'
+dtype). Split-K partials of the whole C x CR matrix per program would not fit at C = 1024, C/r = 256; the
+GEMM reads each row once. The bias gradients db2 = sum da, db1 = sum dh are reduced here: each program
+stores its column sums (fp32, [n_programs, C + CR]), bumps an integer counter (zero at launch, left zero),
+and the last program sums the partials in a fixed order (deterministic) into db2, db1 (the biases' dtype).
+
+Reads x three times per C chunk pass (pass 1, pass 2 and pass 3; from L2 after the first when C fits a few
+chunks), dx1_gate and dx1_conv twice, W1/W2/b1/b2 (cached); writes dx (B*C*HW), dah (B*HW*(C+CR)) and h
+(B*HW*CR). FLOPs: 2*B*HW*C*CR per dot, five dots (h, a twice, dh, W1^T dh): 10 * B*HW * C * CR.
+"""
+import triton
+import triton.language as tl
+
+from .channel_gate import _dot, _hidden_chunk, _load_x
+
+
+@triton.jit
+def _gate_pre(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID: tl.constexpr,
+              DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """g = sigmoid(h @ W2[chunk]^T + b2[chunk]) (or the identity): [BLOCK_P, BLOCK_C] fp32."""
+    c_mask = offs_c < C
+    w2t = tl.load(w2_ptr + offs_c[None, :] * CR + offs_r[:, None],
+                  mask=c_mask[None, :] & (offs_r[:, None] < CR), other=0.0)  # [BLOCK_R, BLOCK_C]
+    a = _dot(h, w2t, tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32), DOT_F32, INPUT_PRECISION)
+    a += tl.load(b2_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if SIGMOID:
+        a = tl.sigmoid(a)
+    return a
+
+
+@triton.jit
+def channel_gate_bwd_kernel(
+    x_ptr, ga_ptr, gb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dx_ptr, dah_ptr, h_ptr,
+    bpart_ptr, count_ptr, db1_ptr, db2_ptr,
+    HW, C, CR,
+    stride_xb, stride_xc, stride_xp,
+    stride_ab, stride_ac, stride_ap,
+    stride_bb, stride_bc, stride_bp,
+    stride_db, stride_dc, stride_dp,
+    SIGMOID: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr, BLOCK_F: tl.constexpr, N_F_CHUNKS: tl.constexpr,
+):
+    """dx and the (da | dh), h rows for BLOCK_P pixels of one image. Grid: (B * cdiv(HW, BLOCK_P),).
+
+    ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own strides); dx in x's strides.
+    Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16, N_CHUNKS = cdiv(C, BLOCK_C).
+    Bias partials: N_Q_CHUNKS = cdiv(n_programs, BLOCK_Q) row chunks, N_F_CHUNKS = cdiv(C + CR, BLOCK_F) column
+    chunks in the final sum (constexprs: loops over runtime bounds break older interpreters).
+    """
+    n_pblocks = tl.cdiv(HW, BLOCK_P)
+    pid = tl.program_id(0)
+    pid_b = (pid // n_pblocks).to(tl.int64)
+    pid_p = pid % n_pblocks
+    n_prog = tl.num_programs(0)
+    bpart = bpart_ptr + pid.to(tl.int64) * (C + CR)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
+    p_mask = offs_p < HW
+    r_mask = offs_r < CR
+    rows = pid_b * HW + offs_p  # row of the [B*HW, .] scratch matrices
+    x_base = x_ptr + pid_b * stride_xb
+    wdt = w1_ptr.dtype.element_ty
+
+    # Pass 1: pre = x W1^T + b1, h = relu(pre) (rounded to the weights' dtype as nn.Linear's output).
+    pre = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
+        pre = _hidden_chunk(pre, x, w1_ptr, offs_c, offs_r, C, CR, DOT_F32, INPUT_PRECISION)
+    pre += tl.load(b1_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    h = tl.maximum(pre, 0.0).to(wdt)
+    hr_mask = p_mask[:, None] & r_mask[None, :]
+    tl.store(h_ptr + rows[:, None] * CR + offs_r[None, :], h, mask=hr_mask)
+
+    # Pass 2: da per channel chunk (stored), dh accumulated.
+    dh = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    ld = C + CR
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        m = p_mask[:, None] & c_mask[None, :]
+        x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp).to(tl.float32)
+        g = _gate_pre(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
+        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        da = d1 * x
+        if SIGMOID:
+            da = da * g * (1.0 - g)
+        tl.store(bpart + offs_c, tl.sum(da, 0), mask=c_mask)
+        da = da.to(wdt)
+        tl.store(dah_ptr + rows[:, None] * ld + offs_c[None, :], da, mask=m)
+        w2 = tl.load(w2_ptr + offs_c[:, None] * CR + offs_r[None, :],
+                     mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
+        dh = _dot(da, w2, dh, DOT_F32, INPUT_PRECISION)
+    dh = tl.where(pre > 0, dh, 0.0)
+    tl.store(bpart + C + offs_r, tl.sum(dh, 0), mask=r_mask)
+    dh = dh.to(wdt)
+    tl.store(dah_ptr + rows[:, None] * ld + C + offs_r[None, :], dh, mask=hr_mask)
+
+    # Pass 3: dx = dx1 * g + dh W1, per channel chunk (g recomputed rather than kept).
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        g = _gate_pre(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
+        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        w1 = tl.load(w1_ptr + offs_r[:, None] * C + offs_c[None, :],
+                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_C]
+        dx = _dot(dh, w1, d1 * g, DOT_F32, INPUT_PRECISION)
+        m = p_mask[:, None] & c_mask[None, :]
+        tl.store(dx_ptr + pid_b * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :].to(tl.int64) * stride_dc,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+    # Bias gradients: the last program to finish sums every program's column sums, in program order.
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == n_prog - 1:
+        tl.store(count_ptr, 0)  # left zeroed for the next use
+        for j in range(N_F_CHUNKS):
+            offs_f = j * BLOCK_F + tl.arange(0, BLOCK_F)
+            f_mask = offs_f < C + CR
+            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for i in range(N_Q_CHUNKS):
+                offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+                m = (offs_q < n_prog)[:, None] & f_mask[None, :]
+                v = tl.load(bpart_ptr + (offs_q.to(tl.int64) * (C + CR))[:, None] + offs_f[None, :], mask=m,
+                            other=0.0, cache_modifier=".cg")
+                acc += tl.sum(v, 0)
+            tl.store(db2_ptr + offs_f, acc.to(db2_ptr.dtype.element_ty), mask=offs_f < C)
+            tl.store(db1_ptr + (offs_f - C), acc.to(db1_ptr.dtype.element_ty), mask=f_mask & (offs_f >= C))
