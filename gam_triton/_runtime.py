@@ -119,19 +119,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def define_op(name: str, impl, fake, backward, setup_context):
-    """Register ``impl`` as the custom op ``gam_triton::<name>`` with its autograd formula.
+def define_op(name: str, impl, fake, backward=None, setup_context=None, mutates: tuple = ()):
+    """Register ``impl`` as the custom op ``gam_triton::<name>``, with its autograd formula when given.
 
     On a GPU it is a ``torch.library.triton_op``: torch.compile traces into it and sees the Triton
     kernels (launched through ``wrap_triton``). Under the interpreter the kernels cannot be traced with
     fake tensors, so it is an opaque ``torch.library.custom_op`` with ``fake`` as its shape function.
+    ``mutates`` names the arguments the op writes in place (such an op cannot carry an autograd formula).
     """
     if INTERPRET:
-        op = torch.library.custom_op(f"gam_triton::{name}", impl, mutates_args=())
+        op = torch.library.custom_op(f"gam_triton::{name}", impl, mutates_args=tuple(mutates))
         op.register_fake(fake)
     else:
-        op = torch.library.triton_op(f"gam_triton::{name}", impl, mutates_args={})
-    op.register_autograd(backward, setup_context=setup_context)
+        op = torch.library.triton_op(f"gam_triton::{name}", impl, mutates_args=set(mutates))
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
     return op
 
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import autotune
-from ._runtime import HAS_TRITON, INTERPRET, bchw_view, dot_precision, is_channels_last, launcher, new_output
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, dot_precision, is_channels_last, launcher,
+                       new_output, on_device)
 from .batchnorm import uses_batch_stats
 from .configs import (Config, bn_reduce_candidates, bn_reduce_heuristic, channel_gate_bwd_candidates,
                       channel_gate_bwd_heuristic, next_pow2)
@@ -240,26 +241,27 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
               x1_cl: bool, out_cl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor]:
-    res = {}
-    with _kernel("channel_gate", (x, w1, b1, w2, b2), lambda: (res["x1"],)):
-        res["x1"] = _channel_gate_impl(x, w1, b1, w2, b2, sigmoid, x1_cl)
-    x1 = res["x1"]
-    cast = x1.dtype != k1.dtype
-    x1c = x1.to(k1.dtype) if cast else x1
-    y1 = F.conv2d(x1c, k1, kb1, padding=pad, groups=groups)
-    n1, n2 = counter_slots(y1.shape[1]), counter_slots(x.shape[1])
-    # counters of every reduction of the forward and the backward (the kernels leave them zero)
-    counts = torch.zeros(n1 + n2 + 1, dtype=torch.int32, device=x.device)
-    stats1 = bn_stats(y1, g1, be1, (rm1, rv1, nbt1), eps1, mom1, update1, counts[:n1])
-    with _kernel("bn_relu", (y1, stats1), lambda: (res["z1"],)):
-        res["z1"] = _bn_relu_impl(y1, stats1[2], stats1[3])
-    z1 = res["z1"]
-    y2 = F.conv2d(z1, k2, kb2, padding=pad, groups=groups)
-    stats2 = bn_stats(y2, g2, be2, (rm2, rv2, nbt2), eps2, mom2, update2, counts[n1:n1 + n2])
-    with _kernel("final_gate", (x1, y2, stats2), lambda: (res["out"],)):
-        res["out"] = _final_gate_impl(x1, y2, stats2[2], stats2[3], shuffle, out_cl)
-    out = res["out"]
-    return out, x1, (x1c if cast else _empty(x.device)), y1, z1, y2, stats1, stats2, counts
+    with on_device(x):  # the tensors' device (a model on cuda:1 while cuda:0 is current)
+        res = {}
+        with _kernel("channel_gate", (x, w1, b1, w2, b2), lambda: (res["x1"],)):
+            res["x1"] = _channel_gate_impl(x, w1, b1, w2, b2, sigmoid, x1_cl)
+        x1 = res["x1"]
+        cast = x1.dtype != k1.dtype
+        x1c = x1.to(k1.dtype) if cast else x1
+        y1 = F.conv2d(x1c, k1, kb1, padding=pad, groups=groups)
+        n1, n2 = counter_slots(y1.shape[1]), counter_slots(x.shape[1])
+        # counters of every reduction of the forward and the backward (the kernels leave them zero)
+        counts = torch.zeros(n1 + n2 + 1, dtype=torch.int32, device=x.device)
+        stats1 = bn_stats(y1, g1, be1, (rm1, rv1, nbt1), eps1, mom1, update1, counts[:n1])
+        with _kernel("bn_relu", (y1, stats1), lambda: (res["z1"],)):
+            res["z1"] = _bn_relu_impl(y1, stats1[2], stats1[3])
+        z1 = res["z1"]
+        y2 = F.conv2d(z1, k2, kb2, padding=pad, groups=groups)
+        stats2 = bn_stats(y2, g2, be2, (rm2, rv2, nbt2), eps2, mom2, update2, counts[n1:n1 + n2])
+        with _kernel("final_gate", (x1, y2, stats2), lambda: (res["out"],)):
+            res["out"] = _final_gate_impl(x1, y2, stats2[2], stats2[3], shuffle, out_cl)
+        out = res["out"]
+        return out, x1, (x1c if cast else _empty(x.device)), y1, z1, y2, stats1, stats2, counts
 
 
 def _fwd_fake(x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, rm1, rv1, nbt1, rm2, rv2, nbt2, sigmoid,
@@ -301,16 +303,17 @@ def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
               x1: torch.Tensor, x1c: torch.Tensor, y1: torch.Tensor, z1: torch.Tensor, y2: torch.Tensor,
               stats1: torch.Tensor, stats2: torch.Tensor, counts: torch.Tensor, sigmoid: bool, pad: int,
               groups: int, shuffle: int, has_kb1: bool, has_kb2: bool) -> _GRADS:
-    n1, n2 = counter_slots(y1.shape[1]), counter_slots(y2.shape[1])  # the forward's counters, zero again
-    dy2, dx1_gate, dg2, dbe2 = bn_backward(1, dout, x1, y2, stats2, g2, be2, shuffle, counts[:n2])
-    dz1, dk2, dkb2 = _conv_backward(dy2, z1, k2, has_kb2, pad, groups)
-    dy1, _, dg1, dbe1 = bn_backward(0, dz1, None, y1, stats1, g1, be1, 0, counts[n2:n2 + n1])
-    conv_in = x1c if x1c.numel() else x1
-    dx1_conv, dk1, dkb1 = _conv_backward(dy1, conv_in, k1, has_kb1, pad, groups)
-    dx, dw1, db1, dw2, db2 = channel_gate_backward(x, dx1_gate, dx1_conv, w1, b1, w2, b2, sigmoid,
-                                                   counts[n1 + n2:])
-    grads = [dx, dw1, db1, dw2, db2, dk1, dkb1, dk2, dkb2, dg1, dbe1, dg2, dbe2]
-    return tuple(torch.empty(0, device=x.device) if t is None else t for t in grads)
+    with on_device(x):  # the tensors' device (a model on cuda:1 while cuda:0 is current)
+        n1, n2 = counter_slots(y1.shape[1]), counter_slots(y2.shape[1])  # the forward's counters, zero again
+        dy2, dx1_gate, dg2, dbe2 = bn_backward(1, dout, x1, y2, stats2, g2, be2, shuffle, counts[:n2])
+        dz1, dk2, dkb2 = _conv_backward(dy2, z1, k2, has_kb2, pad, groups)
+        dy1, _, dg1, dbe1 = bn_backward(0, dz1, None, y1, stats1, g1, be1, 0, counts[n2:n2 + n1])
+        conv_in = x1c if x1c.numel() else x1
+        dx1_conv, dk1, dkb1 = _conv_backward(dy1, conv_in, k1, has_kb1, pad, groups)
+        dx, dw1, db1, dw2, db2 = channel_gate_backward(x, dx1_gate, dx1_conv, w1, b1, w2, b2, sigmoid,
+                                                       counts[n1 + n2:])
+        grads = [dx, dw1, db1, dw2, db2, dk1, dkb1, dk2, dkb2, dg1, dbe1, dg2, dbe2]
+        return tuple(torch.empty(0, device=x.device) if t is None else t for t in grads)
 
 
 def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1, y2, stats1, stats2, counts,
@@ -319,10 +322,11 @@ def _bwd_fake(dout, x, w1, b1, w2, b2, k1, k2, g1, be1, g2, be2, x1, x1c, y1, z1
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
     dx = torch.empty_like(x)
-    return (dx, like(w1), like(b1), like(w2), like(b2), like(k1),
-            x.new_empty((k1.shape[0],), dtype=k1.dtype) if has_kb1 else x.new_empty(0), like(k2),
-            x.new_empty((k2.shape[0],), dtype=k2.dtype) if has_kb2 else x.new_empty(0),
-            like(g1), like(be1), like(g2), like(be2))
+    # the convolutions' gradients as aten's own meta kernel lays them out (cuDNN may pick channels_last)
+    _, dk2, dkb2 = _conv_backward(torch.empty_like(y2), z1, k2, has_kb2, pad, groups)
+    _, dk1, dkb1 = _conv_backward(torch.empty_like(y1), x1c if x1c.numel() else x1, k1, has_kb1, pad, groups)
+    return (dx, like(w1), like(b1), like(w2), like(b2), dk1, dkb1 if has_kb1 else x.new_empty(0), dk2,
+            dkb2 if has_kb2 else x.new_empty(0), like(g1), like(be1), like(g2), like(be2))
 
 
 class _TrainBlock(torch.autograd.Function):
@@ -359,18 +363,9 @@ class _TrainBlock(torch.autograd.Function):
 _RUNNING = ("rm1", "rv1", "nbt1", "rm2", "rv2", "nbt2")
 
 
-def _define(name, impl, fake, mutates):
-    if INTERPRET:
-        op = torch.library.custom_op(f"gam_triton::{name}", impl, mutates_args=mutates)
-        op.register_fake(fake)
-    else:
-        op = torch.library.triton_op(f"gam_triton::{name}", impl, mutates_args=set(mutates))
-    return op
-
-
 if HAS_TRITON:
-    _fwd_op = _define("train_block_fwd", _fwd_impl, _fwd_fake, _RUNNING)
-    _bwd_op = _define("train_block_bwd", _bwd_impl, _bwd_fake, ("counts",))
+    _fwd_op = define_op("train_block_fwd", _fwd_impl, _fwd_fake, mutates=_RUNNING)
+    _bwd_op = define_op("train_block_bwd", _bwd_impl, _bwd_fake, mutates=("counts",))
 
 
 def _bn_args(bn: nn.BatchNorm2d, device) -> tuple:

@@ -395,7 +395,36 @@ OP_SAMPLES = {
     "bn_relu": lambda: [
         (_t(2, 6, 3, 5, cl=True), _vec(6, 1, 1.0), _vec(6, 2)),
     ],
+    "train_block_fwd": lambda: [_train_block_args()["train_block_fwd"]],
+    "train_block_bwd": lambda: [_train_block_args()["train_block_bwd"]],
 }
+
+
+def _train_block_args() -> dict:
+    """The arguments the train-mode block passes to its two ops in one real step (YOLO form, channels_last).
+
+    The ops run inside an autograd.Function (no autograd formula of their own), so the samples are detached.
+    """
+    from gam_triton import train_block
+
+    seen = {}
+
+    def recording(name, op):
+        def call(*args):
+            seen[name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+            return op(*args)
+        return call
+
+    gam = randomise(GAM(16, group=True, channel_sigmoid=False, shuffle_groups=4), 3).train()
+    ops = (train_block._fwd_op, train_block._bwd_op)
+    train_block._fwd_op, train_block._bwd_op = recording("train_block_fwd", ops[0]), recording("train_block_bwd", ops[1])
+    try:
+        x = _t(2, 16, 3, 5, cl=True)
+        gam(x).sum().backward()
+    finally:
+        train_block._fwd_op, train_block._bwd_op = ops
+    assert set(seen) == {"train_block_fwd", "train_block_bwd"}, "the train step did not reach both ops"
+    return seen
 
 
 def _registered_ops() -> set:

@@ -264,7 +264,8 @@ def test_kernel_keys_are_the_keys_the_kernels_use(device, channels_last, tmp_pat
         monkeypatch.undo()
         autotune.reset()
     want = figures.kernel_keys(shape, "fp32", channels_last, cuda=device == "cuda")
-    assert got == want
+    assert set(want) <= set(got), "every kernel the figure shows ran"
+    assert {op: got[op] for op in want} == want
 
 
 # --- what the block computes --------------------------------------------------------------------------------
