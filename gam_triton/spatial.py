@@ -292,8 +292,7 @@ def conv_bn_relu(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         z = torch.relu(F.conv2d(x1, weight, bias, padding=weight.shape[2] // 2, groups=groups))
         return z.contiguous(memory_format=torch.channels_last)
     b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=x1.device)
-    args = (x1, pack_weight(weight), b.contiguous())
-    return _conv_bn_relu_impl(*args) if call_directly(*args) else _op_conv1(*args)
+    return _run_conv1(x1, pack_weight(weight), b.contiguous())
 
 
 def _check_gate_args(z1, weight, bias, scale, shift, x1, groups, shuffle) -> int:
@@ -333,8 +332,17 @@ def conv_gate(z1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not _triton_ok(z1, weight, bias, x1, scale, shift):
         y2 = F.conv2d(z1, weight, bias, padding=weight.shape[2] // 2, groups=groups)
         return final_gate(x1, y2, scale, shift, shuffle, out_channels_last=out_channels_last)
-    args = (z1, pack_weight(weight), None if bias is None else bias.contiguous(), scale, shift, x1, shuffle,
-            bool(out_channels_last))
+    return _run_conv2(z1, pack_weight(weight), None if bias is None else bias.contiguous(), scale, shift, x1,
+                      shuffle, bool(out_channels_last))
+
+
+def _run_conv1(*args) -> torch.Tensor:
+    """The conv1 kernel on checked, packed arguments: directly, or through the custom op."""
+    return _conv_bn_relu_impl(*args) if call_directly(*args) else _op_conv1(*args)
+
+
+def _run_conv2(*args) -> torch.Tensor:
+    """The conv2 + final-gate kernel on checked, packed arguments: directly, or through the custom op."""
     return _conv_gate_impl(*args) if call_directly(*args[:6]) else _op_conv2(*args)
 
 
@@ -376,19 +384,28 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     def triton() -> torch.Tensor:
         w1p, w2p = _packed(packed, w1, w2)
         bias1 = b1 if b1 is not None else torch.zeros(w1.shape[0], dtype=w1.dtype, device=x1.device)
-        args1 = (x1, w1p, bias1.contiguous())
-        z1 = _conv_bn_relu_impl(*args1) if call_directly(*args1) else _op_conv1(*args1)
-        args2 = (z1, w2p, None if b2 is None else b2.contiguous(), scale2, shift2, x1, shuffle,
-                 bool(out_channels_last))
-        return _conv_gate_impl(*args2) if call_directly(*args2[:6]) else _op_conv2(*args2)
+        z1 = _run_conv1(x1, w1p, bias1.contiguous())
+        return _run_conv2(z1, w2p, None if b2 is None else b2.contiguous(), scale2, shift2, x1, shuffle,
+                          bool(out_channels_last))
 
     if mode == "triton":
         return triton()
     hw = x1.shape[2] * x1.shape[3]
     key = (c, w1.shape[0], groups, k, shuffle, next_pow2(hw), autotune.batch_bucket(x1.shape[0], hw),
            str(x1.dtype), is_channels_last(x1), bool(out_channels_last))
-    path = select_paths(key, {SPATIAL_CUDNN: cudnn, SPATIAL_TRITON: triton}, SPATIAL_CUDNN, tolerance(x1.dtype))
-    return triton() if path == SPATIAL_TRITON else cudnn()
+    if torch.compiler.is_compiling():
+        # torch.compile bakes the path in: the one this process chose eagerly for the shape, else cuDNN (the
+        # autotuner's lock and timing cannot be traced; run one eager call first to compile the tuned path).
+        use_triton_path = _DECIDED.get(key, False)
+    else:
+        path = select_paths(key, {SPATIAL_CUDNN: cudnn, SPATIAL_TRITON: triton}, SPATIAL_CUDNN,
+                            tolerance(x1.dtype))
+        use_triton_path = _DECIDED[key] = path == SPATIAL_TRITON
+    return triton() if use_triton_path else cudnn()
+
+
+#: Auto mode's path per shape key, as chosen by eager calls in this process (read under torch.compile).
+_DECIDED: dict = {}
 
 
 def select_paths(key: tuple, runners: dict, reference: Config, tol: tuple[float, float],
