@@ -184,7 +184,8 @@ def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Conf
                       num_warps=4, num_stages=1)
     block_n = min(nmax, 64)
     block_k = min(kmax, 32 if _itemsize(dtype) == 4 else 64)
-    block_p = max(16, min(128 if block_n <= 32 else 64, next_pow2(HW)))
+    # 128 pixels only for narrow channel tiles with in-channel blocks that are mostly real (registers)
+    block_p = max(16, min(128 if block_n <= 32 and cin_g >= 16 else 64, next_pow2(HW)))
     return Config(BLOCK_P=block_p, BLOCK_C=block_n, BLOCK_R=block_k, num_warps=4, num_stages=2)
 
 

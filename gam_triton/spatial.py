@@ -136,10 +136,16 @@ def _empty(shape: tuple, like: torch.Tensor, dtype: torch.dtype, channels_last: 
     return out
 
 
-def _common_kwargs(cfg: Config, k: int, cin_g: int, dtype: torch.dtype) -> dict:
+def _image_span(*tensors) -> int:
+    """The largest element offset within one image of any of ``tensors`` (B x C x H x W, any strides)."""
+    return max(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) for t in tensors)
+
+
+def _common_kwargs(cfg: Config, k: int, cin_g: int, dtype: torch.dtype, *tensors) -> dict:
     return dict(KSIZE=k, BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_R,
                 K_BLOCKS=cdiv(cin_g, cfg.BLOCK_R), DOT_F32=INTERPRET or dtype == torch.float32,
-                INPUT_PRECISION=conv_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                INPUT_PRECISION=conv_precision(dtype), I64=_image_span(*tensors) >= 2**31 - 1,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _dims(x: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -156,7 +162,7 @@ def _launch_conv1(x1, wp, b, z, cfg: Config) -> None:
     _, szb, szc, szp = bchw_view(z)
     grid = (bsz * cdiv(h * w, cfg.BLOCK_P), groups * n_blocks)
     launcher(conv_bn_relu_kernel)[grid](x1, wp, b, z, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride(),
-                                        szb, szc, szp, **_common_kwargs(cfg, k, cin_g, wp.dtype))
+                                        szb, szc, szp, **_common_kwargs(cfg, k, cin_g, wp.dtype, x1, z))
 
 
 def _launch_conv2(z1, wp, b, scale, shift, x1, shuffle, out, cfg: Config) -> None:
@@ -170,7 +176,7 @@ def _launch_conv2(z1, wp, b, scale, shift, x1, shuffle, out, cfg: Config) -> Non
         z1, wp, scale if b is None else b, scale, shift, x1v, out,
         h, w, cin_g, cout, cout_g, n_blocks, cout // shuffle if shuffle else cout, *z1.stride(),
         sxb, sxc, sxp, sob, soc, sop, SHUFFLE_G=shuffle, HAS_BIAS=b is not None,
-        **_common_kwargs(cfg, k, cin_g, wp.dtype))
+        **_common_kwargs(cfg, k, cin_g, wp.dtype, z1, x1, out))
 
 
 def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, run, reference) -> Config:

@@ -85,6 +85,22 @@ def test_conv_kernels_many_tiles(device):
     assert_close(out, x1.double().cpu() * shuffle_map(s, 4), torch.float32, what="conv2 tiles of 16")
 
 
+@needs_kernels
+def test_conv_kernels_int64_offsets(monkeypatch, device):
+    """The int64 in-image offsets (images of 2**31+ elements) forced on a small case: same results."""
+    monkeypatch.setattr(spatial, "_image_span", lambda *t: 2**31)
+    x1 = _rand((1, 16, 2, 3), torch.float32, device)
+    w1 = _rand((4, 4, 3, 3), torch.float32, device, 0.2, seed=1)
+    w2 = _rand((16, 1, 3, 3), torch.float32, device, 0.2, seed=2)
+    one, zero = torch.ones(16, device=device), torch.zeros(16, device=device)
+    z = spatial.conv_bn_relu(x1, w1, None, 4)
+    out = spatial.conv_gate(z, w2, None, one, zero, x1, 4, 4)
+    zw = torch.relu(F.conv2d(x1.double().cpu(), w1.double().cpu(), padding=1, groups=4))
+    assert_close(z, zw, torch.float32, what="z1, int64 offsets")
+    s = torch.sigmoid(F.conv2d(z.double().cpu(), w2.double().cpu(), padding=1, groups=4))
+    assert_close(out, x1.double().cpu() * shuffle_map(s, 4), torch.float32, what="out, int64 offsets")
+
+
 GATE_CASES = [  # (B, CIN, C, groups, K, shuffle, H, W)
     (1, 12, 48, 4, 7, 4, 2, 3),   # GAM grouped conv2 at C = 48 (3 in, 12 out channels per group), shuffled
     (1, 5, 20, 1, 3, 0, 3, 5),    # plain, no shuffle
