@@ -455,3 +455,21 @@ def test_fused_traffic_standins_match_and_save_bytes():
         real = traffic.gam_triton_traffic(shape, torch.float32, device="cpu" if INTERPRET else "cuda", conv="triton")
         assert real.by_op() == fused.by_op()
         assert (real.bytes_read, real.bytes_written) == (fused.bytes_read, fused.bytes_written)
+
+
+# --- on a GPU: the kernels compiled for real at YOLO widths -------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="needs a CUDA GPU with TRITON_INTERPRET unset to compile the kernels")
+@pytest.mark.parametrize("form,c", [("yolo_grouped", 64), ("yolo_grouped", 192), ("yolo_plain", 256),
+                                    ("paper", 320)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("conv", ["triton", "auto"])
+def test_yolo_widths_compiled(form, c, dtype, conv, monkeypatch):
+    monkeypatch.setenv("GAM_TRITON_CONV", conv)
+    ref = make_ref(form, c).eval()
+    gam = GAM.from_module(ref).to(device="cuda", dtype=dtype).eval()
+    x = make_input(2, c, 20, 24, dtype, "cuda", True)
+    with torch.no_grad():
+        got = gam(x)
+    assert_close(got, f64(ref).eval()(x.cpu().double()), dtype, what=f"{form} C={c} {dtype} {conv}")
