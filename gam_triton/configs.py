@@ -173,6 +173,9 @@ CONV_SMEM_BUDGET = 96 * 1024
 #: choice): BLOCK_P = 1 is cuDNN + the final-gate kernel, BLOCK_P = 2 the two Triton convolutions.
 SPATIAL_CUDNN = Config(BLOCK_P=1, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
 SPATIAL_TRITON = Config(BLOCK_P=2, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
+#: BLOCK_P = 4: cuDNN's fused convolution + bias + ReLU for conv1 (``torch.cudnn_convolution_relu``, CUDA
+#: only), then cuDNN conv2 + the final-gate kernel.
+SPATIAL_CUDNN_RELU = Config(BLOCK_P=4, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
 
 
 def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Config:

@@ -10,10 +10,12 @@
 * :func:`spatial_eval` - the whole branch, down the path ``GAM_TRITON_CONV`` asks for (read at each call):
   ``triton`` (the two kernels: on CUDA, or on the CPU under ``TRITON_INTERPRET=1``), ``cudnn`` (two
   ``F.conv2d`` calls, an in-place ReLU and the final-gate kernel: the path before this module existed) or
-  ``auto`` (default): on a GPU the first call of a shape times both paths, Triton with its tuned tiles,
-  and keeps the faster (ties go to cuDNN), cached like every tuned config (:mod:`gam_triton.autotune`,
-  op ``spatial``); without a GPU (interpreter) auto means the cuDNN/PyTorch path. The Triton path needs
-  no autograd (eval / no_grad), inputs in one kernel dtype and no autocast; otherwise cuDNN runs.
+  ``auto`` (default): on a GPU the first call of a shape times the paths (Triton with its tuned tiles;
+  cuDNN; cuDNN with its fused conv + bias + ReLU for conv1) and keeps the fastest (ties go to cuDNN),
+  cached like every tuned config (:mod:`gam_triton.autotune`, op ``spatial``); without a GPU (interpreter)
+  auto means the cuDNN/PyTorch path. Under torch.compile auto mode compiles in the Triton path where an
+  eager call of the process chose it for the shape, else cuDNN. The Triton path needs no autograd (eval /
+  no_grad), inputs in one kernel dtype and no autocast; otherwise cuDNN runs.
 
 Every tuning candidate (a conv tile, or the Triton path as a whole) is run once and checked against the
 cuDNN path's output before it is timed; one that disagrees is dropped with a :class:`CandidateMismatch`
@@ -36,7 +38,8 @@ from . import autotune
 from ._runtime import (HAS_TRITON, INTERPRET, KERNEL_DTYPES, POISON, bchw_view, call_directly, check_bchw,
                        check_vector, define_op, dot_precision, is_channels_last, launcher, new_output,
                        use_triton)
-from .configs import SPATIAL_CUDNN, SPATIAL_TRITON, Config, conv_candidates, conv_heuristic, next_pow2
+from .configs import (SPATIAL_CUDNN, SPATIAL_CUDNN_RELU, SPATIAL_TRITON, Config, conv_candidates, conv_heuristic,
+                      next_pow2)
 from .final_gate import final_gate
 
 if HAS_TRITON:
@@ -399,18 +402,25 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     hw = x1.shape[2] * x1.shape[3]
     key = (c, w1.shape[0], groups, k, shuffle, next_pow2(hw), autotune.batch_bucket(x1.shape[0], hw),
            str(x1.dtype), is_channels_last(x1), bool(out_channels_last))
-    if torch.compiler.is_compiling():
-        # torch.compile bakes the path in: the one this process chose eagerly for the shape, else cuDNN (the
-        # autotuner's lock and timing cannot be traced; run one eager call first to compile the tuned path).
-        use_triton_path = _DECIDED.get(key, False)
-    else:
-        path = select_paths(key, {SPATIAL_CUDNN: cudnn, SPATIAL_TRITON: triton}, SPATIAL_CUDNN,
-                            tolerance(x1.dtype))
-        use_triton_path = _DECIDED[key] = path == SPATIAL_TRITON
-    return triton() if use_triton_path else cudnn()
+    if not torch.compiler.is_compiling():
+        runners = {SPATIAL_CUDNN: cudnn, SPATIAL_TRITON: triton}
+        if x1.is_cuda:
+            def cudnn_relu() -> torch.Tensor:  # cuDNN's fused conv + bias + ReLU for conv1
+                z1 = torch.cudnn_convolution_relu(x1, w1, b1, (1, 1), (k // 2, k // 2), (1, 1), groups)
+                y2 = F.conv2d(z1, w2, b2, padding=k // 2, groups=groups)
+                return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=out_channels_last)
+
+            runners[SPATIAL_CUDNN_RELU] = cudnn_relu
+        path = select_paths(key, runners, SPATIAL_CUDNN, tolerance(x1.dtype))
+        _DECIDED[key] = path
+        return runners[path]() if path in runners else cudnn()
+    # torch.compile bakes the path in: the Triton one if this process chose it eagerly for the shape, else
+    # cuDNN (the autotuner's lock and timing cannot be traced: run one eager call first).
+    return triton() if _DECIDED.get(key) == SPATIAL_TRITON else cudnn()
 
 
-#: Auto mode's path per shape key, as chosen by eager calls in this process (read under torch.compile).
+#: Auto mode's path (a SPATIAL_* Config) per shape key, as chosen by eager calls in this process (read under
+#: torch.compile).
 _DECIDED: dict = {}
 
 
