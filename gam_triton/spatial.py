@@ -12,10 +12,10 @@
   ``F.conv2d`` calls, an in-place ReLU and the final-gate kernel: the path before this module existed) or
   ``auto`` (default): on a GPU the first call of a shape times the paths (Triton with its tuned tiles;
   cuDNN; cuDNN with its fused conv + bias + ReLU for conv1) and keeps the fastest (ties go to cuDNN),
-  cached like every tuned config (:mod:`gam_triton.autotune`, op ``spatial``); without a GPU (interpreter)
-  auto means the cuDNN/PyTorch path. Under torch.compile auto mode compiles in the Triton path where an
-  eager call of the process chose it for the shape, else cuDNN. The Triton path needs no autograd (eval /
-  no_grad), inputs in one kernel dtype and no autocast; otherwise cuDNN runs.
+  cached like every tuned config (:mod:`gam_triton.autotune`, op ``spatial``); where nothing can be timed
+  (no GPU: the interpreter) auto means the cuDNN/PyTorch path. Under torch.compile auto mode compiles in
+  the Triton path where an eager call of the process chose it for the shape, else cuDNN. The Triton path
+  needs no autograd (eval / no_grad), inputs in one kernel dtype and no autocast; otherwise cuDNN runs.
 
 Every tuning candidate (a conv tile, or the Triton path as a whole) is run once and checked against the
 cuDNN path's output before it is timed; one that disagrees is dropped with a :class:`CandidateMismatch`
@@ -403,6 +403,8 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     key = (c, w1.shape[0], groups, k, shuffle, next_pow2(hw), autotune.batch_bucket(x1.shape[0], hw),
            str(x1.dtype), is_channels_last(x1), bool(out_channels_last))
     if not torch.compiler.is_compiling():
+        if not autotune.can_benchmark():  # no GPU (interpreter): nothing to time, today's path
+            return cudnn()
         runners = {SPATIAL_CUDNN: cudnn, SPATIAL_TRITON: triton}
         if x1.is_cuda:
             def cudnn_relu() -> torch.Tensor:  # cuDNN's fused conv + bias + ReLU for conv1
