@@ -185,9 +185,10 @@ def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Conf
     if INTERPRET:  # few, large programs: the interpreter's cost is per program and per loop step
         return Config(BLOCK_P=min(64, max(16, next_pow2(HW))), BLOCK_C=min(nmax, 128), BLOCK_R=min(kmax, 128),
                       num_warps=4, num_stages=1)
-    # At most 16 in-channels per group (grouped conv2 up to C = 256): the loads are narrow and mostly
-    # unvectorised, so a 32-channel tile keeps registers under ~100 (a 64-channel one took 150-180 on sm_80).
-    block_n = min(nmax, 32 if cin_g <= 16 else 64)
+    # 32-channel tiles (ptxas -v, see perf/NOTES.md): at most 16 in-channels per group (grouped conv2 up to
+    # C = 256: narrow, mostly unvectorised loads; a 64-channel tile took 150-180 registers on sm_80), and
+    # 33-63 out-channels per group (C640 grouped conv1, 40: a 64-channel tile spilled 24 bytes on sm_100).
+    block_n = min(nmax, 32 if cin_g <= 16 or 32 < cout_g < 64 else 64)
     block_k = min(kmax, 32 if _itemsize(dtype) == 4 else 64)
     # 128 pixels only for narrow channel tiles with in-channel blocks that are mostly real (registers)
     # (fp32 stays at 64: 128 x 16 spilled 4 bytes on sm_80 with 48 in-channels per group).
