@@ -211,3 +211,66 @@ def channel_gate_bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) ->
            if 3 * c.BLOCK_P * c.BLOCK_R <= 128 * 32 * c.num_warps]
     heur = channel_gate_bwd_heuristic(C, CR, HW, dtype)
     return _nearest(out, heur) or [heur]
+
+
+# --- spatial convolutions (kernels/conv.py) -------------------------------------------------------------
+# A convolution tile reuses the Config fields: BLOCK_P pixels x BLOCK_C output channels (the GEMM's N, per
+# group), BLOCK_R the in-channel block (the GEMM's K step). num_warps stays at 4 for every candidate:
+# PyTorch's Triton convolution gave wrong results with 8 warps for kernels larger than 1x1 (pytorch issue
+# 173068), and nothing here has been verified on a GPU with more. Candidates are still checked against
+# cuDNN when they are tuned (gam_triton.spatial).
+
+#: Shared memory the convolution's operand tiles may take (bytes, times num_stages).
+CONV_SMEM_BUDGET = 96 * 1024
+#: The spatial branch's path as the autotuner stores it (a Config, so it is cached like any other
+#: choice): BLOCK_P = 1 is cuDNN + the final-gate kernel, BLOCK_P = 2 the two Triton convolutions.
+SPATIAL_CUDNN = Config(BLOCK_P=1, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
+SPATIAL_TRITON = Config(BLOCK_P=2, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
+#: BLOCK_P = 4: cuDNN's fused convolution + bias + ReLU for conv1 (``torch.cudnn_convolution_relu``, CUDA
+#: only), then cuDNN conv2 + the final-gate kernel.
+SPATIAL_CUDNN_RELU = Config(BLOCK_P=4, BLOCK_C=1, BLOCK_R=0, num_warps=1, num_stages=1)
+
+
+def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Config:
+    """A tile that compiles for any group shape: blocks >= 16 (tl.dot), padded channels masked."""
+    nmax = max(16, next_pow2(cout_g))
+    kmax = max(16, next_pow2(cin_g))
+    if INTERPRET:  # few, large programs: the interpreter's cost is per program and per loop step
+        return Config(BLOCK_P=min(64, max(16, next_pow2(HW))), BLOCK_C=min(nmax, 128), BLOCK_R=min(kmax, 128),
+                      num_warps=4, num_stages=1)
+    # 32-channel tiles (ptxas -v, see perf/NOTES.md): at most 16 in-channels per group (grouped conv2 up to
+    # C = 256: narrow, mostly unvectorised loads; a 64-channel tile took 150-180 registers on sm_80), and
+    # 33-63 out-channels per group (C640 grouped conv1, 40: a 64-channel tile spilled 24 bytes on sm_100).
+    block_n = min(nmax, 32 if cin_g <= 16 or 32 < cout_g < 64 else 64)
+    block_k = min(kmax, 32 if _itemsize(dtype) == 4 else 64)
+    # 128 pixels only for narrow channel tiles with in-channel blocks that are mostly real (registers)
+    # (fp32 stays at 64: 128 x 16 spilled 4 bytes on sm_80 with 48 in-channels per group).
+    wide = block_n <= 16 and cin_g >= 16 and _itemsize(dtype) < 4
+    block_p = max(16, min(128 if wide else 64, next_pow2(HW)))
+    return Config(BLOCK_P=block_p, BLOCK_C=block_n, BLOCK_R=block_k, num_warps=4, num_stages=2)
+
+
+def conv_candidates(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> list[Config]:
+    """At most MAX_CANDIDATES conv tiles nearest the heuristic, pruned by shape and by what compiles.
+
+    Dropped: blocks larger than the (power-of-two rounded) problem; an fp32 accumulator (BLOCK_P x BLOCK_C)
+    above 64 registers per thread (128 threads); operand tiles (x: BLOCK_P x BLOCK_R, W: BLOCK_R x BLOCK_C,
+    times num_stages) above CONV_SMEM_BUDGET. Under the interpreter: the heuristic only.
+    """
+    heur = conv_heuristic(cin_g, cout_g, HW, dtype)
+    if INTERPRET:  # timings mean nothing there (tests that emulate a GPU): do not run a dozen 7x7 convs
+        return [heur]
+    nmax = max(16, next_pow2(cout_g))
+    kmax = max(16, next_pow2(cin_g))
+    pmax = max(16, next_pow2(HW))
+    esize = _itemsize(dtype)
+    out = []
+    for bp in (32, 64, 128):
+        for bn in (16, 32, 64, 128):
+            for bk in (16, 32, 64):
+                if bp > max(32, pmax) or bn > nmax or bk > kmax or bp * bn > 64 * 128:
+                    continue
+                for ns in (2, 3, 4):
+                    if ns * (bp * bk + bk * bn) * esize <= CONV_SMEM_BUDGET:
+                        out.append(Config(bp, bn, bk, 4, ns))
+    return _nearest(out, heur) or [heur]

@@ -8,6 +8,8 @@ Forward (per pixel p; see ``shared/GAM_NOTES.md``):
     x1  = x * g(W2 relu(W1 x + b1) + b2)               Triton channel-gate kernel
     z1  = relu(BN1(conv1(x1)))                         cuDNN conv; BN1 folded in eval, bn_relu kernel in train
     out = x1 * shuffle(sigmoid(BN2(conv2(z1))))        cuDNN conv + Triton final-gate kernel
+In eval mode (no autograd, no autocast) the spatial branch may instead run as two Triton convolutions with
+fused epilogues (gam_triton.spatial: GAM_TRITON_CONV=auto|triton|cudnn).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .bn_relu import bn_relu
 from .channel_gate import channel_gate
 from .deploy import deploying, foreign_batchnorm, plain_forward
 from .final_gate import final_gate, gate_multiply
+from .spatial import pack_weight, spatial_eval
 from .train_block import gam_train_block, train_block_applies
 
 __all__ = ["GAM"]
@@ -217,6 +220,8 @@ class GAM(nn.Module):
             return gam_train_block(x, lin, self.channel_sigmoid, conv1, bn1, conv2, bn2, self.shuffle_groups or 0,
                                    x1_cl, in_cl, conv_dtype=amp)
         x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
+        if fast and amp is None and not uses_batch_stats(bn1) and not uses_batch_stats(bn2):
+            return self._spatial_eval(x1, in_cl)  # eval: Triton convolutions or cuDNN (GAM_TRITON_CONV)
         pad, groups = conv1.padding, conv1.groups
         conv = F.conv2d
         if uses_batch_stats(bn1):
@@ -245,3 +250,16 @@ class GAM(nn.Module):
         w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)],
                               (bn2.eps,), lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
         return gate_multiply(x1, conv(z1, w2, b2, padding=pad2, groups=groups2).sigmoid_(), shuffle)
+
+    def _spatial_eval(self, x1: torch.Tensor, out_channels_last: bool) -> torch.Tensor:
+        """Eval spatial branch + final gate (gam_triton.spatial): BN1 folded into conv1, BN2 as scale/shift,
+        the weights also cached in the Triton kernels' packed layout (packed only if that path runs)."""
+        conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
+        w1, b1 = self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)],
+                              (bn1.eps,), lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
+        scale2, shift2 = self._cached("bn2", self._bn_tensors(bn2), (bn2.eps, x1.dtype),
+                                      lambda: bn_scale_shift(bn2, x1))
+        packed = lambda: self._cached("conv_packed", [w1, conv2.weight], (),  # noqa: E731
+                                      lambda: (pack_weight(w1), pack_weight(conv2.weight)))
+        return spatial_eval(x1, w1, b1, conv2.weight, conv2.bias, scale2, shift2, conv1.groups,
+                            self.shuffle_groups or 0, out_channels_last=out_channels_last, packed=packed)

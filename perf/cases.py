@@ -6,7 +6,9 @@ Kinds: ``gam`` (the whole block, YOLO form ``gam_triton.reference.YoloGAM``), ``
 * ``eager``: the reference in plain PyTorch;
 * ``compile`` / ``compile-max-autotune``: ``torch.compile`` of the reference (default mode /
   ``mode="max-autotune"``), after ``torch._dynamo.reset()`` so each shape compiles afresh;
-* ``gam_triton``: ``gam_triton.GAM.from_module(reference)`` (the public conversion) or the component op.
+* ``gam_triton``: ``gam_triton.GAM.from_module(reference)`` (the public conversion) or the component op;
+* ``gam_triton-tconv``: the same with GAM_TRITON_CONV=triton (the fused Triton convolutions), whole block,
+  forward mode only.
 
 Modes: ``forward`` (eval, the caller runs it under ``torch.no_grad()``) and ``train`` (``module.train()``,
 forward + backward with a random output gradient; the input requires grad as inside a network).
@@ -60,6 +62,10 @@ def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device:
     ref = ref.to(device=device, dtype=dtype).train(train)
     if provider == "gam_triton":
         model = GAM.from_module(ref)
+    elif provider == "gam_triton-tconv":  # eval only: the spatial branch on the Triton convolutions
+        if train:
+            raise ValueError("gam_triton-tconv is an eval (forward) provider: training keeps cuDNN")
+        model = _forced_conv(GAM.from_module(ref), "triton")
     elif provider == "eager":
         model = ref
     else:
@@ -83,6 +89,24 @@ def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device:
 
         grads = []
     return Case(step, nbytes, gam_flops(shape, mode), grads)
+
+
+def _forced_conv(model, conv: str):
+    """``model`` called with GAM_TRITON_CONV=``conv`` (set around each call: about a microsecond)."""
+    import os
+
+    def call(x):
+        old = os.environ.get("GAM_TRITON_CONV")
+        os.environ["GAM_TRITON_CONV"] = conv
+        try:
+            return model(x)
+        finally:
+            if old is None:
+                del os.environ["GAM_TRITON_CONV"]
+            else:
+                os.environ["GAM_TRITON_CONV"] = old
+
+    return call
 
 
 def channel_gate_case(shape: Shape, dtype: torch.dtype, provider: str, device: str,

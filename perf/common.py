@@ -37,7 +37,11 @@ REPO_DIR = os.path.dirname(PERF_DIR)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("forward", "train")
 KINDS = ("gam", "channel_gate", "final_gate")
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "gam_triton")
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "gam_triton", "gam_triton-tconv")
+#: Providers that exist for the whole block in eval (forward) mode only: ``gam_triton-tconv`` is gam_triton
+#: with the spatial branch forced onto the Triton convolutions (GAM_TRITON_CONV=triton), an eval-only path.
+#: Not in the CPU sweep's defaults (there it would run the interpreter, whose timings mean nothing).
+EVAL_ONLY_PROVIDERS = ("gam_triton-tconv",)
 
 CPU_NOTE = "CPU figures, not GPU performance"
 INTERPRET_NOTE = "TRITON_INTERPRET=1: gam_triton ran in Triton's interpreter; not performance figures"

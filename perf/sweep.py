@@ -167,6 +167,11 @@ def plan(args, on_gpu: bool) -> list[Spec]:
     shapes = shapes_for(args, on_gpu)
 
     def wanted(kind: str, mode: str) -> list[str]:
+        if kind != "gam" or mode != "forward":  # eval-only providers: the whole block in forward mode
+            return [p for p in wanted_all(kind, mode) if p not in common.EVAL_ONLY_PROVIDERS]
+        return wanted_all(kind, mode)
+
+    def wanted_all(kind: str, mode: str) -> list[str]:
         if args.providers or (kind == "gam" and mode == "forward"):
             return providers
         return [p for p in providers if p != "compile-max-autotune"]

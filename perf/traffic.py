@@ -232,35 +232,92 @@ KERNEL_STANDINS = {
 }
 
 
+def _conv1_standin(x1, w1p, b1):
+    from gam_triton.spatial import unpack_weight
+
+    k, cin_g = w1p.shape[0], w1p.shape[2]
+    return torch.relu(torch.nn.functional.conv2d(x1, unpack_weight(w1p), b1, padding=k // 2,
+                                                 groups=x1.shape[1] // cin_g))
+
+
+def _conv2_standin(z1, w2p, b2, scale, shift, x1, shuffle, out_channels_last):
+    from gam_triton.final_gate import final_gate_torch
+    from gam_triton.spatial import unpack_weight
+
+    k, cin_g = w2p.shape[0], w2p.shape[2]
+    y2 = torch.nn.functional.conv2d(z1, unpack_weight(w2p), b2, padding=k // 2, groups=z1.shape[1] // cin_g)
+    return final_gate_torch(x1, y2, scale, shift, shuffle)
+
+
+#: The fused spatial branch's kernels (GAM_TRITON_CONV=triton): gam_triton.spatial's launch points and
+#: their PyTorch stand-ins.
+SPATIAL_STANDINS = {
+    "gam_triton::conv_bn_relu": ("_run_conv1", _conv1_standin),
+    "gam_triton::conv_gate": ("_run_conv2", _conv2_standin),
+}
+
+
 @contextlib.contextmanager
 def _kernels_for_standins(counter: TrafficCounter) -> Iterator[None]:
     """Run gam_triton's GAM down its Triton path, each kernel call counted as one launch."""
     module = importlib.import_module("gam_triton.module")
-    saved = [(module, "use_triton", module.use_triton)]
+    spatial = importlib.import_module("gam_triton.spatial")
+    saved = [(module, "use_triton", module.use_triton), (spatial, "use_triton", spatial.use_triton)]
     module.use_triton = lambda x: True
-    for op_name, (entry, mod_name, attr) in KERNEL_STANDINS.items():
-        torch_impl = getattr(importlib.import_module(mod_name), attr)
+    spatial.use_triton = lambda x: True
 
-        def standin(*args, _impl=torch_impl, _name=op_name, out_channels_last=None, **kwargs):
+    def standin_of(torch_impl, name):
+        def standin(*args, out_channels_last=None, **kwargs):
             with counter.paused():
-                out = _impl(*args, **kwargs)
-            counter.record(_name, (args, kwargs), out)
+                out = torch_impl(*args, **kwargs)
+            counter.record(name, (args, kwargs), out)
             return out
+        return standin
 
-        saved.append((module, entry, getattr(module, entry)))
-        setattr(module, entry, standin)
+    for op_name, (entry, mod_name, attr) in KERNEL_STANDINS.items():
+        standin = standin_of(getattr(importlib.import_module(mod_name), attr), op_name)
+        for mod in (module, spatial):  # the eval spatial branch calls the final gate from gam_triton.spatial
+            if hasattr(mod, entry):
+                saved.append((mod, entry, getattr(mod, entry)))
+                setattr(mod, entry, standin)
+    for op_name, (entry, torch_impl) in SPATIAL_STANDINS.items():
+        saved.append((spatial, entry, getattr(spatial, entry)))
+        setattr(spatial, entry, standin_of(torch_impl, op_name) if entry == "_run_conv1" else
+                _positional(standin_of(torch_impl, op_name)))
     try:
         yield
     finally:
-        for mod, attr, original in saved:
+        for mod, attr, original in reversed(saved):
             setattr(mod, attr, original)
 
 
-def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta") -> Traffic:
+def _positional(standin):
+    """conv_gate's stand-in: every argument positional (out_channels_last is one of the op's inputs)."""
+    return lambda *args: standin(*args)
+
+
+@contextlib.contextmanager
+def _conv_mode(conv: str) -> Iterator[None]:
+    """GAM_TRITON_CONV set to ``conv`` for the duration (the path being counted)."""
+    old = os.environ.get("GAM_TRITON_CONV")
+    os.environ["GAM_TRITON_CONV"] = conv
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GAM_TRITON_CONV", None)
+        else:
+            os.environ["GAM_TRITON_CONV"] = old
+
+
+def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta",
+                       conv: str = "cudnn") -> Traffic:
     """Traffic of gam_triton's GAM: its kernels as launches, the rest (cuDNN convs, ...) as dispatched.
 
     ``device="meta"`` (any machine, forward only): the stand-ins are counted as their kernels. On
     "cuda", or "cpu" under TRITON_INTERPRET=1, the kernels run and are counted as the custom ops they are.
+    ``conv``: the eval spatial branch's path (GAM_TRITON_CONV): "cudnn" (today's: two cuDNN convolutions,
+    a ReLU and the final-gate kernel) or "triton" (the fused path: conv1 + ReLU, conv2 + final gate).
     """
     train = mode == "train"
     if device == "meta" and train:
@@ -271,10 +328,11 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
     def path(counter: TrafficCounter):
         return _kernels_for_standins(counter) if device == "meta" else contextlib.nullcontext()
 
-    with path(TrafficCounter()):
-        fn()  # the first call folds BN1 into conv1 and caches BN2's affine; steady state is what counts
-    with TrafficCounter() as counter, path(counter):
-        fn()
+    with _conv_mode(conv):
+        with path(TrafficCounter()):
+            fn()  # the first call folds BN1 into conv1 and caches BN2's affine; steady state is what counts
+        with TrafficCounter() as counter, path(counter):
+            fn()
     return counter.traffic
 
 
@@ -343,6 +401,20 @@ def gam_table(shapes: Sequence[Shape], dtype_name: str, mode: str = "forward", d
     return "\n".join(lines)
 
 
+def fused_table(shapes: Sequence[Shape], dtype_name: str, device: str = "meta") -> str:
+    """Markdown: the eval block with the fused spatial branch (GAM_TRITON_CONV=triton) against today's."""
+    dtype = DTYPES[dtype_name]
+    lines = ["| shape | today MB | today launches | fused MB | fused launches | fused / today bytes | "
+             "floor H100 today us | floor H100 fused us |", "|---|---|---|---|---|---|---|---|"]
+    for s in shapes:
+        t = gam_triton_traffic(s, dtype, "forward", device, conv="cudnn")
+        f = gam_triton_traffic(s, dtype, "forward", device, conv="triton")
+        bw = GPU_BANDWIDTH["H100"]
+        lines.append(f"| {s.label()} | {_mb(t.bytes)} | {t.launches} | {_mb(f.bytes)} | {f.launches} | "
+                     f"{f.bytes / t.bytes:.2f} | {t.floor_us(bw):.0f} | {f.floor_us(bw):.0f} |")
+    return "\n".join(lines)
+
+
 def component_table(shapes: Sequence[Shape], dtype_name: str) -> str:
     """Markdown: the fused components alone, eager's ops against the one kernel (eval forward)."""
     import components as comp
@@ -395,6 +467,8 @@ def report(batch: int, dtype_name: str, mode: str = "forward", device: str = "me
     ]
     if mode == "forward":
         parts += ["### Fused components alone", component_table(plain, dtype_name)]
+        parts += ["### Fused spatial branch (eval, GAM_TRITON_CONV=triton) against today's",
+                  fused_table(shapes, dtype_name, device)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -145,7 +145,8 @@ def test_sweep_plans_the_gpu_sweep_from_the_notes_shapes():
     assert {(s.shape.channels, s.shape.height) for s in full} == set(common.yolo_pairs())
     assert {s.shape.batch for s in full} == {1, 16, 32}
     block_fwd = {s.provider for s in full if s.kind == "gam" and s.mode == "forward"}
-    assert block_fwd == {"eager", "compile", "compile-max-autotune", "gam_triton"}
+    assert block_fwd == {"eager", "compile", "compile-max-autotune", "gam_triton", "gam_triton-tconv"}
+    assert all(s.provider != "gam_triton-tconv" for s in full if s.mode == "train" or s.kind != "gam")
     assert all(s.provider != "compile-max-autotune" for s in full if s.mode == "train" or s.kind != "gam")
     assert {s.kind for s in full if s.mode == "train"} == {"gam"}
     quick = sweep.plan(sweep.parser().parse_args(["--quick"]), on_gpu=True)
