@@ -395,9 +395,24 @@ OP_SAMPLES = {
     "bn_relu": lambda: [
         (_t(2, 6, 3, 5, cl=True), _vec(6, 1, 1.0), _vec(6, 2)),
     ],
+    # eval-only ops (their autograd formula raises): samples without requires_grad
+    "conv_bn_relu": lambda: [
+        (_t(2, 8, 3, 5, cl=True, grad=False), _packed(2, 4, 3, seed=1), _vec(2, 2).detach()),
+    ],
+    "conv_gate": lambda: [
+        (_t(2, 2, 3, 5, cl=True, grad=False), _packed(8, 1, 3, seed=1), _vec(8, 2).detach(),
+         _vec(8, 3, 1.0).detach(), _vec(8, 4).detach(), _t(2, 8, 3, 5, seed=5, grad=False), 4, True),
+    ],
     "train_block_fwd": lambda: [_train_block_args()["train_block_fwd"]],
     "train_block_bwd": lambda: [_train_block_args()["train_block_bwd"]],
 }
+
+
+def _packed(cout, cin_g, k, seed):
+    """A convolution weight [cout, cin_g, k, k] in the Triton convolutions' packed layout."""
+    from gam_triton.spatial import pack_weight
+
+    return pack_weight(_t(cout, cin_g, k, k, seed=seed, grad=False) * 0.3)
 
 
 def _train_block_args() -> dict:
