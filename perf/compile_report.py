@@ -274,9 +274,9 @@ KERNELS = {
 #: Odd NCHW maps (classifier-style 224 inputs: 14x14, 7x7) where H*W is not a multiple of 16 and the
 #: pixel strides lose their divisibility hint; compiled for the elementwise kernels and the channel gate.
 ODD_MAPS = ((256, 14), (512, 14), (512, 7), (1024, 7))
-#: The CI subset: a few shapes that cover one-tile and looped channel gates, every BLOCK_R and odd maps.
-CI_PAIRS = ((64, 80), (256, 40), (1024, 20))
-CI_ODD = ((512, 7),)
+#: The CI subset: one-tile and looped channel gates (BLOCK_R 16, 64, 256), even and odd maps.
+CI_PAIRS = ((64, 80), (1024, 20))
+CI_ODD = ((256, 14),)
 
 
 def sweep_pairs() -> list[tuple[int, int]]:
@@ -439,17 +439,24 @@ def compile_job(ref: str, spec: dict, cc: int) -> dict:
             "smem": int(k.metadata.shared), "tc": tc, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def ptxas_path(cc: int) -> str:
+    """The triton wheel's ptxas for ``cc`` (``get_ptxas(arch)`` since Triton 3.5, ``get_ptxas()`` before)."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return (get_ptxas(cc) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
+
+
 def _run_ptxas(ptx: str, cc: int) -> str:
     """Fallback when Triton's own ptxas log was not seen (a cached compile): ptxas -v on the PTX."""
     import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        r = subprocess.run([get_ptxas(cc).path, "-lineinfo", "-v", f"--gpu-name={_sm_arch(cc)}", path,
+        r = subprocess.run([ptxas_path(cc), "-lineinfo", "-v", f"--gpu-name={_sm_arch(cc)}", path,
                             "-o", path + ".o"], capture_output=True, text=True)
     return r.stderr
 
@@ -600,33 +607,37 @@ def build_report(kernels: list[str], pairs, odd_maps, archs, compiler: Compiler,
     for entry, cases in plans:
         _compile_and_record(entry, [plan_case(entry, c, entry.heuristic(c), "heuristic") for c, _ in cases],
                             archs, compiler, rows, table)
+    groups: dict = {}
     for entry, cases in plans if with_candidates else ():
-        groups: dict = {}
         for c, cands in cases:
             if cands and c.layout == entry.layouts(c.dtype)[0]:
-                groups.setdefault((c.dtype, c.precision), []).append(c)
-        final = set()
-        for (dt, prec), gcases in groups.items():
-            done: dict = {}
-            complete = True
-            for _round in range(10):
-                new = []
-                for c in gcases:
-                    for cfg in entry.candidates(c):
-                        if (c, cfg) not in done:
-                            done[(c, cfg)] = plan_case(entry, c, cfg, "candidate")
-                            new.append(done[(c, cfg)])
-                if not new:
-                    break
-                complete &= _compile_and_record(entry, new, archs, compiler, rows, table)
-                log(f"{entry.name} {dt} {prec}: round {_round + 1}: {len(new)} candidate configs; table has "
-                    f"{len(table['entries'])} entries")
-            if complete:
-                table["covered"].append(f"{entry.name}|{dt}|{prec}")
-            final |= {(c, cfg) for c in gcases for cfg in entry.candidates(c)}
-        for r in rows:  # mark the rows whose config the autotuner would time after pruning
-            if r["kernel"] == entry.name and r["source"] == "candidate":
-                r["source"] = "candidate" if (r["_case"], r["_cfg"]) in final else "pruned"
+                groups.setdefault((entry.name, c.dtype, c.precision), []).append(c)
+    # the full-precision fp32 channel gate first (where spills were found), then the cheap elementwise kernels
+    order = sorted(groups, key=lambda g: (0 if g[2] == "ieee" else 1 if g[0] != "channel_gate" else 2))
+    final = set()
+    for name, dt, prec in order:
+        entry, gcases = KERNELS[name], groups[(name, dt, prec)]
+        done: dict = {}
+        complete = True
+        for _round in range(10):
+            new = []
+            for c in gcases:
+                for cfg in entry.candidates(c):
+                    if (c, cfg) not in done:
+                        done[(c, cfg)] = plan_case(entry, c, cfg, "candidate")
+                        new.append(done[(c, cfg)])
+            if not new:
+                break
+            complete &= _compile_and_record(entry, new, archs, compiler, rows, table)
+            log(f"{name} {dt} {prec}: round {_round + 1}: {len(new)} candidate configs; table has "
+                f"{len(table['entries'])} entries")
+        if complete:
+            table["covered"].append(f"{name}|{dt}|{prec}")
+    for name, dt, prec in order:  # the configs the autotuner times after pruning, with the final table
+        final |= {(c, cfg) for c in groups[(name, dt, prec)] for cfg in KERNELS[name].candidates(c)}
+    for r in rows:
+        if r["source"] == "candidate":
+            r["source"] = "candidate" if (r["_case"], r["_cfg"]) in final else "pruned"
     configs.use_compiled_limits(None)
     for r in rows:
         r.pop("_case", None)
@@ -746,6 +757,33 @@ def candidate_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _heuristic_summary(rows: list[dict]) -> dict:
+    """(kernel, dtype [precision], maps, arch) -> (max regs, max spill bytes, max smem, min warps/SM, cases)."""
+    groups: dict = {}
+    for r in rows:
+        if r["source"] != "heuristic" or str(r["ok"]) != "1":
+            continue
+        k = (r["kernel"], r["dtype"] + (f" {r['precision']}" if r["precision"] else ""), r["origin"], r["arch"])
+        groups.setdefault(k, []).append(r)
+    return {k: (max(int(r["regs"]) for r in rs), max(int(r["spill_stores"]) + int(r["spill_loads"]) for r in rs),
+                max(int(r["smem"]) for r in rs), min(int(r["warps_per_sm"]) for r in rs), len(rs))
+            for k, rs in groups.items()}
+
+
+def compare_table(before: list[dict], after: list[dict]) -> list[str]:
+    """Markdown: the heuristic's worst registers, spills, smem and fewest warps per SM, before -> after."""
+    b, a = _heuristic_summary(before), _heuristic_summary(after)
+    out = ["| kernel | dtype | maps | arch | max regs | spill bytes (max) | max smem B | warps/SM (min) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for k in sorted(set(b) | set(a)):
+        def cell(i, k=k):
+            x = b[k][i] if k in b else "-"
+            y = a[k][i] if k in a else "-"
+            return f"{x}" if x == y else f"{x} -> {y}"
+        out.append(f"| {' | '.join(k)} | {cell(0)} | {cell(1)} | {cell(2)} | {cell(3)} |")
+    return out
+
+
 def write_markdown(path: str, rows: list[dict], meta: dict) -> None:
     lines = ["# Compile report", "",
              f"Generated by `perf/compile_report.py` (Triton {meta['triton']}, torch {meta['torch']}, "
@@ -854,6 +892,8 @@ def main(argv=None) -> int:
     ap.add_argument("--subset", choices=("sweep", "ci"), default="sweep")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--compare", metavar="CSV", help="a report.csv from before a change: write compare.md "
+                    "(heuristic facts before -> after)")
     ap.add_argument("--cached-only", action="store_true",
                     help="compile nothing new: report what the cache holds (groups left incomplete are not covered)")
     ap.add_argument("--write-limits", action="store_true", help=f"write {os.path.relpath(LIMITS_PATH, REPO_DIR)}")
@@ -886,6 +926,12 @@ def main(argv=None) -> int:
     write_markdown(os.path.join(args.out, "report.md"), rows, meta)
     if args.write_limits:
         write_limits(LIMITS_PATH, table, archs)
+    if args.compare:
+        with open(args.compare) as f:
+            before = list(csv.DictReader(f))
+        after = [{k: str(v) for k, v in r.items()} for r in rows]
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write("\n".join(compare_table(before, after)) + "\n")
     if args.verify_table:
         res = verify_table(LIMITS_PATH, args.verify_table, archs, compiler)
         with open(os.path.join(args.out, "verify.json"), "w") as f:
