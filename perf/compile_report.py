@@ -818,8 +818,11 @@ def verify_table(path: str, n: int, archs, compiler: Compiler) -> list[dict]:
     and compare registers and spill bytes per arch with the recorded sample. Entries that spill first."""
     from gam_triton.configs import Config
 
-    with open(path) as f:
-        entries = json.load(f)["entries"]
+    try:
+        with open(path) as f:
+            entries = json.load(f)["entries"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"compile_report: cannot read the table {path}: {e}") from None
     keys = sorted(k for k, e in entries.items() if "case" in e)
     spilling = [k for k in keys if entries[k]["spill"]]
     clean = [k for k in keys if not entries[k]["spill"]]
