@@ -142,7 +142,11 @@ class KernelEntry:
     the other layouts users run (heuristic only); ``variants`` the constexpr variants (the first gets
     the candidates); ``table_class(case, config)`` groups the cases whose compile facts the autotuner's
     pruning table merges (``gam_triton.configs.compiled_key``); ``equiv(case, config)`` is a key under
-    which candidate compiles are shared (None: compile every specialisation).
+    which compiles are shared across channel-loop trip counts (None: compile every specialisation);
+    ``family`` names the table entries (kernels whose candidates come from one configs function share one)
+    and ``dtype_in_key`` whether they are per dtype. A new kernel: its op exposes ``_launch_args`` like the
+    others, its configs function prunes with ``configs.compiled_ok(compiled_key(family, ...))``, and one entry
+    here.
     """
 
     name: str
@@ -155,6 +159,16 @@ class KernelEntry:
     candidates: Callable
     table_class: Callable
     equiv: Optional[Callable] = None
+    family: str = ""              # table key family (default: the name); kernels sharing candidates share it
+    dtype_in_key: bool = True     # False: one table entry per config for every dtype
+
+    def table_key(self, case: Case, cfg, constexprs: dict) -> str:
+        """This case's entry in the compiled-facts table (``gam_triton.configs.compiled_key``)."""
+        from gam_triton.configs import compiled_key
+
+        return compiled_key(self.family or self.name, self.table_class(case, cfg),
+                            case.dtype if self.dtype_in_key else "", constexprs.get("INPUT_PRECISION", "") or "",
+                            cfg)
 
 
 def _channel_gate_launch(case: Case, cfg):
@@ -265,10 +279,11 @@ KERNELS = {
     "final_gate": KernelEntry(
         "final_gate", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("nchw", "cl>nchw")), ("cl",),
         ("", "noshuffle"), _final_gate_launch, _elementwise_heuristic, _elementwise_candidates,
-        _elementwise_class),
+        _elementwise_class, family="elementwise", dtype_in_key=False),
     "bn_relu": KernelEntry(
         "bn_relu", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("cl",)), ("nchw", "cl"),
-        ("",), _bn_relu_launch, _elementwise_heuristic, _elementwise_candidates, _elementwise_class),
+        ("",), _bn_relu_launch, _elementwise_heuristic, _elementwise_candidates, _elementwise_class,
+        family="elementwise", dtype_in_key=False),
 }
 
 #: Odd NCHW maps (classifier-style 224 inputs: 14x14, 7x7) where H*W is not a multiple of 16 and the
@@ -659,7 +674,6 @@ def build_report(kernels: list[str], pairs, odd_maps, archs, compiler: Compiler,
 def _compile_and_record(entry, planned: list[Planned], archs, compiler: Compiler, rows: list, table: dict) -> bool:
     """Compile (or take from the cache) and record rows and table facts; False when some job was skipped
     (``--cached-only``)."""
-    from gam_triton import configs
 
     jobs, reps = {}, {}
     for p in planned:
@@ -680,11 +694,7 @@ def _compile_and_record(entry, planned: list[Planned], archs, compiler: Compiler
         for r in new_rows:
             r["_case"], r["_cfg"] = p.case, p.config
         rows.extend(new_rows)
-        key = configs.compiled_key(entry.name if entry.name == "channel_gate" else "elementwise",
-                                   entry.table_class(p.case, p.config), p.case.dtype if entry.name == "channel_gate"
-                                   else "", p.spec["constexprs"].get("INPUT_PRECISION", "")
-                                   if entry.name == "channel_gate" else "", p.config)
-        merge_fact(table, key, new_rows, p, exact=rep is p)
+        merge_fact(table, entry.table_key(p.case, p.config, p.spec["constexprs"]), new_rows, p, exact=rep is p)
     return complete
 
 
@@ -883,11 +893,8 @@ def check_candidates(kernels: list[str], pairs) -> dict:
             if not cands:
                 continue
             for cfg in entry.candidates(case):
-                kernel, _g, args, kwargs = entry.launch(case, cfg)
-                prec = kwargs.get("INPUT_PRECISION", "") if name == "channel_gate" else ""
-                key = configs.compiled_key("channel_gate" if name == "channel_gate" else "elementwise",
-                                           entry.table_class(case, cfg), case.dtype if name == "channel_gate"
-                                           else "", prec, cfg)
+                _kernel, _g, _args, kwargs = entry.launch(case, cfg)
+                key = entry.table_key(case, cfg, kwargs)
                 total += 1
                 if f"{name}|{case.dtype}|{case.precision}" not in covered:
                     uncovered += 1
