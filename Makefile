@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: sweep test gpu-suite env clean
+.PHONY: sweep test gpu-suite compile-report env clean
 
 env: $(VENV)/.installed
 
@@ -19,6 +19,13 @@ sweep: env
 # Tests: Triton kernels through the interpreter on the CPU (the GPU test file runs where CUDA is).
 test: env
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Compile every kernel (heuristic + autotuner candidates) for sm_80/sm_90/sm_100 without a GPU: registers,
+# spills, shared memory, warps per SM -> perf/compile/report.{csv,md}; COMPILE_ARGS=--write-limits refreshes
+# gam_triton/compiled_limits.json (the table that prunes the autotuner's candidates).
+COMPILE_ARGS ?=
+compile-report: env
+	env -u TRITON_INTERPRET $(PY) perf/compile_report.py $(COMPILE_ARGS)
 
 # On a GPU machine: tests compiled for real, full sweep, plots, under perf/results/<gpu-name>/.
 gpu-suite:

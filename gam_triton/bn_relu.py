@@ -27,14 +27,20 @@ def bn_relu_torch(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     return torch.relu(torch.addcmul(shift.view(1, c, 1, 1), y, scale.view(1, c, 1, 1)).to(y.dtype))
 
 
-def _launch(y, scale, shift, z, config: Config) -> None:
+def _launch_args(y, scale, shift, z, config: Config):
+    """(kernel, grid, args, kwargs) of the launch: what :func:`_launch` runs and the compile report compiles."""
     bsz, c, h, w = y.shape
     hw = h * w
     y, syb, syc, syp = bchw_view(y)
     _, szb, szc, szp = bchw_view(z)
     grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
-    launcher(bn_relu_kernel)[grid](y, scale, shift, z, hw, c, syb, syc, syp, szb, szc, szp,
-                                   **config.launch_kwargs())
+    args = (y, scale, shift, z, hw, c, syb, syc, syp, szb, szc, szp)
+    return bn_relu_kernel, grid, args, config.launch_kwargs()
+
+
+def _launch(y, scale, shift, z, config: Config) -> None:
+    kernel, grid, args, kwargs = _launch_args(y, scale, shift, z, config)
+    launcher(kernel)[grid](*args, **kwargs)
 
 
 def _bn_relu_impl(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from . import autotune
 from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, call_directly, check_bchw, check_vector, define_op,
                        device_index, dot_precision, launcher, new_output, on_device, use_triton)
-from .configs import Config, channel_gate_candidates, channel_gate_heuristic, next_pow2
+from .configs import (Config, channel_gate_candidates, channel_gate_heuristic, channel_gate_input_precision,
+                      next_pow2)
 
 if HAS_TRITON:
     from triton import cdiv
@@ -66,21 +67,29 @@ def _bias_or_zeros(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> tor
     return b if b is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
 
 
-def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-            sigmoid: bool, out: torch.Tensor, config: Config) -> None:
-    """Launch the channel-gate kernel writing ``out`` (same shape as x, any layout)."""
+def _launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 sigmoid: bool, out: torch.Tensor, config: Config, precision: Optional[str] = None):
+    """(kernel, grid, args, kwargs) of the launch writing ``out``: what :func:`_launch` runs and what
+    ``perf/compile_report.py`` compiles ahead of time (``precision``: "ieee" or "tf32", overrides
+    ``_runtime.dot_precision``; fp32 "ieee" runs as 3xTF32, ``configs.CHANNEL_GATE_FP32_DOTS``)."""
     bsz, c, h, w = x.shape
     hw = h * w
     cr = w1.shape[0]
     xv, sxb, sxc, sxp = bchw_view(x)
     _, sob, soc, sop = bchw_view(out)
     grid = (bsz * cdiv(hw, config.BLOCK_P),)
-    launcher(channel_gate_fwd_kernel)[grid](
-        xv, w1, b1, w2, b2, out, hw, c, cr,
-        sxb, sxc, sxp, sob, soc, sop,
-        SIGMOID=sigmoid, DOT_F32=INTERPRET or w1.dtype == torch.float32,
-        INPUT_PRECISION=dot_precision(w1.dtype), N_CHUNKS=cdiv(c, config.BLOCK_C), **config.launch_kwargs(),
-    )
+    args = (xv, w1, b1, w2, b2, out, hw, c, cr, sxb, sxc, sxp, sob, soc, sop)
+    kwargs = dict(SIGMOID=sigmoid, DOT_F32=INTERPRET or w1.dtype == torch.float32,
+                  INPUT_PRECISION=channel_gate_input_precision(w1.dtype, precision),
+                  N_CHUNKS=cdiv(c, config.BLOCK_C), **config.launch_kwargs())
+    return channel_gate_fwd_kernel, grid, args, kwargs
+
+
+def _launch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+            sigmoid: bool, out: torch.Tensor, config: Config) -> None:
+    """Launch the channel-gate kernel writing ``out`` (same shape as x, any layout)."""
+    kernel, grid, args, kwargs = _launch_args(x, w1, b1, w2, b2, sigmoid, out, config)
+    launcher(kernel)[grid](*args, **kwargs)
 
 
 def _key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool) -> tuple:
@@ -95,14 +104,14 @@ def _channel_gate_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: 
     if x.numel() == 0:
         return out
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
-    heur = channel_gate_heuristic(c, cr, hw, x.dtype)
+    heur = channel_gate_heuristic(c, cr, hw, w1.dtype)  # the dots run in the weights' dtype
 
     def bench(cfg: Config) -> float:
         return autotune.bench_ms(lambda: _launch(x, w1, b1, w2, b2, sigmoid, out, cfg))
 
     with on_device(x):  # the tensors' device, for tuning and launch (cuda:1 while cuda:0 is current)
         cfg = autotune.select("channel_gate", _key(x, w1, out_channels_last), heur,
-                              lambda: channel_gate_candidates(c, cr, hw, x.dtype), bench, device_index(x))
+                              lambda: channel_gate_candidates(c, cr, hw, w1.dtype), bench, device_index(x))
         _launch(x, w1, b1, w2, b2, sigmoid, out, cfg)
     return out
 

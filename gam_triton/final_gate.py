@@ -57,16 +57,22 @@ def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, sh
     return gate_multiply(x1, s, groups)
 
 
-def _launch(x1, y2, scale, shift, groups, out, config: Config) -> None:
+def _launch_args(x1, y2, scale, shift, groups, out, config: Config):
+    """(kernel, grid, args, kwargs) of the launch: what :func:`_launch` runs and the compile report compiles."""
     bsz, c, h, w = x1.shape
     hw = h * w
     x1, sxb, sxc, sxp = bchw_view(x1)
     y2, syb, syc, syp = bchw_view(y2)
     _, sob, soc, sop = bchw_view(out)
     grid = (bsz * cdiv(hw, config.BLOCK_P), cdiv(c, config.BLOCK_C))
-    launcher(final_gate_kernel)[grid](x1, y2, scale, shift, out, hw, c, c // groups if groups else c,
-                 sxb, sxc, sxp, syb, syc, syp, sob, soc, sop,
-                 SHUFFLE_G=groups, **config.launch_kwargs())
+    args = (x1, y2, scale, shift, out, hw, c, c // groups if groups else c,
+            sxb, sxc, sxp, syb, syc, syp, sob, soc, sop)
+    return final_gate_kernel, grid, args, dict(SHUFFLE_G=groups, **config.launch_kwargs())
+
+
+def _launch(x1, y2, scale, shift, groups, out, config: Config) -> None:
+    kernel, grid, args, kwargs = _launch_args(x1, y2, scale, shift, groups, out, config)
+    launcher(kernel)[grid](*args, **kwargs)
 
 
 def _final_gate_impl(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
