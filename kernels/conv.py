@@ -28,13 +28,7 @@ channel tile is padded).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; DOT_F32 upcasts the operands first."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+from .channel_gate import _dot  # acc + a @ b, fp32 accumulation (operands upcast when DOT_F32)
 
 
 @triton.jit
