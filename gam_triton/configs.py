@@ -372,7 +372,8 @@ def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Conf
     # C = 256: narrow, mostly unvectorised loads; a 64-channel tile took 150-180 registers on sm_80), and
     # 33-63 out-channels per group (C640 grouped conv1, 40: a 64-channel tile spilled 24 bytes on sm_100).
     block_n = min(nmax, 32 if cin_g <= 16 or 32 < cout_g < 64 else 64)
-    block_k = min(kmax, 32 if _itemsize(dtype) == 4 else 64)
+    # fp32 K steps of 16: 32 spilled 4-12 B with tf32x3 dots on sm_100 (plain C128/C192 at 80x80, 64-pixel tiles).
+    block_k = min(kmax, 16 if _itemsize(dtype) == 4 else 64)
     # 128 pixels only for narrow channel tiles with in-channel blocks that are mostly real (registers)
     # (fp32 stays at 64: 128 x 16 spilled 4 bytes on sm_80 with 48 in-channels per group).
     wide = block_n <= 16 and cin_g >= 16 and _itemsize(dtype) < 4
