@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import autotune
-from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, dot_precision, is_channels_last, launcher,
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, is_channels_last, launcher,
                        new_output, on_device)
 from .batchnorm import uses_batch_stats
 from .configs import (Config, bn_reduce_candidates, bn_reduce_heuristic, channel_gate_bwd_candidates,
