@@ -242,6 +242,19 @@ def channel_gate_input_precision(dtype: torch.dtype, precision: Optional[str] = 
     return CHANNEL_GATE_FP32_DOTS.get(precision, precision) if dtype == torch.float32 else precision
 
 
+#: The channel-gate backward keeps three [BLOCK_P, BLOCK_R] fp32 tiles live besides its dots' operands: with
+#: 3xTF32 dots (the forward's mapping of "ieee") every fp32 tile above BLOCK_R = 64 spilled on some target
+#: (ptxas -v, perf/NOTES.md "Compile report"), so wider hidden blocks keep FMA "ieee" dots (full precision).
+CHANNEL_GATE_BWD_TF32X3_MAX_R = 64
+
+
+def channel_gate_bwd_input_precision(dtype: torch.dtype, block_r: int, precision: Optional[str] = None) -> str:
+    """The channel-gate backward's INPUT_PRECISION: the forward's (:func:`channel_gate_input_precision`),
+    except 3xTF32 becomes "ieee" above CHANNEL_GATE_BWD_TF32X3_MAX_R hidden channels per block."""
+    p = channel_gate_input_precision(dtype, precision)
+    return "ieee" if p == "tf32x3" and block_r > CHANNEL_GATE_BWD_TF32X3_MAX_R else p
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
@@ -291,22 +304,33 @@ def bn_reduce_candidates(C: int, N: int, channels_last: bool) -> list[Config]:
     return _nearest(out, heur) or [heur]
 
 
+#: fp32 tiles of the channel-gate backward per BLOCK_R: (BLOCK_P, BLOCK_C, num_warps, num_stages), chosen from
+#: compiles on sm_80 / sm_90a / sm_100a (perf/compile_report.py; 3xTF32 dots up to BLOCK_R 64, FMA "ieee"
+#: beyond, see CHANNEL_GATE_BWD_TF32X3_MAX_R): none spills at the sweep's shapes.
+FP32_BWD_TILES = {16: (32, 32, 8, 2), 32: (16, 64, 8, 2), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1),
+                  256: (16, 16, 8, 1)}
+
+
 def channel_gate_bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype) -> Config:
     """The channel-gate backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and its
-    64-bit pointer tiles in registers: 8 warps, 32 pixels up to C/r = 64 and 16 beyond (fp32: from C/r = 64),
-    channel chunks shrinking as C/r grows (ptxas -v, perf/NOTES.md "Training path": no spill on sm_90a)."""
+    64-bit pointer tiles in registers: fp16/bf16 8 warps, 32 pixels up to C/r = 64 and 16 beyond, channel
+    chunks shrinking as C/r grows; fp32 from FP32_BWD_TILES (ptxas -v, perf/NOTES.md "Compile report": no
+    spill on sm_80, sm_90a, sm_100a at the sweep's shapes)."""
     block_r = max(16, next_pow2(CR))
     if INTERPRET:
         return channel_gate_heuristic(C, CR, HW, dtype)
-    fp32 = dtype == torch.float32  # fp32 operand tiles take twice the registers
-    if block_r >= 256 or (fp32 and block_r >= 128):
+    if dtype == torch.float32:
+        block_p, block_c, warps, stages = FP32_BWD_TILES[min(block_r, 256)]
+        return Config(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=max(16, min(block_c, next_pow2(C))),
+                      BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    if block_r >= 256:
         block_c = 16
-    elif block_r >= 128 or (fp32 and block_r >= 64):
+    elif block_r >= 128:
         block_c = 32
     else:
         block_c = 64
     block_c = max(16, min(block_c, next_pow2(C)))
-    block_p = 16 if (block_r > 64 or (fp32 and block_r >= 64)) else 32
+    block_p = 16 if block_r > 64 else 32
     block_p = max(16, min(block_p, next_pow2(HW)))
     return Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=8, num_stages=2)
 
@@ -348,7 +372,8 @@ def conv_heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> Conf
     # C = 256: narrow, mostly unvectorised loads; a 64-channel tile took 150-180 registers on sm_80), and
     # 33-63 out-channels per group (C640 grouped conv1, 40: a 64-channel tile spilled 24 bytes on sm_100).
     block_n = min(nmax, 32 if cin_g <= 16 or 32 < cout_g < 64 else 64)
-    block_k = min(kmax, 32 if _itemsize(dtype) == 4 else 64)
+    # fp32 K steps of 16: 32 spilled 4-12 B with tf32x3 dots on sm_100 (plain C128/C192 at 80x80, 64-pixel tiles).
+    block_k = min(kmax, 16 if _itemsize(dtype) == 4 else 64)
     # 128 pixels only for narrow channel tiles with in-channel blocks that are mostly real (registers)
     # (fp32 stays at 64: 128 x 16 spilled 4 bytes on sm_80 with 48 in-channels per group).
     wide = block_n <= 16 and cin_g >= 16 and _itemsize(dtype) < 4

@@ -144,10 +144,11 @@ def _image_span(*tensors) -> int:
     return max(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) for t in tensors)
 
 
-def _common_kwargs(cfg: Config, k: int, cin_g: int, dtype: torch.dtype, *tensors) -> dict:
+def _common_kwargs(cfg: Config, k: int, cin_g: int, dtype: torch.dtype, *tensors,
+                   precision: Optional[str] = None) -> dict:
     return dict(KSIZE=k, BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_R,
                 K_BLOCKS=cdiv(cin_g, cfg.BLOCK_R), DOT_F32=INTERPRET or dtype == torch.float32,
-                INPUT_PRECISION=conv_precision(dtype), I64=_image_span(*tensors) >= 2**31 - 1,
+                INPUT_PRECISION=precision or conv_precision(dtype), I64=_image_span(*tensors) >= 2**31 - 1,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -158,28 +159,43 @@ def _dims(x: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int]:
     return k, cin_g, cout, groups, cout // groups
 
 
-def _launch_conv1(x1, wp, b, z, cfg: Config) -> None:
+def _conv1_launch_args(x1, wp, b, z, cfg: Config, precision: Optional[str] = None):
+    """(kernel, grid, args, kwargs) of conv1 + bias + ReLU writing z: what :func:`_launch_conv1` runs and
+    ``perf/compile_report.py`` compiles ahead of time (``precision`` overrides :func:`conv_precision`)."""
     bsz, _, h, w = x1.shape
     k, cin_g, cout, groups, cout_g = _dims(x1, wp)
     n_blocks = cdiv(cout_g, cfg.BLOCK_C)
     _, szb, szc, szp = bchw_view(z)
     grid = (bsz * cdiv(h * w, cfg.BLOCK_P), groups * n_blocks)
-    launcher(conv_bn_relu_kernel)[grid](x1, wp, b, z, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride(),
-                                        szb, szc, szp, **_common_kwargs(cfg, k, cin_g, wp.dtype, x1, z))
+    args = (x1, wp, b, z, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride(), szb, szc, szp)
+    return conv_bn_relu_kernel, grid, args, _common_kwargs(cfg, k, cin_g, wp.dtype, x1, z, precision=precision)
 
 
-def _launch_conv2(z1, wp, b, scale, shift, x1, shuffle, out, cfg: Config) -> None:
+def _launch_conv1(x1, wp, b, z, cfg: Config) -> None:
+    kernel, grid, args, kwargs = _conv1_launch_args(x1, wp, b, z, cfg)
+    launcher(kernel)[grid](*args, **kwargs)
+
+
+def _conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle, out, cfg: Config, precision: Optional[str] = None):
+    """(kernel, grid, args, kwargs) of conv2 + BN2 + sigmoid + shuffle + gate writing out (see
+    :func:`_conv1_launch_args`)."""
     bsz, _, h, w = z1.shape
     k, cin_g, cout, groups, cout_g = _dims(z1, wp)
     n_blocks = cdiv(cout_g, cfg.BLOCK_C)
     x1v, sxb, sxc, sxp = bchw_view(x1)
     _, sob, soc, sop = bchw_view(out)
     grid = (bsz * cdiv(h * w, cfg.BLOCK_P), groups * n_blocks)
-    launcher(conv_gate_kernel)[grid](
-        z1, wp, scale if b is None else b, scale, shift, x1v, out,
-        h, w, cin_g, cout, cout_g, n_blocks, cout // shuffle if shuffle else cout, *z1.stride(),
-        sxb, sxc, sxp, sob, soc, sop, SHUFFLE_G=shuffle, HAS_BIAS=b is not None,
-        **_common_kwargs(cfg, k, cin_g, wp.dtype, z1, x1, out))
+    args = (z1, wp, scale if b is None else b, scale, shift, x1v, out,
+            h, w, cin_g, cout, cout_g, n_blocks, cout // shuffle if shuffle else cout, *z1.stride(),
+            sxb, sxc, sxp, sob, soc, sop)
+    kwargs = dict(SHUFFLE_G=shuffle, HAS_BIAS=b is not None,
+                  **_common_kwargs(cfg, k, cin_g, wp.dtype, z1, x1, out, precision=precision))
+    return conv_gate_kernel, grid, args, kwargs
+
+
+def _launch_conv2(z1, wp, b, scale, shift, x1, shuffle, out, cfg: Config) -> None:
+    kernel, grid, args, kwargs = _conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle, out, cfg)
+    launcher(kernel)[grid](*args, **kwargs)
 
 
 def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, run, reference) -> Config:

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import autotune
-from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, dot_precision, is_channels_last, launcher,
+from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, is_channels_last, launcher,
                        new_output, on_device)
 from .batchnorm import uses_batch_stats
 from .configs import (Config, bn_reduce_candidates, bn_reduce_heuristic, channel_gate_bwd_candidates,
-                      channel_gate_bwd_heuristic, next_pow2)
+                      channel_gate_bwd_heuristic, channel_gate_bwd_input_precision, next_pow2)
 
 if HAS_TRITON:
     from triton import cdiv
@@ -98,6 +98,26 @@ def counter_slots(channels: int) -> int:
     return cdiv(channels, 16) + 1
 
 
+def _bn_stats_launch_args(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                          running: tuple, eps: float, momentum: float, update: bool, counts: torch.Tensor,
+                          stats: torch.Tensor, cfg: Config):
+    """(kernel, grid, args, kwargs) of the statistics launch (its partials buffer allocated here, args[1]):
+    what :func:`bn_stats` runs and ``perf/compile_report.py`` compiles ahead of time."""
+    b, c, h, w = y.shape
+    n = b * h * w
+    n_parts, n_cb, block_q, n_q = _reduce_geometry(c, n, cfg)
+    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
+    yv, syb, syc, syp = bchw_view(y)
+    dummy = stats
+    args = (yv, part, counts, stats, dummy if weight is None else weight, dummy if bias is None else bias,
+            *(t if update else dummy for t in running), n, h * w, c, syb, syc, syp, float(eps),
+            float(max(momentum, 0.0)))
+    kwargs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update),
+                  CUMULATIVE=momentum < 0, BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return bn_stats_kernel, (n_parts, n_cb), args, kwargs
+
+
 def bn_stats(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              running: tuple, eps: float, momentum: float, update: bool, counts: torch.Tensor) -> torch.Tensor:
     """stats [4, C] fp32 = (mean, invstd, scale, shift) of y's batch statistics; running stats updated.
@@ -105,24 +125,65 @@ def bn_stats(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     ``running`` = (running_mean, running_var, num_batches_tracked) (empty tensors when ``update`` is False);
     momentum < 0 means momentum=None (cumulative average). ``counts``: zeroed int32 counters.
     """
-    b, c, h, w = y.shape
-    n = b * h * w
+    c = y.shape[1]
     cfg = _reduce_config("bn_stats", y, ())
-    n_parts, n_cb, block_q, n_q = _reduce_geometry(c, n, cfg)
     stats = torch.empty(4, c, dtype=torch.float32, device=y.device)
-    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
-    yv, syb, syc, syp = bchw_view(y)
-    dummy = stats
+    kernel, grid, args, kwargs = _bn_stats_launch_args(y, weight, bias, running, eps, momentum, update, counts,
+                                                       stats, cfg)
+    part = args[1]
     written = (stats, part, counts, *running) if update else (stats, part, counts)
     with _kernel("bn_stats", (y, weight, bias, counts, *running), lambda: written):
-        launcher(bn_stats_kernel)[(n_parts, n_cb)](
-            yv, part, counts, stats, dummy if weight is None else weight, dummy if bias is None else bias,
-            *(t if update else dummy for t in running), n, h * w, c, syb, syc, syp, float(eps),
-            float(max(momentum, 0.0)),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update), CUMULATIVE=momentum < 0,
-            BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launcher(kernel)[grid](*args, **kwargs)
     return stats
+
+
+def _bn_bwd_views(g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Tensor) -> tuple:
+    """(gv, xv, yv, strides of g, of x1 (g's when absent), of y) of BatchNorm's backward launches."""
+    gv, sgb, sgc, sgp = bchw_view(g)
+    yv, syb, syc, syp = bchw_view(y)
+    if x1 is None:
+        xv, sxb, sxc, sxp = gv, sgb, sgc, sgp
+    else:
+        xv, sxb, sxc, sxp = bchw_view(x1)
+    return gv, xv, yv, (sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp)
+
+
+def _bn_bwd_reduce_launch_args(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Tensor,
+                               stats: torch.Tensor, coef: torch.Tensor, dweight: Optional[torch.Tensor],
+                               dbias: Optional[torch.Tensor], shuffle: int, counts: torch.Tensor, cfg: Config):
+    """(kernel, grid, args, kwargs) of the backward's reduction (partials allocated here, args[4]): what
+    :func:`bn_backward` runs and ``perf/compile_report.py`` compiles ahead of time."""
+    b, c, h, w = y.shape
+    n, hw = b * h * w, h * w
+    n_parts, n_cb, block_q, n_q = _reduce_geometry(c, n, cfg)
+    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
+    gv, xv, yv, strides = _bn_bwd_views(g, x1, y)
+    cpg = c // shuffle if shuffle else c
+    args = (gv, xv, yv, stats, part, counts, coef, coef if dweight is None else dweight,
+            coef if dbias is None else dbias, n, hw, c, cpg, *strides)
+    kwargs = dict(MODE=mode, SHUFFLE_G=shuffle, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
+                  BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return bn_bwd_reduce_kernel, (n_parts, n_cb), args, kwargs
+
+
+def _bn_bwd_apply_launch_args(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Tensor,
+                              stats: torch.Tensor, coef: torch.Tensor, dy: torch.Tensor, dx1: Optional[torch.Tensor],
+                              shuffle: int, cfg: Config):
+    """(kernel, grid, args, kwargs) of the backward's elementwise pass writing dy (and dx1 in mode 1)."""
+    b, c, h, w = y.shape
+    n, hw = b * h * w, h * w
+    gv, xv, yv, strides = _bn_bwd_views(g, x1, y)
+    cpg = c // shuffle if shuffle else c
+    _, sdb, sdc, sdp = bchw_view(dy)
+    if dx1 is None:
+        seb, sec, sep = sdb, sdc, sdp
+    else:
+        _, seb, sec, sep = bchw_view(dx1)
+    args = (gv, xv, yv, stats, coef, dy, dy if dx1 is None else dx1, n, hw, c, cpg, *strides,
+            sdb, sdc, sdp, seb, sec, sep)
+    kwargs = dict(MODE=mode, SHUFFLE_G=shuffle, **cfg.launch_kwargs())
+    return bn_bwd_apply_kernel, (cdiv(n, cfg.BLOCK_P), cdiv(c, cfg.BLOCK_C)), args, kwargs
 
 
 def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Tensor, stats: torch.Tensor,
@@ -134,28 +195,17 @@ def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch
     g = dout, x1 the gate's other input; dx1 = dout * s is returned too. Two launches (reduce, apply).
     """
     b, c, h, w = y.shape
-    n, hw = b * h * w, h * w
+    n = b * h * w
     cfg = _reduce_config("bn_bwd_reduce", y, (mode, shuffle))
-    n_parts, n_cb, block_q, n_q = _reduce_geometry(c, n, cfg)
     dev = y.device
-    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=dev)
     coef = torch.empty(2, c, dtype=torch.float32, device=dev)
     dweight = None if weight is None else torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
-    gv, sgb, sgc, sgp = bchw_view(g)
-    yv, syb, syc, syp = bchw_view(y)
-    if x1 is None:
-        xv, sxb, sxc, sxp = gv, sgb, sgc, sgp
-    else:
-        xv, sxb, sxc, sxp = bchw_view(x1)
-    cpg = c // shuffle if shuffle else c
+    kernel, grid, args, kwargs = _bn_bwd_reduce_launch_args(mode, g, x1, y, stats, coef, dweight, dbias, shuffle,
+                                                            counts, cfg)
+    part = args[4]
     with _kernel("bn_bwd_reduce", (g, x1, y, stats, counts), lambda: (part, counts, coef, dweight, dbias)):
-        launcher(bn_bwd_reduce_kernel)[(n_parts, n_cb)](
-            gv, xv, yv, stats, part, counts, coef, coef if dweight is None else dweight,
-            coef if dbias is None else dbias, n, hw, c, cpg, sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp,
-            MODE=mode, SHUFFLE_G=shuffle, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-            BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C, BLOCK_Q=block_q, N_Q_CHUNKS=n_q,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launcher(kernel)[grid](*args, **kwargs)
 
     dy = new_output(y, y.dtype, is_channels_last(y))
     dx1 = None if mode == 0 else new_output(x1, x1.dtype, is_channels_last(x1))
@@ -163,20 +213,41 @@ def bn_backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch
     key = (c, next_pow2(n), str(y.dtype), str(g.dtype), cl, is_channels_last(g), mode, shuffle)
     acfg = autotune.select("bn_bwd_apply", key, bn_reduce_heuristic(c, n, cl),
                            lambda: bn_reduce_candidates(c, n, cl), None)
-    _, sdb, sdc, sdp = bchw_view(dy)
-    if dx1 is None:
-        seb, sec, sep = sdb, sdc, sdp
-    else:
-        _, seb, sec, sep = bchw_view(dx1)
+    kernel, grid, args, kwargs = _bn_bwd_apply_launch_args(mode, g, x1, y, stats, coef, dy, dx1, shuffle, acfg)
     with _kernel("bn_bwd_apply", (g, x1, y, stats, coef), lambda: (dy, dx1)):
-        launcher(bn_bwd_apply_kernel)[(cdiv(n, acfg.BLOCK_P), cdiv(c, acfg.BLOCK_C))](
-            gv, xv, yv, stats, coef, dy, dy if dx1 is None else dx1, n, hw, c, cpg,
-            sgb, sgc, sgp, sxb, sxc, sxp, syb, syc, syp, sdb, sdc, sdp, seb, sec, sep,
-            MODE=mode, SHUFFLE_G=shuffle, **acfg.launch_kwargs())
+        launcher(kernel)[grid](*args, **kwargs)
     return dy, dx1, dweight, dbias
 
 
 # --- channel gate backward ---------------------------------------------------------------------------------
+def _channel_gate_bwd_launch_args(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tensor,
+                                  b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool,
+                                  dx: torch.Tensor, dah: torch.Tensor, hid: torch.Tensor, counts: torch.Tensor,
+                                  db1: torch.Tensor, db2: torch.Tensor, cfg: Config, precision: Optional[str] = None):
+    """(kernel, grid, args, kwargs) of the channel-gate backward (its bias partials allocated here, args[10]):
+    what :func:`channel_gate_backward` runs and ``perf/compile_report.py`` compiles ahead of time. fp32 dots
+    follow the forward's mapping ("ieee" runs as 3xTF32) up to BLOCK_R = 64
+    (``configs.channel_gate_bwd_input_precision``)."""
+    bsz, c, h, w = x.shape
+    hw, cr = h * w, w1.shape[0]
+    wdt = w1.dtype
+    xv, sxb, sxc, sxp = bchw_view(x)
+    av, sab, sac, sap = bchw_view(ga)
+    bv, sbb, sbc, sbp = bchw_view(gb)
+    _, sdb, sdc, sdp = bchw_view(dx)
+    block_f = min(64, next_pow2(c + cr))
+    n_prog = bsz * cdiv(hw, cfg.BLOCK_P)
+    block_q = min(32, next_pow2(n_prog))
+    bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
+    args = (xv, av, bv, w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, hw, c, cr,
+            sxb, sxc, sxp, sab, sac, sap, sbb, sbc, sbp, sdb, sdc, sdp)
+    kwargs = dict(SIGMOID=sigmoid, DOT_F32=INTERPRET or wdt == torch.float32,
+                  INPUT_PRECISION=channel_gate_bwd_input_precision(wdt, cfg.BLOCK_R, precision),
+                  N_CHUNKS=cdiv(c, cfg.BLOCK_C), BLOCK_Q=block_q, N_Q_CHUNKS=cdiv(n_prog, block_q),
+                  BLOCK_F=block_f, N_F_CHUNKS=cdiv(c + cr, block_f), **cfg.launch_kwargs())
+    return channel_gate_bwd_kernel, (n_prog,), args, kwargs
+
+
 def channel_gate_backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tensor,
                           b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool,
                           counts: torch.Tensor) -> tuple:
@@ -192,25 +263,13 @@ def channel_gate_backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w
     hid = torch.empty(n, cr, dtype=wdt, device=x.device)
     heur = channel_gate_bwd_heuristic(c, cr, hw, x.dtype)
     key = (c, cr, next_pow2(hw), autotune.batch_bucket(bsz, hw), str(x.dtype), str(wdt), is_channels_last(x))
-    xv, sxb, sxc, sxp = bchw_view(x)
-    av, sab, sac, sap = bchw_view(ga)
-    bv, sbb, sbc, sbp = bchw_view(gb)
-    _, sdb, sdc, sdp = bchw_view(dx)
-
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
-    block_f = min(64, next_pow2(c + cr))
 
     def launch(cfg: Config) -> torch.Tensor:
-        n_prog = bsz * cdiv(hw, cfg.BLOCK_P)
-        block_q = min(32, next_pow2(n_prog))
-        bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
-        launcher(channel_gate_bwd_kernel)[(n_prog,)](
-            xv, av, bv, w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, hw, c, cr,
-            sxb, sxc, sxp, sab, sac, sap, sbb, sbc, sbp, sdb, sdc, sdp,
-            SIGMOID=sigmoid, DOT_F32=INTERPRET or wdt == torch.float32, INPUT_PRECISION=dot_precision(wdt),
-            N_CHUNKS=cdiv(c, cfg.BLOCK_C), BLOCK_Q=block_q, N_Q_CHUNKS=cdiv(n_prog, block_q),
-            BLOCK_F=block_f, N_F_CHUNKS=cdiv(c + cr, block_f), **cfg.launch_kwargs())
-        return bpart
+        kernel, grid, args, kwargs = _channel_gate_bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid,
+                                                                   counts, db1, db2, cfg)
+        launcher(kernel)[grid](*args, **kwargs)
+        return args[10]
 
     cfg = autotune.select("channel_gate_bwd", key, heur, lambda: channel_gate_bwd_candidates(c, cr, hw, x.dtype),
                           lambda cfg: autotune.bench_ms(lambda: launch(cfg)))

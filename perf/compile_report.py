@@ -161,6 +161,9 @@ class KernelEntry:
     equiv: Optional[Callable] = None
     family: str = ""              # table key family (default: the name); kernels sharing candidates share it
     dtype_in_key: bool = True     # False: one table entry per config for every dtype
+    fp32_precisions: tuple = ("",)  # fp32 dot precisions compiled (Case.precision), "" = not a dot kernel
+    odd_maps: bool = True         # also compiled at ODD_MAPS
+    ci: tuple = ()                # --subset ci: only these Case.label()s (at CI_PAIRS); () = every case there
 
     def table_key(self, case: Case, cfg, constexprs: dict) -> str:
         """This case's entry in the compiled-facts table (``gam_triton.configs.compiled_key``)."""
@@ -264,6 +267,185 @@ def _bn_relu_launch(case: Case, cfg):
     return op._launch_args(y, _meta((c,), "fp32"), _meta((c,), "fp32"), z, cfg)
 
 
+# --- the training path's kernels (gam_triton/train_block.py) and the eval spatial path's (spatial.py) --------
+# Their layouts name which BatchNorm / grouping the case is (the registry's layout is free text per entry):
+# "bn1:..." is BN1 + ReLU over y1 (C/r channels), "bn2:..." BN2 + sigmoid + shuffle + final gate over y2 (C);
+# "g4:..." the grouped 7x7 convolutions (groups = r = 4, shuffle 4), "g1:..." the plain ones. After the colon:
+# "nchw" / "cl" every tensor in that layout; "cl>nchw" y, x1 channels_last, the block's gradient / output NCHW
+# (what the sweep runs in fp16/bf16: x1 channels_last, block input and output NCHW).
+def _split(layout: str) -> tuple[str, str]:
+    head, _, tail = layout.partition(":")
+    return head, tail
+
+
+def _bn_case(case: Case):
+    """(mode, channels, y, g, x1 or None) meta tensors of one BatchNorm of the training path."""
+    which, lay = _split(case.layout)
+    b, h, w = 16, case.height, case.width
+    c = case.channels // case.rate if which == "bn1" else case.channels
+    y_cl = lay in ("cl", "cl>nchw")
+    y = _meta((b, c, h, w), case.dtype, y_cl)
+    g = _meta((b, c, h, w), case.dtype, lay == "cl" or (lay == "cl>nchw" and which == "bn1"))
+    x1 = None if which == "bn1" else _meta((b, c, h, w), case.dtype, y_cl)
+    return (0 if which == "bn1" else 1), c, y, g, x1
+
+
+def _bn_stats_launch(case: Case, cfg):
+    from gam_triton import train_block as op
+
+    import torch
+
+    _mode, c, y, _g, _x1 = _bn_case(case)
+    prm = _meta((c,), case.dtype)
+    running = (_meta((c,), case.dtype), _meta((c,), case.dtype), torch.empty((), dtype=torch.int64, device="meta"))
+    return op._bn_stats_launch_args(y, prm, prm, running, 1e-5, 0.1, True, _bn_counts(c), _meta((4, c), "fp32"),
+                                    cfg)
+
+
+def _bn_counts(c: int):
+    import torch
+
+    from gam_triton.train_block import counter_slots
+
+    return torch.empty(counter_slots(c), dtype=torch.int32, device="meta")
+
+
+def _bn_bwd_reduce_launch(case: Case, cfg):
+    from gam_triton import train_block as op
+
+    mode, c, y, g, x1 = _bn_case(case)
+    prm = _meta((c,), case.dtype)
+    return op._bn_bwd_reduce_launch_args(mode, g, x1, y, _meta((4, c), "fp32"), _meta((2, c), "fp32"), prm, prm,
+                                         4 if mode else 0, _bn_counts(c), cfg)
+
+
+def _bn_bwd_apply_launch(case: Case, cfg):
+    from gam_triton import train_block as op
+
+    mode, c, y, g, x1 = _bn_case(case)
+    dx1 = None if x1 is None else _meta(tuple(x1.shape), case.dtype, x1.stride(1) == 1)
+    dy = _meta(tuple(y.shape), case.dtype, y.stride(1) == 1)
+    return op._bn_bwd_apply_launch_args(mode, g, x1, y, _meta((4, c), "fp32"), _meta((2, c), "fp32"), dy, dx1,
+                                        4 if mode else 0, cfg)
+
+
+def _bn_reduce_heuristic(case: Case):
+    from gam_triton.configs import bn_reduce_heuristic
+
+    _mode, c, y, _g, _x1 = _bn_case(case)
+    return bn_reduce_heuristic(c, 16 * case.hw, y.stride(1) == 1)
+
+
+def _bn_reduce_candidates(case: Case):
+    from gam_triton.configs import bn_reduce_candidates
+
+    _mode, c, y, _g, _x1 = _bn_case(case)
+    return bn_reduce_candidates(c, 16 * case.hw, y.stride(1) == 1)
+
+
+def _bn_class(case: Case, cfg) -> str:
+    return _split(case.layout)[0]
+
+
+def _channel_gate_bwd_launch(case: Case, cfg):
+    import torch
+
+    from gam_triton import train_block as op
+
+    b, c, cr, h, w = 16, case.channels, case.channels // case.rate, case.height, case.width
+    x_cl = case.layout == "cl"
+    g_cl = case.layout in ("cl", "nchw>cl")
+    x = _meta((b, c, h, w), case.dtype, x_cl)
+    ga, gb = _meta((b, c, h, w), case.dtype, g_cl), _meta((b, c, h, w), case.dtype, g_cl)
+    dx = _meta((b, c, h, w), case.dtype, x_cl)
+    w1, w2 = _meta((cr, c), case.dtype), _meta((c, cr), case.dtype)
+    b1, b2 = _meta((cr,), case.dtype), _meta((c,), case.dtype)
+    n = b * h * w
+    dah, hid = _meta((n, c + cr), case.dtype), _meta((n, cr), case.dtype)
+    counts = torch.empty(1, dtype=torch.int32, device="meta")
+    return op._channel_gate_bwd_launch_args(x, ga, gb, w1, b1, w2, b2, False, dx, dah, hid, counts,
+                                            _meta((cr,), case.dtype), _meta((c,), case.dtype), cfg,
+                                            precision=case.precision or None)
+
+
+def _channel_gate_bwd_heuristic(case: Case):
+    from gam_triton.configs import channel_gate_bwd_heuristic
+
+    return channel_gate_bwd_heuristic(case.channels, case.channels // case.rate, case.hw, _torch_dtype(case.dtype))
+
+
+def _channel_gate_bwd_candidates(case: Case):
+    from gam_triton.configs import channel_gate_bwd_candidates
+
+    return channel_gate_bwd_candidates(case.channels, case.channels // case.rate, case.hw, _torch_dtype(case.dtype))
+
+
+def _conv_dims(case: Case) -> tuple[int, int, int]:
+    """(groups, C, C/r) of the case: "g4" grouped (groups = r), "g1" plain."""
+    groups = case.rate if _split(case.layout)[0] == "g4" else 1
+    return groups, case.channels, case.channels // case.rate
+
+
+def _conv_bn_relu_launch(case: Case, cfg):
+    from gam_triton import spatial as op
+
+    groups, c, cr = _conv_dims(case)
+    lay = _split(case.layout)[1]
+    x1 = _meta((16, c, case.height, case.width), case.dtype, lay != "nchw")
+    wp = _meta((7, 7, c // groups, cr), case.dtype)
+    z = _meta((16, cr, case.height, case.width), case.dtype, True)
+    return op._conv1_launch_args(x1, wp, _meta((cr,), case.dtype), z, cfg, precision=case.precision or None)
+
+
+def _conv_gate_launch(case: Case, cfg):
+    from gam_triton import spatial as op
+
+    groups, c, cr = _conv_dims(case)
+    lay = _split(case.layout)[1]
+    z1 = _meta((16, cr, case.height, case.width), case.dtype, True)
+    wp = _meta((7, 7, cr // groups, c), case.dtype)
+    x1 = _meta((16, c, case.height, case.width), case.dtype, lay != "nchw")
+    out = _meta((16, c, case.height, case.width), case.dtype, lay == "cl")
+    return op._conv2_launch_args(z1, wp, _meta((c,), case.dtype), _meta((c,), "fp32"), _meta((c,), "fp32"), x1, 4,
+                                 out, cfg, precision=case.precision or None)
+
+
+def _conv_gemm(case: Case) -> tuple[int, int]:
+    groups, c, cr = _conv_dims(case)
+    return (c // groups, cr // groups) if case.kernel == "conv_bn_relu" else (cr // groups, c // groups)
+
+
+def _conv_heuristic(case: Case):
+    from gam_triton.configs import conv_heuristic
+
+    return conv_heuristic(*_conv_gemm(case), case.hw, _torch_dtype(case.dtype))
+
+
+def _conv_candidates(case: Case):
+    from gam_triton.configs import conv_candidates
+
+    return conv_candidates(*_conv_gemm(case), case.hw, _torch_dtype(case.dtype))
+
+
+def _conv_class(case: Case, cfg) -> str:
+    return _split(case.layout)[0]
+
+
+#: Constexprs that are only loop trip counts in the new kernels' sources (``range(...)``, not unrolled).
+TRIP_COUNTS = ("N_CHUNKS", "K_BLOCKS", "N_Q_CHUNKS", "N_F_CHUNKS")
+
+
+def _trip_equiv(launch: Callable) -> Callable:
+    """An ``equiv`` for KernelEntry: the exact specialisation with every loop trip count >= 2 made equal
+    (one compile stands for the same code at another trip count; ``compiled_as`` in the rows says which)."""
+    def equiv(case: Case, cfg):
+        kernel, _grid, args, kwargs = launch(case, cfg)
+        spec = specialise(kernel, args, kwargs)
+        spec["constexprs"] = {k: (min(v, 2) if k in TRIP_COUNTS else v) for k, v in spec["constexprs"].items()}
+        return json.dumps([_kernel_ref(kernel), spec], sort_keys=True, default=str)
+    return equiv
+
+
 def _half_or(layouts_fp32: tuple, layouts_half: tuple):
     return lambda dtype: layouts_fp32 if dtype == "fp32" else layouts_half
 
@@ -275,7 +457,7 @@ KERNELS = {
     "channel_gate": KernelEntry(
         "channel_gate", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("nchw", "nchw>cl")), ("cl",),
         ("", "sigmoid"), _channel_gate_launch, _channel_gate_heuristic, _channel_gate_candidates,
-        _channel_gate_class, _channel_gate_equiv),
+        _channel_gate_class, _channel_gate_equiv, fp32_precisions=("ieee", "tf32")),
     "final_gate": KernelEntry(
         "final_gate", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("nchw", "cl>nchw")), ("cl",),
         ("", "noshuffle"), _final_gate_launch, _elementwise_heuristic, _elementwise_candidates,
@@ -284,12 +466,49 @@ KERNELS = {
         "bn_relu", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("cl",)), ("nchw", "cl"),
         ("",), _bn_relu_launch, _elementwise_heuristic, _elementwise_candidates, _elementwise_class,
         family="elementwise", dtype_in_key=False),
+    # the training path: sweep layouts as the train rows run them (fp16/bf16: x1, y1, y2 channels_last, the
+    # block's input, output and their gradients NCHW); no odd maps (compile cost). Candidates are not in the
+    # pruning table (the autotuner does not time the BatchNorm reductions; see perf/NOTES.md).
+    "bn_stats": KernelEntry(
+        "bn_stats", ("fp32", "bf16", "fp16"), _half_or(("bn1:nchw", "bn2:nchw"), ("bn1:cl", "bn2:cl")),
+        ("bn1:cl", "bn2:cl", "bn1:nchw", "bn2:nchw"), ("",), _bn_stats_launch, _bn_reduce_heuristic,
+        _bn_reduce_candidates, _bn_class, odd_maps=False,
+        equiv=_trip_equiv(_bn_stats_launch), ci=("C64 80x80 bf16 bn2:cl",)),
+    "bn_bwd_reduce": KernelEntry(
+        "bn_bwd_reduce", ("fp32", "bf16", "fp16"), _half_or(("bn1:nchw", "bn2:nchw"), ("bn1:cl", "bn2:cl>nchw")),
+        ("bn1:cl", "bn2:cl", "bn1:nchw", "bn2:nchw"), ("",), _bn_bwd_reduce_launch, _bn_reduce_heuristic,
+        _bn_reduce_candidates, _bn_class, odd_maps=False,
+        equiv=_trip_equiv(_bn_bwd_reduce_launch), ci=("C64 80x80 bf16 bn2:cl>nchw",)),
+    "bn_bwd_apply": KernelEntry(
+        "bn_bwd_apply", ("fp32", "bf16", "fp16"), _half_or(("bn1:nchw", "bn2:nchw"), ("bn1:cl", "bn2:cl>nchw")),
+        ("bn1:cl", "bn2:cl", "bn1:nchw", "bn2:nchw"), ("",), _bn_bwd_apply_launch, _bn_reduce_heuristic,
+        _bn_reduce_candidates, _bn_class, odd_maps=False, ci=("C64 80x80 bf16 bn2:cl>nchw",)),
+    "channel_gate_bwd": KernelEntry(
+        "channel_gate_bwd", ("fp32", "bf16", "fp16"), _half_or(("nchw",), ("nchw>cl",)), ("cl",), ("",),
+        _channel_gate_bwd_launch, _channel_gate_bwd_heuristic, _channel_gate_bwd_candidates, _channel_gate_class,
+        fp32_precisions=("ieee", "tf32"), odd_maps=False,
+        equiv=_trip_equiv(_channel_gate_bwd_launch),
+        ci=("C1024 20x20 bf16 nchw>cl", "C64 80x80 fp32 ieee nchw")),
+    # the eval spatial path (GAM_TRITON_CONV=triton or auto's choice): z1 always channels_last, the sweep's
+    # x1 channels_last in fp16/bf16 and NCHW in fp32, the block output NCHW; fp32 dots at TF32 (cuDNN's
+    # default, torch.backends.cudnn.allow_tf32) and tf32x3 (allow_tf32 off).
+    "conv_bn_relu": KernelEntry(
+        "conv_bn_relu", ("fp32", "bf16", "fp16"), _half_or(("g4:nchw", "g1:nchw"), ("g4:cl", "g1:cl")),
+        ("g4:cl", "g1:cl"), ("",), _conv_bn_relu_launch, _conv_heuristic, _conv_candidates, _conv_class,
+        fp32_precisions=("tf32", "tf32x3"), odd_maps=False,
+        equiv=_trip_equiv(_conv_bn_relu_launch), ci=("C1024 20x20 bf16 g1:cl",)),
+    "conv_gate": KernelEntry(
+        "conv_gate", ("fp32", "bf16", "fp16"), _half_or(("g4:nchw", "g1:nchw"), ("g4:cl>nchw", "g1:cl>nchw")),
+        ("g4:cl", "g1:cl"), ("",), _conv_gate_launch, _conv_heuristic, _conv_candidates, _conv_class,
+        fp32_precisions=("tf32", "tf32x3"), odd_maps=False,
+        equiv=_trip_equiv(_conv_gate_launch), ci=("C64 80x80 fp32 tf32x3 g4:nchw",)),
 }
 
 #: Odd NCHW maps (classifier-style 224 inputs: 14x14, 7x7) where H*W is not a multiple of 16 and the
 #: pixel strides lose their divisibility hint; compiled for the elementwise kernels and the channel gate.
 ODD_MAPS = ((256, 14), (512, 14), (512, 7), (1024, 7))
-#: The CI subset: one-tile and looped channel gates (BLOCK_R 16, 64, 256), even and odd maps.
+#: The CI subset: one-tile and looped channel gates (BLOCK_R 16, 64, 256), even and odd maps; the kernels
+#: with a ``ci`` list compile only those cases (the widest tiles, fp32 dots, the most registers).
 CI_PAIRS = ((64, 80), (1024, 20))
 CI_ODD = ((256, 14),)
 
@@ -305,10 +524,10 @@ def make_cases(entry: KernelEntry, pairs, odd_maps, everything: bool = False,
     """(case, gets_candidates) for every shape, dtype, precision and sweep layout of the entry; with
     ``everything`` also the extra layouts and the other variants (heuristic only)."""
     out = []
-    for origin, prs in (("sweep", pairs), ("odd-map", odd_maps)):
+    for origin, prs in (("sweep", pairs), ("odd-map", odd_maps if entry.odd_maps else ())):
         for c, s in prs:
             for dtype in dtypes or entry.dtypes:
-                precs = ("ieee", "tf32") if (entry.name == "channel_gate" and dtype == "fp32") else ("",)
+                precs = entry.fp32_precisions if dtype == "fp32" else ("",)
                 sweep_layouts = entry.layouts(dtype)
                 layouts = list(sweep_layouts) + ([lay for lay in entry.extra_layouts if lay not in sweep_layouts]
                                                  if everything else [])
@@ -617,7 +836,8 @@ def _rows_for(p: Planned, facts_by_cc: dict, compiled_as: str, entry: KernelEntr
 
 
 def build_report(kernels: list[str], pairs, odd_maps, archs, compiler: Compiler, with_candidates: bool,
-                 everything: bool = False, dtypes: Optional[tuple] = None, log=print) -> tuple[list[dict], dict]:
+                 everything: bool = False, dtypes: Optional[tuple] = None, log=print,
+                 ci: bool = False) -> tuple[list[dict], dict]:
     """Compile everything asked and return (rows, compiled-limits table).
 
     First every heuristic, then the candidates group by group (kernel x dtype x precision, on the first
@@ -630,9 +850,16 @@ def build_report(kernels: list[str], pairs, odd_maps, archs, compiler: Compiler,
     configs.use_compiled_limits(table)
     rows: list[dict] = []
     plans = [(KERNELS[n], make_cases(KERNELS[n], pairs, odd_maps, everything, dtypes)) for n in kernels]
-    for entry, cases in plans:
-        _compile_and_record(entry, [plan_case(entry, c, entry.heuristic(c), "heuristic") for c, _ in cases],
-                            archs, compiler, rows, table)
+    if ci:  # the CI subset: entries that name their CI cases keep only those
+        plans = [(e, [(c, cand) for c, cand in cases if not e.ci or c.label() in e.ci]) for e, cases in plans]
+    heuristics = [(entry, [plan_case(entry, c, entry.heuristic(c), "heuristic") for c, _ in cases])
+                  for entry, cases in plans]
+    jobs: dict = {}
+    for _entry, planned in heuristics:  # one process pool for every kernel's heuristics (startup ~10 s each)
+        jobs.update(_jobs_for(planned, archs)[0])
+    compiler.run(jobs)
+    for entry, planned in heuristics:
+        _compile_and_record(entry, planned, archs, compiler, rows, table)
     groups: dict = {}
     for entry, cases in plans if with_candidates else ():
         for c, cands in cases:
@@ -671,15 +898,21 @@ def build_report(kernels: list[str], pairs, odd_maps, archs, compiler: Compiler,
     return rows, table
 
 
-def _compile_and_record(entry, planned: list[Planned], archs, compiler: Compiler, rows: list, table: dict) -> bool:
-    """Compile (or take from the cache) and record rows and table facts; False when some job was skipped
-    (``--cached-only``)."""
-
+def _jobs_for(planned: list[Planned], archs) -> tuple[dict, dict]:
+    """(compile jobs, equiv key -> representative plan) of planned cases: one job per representative x arch."""
     jobs, reps = {}, {}
     for p in planned:
         rep = reps.setdefault(p.equiv_key, p) if p.equiv_key is not None else p
         for cc in archs:
             jobs[job_key(rep.kernel, rep.spec, cc)] = (rep.ref, rep.spec, cc)
+    return jobs, reps
+
+
+def _compile_and_record(entry, planned: list[Planned], archs, compiler: Compiler, rows: list, table: dict) -> bool:
+    """Compile (or take from the cache) and record rows and table facts; False when some job was skipped
+    (``--cached-only``)."""
+
+    jobs, reps = _jobs_for(planned, archs)
     facts = compiler.run(jobs)
     complete = True
     for p in planned:
@@ -947,7 +1180,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     dtypes = tuple(args.dtypes.split(",")) if args.dtypes else None
     rows, table = build_report(kernels, pairs, odd, archs, compiler, with_candidates=not args.quick,
-                               everything=args.everything, dtypes=dtypes)
+                               everything=args.everything, dtypes=dtypes, ci=args.subset == "ci")
     write_csv(os.path.join(args.out, "report.csv"), rows)
     meta = {"triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}

@@ -21,7 +21,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed (Linux on
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = os.path.join(REPO, "gam_triton", "compiled_limits.json")
 ARCHS = {"sm_80", "sm_90", "sm_100"}
-KERNELS = {"channel_gate", "final_gate", "bn_relu"}
+KERNELS = {"channel_gate", "final_gate", "bn_relu", "bn_stats", "bn_bwd_reduce", "bn_bwd_apply", "channel_gate_bwd",
+           "conv_bn_relu", "conv_gate"}
+#: Kernels with tl.dot: their fp16/bf16 and fp32 (tf32, 3xTF32) dots must compile to tensor-core instructions.
+DOT_KERNELS = {"channel_gate", "channel_gate_bwd", "conv_bn_relu", "conv_gate"}
 
 
 def _version(v: str) -> tuple:
@@ -88,6 +91,20 @@ def test_tensor_cores_in_channel_gate(ci_report):
     assert cg and {r["precision"] for r in cg if r["dtype"] == "fp32"} == {"ieee", "tf32"}
     assert [r for r in cg if r["tc"] == "none"] == []
     assert {r["tc"] for r in cg if r["arch"] == "sm_80"} == {want["sm_80"]}
+
+
+def test_tensor_cores_in_training_and_conv_kernels(ci_report):
+    """The channel-gate backward (bf16, fp32 at 3xTF32 up to BLOCK_R 64) and the 7x7 convolutions (bf16, fp32
+    tf32x3) use tensor cores on every target: mma.sync at least (wgmma / tcgen05 need 64-row tiles). The
+    backward's wider fp32 hidden blocks run FMA "ieee" dots (3xTF32 spilled there, configs.py)."""
+    rows, _, _ = ci_report
+    dots = [r for r in rows if r["kernel"] in DOT_KERNELS - {"channel_gate"} and r["source"] == "heuristic"]
+    assert {r["kernel"] for r in dots} == DOT_KERNELS - {"channel_gate"}
+    fp32 = {(r["kernel"], r["BLOCK_R"], r["input_precision"]) for r in dots if r["dtype"] == "fp32"}
+    assert all(p == "tf32x3" or (k == "channel_gate_bwd" and p == "ieee" and int(br) > 64) for k, br, p in fp32), fp32
+    assert ("channel_gate_bwd", "16", "tf32x3") in fp32
+    assert [(r["kernel"], r["arch"], r["dtype"], r["channels"]) for r in dots
+            if r["tc"] in ("", "none") and r["input_precision"] != "ieee"] == []
 
 
 def test_shipped_table_matches_fresh_compiles(ci_report):
