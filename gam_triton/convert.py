@@ -191,6 +191,8 @@ def carry_over(old: nn.Module, new: nn.Module, hooks: bool = True) -> nn.Module:
     monkeypatches of ``type(old)``, and hooks registered globally (``nn.modules.module.register_module_*``
     apply to every module anyway).
     """
+    if not isinstance(old, nn.Module) or not isinstance(new, nn.Module):
+        raise TypeError(f"carry_over expects two nn.Modules, got {type(old).__name__} and {type(new).__name__}")
     for k, v in _plain_attributes(old, new).items():
         object.__setattr__(new, k, v)
     if hooks:

@@ -6,6 +6,7 @@ inputs by ``m.f`` and saves outputs by ``m.i``. One layer is a public-form GAM w
 """
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,12 @@ def test_from_module_copies_attributes_but_not_hooks():
     assert not gam._forward_hooks, "from_module leaves the hooks on the source block"
     assert gam.channel_attention[0].weight is not src.channel_attention[0].weight
     assert gam.in_channels == 32 and gam.rate == 4, "the block's own attributes are its own"
+
+
+@pytest.mark.parametrize("old, new", [(1, "gam"), ("gam", None)])
+def test_carry_over_rejects_non_modules(old, new):
+    from gam_triton.convert import carry_over
+
+    gam = GAM(8)
+    with pytest.raises(TypeError, match="two nn.Modules"):
+        carry_over(gam if old == "gam" else old, gam if new == "gam" else new)

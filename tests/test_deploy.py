@@ -432,7 +432,8 @@ def _train_block_args() -> dict:
 
     gam = randomise(GAM(16, group=True, channel_sigmoid=False, shuffle_groups=4), 3).train()
     ops = (train_block._fwd_op, train_block._bwd_op)
-    train_block._fwd_op, train_block._bwd_op = recording("train_block_fwd", ops[0]), recording("train_block_bwd", ops[1])
+    train_block._fwd_op = recording("train_block_fwd", ops[0])
+    train_block._bwd_op = recording("train_block_bwd", ops[1])
     try:
         x = _t(2, 16, 3, 5, cl=True)
         gam(x).sum().backward()
