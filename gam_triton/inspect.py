@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._runtime import check_bchw
 from .final_gate import shuffle as _shuffle
 
 __all__ = ["AttentionMaps", "attention_maps"]
@@ -67,12 +68,7 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"attention_maps: expected an nn.Module, got {type(module).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"attention_maps: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"attention_maps: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"attention_maps: x must be a floating-point tensor, got {x.dtype}")
+    check_bchw("attention_maps: x", x)
     if module.training:
         raise ValueError("attention_maps: the module is in train mode (BatchNorm would use and update batch "
                          "statistics): call .eval() first")

@@ -358,6 +358,17 @@ def extrapolated_train_traffic(shape: Shape, dtype: torch.dtype, device: str, he
     return out
 
 
+def _op_rows(eager: dict, ours: dict) -> list[str]:
+    """Markdown rows "| op | eager launches | eager MB | gam_triton launches | gam_triton MB |" over the op
+    names of both ``by_op()`` tables (name -> (launches, bytes)), eager's first."""
+    rows = []
+    for name in dict.fromkeys(list(eager) + list(ours)):
+        el, eb = eager.get(name, (0, 0))
+        gl, gb = ours.get(name, (0, 0))
+        rows.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    return rows
+
+
 def train_step_table(shape: Shape, dtype_name: str, device: str) -> str:
     """Markdown: one training step (forward + backward, gradients set to None first) per op, eager (counted
     on meta tensors at the full shape) against gam_triton (:func:`extrapolated_train_traffic`)."""
@@ -366,10 +377,7 @@ def train_step_table(shape: Shape, dtype_name: str, device: str) -> str:
     g = extrapolated_train_traffic(shape, dtype, device)
     lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
              "gam_triton MB |", "|---|---|---|---|---|"]
-    for name in list(dict.fromkeys(list(e) + list(g))):
-        el, eb = e.get(name, (0, 0))
-        gl, gb = g.get(name, (0, 0))
-        lines.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    lines += _op_rows(e, g)
     et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
     el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
     lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
@@ -443,10 +451,7 @@ def op_breakdown(shape: Shape, dtype_name: str, mode: str = "forward", device: s
     g = gam_triton_traffic(shape, dtype, mode, device).by_op()
     lines = [f"| op ({shape.label()}, {dtype_name}) | eager launches | eager MB | gam_triton launches | "
              "gam_triton MB |", "|---|---|---|---|---|"]
-    for name in list(dict.fromkeys(list(e) + list(g))):
-        el, eb = e.get(name, (0, 0))
-        gl, gb = g.get(name, (0, 0))
-        lines.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
+    lines += _op_rows(e, g)
     return "\n".join(lines)
 
 
