@@ -11,8 +11,7 @@ tensors under ``TRITON_INTERPRET=1``); the 7x7 convolutions run on cuDNN, or in 
 convolutions with fused epilogues where faster (``GAM_TRITON_CONV``, see :mod:`gam_triton.spatial`).
 Elsewhere a PyTorch path with BatchNorm folded and no permute copies runs.
 """
-from .convert import convert
-from .deploy import revert
+from .convert import convert, revert
 from .module import GAM
 
 __all__ = ["GAM", "convert", "revert", "__version__"]

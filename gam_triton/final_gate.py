@@ -15,38 +15,14 @@ from . import autotune
 from ._runtime import (HAS_TRITON, bchw_view, call_directly, check_bchw, check_vector, define_op, device_index,
                        is_channels_last, launcher, new_output, on_device, use_triton)
 from .configs import Config, elementwise_candidates, elementwise_heuristic, next_pow2
+from .reference import gate_multiply, shuffle, unshuffle
 
 if HAS_TRITON:
     from triton import cdiv
 
     from .kernels.final_gate import final_gate_kernel
 
-__all__ = ["final_gate", "final_gate_torch", "gate_multiply", "shuffle", "unshuffle"]
-
-
-def shuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """The YOLO form's channel shuffle: out[:, c] = t[:, (c % G) * (C // G) + c // G]."""
-    if not groups:
-        return t
-    b, c, h, w = t.shape
-    return t.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-
-def unshuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of :func:`shuffle`."""
-    if not groups:
-        return t
-    b, c, h, w = t.shape
-    return t.reshape(b, c // groups, groups, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-
-def gate_multiply(x1: torch.Tensor, s: torch.Tensor, groups: int) -> torch.Tensor:
-    """x1 * shuffle_groups(s), the shuffle taken as a strided view of s rather than a copy."""
-    if not groups:
-        return x1 * s
-    b, c, h, w = x1.shape
-    s_view = s.view(b, groups, c // groups, h, w).transpose(1, 2)  # [b, c/G, G, h, w], no copy
-    return (x1.view(b, c // groups, groups, h, w) * s_view).reshape(b, c, h, w)
+__all__ = ["final_gate", "final_gate_torch"]
 
 
 def final_gate_torch(x1: torch.Tensor, y2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import reference
 from ._runtime import check_bchw
-from .final_gate import shuffle as _shuffle
+from .module import GAM
 
 __all__ = ["AttentionMaps", "attention_maps"]
 
@@ -45,16 +46,12 @@ class AttentionMaps:
     residual: float             #: max |out - x1 * spatial_map|: ~0 when the maps are the ones applied
 
 
-def _form(module: nn.Module) -> tuple[list[nn.Module], bool, Optional[int]]:
-    from .convert import _find_form, _layers, _structure
-    from .module import GAM
-
+def _form(module: nn.Module) -> tuple[tuple, bool, Optional[int]]:
     if isinstance(module, GAM):
-        layers, _ = _layers(module)
-        return layers, module.channel_sigmoid, module.shuffle_groups
-    layers, seed, args = _structure(module)  # ValueError for what is not a GAM block
-    sigmoid, shuffle = _find_form(module, seed, args)
-    return layers, sigmoid, shuffle
+        return reference.layers(module)[0], module.channel_sigmoid, module.shuffle_groups
+    found = reference.structure(module)  # ValueError for what is not a GAM block
+    sigmoid, groups = reference.detect_form(module, found)
+    return found.layers, sigmoid, groups
 
 
 @torch.no_grad()
@@ -79,7 +76,7 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     a = fc2(F.relu(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
     gate = torch.sigmoid(a) if sigmoid else a
     x1 = x * gate
-    spatial = _shuffle(torch.sigmoid(bn2(conv2(F.relu(bn1(conv1(x1)))))), shuffle or 0)
+    spatial = reference.shuffle(torch.sigmoid(bn2(conv2(F.relu(bn1(conv1(x1)))))), shuffle or 0)
     out = module(x)
     residual = (out.float() - (x1 * spatial).float()).abs().max().item() if out.numel() else 0.0
     return AttentionMaps(gate.contiguous(), spatial.contiguous(), x1, out, sigmoid, shuffle, residual)

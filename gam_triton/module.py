@@ -14,32 +14,24 @@ fused epilogues (gam_triton.spatial: GAM_TRITON_CONV=auto|triton|cudnn).
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import reference
 from ._runtime import autocast_dtype, use_triton
-from .batchnorm import bn_scale_shift, fold_conv_bn, uses_batch_stats
 from .bn_relu import bn_relu
 from .channel_gate import channel_gate
-from .deploy import deploying, foreign_batchnorm, plain_forward
-from .final_gate import final_gate, gate_multiply
+from .deploy import deploying
+from .final_gate import final_gate
+from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_stats
 from .spatial import pack_weight, spatial_eval
 from .train_block import gam_train_block, train_block_applies
 
 __all__ = ["GAM"]
-
-_SEED_NAMES = {
-    "channel_attention.fc1.": "channel_attention.0.",
-    "channel_attention.fc2.": "channel_attention.2.",
-    "spatial_attention.conv1.": "spatial_attention.0.",
-    "spatial_attention.bn.": "spatial_attention.1.",
-    "spatial_attention.conv2.": "spatial_attention.3.",
-    "spatial_attention.bn1.": "spatial_attention.4.",
-}
-
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -47,19 +39,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"GAM: {name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def _rename_seed_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                      error_msgs) -> None:
-    """Load-state-dict pre-hook: rename the seed form's parameter names to ours, in place."""
-    for key in list(state_dict.keys()):
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix):]
-        for old, new in _SEED_NAMES.items():
-            if rest.startswith(old):
-                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                break
 
 
 class GAM(nn.Module):
@@ -121,7 +100,7 @@ class GAM(nn.Module):
             nn.BatchNorm2d(c),
         )
         self._eval_cache: dict = {}  # name -> (key, value): eval-mode constants, see _cached
-        self._register_load_state_dict_pre_hook(_rename_seed_keys)
+        self._register_load_state_dict_pre_hook(reference.rename_seed_keys)
 
     @property
     def out_channels(self) -> int:
@@ -133,18 +112,102 @@ class GAM(nn.Module):
                 f"shuffle_groups={self.shuffle_groups}")
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> "GAM":
-        """A GAM computing the same function as ``module`` (any of the public forms), same weights."""
-        from .convert import gam_from_module
+    def from_module(cls, module: nn.Module, share: bool = False) -> "GAM":
+        """A GAM computing the same function as ``module`` (any of the public forms), same weights.
 
-        return gam_from_module(module)
+        Weights, statistics, BatchNorm settings, requires_grad flags, mode, device and dtype are those of
+        ``module``; its form is found by :func:`gam_triton.reference.detect_form` (ValueError when it is
+        none that gam_triton computes). ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s
+        own Parameter and buffer objects instead of copies. The plain attributes ``module`` carries (e.g.
+        ultralytics' ``f``/``i``/``type``/``np``) are copied; its hooks are not: ``module`` still exists and
+        keeps them, and a copy would make each hook fire for two blocks (``convert``, which replaces the
+        block, moves them).
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
+        found = reference.structure(module)
+        sigmoid, shuffle = reference.detect_form(module, found)
+        gam = cls(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)
+        gam._take_layers(found.layers, share)
+        return reference.carry_over(module, gam, hooks=False)
+
+    def _take_layers(self, theirs_all: tuple, share: bool) -> None:
+        """Take the weights, statistics and BatchNorm settings of (fc1, fc2, conv1, bn1, conv2, bn2):
+        the very Parameter and buffer objects (``share``) or copies of them."""
+        ref = theirs_all[0].weight
+        self.to(device=ref.device, dtype=ref.dtype)
+        for mine, theirs in zip(self._layers(), theirs_all):
+            if getattr(theirs, "bias", True) is None:
+                mine.bias = None
+            if isinstance(theirs, nn.BatchNorm2d):
+                mine.eps, mine.momentum = theirs.eps, theirs.momentum
+                mine.affine, mine.track_running_stats = theirs.affine, theirs.track_running_stats
+                for name in ("weight", "bias"):
+                    if getattr(theirs, name) is None:
+                        setattr(mine, name, None)
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    if getattr(theirs, name) is None:
+                        mine.register_buffer(name, None)
+            if share:
+                for name, p in theirs.named_parameters(recurse=False):
+                    setattr(mine, name, p)
+                for name, b in theirs.named_buffers(recurse=False):
+                    setattr(mine, name, b)
+                continue
+            mine.load_state_dict(theirs.state_dict(), strict=True)
+            for (_, p_mine), (_, p_theirs) in zip(mine.named_parameters(), theirs.named_parameters()):
+                p_mine.requires_grad_(p_theirs.requires_grad)
+
+    def _layers(self) -> tuple:
+        """(fc1, fc2, conv1, bn1, conv2, bn2)."""
+        ca, sa = self.channel_attention._modules, self.spatial_attention._modules
+        return ca["0"], ca["2"], sa["0"], sa["1"], sa["3"], sa["4"]
 
     def to_reference(self) -> nn.Module:
-        """A plain PyTorch module of the public form this configuration is (sharing this GAM's layers);
-        see :func:`gam_triton.deploy.to_reference` and :func:`gam_triton.revert`."""
-        from .deploy import to_reference
+        """A plain PyTorch module computing what this GAM computes, of the public form its configuration
+        names (what :func:`gam_triton.revert` puts in its place).
 
-        return to_reference(self)
+        YOLO form (identity channel gate, shuffle 4, 7x7) -> :class:`~gam_triton.reference.YoloGAM`; paper
+        form -> ``PaperGAM``; identity gate without shuffle or grouping -> ``SeedGAM`` (the seed's children
+        names ``fc1``...); anything else -> ``PlainGAM``. The new module SHARES this GAM's layers (the same
+        Linear, Conv2d and BatchNorm objects: parameters, buffers, BN settings, hooks on them) and, as
+        :func:`gam_triton.convert` does the other way (:func:`~gam_triton.reference.carry_over`), takes its
+        mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own seed-name
+        renamer excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
+        ``type`` a YOLO parser sets).
+        """
+        ref = self._reference_form()
+        ca, sa = self.channel_attention, self.spatial_attention
+        if isinstance(ref, reference.SeedGAM):
+            for name, layer in (("fc1", ca[0]), ("fc2", ca[2])):
+                setattr(ref.channel_attention, name, layer)
+            for name, i in (("conv1", 0), ("bn", 1), ("conv2", 3), ("bn1", 4)):
+                setattr(ref.spatial_attention, name, sa[i])
+        else:
+            ref.channel_attention, ref.spatial_attention = ca, sa
+        before = set(vars(ref))
+        reference.carry_over(self, ref)  # what convert() carried from the original block, carried back
+        for name in _OWN_STATE & (set(vars(ref)) - before):  # GAM's own configuration and cache stay here
+            delattr(ref, name)
+        table = ref._load_state_dict_pre_hooks
+        if any(_is_rename_hook(h) for h in table.values()):  # GAM's seed-name renamer stays with GAM
+            object.__setattr__(ref, "_load_state_dict_pre_hooks",
+                               type(table)((k, h) for k, h in table.items() if not _is_rename_hook(h)))
+        return ref
+
+    def _reference_form(self) -> nn.Module:
+        """An empty-layered instance of the public form with this configuration (PlainGAM if none fits)."""
+        c, r, k = self.in_channels, self.rate, self.kernel_size
+        sig, shuffle, group = self.channel_sigmoid, self.shuffle_groups, self.group
+        with torch.device("meta"):  # the layers are replaced by this GAM's own right after: allocate nothing
+            if k == 7 and not sig and shuffle == 4:
+                return reference.YoloGAM(c, c, group=group, rate=r)
+            if k == 7 and sig and shuffle is None and not group:
+                return reference.PaperGAM(c, rate=r)
+            if k == 7 and not sig and shuffle is None and not group:
+                return reference.SeedGAM(c, c, ratio=r)
+            return reference.PlainGAM(c, rate=r, kernel_size=k, group=group, channel_sigmoid=sig,
+                                      shuffle_groups=shuffle)
 
     def __getstate__(self) -> dict:
         """Copies and pickles do not carry the eval-constant cache (its keys are this process's pointers)."""
@@ -169,6 +232,17 @@ class GAM(nn.Module):
         if x.dtype != w.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(f"GAM: input dtype {x.dtype} differs from the parameters' {w.dtype} "
                             "(convert the module with .to(dtype) or run under torch.autocast)")
+
+    def _foreign_batchnorm(self) -> bool:
+        """True when a BatchNorm that uses batch statistics is not a plain ``nn.BatchNorm2d`` (e.g. after
+        ``nn.SyncBatchNorm.convert_sync_batchnorm``): only the module itself knows how to normalise then, so
+        the plain forward, which calls it, runs."""
+        layers = self.spatial_attention._modules  # indexing the Sequential costs microseconds per call
+        for key in ("1", "4"):
+            bn = layers[key]
+            if type(bn) is not nn.BatchNorm2d and uses_batch_stats(bn):
+                return True
+        return False
 
     # -- eval-mode constants (BN1 folded into conv1, BN2 as scale/shift), cached while nothing changes --
     def _cached(self, name: str, tensors: list, extra: tuple, compute):
@@ -198,8 +272,11 @@ class GAM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if deploying() or foreign_batchnorm(self):  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
-            return plain_forward(self, x)  # checks x too
+        if deploying() or self._foreign_batchnorm():  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
+            with warnings.catch_warnings():  # the channel count is fixed by the weights: a constant in a trace
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                self._check_input(x)
+            return reference.plain_forward(self._layers(), self.channel_sigmoid, self.shuffle_groups, x)
         self._check_input(x)
         fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
         conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
@@ -263,3 +340,11 @@ class GAM(nn.Module):
                                       lambda: (pack_weight(w1), pack_weight(conv2.weight)))
         return spatial_eval(x1, w1, b1, conv2.weight, conv2.bias, scale2, shift2, conv1.groups,
                             self.shuffle_groups or 0, out_channels_last=out_channels_last, packed=packed)
+
+
+#: Instance attributes every GAM has (nn.Module internals and its configuration): what to_reference leaves.
+_OWN_STATE = frozenset(vars(GAM(16)))
+
+
+def _is_rename_hook(hook) -> bool:
+    return getattr(hook, "hook", hook) is reference.rename_seed_keys

@@ -34,7 +34,7 @@ from torch import nn
 from . import autotune
 from ._runtime import (HAS_TRITON, INTERPRET, bchw_view, define_op, is_channels_last, launcher,
                        new_output, on_device)
-from .batchnorm import uses_batch_stats
+from .reference import uses_batch_stats
 from .configs import (Config, bn_reduce_candidates, bn_reduce_heuristic, channel_gate_bwd_candidates,
                       channel_gate_bwd_heuristic, channel_gate_bwd_input_precision, next_pow2)
 

@@ -99,7 +99,7 @@ def make_final_gate(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0
 
 def final_gate_scale_shift(bn: nn.BatchNorm2d, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BN2 as gam_triton folds it (fp32 per-channel scale and shift), computed outside the timing."""
-    from gam_triton.batchnorm import bn_scale_shift
+    from gam_triton.reference import bn_scale_shift
 
     with torch.no_grad():
         return bn_scale_shift(bn, y2)

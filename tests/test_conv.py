@@ -17,7 +17,7 @@ from gam_cases import assert_close, f64, make_input, make_ref
 from gam_triton import GAM, autotune, spatial
 from gam_triton._runtime import INTERPRET
 from gam_triton.configs import SPATIAL_CUDNN, SPATIAL_TRITON, Config
-from gam_triton.final_gate import shuffle as shuffle_map
+from gam_triton.reference import shuffle as shuffle_map
 
 KERNELS_RUN = INTERPRET or torch.cuda.is_available()
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels run only on CUDA or under "

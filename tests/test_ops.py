@@ -16,7 +16,8 @@ from gam_cases import TOL, assert_close
 from gam_triton._runtime import INTERPRET, new_output, use_triton
 from gam_triton.bn_relu import bn_relu
 from gam_triton.channel_gate import channel_gate, channel_gate_reference_grads
-from gam_triton.final_gate import final_gate, shuffle, unshuffle
+from gam_triton.final_gate import final_gate
+from gam_triton.reference import shuffle, unshuffle
 from gam_triton.reference import channel_shuffle
 
 KERNELS_RUN = INTERPRET or torch.cuda.is_available()
