@@ -8,7 +8,7 @@
 
 The channel-MLP gate and the final attention multiply run as Triton kernels on CUDA tensors (and on CPU
 tensors under ``TRITON_INTERPRET=1``); the 7x7 convolutions run on cuDNN, or in eval mode as two Triton
-convolutions with fused epilogues where faster (``GAM_TRITON_CONV``, see :mod:`gam_triton.spatial`).
+convolutions with fused epilogues where faster (``GAM_TRITON_CONV``, see :mod:`gam_triton.ops.conv`).
 Elsewhere a PyTorch path with BatchNorm folded and no permute copies runs.
 """
 from .convert import convert, revert

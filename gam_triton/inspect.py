@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._runtime import check_bchw
+from .ops._runtime import check_bchw
 from .module import GAM
 
 __all__ = ["AttentionMaps", "attention_maps"]

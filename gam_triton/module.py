@@ -4,34 +4,49 @@ Parameters and buffers carry the names of the common nn.Sequential forms (``chan
 ``spatial_attention.0``/``.1``/``.3``/``.4``), so existing checkpoints load with ``strict=True``; the seed
 form's names (``fc1``, ``fc2``, ``conv1``, ``bn``, ``conv2``, ``bn1``) are renamed on load.
 
-Forward (per pixel p; see ``shared/GAM_NOTES.md``):
-    x1  = x * g(W2 relu(W1 x + b1) + b2)               Triton channel-gate kernel
-    z1  = relu(BN1(conv1(x1)))                         cuDNN conv; BN1 folded in eval, bn_relu kernel in train
-    out = x1 * shuffle(sigmoid(BN2(conv2(z1))))        cuDNN conv + Triton final-gate kernel
-In eval mode (no autograd, no autocast) the spatial branch may instead run as two Triton convolutions with
-fused epilogues (gam_triton.spatial: GAM_TRITON_CONV=auto|triton|cudnn).
+Forward (per pixel p; see ``shared/GAM_NOTES.md``)::
+
+    x1  = x * g(W2 relu(W1 x + b1) + b2)          channel gate kernel
+    z1  = relu(BN1(conv1(x1)))                    conv1, BN1 folded (running stats) or the bn_relu kernel
+    out = x1 * shuffle(sigmoid(BN2(conv2(z1))))   conv2 + the final gate kernel (BN2 and shuffle folded in)
+
+:meth:`GAM._plan` is the one place that decides how a call runs (:class:`Plan`); :meth:`GAM.forward` follows
+it down one of five paths: the plain graph (deployment capture, or a BatchNorm that is not nn.BatchNorm2d on
+batch statistics, e.g. SyncBatchNorm), the PyTorch path (CPU without the interpreter, float64), the fused
+train block (both BatchNorms on batch statistics), the fused eval branch (both on running statistics, no
+autocast: Triton convolutions or cuDNN, ``GAM_TRITON_CONV``), and the generic Triton path for everything
+else (mixed BatchNorm modes, autocast in eval): cuDNN convolutions between the kernels, gradients from the
+ops' registered formulas.
 """
 from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._runtime import autocast_dtype, use_triton
-from .bn_relu import bn_relu
-from .channel_gate import channel_gate
 from .deploy import deploying
-from .final_gate import final_gate
+from .ops import _runtime, channel_gate, conv, elementwise, train_block
 from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_stats
-from .spatial import pack_weight, spatial_eval
-from .train_block import gam_train_block, train_block_applies
 
-__all__ = ["GAM"]
+__all__ = ["GAM", "Plan"]
+
+
+class Plan(NamedTuple):
+    """How one Triton-path call runs, decided once by :meth:`GAM._plan`."""
+
+    amp: Optional[torch.dtype]  #: autocast dtype (the MLP's dots and the convolutions run in it), or None
+    x1_cl: bool                 #: x1 written channels_last (the convolutions' fast layout on CUDA)
+    out_cl: bool                #: the output in channels_last (the input's layout)
+    stats1: bool                #: BatchNorm1 on batch statistics
+    stats2: bool                #: BatchNorm2 on batch statistics
+    fused_eval: bool            #: both on running statistics, no autocast: the fused eval branch
+    conv: str                   #: its convolutions: "auto", "triton" or "cudnn" (GAM_TRITON_CONV, if they can)
+
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -216,8 +231,9 @@ class GAM(nn.Module):
             state["_eval_cache"] = {}
         return state
 
-    # -- input checks ----------------------------------------------------------------------------------
+    # -- input checks and the plan ---------------------------------------------------------------------
     def _check_input(self, x) -> None:
+        """The only check of x on a call: ValueError/TypeError naming the problem."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"GAM: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -229,7 +245,7 @@ class GAM(nn.Module):
         w = self.channel_attention[0].weight
         if x.device != w.device:
             raise ValueError(f"GAM: input is on {x.device} but the module's parameters are on {w.device}")
-        if x.dtype != w.dtype and autocast_dtype(x.device.type) is None:
+        if x.dtype != w.dtype and _runtime.autocast_dtype(x.device.type) is None:
             raise TypeError(f"GAM: input dtype {x.dtype} differs from the parameters' {w.dtype} "
                             "(convert the module with .to(dtype) or run under torch.autocast)")
 
@@ -238,13 +254,27 @@ class GAM(nn.Module):
         ``nn.SyncBatchNorm.convert_sync_batchnorm``): only the module itself knows how to normalise then, so
         the plain forward, which calls it, runs."""
         layers = self.spatial_attention._modules  # indexing the Sequential costs microseconds per call
-        for key in ("1", "4"):
-            bn = layers[key]
-            if type(bn) is not nn.BatchNorm2d and uses_batch_stats(bn):
-                return True
-        return False
+        return any(type(layers[k]) is not nn.BatchNorm2d and uses_batch_stats(layers[k]) for k in ("1", "4"))
 
-    # -- eval-mode constants (BN1 folded into conv1, BN2 as scale/shift), cached while nothing changes --
+    def _plan(self, x: torch.Tensor) -> Plan:
+        """How a call on ``x`` runs on the Triton path: autocast, layouts, BatchNorm modes, the convolutions.
+
+        x1 is written channels_last for fp16/bf16 and autocast on CUDA (cuDNN runs those fastest NHWC); the
+        output keeps x's layout. The Triton convolutions need both BatchNorms on running statistics, no
+        autocast and no gradient; ``GAM_TRITON_CONV`` is read here, once per call, and only then.
+        """
+        in_cl = _runtime.is_channels_last(x)
+        amp = _runtime.autocast_dtype(x.device.type)
+        x1_cl = in_cl or (x.is_cuda and (x.dtype != torch.float32 or amp is not None))
+        layers = self.spatial_attention._modules
+        stats1, stats2 = uses_batch_stats(layers["1"]), uses_batch_stats(layers["4"])
+        fused_eval = amp is None and not stats1 and not stats2
+        grad = fused_eval and torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in self.parameters()))
+        return Plan(amp, x1_cl, in_cl, stats1, stats2, fused_eval, conv.conv_mode() if fused_eval and not grad
+                    else "cudnn")
+
+    # -- constants, cached while nothing they depend on changes ---------------------------------------------
     def _cached(self, name: str, tensors: list, extra: tuple, compute):
         """``compute()``, memoised on the identity and version counters of ``tensors`` and on ``extra``.
 
@@ -270,6 +300,49 @@ class GAM(nn.Module):
     def _bn_tensors(bn: nn.BatchNorm2d) -> list:
         return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
+    def _linear(self, amp: Optional[torch.dtype]) -> tuple:
+        """(w1, b1, w2, b2) as the channel gate op takes them: contiguous, absent biases as zeros, in the
+        autocast dtype under autocast (the op sits outside autocast's casts; nn.Linear would run there)."""
+        fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
+
+        def make() -> tuple:
+            w1, b1, w2, b2 = (None if t is None else t.to(amp) if amp else t
+                              for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+            b1 = w1.new_zeros(w1.shape[0]) if b1 is None else b1
+            b2 = w2.new_zeros(w2.shape[0]) if b2 is None else b2
+            return tuple(t.contiguous() for t in (w1, b1, w2, b2))
+
+        return self._cached("linear", [fc1.weight, fc1.bias, fc2.weight, fc2.bias], (amp,), make)
+
+    def _fold1(self) -> tuple:
+        """conv1 with BatchNorm1's running statistics folded in: (weight, bias)."""
+        conv1, bn1 = self.spatial_attention[0], self.spatial_attention[1]
+        return self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)], (bn1.eps,),
+                            lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
+
+    def _eval_constants(self, dtype: torch.dtype, packed: bool) -> tuple:
+        """(w1, b1, w2, b2, scale2, shift2, packed weights or None) of the fused eval branch: BN1 folded
+        into conv1, BN2 as an fp32 scale/shift, the weights in the Triton kernels' layout when they may run."""
+        conv2, bn2 = self.spatial_attention[3], self.spatial_attention[4]
+        w1, b1 = self._fold1()
+
+        def make() -> tuple:
+            scale2, shift2 = bn_scale_shift(bn2, w1)
+            b2 = None if conv2.bias is None else conv2.bias.contiguous()
+            pk = (conv.pack_weight(w1), conv.pack_weight(conv2.weight)) if packed else None
+            return (w1, b1.contiguous(), conv2.weight, b2, scale2.contiguous(), shift2.contiguous(), pk)
+
+        tensors = [w1, b1, conv2.weight, conv2.bias, *self._bn_tensors(bn2)]
+        return self._cached("eval_constants", tensors, (bn2.eps, dtype, packed), make)
+
+    @staticmethod
+    def _bn_args(bn: nn.BatchNorm2d, device) -> train_block.BNArgs:
+        update = bool(bn.training and bn.track_running_stats and bn.running_mean is not None)
+        running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update else \
+            tuple(torch.empty(0, device=device) for _ in range(3))
+        return train_block.BNArgs(bn.weight, bn.bias, running, float(bn.eps),
+                                  -1.0 if bn.momentum is None else float(bn.momentum), update)
+
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if deploying() or self._foreign_batchnorm():  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
@@ -278,68 +351,70 @@ class GAM(nn.Module):
                 self._check_input(x)
             return reference.plain_forward(self._layers(), self.channel_sigmoid, self.shuffle_groups, x)
         self._check_input(x)
-        fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
-        conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        fast = use_triton(x)
-        in_cl = x.stride(1) == 1 and x.shape[1] > 1
-        # cuDNN runs fp16/bf16 convolutions fastest in channels_last: write x1 in that layout.
-        amp = autocast_dtype(x.device.type)
-        x1_cl = in_cl or (fast and x.is_cuda and (x.dtype != torch.float32 or amp is not None))
-        lin = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-        if fast and amp is not None:
-            # The custom op sits outside autocast's casts: run its dots in the autocast dtype, as the
-            # reference's nn.Linear would, while x1 keeps x's dtype (x * att promotes, as there).
-            lin = self._cached("linear_autocast", lin, (amp,),
-                               lambda: [None if t is None else t.to(amp) for t in lin])
-        if fast and train_block_applies(bn1, bn2):  # train mode: forward and backward in fused kernels
-            return gam_train_block(x, lin, self.channel_sigmoid, conv1, bn1, conv2, bn2, self.shuffle_groups or 0,
-                                   x1_cl, in_cl, conv_dtype=amp)
-        x1 = channel_gate(x, *lin, self.channel_sigmoid, out_channels_last=x1_cl)
-        if fast and amp is None and not uses_batch_stats(bn1) and not uses_batch_stats(bn2):
-            return self._spatial_eval(x1, in_cl)  # eval: Triton convolutions or cuDNN (GAM_TRITON_CONV)
-        pad, groups = conv1.padding, conv1.groups
-        conv = F.conv2d
-        if uses_batch_stats(bn1):
-            y1 = conv(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
-            if fast:
-                z1 = bn_relu(y1, *bn_scale_shift(bn1, y1))
-            else:  # PyTorch path: nn.BatchNorm2d itself (fused forward and backward on the CPU)
-                z1 = torch.relu(bn1(y1))
-        else:
-            w1, b1 = self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)],
-                                  (bn1.eps,), lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
-            z1 = torch.relu_(conv(x1, w1, b1, padding=pad, groups=groups))
+        if not _runtime.use_triton(x):
+            return self._forward_torch(x)
+        p = self._plan(x)
+        lin = self._linear(p.amp)
         shuffle = self.shuffle_groups or 0
-        pad2, groups2 = conv2.padding, conv2.groups
-        if uses_batch_stats(bn2):
-            y2 = conv(z1, conv2.weight, conv2.bias, padding=pad2, groups=groups2)
-            if fast:
-                return final_gate(x1, y2, *bn_scale_shift(bn2, y2), shuffle, out_channels_last=in_cl)
-            return gate_multiply(x1, torch.sigmoid(bn2(y2)), shuffle)
-        if fast:  # BN2 is applied inside the final-gate kernel, for free
-            y2 = conv(z1, conv2.weight, conv2.bias, padding=pad2, groups=groups2)
+        conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
+        if p.stats1 and p.stats2:  # train mode: forward and backward in fused kernels
+            return self._train_block(x, lin, p)
+        x1 = channel_gate.run(x, *lin, self.channel_sigmoid, p.x1_cl)
+        if p.fused_eval:
+            *consts, packed = self._eval_constants(x1.dtype, p.conv != "cudnn")
+            return conv.spatial_run(x1, *consts, packed, conv1.groups, shuffle, p.out_cl, p.conv)
+        pad, groups = conv1.padding, conv1.groups
+        if p.stats1:
+            y1 = F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
+            z1 = elementwise.run_bn_relu(y1, *bn_scale_shift(bn1, y1))
+        else:
+            w1, b1 = self._fold1()
+            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
+        y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=conv2.padding, groups=conv2.groups)
+        if p.stats2:
+            scale2, shift2 = bn_scale_shift(bn2, y2)
+        else:  # BN2 is applied inside the final-gate kernel, for free
             scale2, shift2 = self._cached("bn2", self._bn_tensors(bn2), (bn2.eps, y2.dtype),
                                           lambda: bn_scale_shift(bn2, y2))
-            return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=in_cl)
-        # PyTorch path: BN2 folded into conv2 too, then an in-place sigmoid and the gated multiply.
-        w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)],
-                              (bn2.eps,), lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
-        return gate_multiply(x1, conv(z1, w2, b2, padding=pad2, groups=groups2).sigmoid_(), shuffle)
+        return elementwise.run_final_gate(x1, y2, scale2, shift2, shuffle, p.out_cl)
 
-    def _spatial_eval(self, x1: torch.Tensor, out_channels_last: bool) -> torch.Tensor:
-        """Eval spatial branch + final gate (gam_triton.spatial): BN1 folded into conv1, BN2 as scale/shift,
-        the weights also cached in the Triton kernels' packed layout (packed only if that path runs)."""
+    def _train_block(self, x: torch.Tensor, lin: tuple, p: Plan) -> torch.Tensor:
+        """The fused train block: both BatchNorms on batch statistics (ValueError for one value per channel
+        in training, as nn.BatchNorm2d)."""
         conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
-        w1, b1 = self._cached("conv1_bn1", [conv1.weight, conv1.bias, *self._bn_tensors(bn1)],
-                              (bn1.eps,), lambda: fold_conv_bn(conv1.weight, conv1.bias, bn1))
-        scale2, shift2 = self._cached("bn2", self._bn_tensors(bn2), (bn2.eps, x1.dtype),
-                                      lambda: bn_scale_shift(bn2, x1))
-        packed = lambda: self._cached("conv_packed", [w1, conv2.weight], (),  # noqa: E731
-                                      lambda: (pack_weight(w1), pack_weight(conv2.weight)))
-        return spatial_eval(x1, w1, b1, conv2.weight, conv2.bias, scale2, shift2, conv1.groups,
-                            self.shuffle_groups or 0, out_channels_last=out_channels_last, packed=packed)
+        if x.shape[0] * x.shape[2] * x.shape[3] <= 1 and (bn1.training or bn2.training):
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{tuple(x.shape)}")
+        convs = (conv1.weight, conv1.bias, conv2.weight, conv2.bias)
+        if p.amp is not None and p.amp != conv1.weight.dtype:  # the convolutions run in the autocast dtype
+            convs = tuple(None if t is None else t.to(p.amp) for t in convs)
+        return train_block.apply(x, lin, convs, self._bn_args(bn1, x.device), self._bn_args(bn2, x.device),
+                                 self.channel_sigmoid, conv1.padding[0], conv1.groups, self.shuffle_groups or 0,
+                                 p.x1_cl, p.out_cl)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path (CPU without the interpreter, float64): BatchNorms on running statistics folded
+        into the convolutions, nn.BatchNorm2d itself on batch statistics, no permute copies."""
+        fc1, fc2 = self.channel_attention[0], self.channel_attention[2]
+        conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
+        x1 = channel_gate.torch_forward(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_sigmoid)
+        fmt = torch.channels_last if _runtime.is_channels_last(x) else torch.contiguous_format
+        x1 = x1 if x1.is_contiguous(memory_format=fmt) else x1.contiguous(memory_format=fmt)
+        pad, groups = conv1.padding, conv1.groups
+        if uses_batch_stats(bn1):
+            z1 = torch.relu(bn1(F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)))
+        else:
+            w1, b1 = self._fold1()
+            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
+        shuffle = self.shuffle_groups or 0
+        if uses_batch_stats(bn2):
+            y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=pad, groups=groups)
+            return gate_multiply(x1, torch.sigmoid(bn2(y2)), shuffle)
+        w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)], (bn2.eps,),
+                              lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
+        return gate_multiply(x1, F.conv2d(z1, w2, b2, padding=pad, groups=groups).sigmoid_(), shuffle)
 
 
 #: Instance attributes every GAM has (nn.Module internals and its configuration): what to_reference leaves.

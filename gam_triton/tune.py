@@ -27,6 +27,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .module import GAM
+from .ops._runtime import HAS_TRITON, INTERPRET
+
+if HAS_TRITON:
+    from .ops import _autotune
+
 __all__ = ["main", "parse_args"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -87,8 +93,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--shuffle must be >= 0, got {args.shuffle}")
     if args.amp and all(_DTYPES[d] == torch.float32 for d in args.dtype):
         parser.error("--amp needs --dtype fp16 or bf16")
-    from .module import GAM
-
     for c in args.channels:  # let GAM's own checks reject impossible forms before anything runs
         try:
             GAM(c, rate=args.rate, group=args.group, channel_sigmoid=args.sigmoid,
@@ -98,17 +102,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _fmt(cfg) -> str:
-    s = f"P{cfg.BLOCK_P} C{cfg.BLOCK_C}"
-    if cfg.BLOCK_R:
-        s += f" R{cfg.BLOCK_R}"
-    return s + f" w{cfg.num_warps} s{cfg.num_stages}"
-
-
 def _describe(records) -> str:
     parts = []
     for r in records:
-        s = f"{r.op} {_fmt(r.config)} ({r.source}"
+        s = f"{r.op} {_autotune.describe(r.choice)} ({r.source}"
         if r.source == "tuned" and r.tune_s is not None:
             s += f", {r.candidates} cfgs in {r.tune_s:.2f} s"
             if r.speedup:
@@ -118,8 +115,6 @@ def _describe(records) -> str:
 
 
 def _run_shape(c, hw, b, dtype, channels_last, args, device) -> None:
-    from .module import GAM
-
     gam = GAM(c, rate=args.rate, group=args.group, channel_sigmoid=args.sigmoid,
               shuffle_groups=args.shuffle or None).to(device)
     if not args.amp:
@@ -142,15 +137,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.cache_dir:
         os.environ["GAM_TRITON_CACHE_DIR"] = args.cache_dir
-    from . import autotune
-    from ._runtime import HAS_TRITON, INTERPRET
-
-    autotune.reset()  # pick up --cache-dir and the environment as they are now
-    if not autotune.enabled():
-        print("gam_triton.tune: autotuning is off (GAM_TRITON_AUTOTUNE=0): nothing to tune", file=sys.stderr)
-        return 2
     if not HAS_TRITON:
         print("gam_triton.tune: Triton is not installed: nothing to tune", file=sys.stderr)
+        return 2
+    _autotune.reset()  # pick up --cache-dir and the environment as they are now
+    if not _autotune.enabled():
+        print("gam_triton.tune: autotuning is off (GAM_TRITON_AUTOTUNE=0): nothing to tune", file=sys.stderr)
         return 2
     if torch.cuda.is_available() and not INTERPRET:
         device = torch.device("cuda")
@@ -163,22 +155,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("gam_triton.tune: no CUDA GPU: nothing to tune. Run it on the GPU that will train, or set "
               "TRITON_INTERPRET=1 to exercise the cache with heuristic configs on the CPU.", file=sys.stderr)
         return 2
-    print(f"gam_triton.tune: cache file {autotune.cache_file()}")
+    print(f"gam_triton.tune: cache file {_autotune.cache_file()}")
     shapes = list(itertools.product(args.channels, args.sizes, args.batch, args.dtype, args.layout))
     t_all = time.perf_counter()
-    autotune.drain_log()
+    _autotune.drain_log()
     tuned = []
     for i, (c, hw, b, dname, layout) in enumerate(shapes, 1):
         t0 = time.perf_counter()
         _run_shape(c, hw, b, _DTYPES[dname], _LAYOUTS[layout], args, device)
         dt = time.perf_counter() - t0
-        records = autotune.drain_log()
+        records = _autotune.drain_log()
         tuned += [r for r in records if r.source == "tuned"]
         amp = " amp" if args.amp else ""
         print(f"[{i}/{len(shapes)}] C={c} r={args.rate} {hw[0]}x{hw[1]} B={b} {dname}{amp} {layout}: "
               f"{dt:.2f} s; {_describe(records)}", flush=True)
     print(f"gam_triton.tune: {len(shapes)} shape(s) in {time.perf_counter() - t_all:.1f} s; "
-          f"cache {autotune.cache_file()}")
+          f"cache {_autotune.cache_file()}")
     if tuned:
         print(_table(tuned))
     return 0
@@ -192,7 +184,7 @@ def _table(records) -> str:
         h = f"{r.heuristic_ms:.4f}" if r.heuristic_ms else "-"
         t = f"{r.ms:.4f}" if r.ms else "-"
         g = f"{r.speedup:.2f}x" if r.speedup else "-"
-        rows.append(f"| {r.op} | `{r.key}` | {_fmt(r.config)} | {h} | {t} | {g} | {r.tune_s or 0:.2f} | "
+        rows.append(f"| {r.op} | `{r.key}` | {_autotune.describe(r.choice)} | {h} | {t} | {g} | {r.tune_s or 0:.2f} | "
                     f"{r.candidates} ({r.failed} failed) |")
     return "\n".join(rows)
 

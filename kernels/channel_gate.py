@@ -1,15 +1,25 @@
-"""Channel gate of GAM: the per-pixel channel MLP and its gate, fused in one kernel.
+"""Channel gate of GAM, forward and backward: the per-pixel channel MLP and its gate, each in one kernel.
 
-For every pixel p of every image b (x viewed as B x C x HW through its strides, so NCHW-contiguous and
-channels_last inputs are read in place, without permute copies):
+x (and every B x C x H x W operand) is viewed as B x C x HW through its strides, so NCHW-contiguous and
+channels_last tensors are read in place, without permute copies. Per pixel p of image b:
 
     h_p  = relu(W1 x_p + b1)          W1: CR x C  (CR = C / rate)
     a_p  = W2 h_p + b2                W2: C x CR
     x1_p = x_p * g(a_p)               g = sigmoid (SIGMOID=True) or identity
 
-Reads x once from DRAM (B*C*HW elements; when C > BLOCK_C the second pass re-reads the tile, which the
-program touched a moment before, from L2), reads W1, b1, W2, b2 (2*C*CR + C + CR elements, cached), writes
-x1 once (B*C*HW elements). h and a live only in registers. FLOPs: 4 * B*HW * C * CR.
+* :func:`channel_gate_fwd_kernel` - x1. Reads x once from DRAM (B*C*HW elements; when C > BLOCK_C the second
+  pass re-reads the tile, touched a moment before, from L2), W1, b1, W2, b2 (2*C*CR + C + CR elements,
+  cached); writes x1 once (B*C*HW elements). h and a live only in registers. FLOPs: 4 * B*HW * C * CR.
+* :func:`channel_gate_bwd_kernel` - the backward, h and a recomputed from x, with dx1 = dx1_gate + dx1_conv
+  (x1's two consumers, summed as they are read): da = dx1 * x (* g (1 - g) when SIGMOID),
+  dh = (W2^T da) * [W1 x + b1 > 0], dx = dx1 * g + W1^T dh. The weight gradients are GEMMs over the pixels
+  (dW2 = da^T h, dW1 = dh^T x, cuBLAS) on the rows it writes: ``dah`` [B*HW, C + CR] = (da | dh) and ``h``
+  [B*HW, CR] (row n = b * HW + p, the weights' dtype); split-K partials of the whole C x CR matrix per program
+  would not fit at C = 1024, C/r = 256. The bias gradients db2 = sum da, db1 = sum dh are reduced here: each
+  program stores its column sums (fp32, [n_programs, C + CR]) and bumps an integer counter (zero at launch,
+  left zero); the last program sums the partials in a fixed order (deterministic). Reads x in three passes
+  (from L2 after the first when C fits a few chunks), dx1_gate and dx1_conv twice, the weights (cached);
+  writes dx (B*C*HW), dah (B*HW*(C+CR)) and h (B*HW*CR). FLOPs: five dots, 10 * B*HW * C * CR.
 """
 import triton
 import triton.language as tl
@@ -41,9 +51,9 @@ def _hidden_chunk(h, x, w1_ptr, offs_c, offs_r, C, CR,
 
 
 @triton.jit
-def _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR, stride_oc, stride_op,
-                SIGMOID: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """out[:, chunk] = x[:, chunk] * g(h @ W2[chunk, :]^T + b2[chunk]) for the channel chunk offs_c."""
+def _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID: tl.constexpr,
+          DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """g = sigmoid(h @ W2[chunk]^T + b2[chunk]) (or the identity): [BLOCK_P, BLOCK_C] fp32."""
     c_mask = offs_c < C
     w2t = tl.load(w2_ptr + offs_c[None, :] * CR + offs_r[:, None],
                   mask=c_mask[None, :] & (offs_r[:, None] < CR), other=0.0)  # [BLOCK_R, BLOCK_C]
@@ -51,10 +61,17 @@ def _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR,
     a += tl.load(b2_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     if SIGMOID:
         a = tl.sigmoid(a)
-    out = x.to(tl.float32) * a
-    mask = (offs_p[:, None] < HW) & c_mask[None, :]
+    return a
+
+
+@triton.jit
+def _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR, stride_oc, stride_op,
+                SIGMOID: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """out[:, chunk] = x[:, chunk] * g for the channel chunk offs_c (g from :func:`_gate`)."""
+    g = _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
+    mask = (offs_p[:, None] < HW) & (offs_c[None, :] < C)
     tl.store(o_base + offs_p[:, None] * stride_op + offs_c[None, :].to(tl.int64) * stride_oc,
-             out.to(o_base.dtype.element_ty), mask=mask)
+             (x.to(tl.float32) * g).to(o_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -108,3 +125,107 @@ def channel_gate_fwd_kernel(
             x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
             _gate_chunk(h, x, w2_ptr, b2_ptr, o_base, offs_p, offs_c, offs_r, HW, C, CR,
                         stride_oc, stride_op, SIGMOID, DOT_F32, INPUT_PRECISION)
+
+
+@triton.jit
+def channel_gate_bwd_kernel(
+    x_ptr, ga_ptr, gb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dx_ptr, dah_ptr, h_ptr,
+    bpart_ptr, count_ptr, db1_ptr, db2_ptr,
+    HW, C, CR,
+    stride_xb, stride_xc, stride_xp,
+    stride_ab, stride_ac, stride_ap,
+    stride_bb, stride_bc, stride_bp,
+    stride_db, stride_dc, stride_dp,
+    SIGMOID: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr, BLOCK_F: tl.constexpr, N_F_CHUNKS: tl.constexpr,
+):
+    """dx and the (da | dh), h rows for BLOCK_P pixels of one image. Grid: (B * cdiv(HW, BLOCK_P),).
+
+    ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own strides); dx in x's strides.
+    Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16, N_CHUNKS = cdiv(C, BLOCK_C).
+    Bias partials: N_Q_CHUNKS = cdiv(n_programs, BLOCK_Q) row chunks, N_F_CHUNKS = cdiv(C + CR, BLOCK_F) column
+    chunks in the final sum (constexprs: loops over runtime bounds break older interpreters).
+    """
+    n_pblocks = tl.cdiv(HW, BLOCK_P)
+    pid = tl.program_id(0)
+    pid_b = (pid // n_pblocks).to(tl.int64)
+    pid_p = pid % n_pblocks
+    n_prog = tl.num_programs(0)
+    bpart = bpart_ptr + pid.to(tl.int64) * (C + CR)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
+    p_mask = offs_p < HW
+    r_mask = offs_r < CR
+    rows = pid_b * HW + offs_p  # row of the [B*HW, .] scratch matrices
+    x_base = x_ptr + pid_b * stride_xb
+    wdt = w1_ptr.dtype.element_ty
+
+    # Pass 1: pre = x W1^T + b1, h = relu(pre) (rounded to the weights' dtype as nn.Linear's output).
+    pre = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
+        pre = _hidden_chunk(pre, x, w1_ptr, offs_c, offs_r, C, CR, DOT_F32, INPUT_PRECISION)
+    pre += tl.load(b1_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    h = tl.maximum(pre, 0.0).to(wdt)
+    hr_mask = p_mask[:, None] & r_mask[None, :]
+    tl.store(h_ptr + rows[:, None] * CR + offs_r[None, :], h, mask=hr_mask)
+
+    # Pass 2: da per channel chunk (stored), dh accumulated.
+    dh = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    ld = C + CR
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        m = p_mask[:, None] & c_mask[None, :]
+        x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp).to(tl.float32)
+        g = _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
+        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        da = d1 * x
+        if SIGMOID:
+            da = da * g * (1.0 - g)
+        tl.store(bpart + offs_c, tl.sum(da, 0), mask=c_mask)
+        da = da.to(wdt)
+        tl.store(dah_ptr + rows[:, None] * ld + offs_c[None, :], da, mask=m)
+        w2 = tl.load(w2_ptr + offs_c[:, None] * CR + offs_r[None, :],
+                     mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
+        dh = _dot(da, w2, dh, DOT_F32, INPUT_PRECISION)
+    dh = tl.where(pre > 0, dh, 0.0)
+    tl.store(bpart + C + offs_r, tl.sum(dh, 0), mask=r_mask)
+    dh = dh.to(wdt)
+    tl.store(dah_ptr + rows[:, None] * ld + C + offs_r[None, :], dh, mask=hr_mask)
+
+    # Pass 3: dx = dx1 * g + dh W1, per channel chunk (g recomputed rather than kept).
+    for i in range(N_CHUNKS):
+        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        g = _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
+        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        w1 = tl.load(w1_ptr + offs_r[:, None] * C + offs_c[None, :],
+                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_C]
+        dx = _dot(dh, w1, d1 * g, DOT_F32, INPUT_PRECISION)
+        m = p_mask[:, None] & c_mask[None, :]
+        tl.store(dx_ptr + pid_b * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :].to(tl.int64) * stride_dc,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+    # Bias gradients: the last program to finish sums every program's column sums, in program order.
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == n_prog - 1:
+        tl.store(count_ptr, 0)  # left zeroed for the next use
+        for j in range(N_F_CHUNKS):
+            offs_f = j * BLOCK_F + tl.arange(0, BLOCK_F)
+            f_mask = offs_f < C + CR
+            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for i in range(N_Q_CHUNKS):
+                offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+                m = (offs_q < n_prog)[:, None] & f_mask[None, :]
+                v = tl.load(bpart_ptr + (offs_q.to(tl.int64) * (C + CR))[:, None] + offs_f[None, :], mask=m,
+                            other=0.0, cache_modifier=".cg")
+                acc += tl.sum(v, 0)
+            tl.store(db2_ptr + offs_f, acc.to(db2_ptr.dtype.element_ty), mask=offs_f < C)
+            tl.store(db1_ptr + (offs_f - C), acc.to(db1_ptr.dtype.element_ty), mask=f_mask & (offs_f >= C))

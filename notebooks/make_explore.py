@@ -27,7 +27,7 @@ cells = [
         "import torch\n"
         "import gam_triton\n"
         "from gam_triton.reference import YoloGAM\n"
-        "from gam_triton._runtime import INTERPRET, use_triton\n"
+        "from gam_triton.ops._runtime import INTERPRET, use_triton\n"
         "root = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
         "sys.path.insert(0, str(root / 'perf'))\n"
         "import figures  # noqa: E402 - perf/ is put on the path just above\n"

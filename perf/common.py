@@ -58,7 +58,7 @@ def sanitize(name: str) -> str:
 
 def interpreting() -> bool:
     """True when Triton's interpreter is on (gam_triton's kernels then run on the CPU, slowly)."""
-    from gam_triton._runtime import INTERPRET
+    from gam_triton.ops._runtime import INTERPRET
 
     return INTERPRET
 
@@ -107,7 +107,7 @@ class Machine:
                 d["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
             except RuntimeError:
                 d["cudnn_allow_tf32"] = getattr(torch.backends.cudnn, "fp32_precision", None)
-            from gam_triton._runtime import fp32_matmul_allows_tf32
+            from gam_triton.ops._runtime import fp32_matmul_allows_tf32
 
             d["matmul_allow_tf32"] = fp32_matmul_allows_tf32()
         else:

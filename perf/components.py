@@ -2,10 +2,10 @@
 
 * channel gate (YOLO form: no sigmoid): ``x1 = x * (W2 relu(W1 x + b1) + b2)`` per pixel. Eager is the
   reference's permute + Linear + ReLU + Linear + permute + multiply; gam_triton is
-  ``gam_triton.channel_gate.channel_gate`` (one kernel).
+  ``gam_triton.ops.channel_gate.channel_gate`` (one kernel).
 * final gate (YOLO form): ``out = x1 * shuffle_4(sigmoid(BN2(y2)))``. Eager is BatchNorm (running
   statistics) + sigmoid + the reference's ``channel_shuffle`` + multiply; gam_triton is
-  ``gam_triton.final_gate.final_gate`` with BN2 folded into a per-channel scale and shift computed once
+  ``gam_triton.ops.elementwise.final_gate`` with BN2 folded into a per-channel scale and shift computed once
   outside the timed call (the kernel alone, held against its roofline).
 
 Bytes are what the op must move (each input read once, each output written once; GAM_NOTES.md), so
@@ -75,7 +75,7 @@ def make_channel_gate(shape: Shape, dtype: torch.dtype, device: str, seed: int =
 
 
 def channel_gate_triton(x, w1, b1, w2, b2) -> torch.Tensor:
-    from gam_triton.channel_gate import channel_gate
+    from gam_triton.ops.channel_gate import channel_gate
 
     return channel_gate(x, w1, b1, w2, b2, False, out_channels_last=False)
 
@@ -106,6 +106,6 @@ def final_gate_scale_shift(bn: nn.BatchNorm2d, y2: torch.Tensor) -> tuple[torch.
 
 
 def final_gate_triton(x1, y2, scale, shift) -> torch.Tensor:
-    from gam_triton.final_gate import final_gate
+    from gam_triton.ops.elementwise import final_gate
 
     return final_gate(x1, y2, scale, shift, SHUFFLE_GROUPS, out_channels_last=False)

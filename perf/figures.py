@@ -378,53 +378,44 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
 
 
 # --- 4. the autotuner --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _gpu_heuristics():
-    """configs' heuristics as on a GPU (under TRITON_INTERPRET=1 they pick interpreter-sized tiles)."""
-    from gam_triton import configs
-
-    saved = configs.INTERPRET
-    configs.INTERPRET = False
-    try:
-        yield
-    finally:
-        configs.INTERPRET = saved
+def _meta(shape, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
 
 
 def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bool = True) -> dict:
-    """The autotuner's key string of each kernel the GAM module launches for ``shape`` (YOLO form: shuffle in 4).
-
-    As the launch functions build them (``gam_triton/channel_gate.py``, ``final_gate.py``, ``bn_relu.py``):
-    x1 is written channels_last for a channels_last input, or for fp16/bf16 on CUDA; the convolutions keep
-    x1's layout; the output keeps the input's. ``tests/test_figures.py`` checks these against the kernels.
-    """
-    from gam_triton.autotune import batch_bucket, key_string
-    from gam_triton.configs import next_pow2
+    """The tuner's key string of each kernel the GAM module launches in eval for ``shape`` (YOLO form: shuffle
+    in 4), from the ops' own key functions: x1 is channels_last for a channels_last input, or for fp16/bf16
+    on CUDA; the convolutions keep x1's layout; the output keeps the input's."""
+    from gam_triton.ops import _autotune, channel_gate, elementwise
+    from gam_triton.ops._runtime import dot_precision
 
     dt = DTYPES[_dtype_name(dtype)]
-    hw = shape.pixels
-    bb = batch_bucket(shape.batch, hw)
     x1_cl = channels_last or (cuda and dt != torch.float32)
-    c, cr, d = shape.channels, shape.hidden, str(dt)
-    from gam_triton._runtime import dot_precision
-
-    return {"channel_gate": key_string((c, cr, next_pow2(hw), bb, d, d, channels_last, x1_cl, dot_precision(dt))),
-            "bn_relu": key_string((cr, next_pow2(hw), bb, d, x1_cl)),
-            "final_gate": key_string((c, next_pow2(hw), bb, d, d, x1_cl, x1_cl, channels_last, 4))}
+    b, c, cr, h, w = shape.batch, shape.channels, shape.hidden, shape.height, shape.width
+    x, w1 = _meta((b, c, h, w), dt, channels_last), _meta((cr, c), dt)
+    x1, z1 = _meta((b, c, h, w), dt, x1_cl), _meta((b, cr, h, w), dt, x1_cl)
+    keys = {"channel_gate": channel_gate.key(x, w1, x1_cl, dot_precision(dt)),
+            "bn_relu": elementwise.bn_relu_key(z1),
+            "final_gate": elementwise.final_gate_key(x1, x1, 4, channels_last)}
+    return {op: _autotune.key_string(k) for op, k in keys.items()}
 
 
 def tuning_cache(directory: Optional[str] = None) -> tuple[Optional[str], dict]:
     """(GPU name, {op: {key: entry}}) of the first GPU tuning cache file in ``directory`` (default the
-    autotuner's, ``$GAM_TRITON_CACHE_DIR`` or ``~/.cache/gam_triton``); (None, {}) when there is none."""
-    from gam_triton.tune_cache import cache_dir, validate_entry
+    tuner's, ``$GAM_TRITON_CACHE_DIR`` or ``~/.cache/gam_triton``); (None, {}) when there is none. Entries
+    whose choice does not decode are left out."""
+    from gam_triton.ops import _autotune
 
-    for path in sorted(glob.glob(os.path.join(directory or cache_dir(), "*.json"))):
-        if os.path.basename(path).startswith("cpu-interpreter"):
+    for path in sorted(glob.glob(os.path.join(directory or _autotune.cache_dir(), "*.json"))):
+        if os.path.basename(path).startswith(_autotune.CPU_DEVICE):
             continue
         try:
             with open(path) as f:
                 data = json.load(f)
-            entries = {op: {k: e for k, v in keys.items() if (e := validate_entry(v))}
+            if data.get("format") != _autotune.FORMAT:
+                continue
+            entries = {op: {k: v for k, v in keys.items() if _autotune.decode(v) is not None}
                        for op, keys in data["entries"].items()}
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue
@@ -432,11 +423,13 @@ def tuning_cache(directory: Optional[str] = None) -> tuple[Optional[str], dict]:
     return None, {}
 
 
-def _tile(cfg: dict) -> str:
-    s = f"P{cfg['BLOCK_P']} C{cfg['BLOCK_C']}"
-    if cfg.get("BLOCK_R"):
-        s += f" R{cfg['BLOCK_R']}"
-    return s + f" w{cfg['num_warps']} s{cfg['num_stages']}"
+def _tile(cfg) -> str:
+    """A launch choice (a ``triton.Config``, or a dict of its fields) in short: P = pixels, C = channels,
+    R = C/r block, N/K = the convolutions' blocks, w = warps, s = stages; absent or zero blocks left out."""
+    d = cfg if isinstance(cfg, dict) else dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    short = {"BLOCK_P": "P", "BLOCK_C": "C", "BLOCK_R": "R", "BLOCK_N": "N", "BLOCK_K": "K"}
+    blocks = " ".join(f"{s}{int(d[k])}" for k, s in short.items() if d.get(k) == d.get(k) and d.get(k))
+    return f"{blocks} w{int(d['num_warps'])} s{int(d['num_stages'])}"
 
 
 def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True,
@@ -445,7 +438,7 @@ def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True
     one, the tuned tile (with its time against the heuristic's)."""
     import pandas as pd
 
-    from gam_triton.configs import channel_gate_heuristic, elementwise_heuristic
+    from gam_triton.ops import _autotune, channel_gate, elementwise
 
     dt = DTYPES[_dtype_name(dtype)]
     device, cache = tuning_cache(cache_dir)
@@ -453,17 +446,18 @@ def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True
     for s in shapes:
         keys = kernel_keys(s, dtype, channels_last)
         x1_cl = channels_last or dt != torch.float32
-        with _gpu_heuristics():
-            heur = {"channel_gate": channel_gate_heuristic(s.channels, s.hidden, s.pixels, dt),
-                    "bn_relu": elementwise_heuristic(s.hidden, s.pixels, x1_cl),
-                    "final_gate": elementwise_heuristic(s.channels, s.pixels, x1_cl)}
+        heur = {"channel_gate": channel_gate.heuristic(s.channels, s.hidden, s.pixels, dt, target="gpu"),
+                "bn_relu": elementwise.heuristic(s.hidden, s.pixels, x1_cl, target="gpu"),
+                "final_gate": elementwise.heuristic(s.channels, s.pixels, x1_cl, target="gpu")}
         for op, cfg in heur.items():
             entry = cache.get(op, {}).get(keys[op])
-            row = dict(shape=s.label(), kernel=op, key=keys[op], **cfg.as_dict(), source="heuristic",
-                       tile=_tile(cfg.as_dict()), speedup=float("nan"), device=device or "")
-            if entry is not None and entry["source"] == "tuned":
-                row.update({k: entry[k] for k in ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages")},
-                           source="tuned", tile=_tile(entry))
+            row = dict(shape=s.label(), kernel=op, key=keys[op], **cfg.kwargs, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, source="heuristic", tile=_tile(cfg), speedup=float("nan"),
+                       device=device or "")
+            if entry is not None and entry.get("source") == "tuned":
+                tuned = _autotune.decode(entry)
+                row.update(tuned.kwargs, num_warps=tuned.num_warps, num_stages=tuned.num_stages, source="tuned",
+                           tile=_tile(tuned))
                 if entry.get("ms") and entry.get("heuristic_ms"):
                     row["speedup"] = entry["heuristic_ms"] / entry["ms"]
             rows.append(row)
@@ -561,7 +555,7 @@ def _compile_panel(subfig, table, report: str) -> None:
         used = table[["kernel", *fields]].drop_duplicates()
         sel = df.merge(used, on=["kernel", *fields], how="inner")
         df = sel if not sel.empty else df
-        df = df.assign(config=[f"{r['kernel']} " + _tile({f: int(r[f]) if f in fields else 0
+        df = df.assign(config=[f"{r['kernel']} " + _tile({f: r[f] if f in fields else 0
                                                             for f in ("BLOCK_P", "BLOCK_C", "BLOCK_R",
                                                                       "num_warps", "num_stages")})
                                for _, r in df.iterrows()])
@@ -618,7 +612,7 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
     """Input, channel gate, spatial map and output (channel means) of ``reference`` and of
     ``GAM.from_module(reference)`` on ``x``, and their differences; the max |difference| in the title."""
     from gam_triton import GAM
-    from gam_triton._runtime import use_triton
+    from gam_triton.ops._runtime import use_triton
     from gam_triton.inspect import attention_maps
 
     reference = reference.eval().to(device)

@@ -11,16 +11,15 @@ detach, ...) and allocations (empty) are free: 0 bytes, 0 launches; every other 
 These are compulsory bytes per op: a convolution that re-reads its input from DRAM moves more.
 
 * eager: the reference ``YoloGAM`` runs on ``meta`` tensors (shapes, no compute: any size is instant).
-* gam_triton: where its kernels run (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), they appear as
-  the custom ops ``gam_triton::channel_gate`` / ``final_gate`` / ``bn_relu`` and are counted like any
-  op (one launch; exactly the traffic their docstrings state). On ``meta`` tensors gam_triton takes its
-  PyTorch path, so :func:`gam_triton_traffic` swaps each op's PyTorch stand-in for the kernel it replaces
-  (one launch, its inputs read once, its output written once) and counts everything else
-  (convolutions, ReLU, the BN2 scale/shift vectors) as dispatched. Tests check both agree.
-* gam_triton in train mode (``gam_triton::train_block_fwd`` / ``_bwd``, several kernels and aten ops each):
-  expanded, its aten ops counted as they dispatch and each kernel as one launch with the tensors it reads
-  and writes (:data:`EXPANDED_OPS`). A train step starts from gradients set to None (``zero_grad``), for
-  eager and gam_triton alike; :func:`train_step_table` gives the bytes of a step at a full shape.
+* gam_triton: a ``gam_triton::*`` op is not one launch but what runs inside it: the counter runs the op's
+  body itself (``gam_triton.ops._runtime.OPS``) with counting on, so its aten ops (cuDNN convolutions, the
+  train block's GEMMs) count as dispatched, and each kernel launch is counted at the library's one launch
+  seam, ``gam_triton.ops._runtime.launch``, as one launch reading and writing the arguments
+  :data:`KERNEL_IO` names for that kernel (the traffic its docstring states). Where the kernels run (CUDA,
+  or CPU tensors under ``TRITON_INTERPRET=1``) they run; on ``meta`` tensors (any machine, any size: shapes
+  only) the module is sent down its Triton path (``_runtime.use_triton`` answers True) and the seam only
+  counts. Tests check both agree. A train step starts from gradients set to None (``zero_grad``), for eager
+  and gam_triton alike.
 
 The time floor is bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): a bound for a
 memory-bound block, not a prediction; these are computed values, never measurements. Reads nothing,
@@ -31,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -49,12 +49,30 @@ FREE_OPS = {
     "aten::_unsafe_view", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_reshape_alias",
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
     "aten::resize_", "aten::set_", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
-    "aten::sym_storage_offset", "aten::is_same_size",
+    "aten::sym_storage_offset", "aten::is_same_size", "aten::promote_types",
 }
 
 
-#: gam_triton ops that run several kernels and aten ops: counted op by op and kernel by kernel, not as one.
-EXPANDED_OPS = ("gam_triton::train_block_fwd", "gam_triton::train_block_bwd")
+#: Each kernel's label in the tables and the arguments it reads and writes (its docstring's traffic).
+KERNEL_IO = {
+    "channel_gate_fwd_kernel": ("gam_triton::channel_gate", ("x_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"),
+                                ("out_ptr",)),
+    "channel_gate_bwd_kernel": ("gam_triton::channel_gate_bwd", ("x_ptr", "ga_ptr", "gb_ptr", "w1_ptr", "b1_ptr",
+                                                                 "w2_ptr", "b2_ptr", "count_ptr"),
+                                ("dx_ptr", "dah_ptr", "h_ptr", "bpart_ptr", "count_ptr", "db1_ptr", "db2_ptr")),
+    "final_gate_kernel": ("gam_triton::final_gate", ("x1_ptr", "y2_ptr", "scale_ptr", "shift_ptr"), ("out_ptr",)),
+    "bn_relu_kernel": ("gam_triton::bn_relu", ("y_ptr", "scale_ptr", "shift_ptr"), ("z_ptr",)),
+    "bn_stats_kernel": ("gam_triton::bn_stats", ("y_ptr", "count_ptr", "weight_ptr", "bias_ptr", "rmean_ptr",
+                                                 "rvar_ptr", "nbt_ptr"),
+                        ("stats_ptr", "part_ptr", "count_ptr", "rmean_ptr", "rvar_ptr", "nbt_ptr")),
+    "bn_bwd_reduce_kernel": ("gam_triton::bn_bwd_reduce", ("g_ptr", "x1_ptr", "y_ptr", "stats_ptr", "count_ptr"),
+                             ("part_ptr", "count_ptr", "coef_ptr", "dweight_ptr", "dbias_ptr")),
+    "bn_bwd_apply_kernel": ("gam_triton::bn_bwd_apply", ("g_ptr", "x1_ptr", "y_ptr", "stats_ptr", "coef_ptr"),
+                            ("dy_ptr", "dx1_ptr")),
+    "conv_bn_relu_kernel": ("gam_triton::conv_bn_relu", ("x_ptr", "w_ptr", "b_ptr"), ("z_ptr",)),
+    "conv_gate_kernel": ("gam_triton::conv_gate", ("z_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr", "x1_ptr"),
+                         ("out_ptr",)),
+}
 
 
 def _is_poison(name: str, args) -> bool:
@@ -138,8 +156,10 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.name().split(".")[0]
-        if name in EXPANDED_OPS and not self._paused:
-            return self._expand(name, args, kwargs)
+        body = _runtime().OPS.get(name)
+        if body is not None and not self._paused:  # what runs inside the op, counted
+            with self:
+                return body(*args, **kwargs)
         out = func(*args, **kwargs)
         if not self._paused:
             if func.is_view or name in FREE_OPS or _is_poison(name, args):
@@ -153,23 +173,12 @@ class TrafficCounter(TorchDispatchMode):
         written = sum(tensor_bytes(t) for t in _tensors(outputs))
         self.traffic.ops.append(OpRecord(name, launches, read, written))
 
-    def _expand(self, name: str, args, kwargs):
-        """Run a multi-kernel gam_triton op with this counter active inside it: its aten ops are counted as
-        they dispatch, each of its kernels as one launch (reported through ``train_block.LAUNCH_HOOKS``)."""
-        tb = importlib.import_module("gam_triton.train_block")
-        impl = tb._fwd_impl if name == "gam_triton::train_block_fwd" else tb._bwd_impl
-
-        def hook(kernel: str, read, written) -> None:
-            self.record(f"gam_triton::{kernel}", read, written)
-
-        tb.LAUNCH_HOOKS.append(hook)
-        tb.LAUNCH_SCOPES.append(self.paused)
-        try:
-            with self:
-                return impl(*args, **kwargs)
-        finally:
-            tb.LAUNCH_HOOKS.remove(hook)
-            tb.LAUNCH_SCOPES.remove(self.paused)
+    def record_launch(self, kernel, args: tuple) -> None:
+        """One kernel launch: the arguments :data:`KERNEL_IO` names for it, read and written."""
+        fn = getattr(kernel, "fn", kernel)
+        label, reads, writes = KERNEL_IO[fn.__name__]
+        named = dict(zip(inspect.signature(fn).parameters, args))
+        self.record(label, [named[n] for n in reads], [named[n] for n in writes])
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -180,9 +189,35 @@ class TrafficCounter(TorchDispatchMode):
             self._paused -= 1
 
 
+def _runtime():
+    return importlib.import_module("gam_triton.ops._runtime")
+
+
+@contextlib.contextmanager
+def _counting_launches(counter: "TrafficCounter", run: bool) -> Iterator[None]:
+    """Each kernel launch through the library's launch seam counted by ``counter``; launched too when ``run``
+    (else, on meta tensors, only counted: the op already allocated its outputs)."""
+    rt = _runtime()
+    real = rt.launch
+
+    def launch(kernel, grid, args, kwargs):
+        counter.record_launch(kernel, args)
+        if run:
+            with counter.paused():  # the interpreter's copies of the arguments are not the kernel's traffic
+                return real(kernel, grid, args, kwargs)
+        return None
+
+    rt.launch = launch
+    try:
+        yield
+    finally:
+        rt.launch = real
+
+
 def count(fn: Callable[[], object]) -> Traffic:
-    """Run ``fn()`` under a :class:`TrafficCounter` and return what it moved."""
-    with TrafficCounter() as counter:
+    """Run ``fn()`` under a :class:`TrafficCounter` (gam_triton's kernels counted at the launch seam and run)
+    and return what it moved."""
+    with TrafficCounter() as counter, _counting_launches(counter, True):
         fn()
     return counter.traffic
 
@@ -222,78 +257,25 @@ def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", devic
     return count(_call(ref, shape, dtype, device, train))
 
 
-#: gam_triton's kernels as the GAM module calls them, and the PyTorch stand-in of each (off CUDA / the
-#: interpreter). On meta tensors the module is made to take its Triton path (``use_triton`` -> True) and
-#: each kernel call runs its stand-in, counted as the one launch it is on a GPU.
-KERNEL_STANDINS = {
-    "gam_triton::channel_gate": ("channel_gate", "gam_triton.channel_gate", "channel_gate_torch"),
-    "gam_triton::final_gate": ("final_gate", "gam_triton.final_gate", "final_gate_torch"),
-    "gam_triton::bn_relu": ("bn_relu", "gam_triton.bn_relu", "bn_relu_torch"),
-}
-
-
-def _conv1_standin(x1, w1p, b1):
-    from gam_triton.spatial import unpack_weight
-
-    k, cin_g = w1p.shape[0], w1p.shape[2]
-    return torch.relu(torch.nn.functional.conv2d(x1, unpack_weight(w1p), b1, padding=k // 2,
-                                                 groups=x1.shape[1] // cin_g))
-
-
-def _conv2_standin(z1, w2p, b2, scale, shift, x1, shuffle, out_channels_last):
-    from gam_triton.final_gate import final_gate_torch
-    from gam_triton.spatial import unpack_weight
-
-    k, cin_g = w2p.shape[0], w2p.shape[2]
-    y2 = torch.nn.functional.conv2d(z1, unpack_weight(w2p), b2, padding=k // 2, groups=z1.shape[1] // cin_g)
-    return final_gate_torch(x1, y2, scale, shift, shuffle)
-
-
-#: The fused spatial branch's kernels (GAM_TRITON_CONV=triton): gam_triton.spatial's launch points and
-#: their PyTorch stand-ins.
-SPATIAL_STANDINS = {
-    "gam_triton::conv_bn_relu": ("_run_conv1", _conv1_standin),
-    "gam_triton::conv_gate": ("_run_conv2", _conv2_standin),
-}
-
-
 @contextlib.contextmanager
-def _kernels_for_standins(counter: TrafficCounter) -> Iterator[None]:
-    """Run gam_triton's GAM down its Triton path, each kernel call counted as one launch."""
-    module = importlib.import_module("gam_triton.module")
-    spatial = importlib.import_module("gam_triton.spatial")
-    saved = [(module, "use_triton", module.use_triton), (spatial, "use_triton", spatial.use_triton)]
-    module.use_triton = lambda x: True
-    spatial.use_triton = lambda x: True
-
-    def standin_of(torch_impl, name):
-        def standin(*args, out_channels_last=None, **kwargs):
-            with counter.paused():
-                out = torch_impl(*args, **kwargs)
-            counter.record(name, (args, kwargs), out)
-            return out
-        return standin
-
-    for op_name, (entry, mod_name, attr) in KERNEL_STANDINS.items():
-        standin = standin_of(getattr(importlib.import_module(mod_name), attr), op_name)
-        for mod in (module, spatial):  # the eval spatial branch calls the final gate from gam_triton.spatial
-            if hasattr(mod, entry):
-                saved.append((mod, entry, getattr(mod, entry)))
-                setattr(mod, entry, standin)
-    for op_name, (entry, torch_impl) in SPATIAL_STANDINS.items():
-        saved.append((spatial, entry, getattr(spatial, entry)))
-        setattr(spatial, entry, standin_of(torch_impl, op_name) if entry == "_run_conv1" else
-                _positional(standin_of(torch_impl, op_name)))
+def _triton_path_on_meta() -> Iterator[None]:
+    """The GAM module sent down its Triton path on meta tensors (``_runtime.use_triton`` answers True), the
+    tuner off for the duration (heuristic tiles, no cache file touched)."""
+    rt = _runtime()
+    tuner = importlib.import_module("gam_triton.ops._autotune")
+    real, old = rt.use_triton, os.environ.get("GAM_TRITON_AUTOTUNE")
+    rt.use_triton = lambda x: True
+    os.environ["GAM_TRITON_AUTOTUNE"] = "0"
+    tuner.reset()
     try:
         yield
     finally:
-        for mod, attr, original in reversed(saved):
-            setattr(mod, attr, original)
-
-
-def _positional(standin):
-    """conv_gate's stand-in: every argument positional (out_channels_last is one of the op's inputs)."""
-    return lambda *args: standin(*args)
+        rt.use_triton = real
+        if old is None:
+            os.environ.pop("GAM_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["GAM_TRITON_AUTOTUNE"] = old
+        tuner.reset()
 
 
 @contextlib.contextmanager
@@ -314,48 +296,37 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
                        conv: str = "cudnn") -> Traffic:
     """Traffic of gam_triton's GAM: its kernels as launches, the rest (cuDNN convs, ...) as dispatched.
 
-    ``device="meta"`` (any machine, forward only): the stand-ins are counted as their kernels. On
-    "cuda", or "cpu" under TRITON_INTERPRET=1, the kernels run and are counted as the custom ops they are.
-    ``conv``: the eval spatial branch's path (GAM_TRITON_CONV): "cudnn" (today's: two cuDNN convolutions,
-    a ReLU and the final-gate kernel) or "triton" (the fused path: conv1 + ReLU, conv2 + final gate).
+    ``device="meta"``: any machine, any size, shapes only (the kernels counted, not run). On "cuda", or "cpu"
+    under TRITON_INTERPRET=1, the kernels run. ``conv``: the eval spatial branch's path (GAM_TRITON_CONV):
+    "cudnn" (two cuDNN convolutions, a ReLU and the final-gate kernel) or "triton" (the fused path).
     """
     train = mode == "train"
-    if device == "meta" and train:
-        raise ValueError("gam_triton's train traffic is counted where its kernels run (device 'cuda', or "
-                         "'cpu' under TRITON_INTERPRET=1): its backward formulas differ from the stand-ins'")
     _, gam = _modules(shape, dtype, device, train)
     fn = _call(gam, shape, dtype, device, train)
-    def path(counter: TrafficCounter):
-        return _kernels_for_standins(counter) if device == "meta" else contextlib.nullcontext()
-
-    with _conv_mode(conv):
-        with path(TrafficCounter()):
+    meta = device == "meta"
+    with _conv_mode(conv), (_triton_path_on_meta() if meta else contextlib.nullcontext()):
+        with TrafficCounter() as warm, _counting_launches(warm, not meta):
             fn()  # the first call folds BN1 into conv1 and caches BN2's affine; steady state is what counts
-        with TrafficCounter() as counter, path(counter):
+        with TrafficCounter() as counter, _counting_launches(counter, not meta):
             fn()
     return counter.traffic
 
 
-def extrapolated_train_traffic(shape: Shape, dtype: torch.dtype, device: str, heights: Sequence[int] = (2, 4)
-                               ) -> dict[str, tuple[int, float]]:
-    """gam_triton's train-step traffic at ``shape``, per op: {name: (launches, bytes)}, from two counts where
-    the kernels run (small maps of the same batch and channels: heights ``heights``, width 2), extrapolated
-    linearly in the pixel count H*W. Every term is per pixel or constant (weights, per-channel vectors); the
-    partial-sum buffers depend on the tile sizes and are at most a few hundred kB at B16: a counted model,
-    not a measurement. Used where the full shape is too slow to run (the interpreter)."""
-    counts = []
-    for h in heights:
-        small = Shape(shape.batch, shape.channels, h, 2, shape.rate, shape.group)
-        counts.append((h * 2, gam_triton_traffic(small, dtype, "train", device).by_op()))
-    (p0, a), (p1, b) = counts
-    target = shape.height * shape.width
-    out = {}
-    for name in dict.fromkeys(list(a) + list(b)):
-        (la, ba), (lb, bb) = a.get(name, (0, 0)), b.get(name, (0, 0))
-        if la != lb:
-            raise RuntimeError(f"{name}: launches change with the map size ({la} vs {lb}): cannot extrapolate")
-        out[name] = (la, ba + (bb - ba) * (target - p0) / (p1 - p0))
-    return out
+def train_step_table(shape: Shape, dtype_name: str) -> str:
+    """Markdown: one training step (forward + backward, gradients set to None first) per op, eager against
+    gam_triton, both counted on meta tensors at the full shape."""
+    dtype = DTYPES[dtype_name]
+    e = eager_traffic(shape, dtype, "train").by_op()
+    g = gam_triton_traffic(shape, dtype, "train").by_op()
+    lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
+             "gam_triton MB |", "|---|---|---|---|---|"]
+    lines += _op_rows(e, g)
+    et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
+    el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
+    lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
+    bw = GPU_BANDWIDTH["H100"]
+    lines.append(f"| floor H100 (bytes / 3.0 TB/s), us | | {et / bw * 1e6:.0f} | | {gt / bw * 1e6:.0f} |")
+    return "\n".join(lines)
 
 
 def _op_rows(eager: dict, ours: dict) -> list[str]:
@@ -367,23 +338,6 @@ def _op_rows(eager: dict, ours: dict) -> list[str]:
         gl, gb = ours.get(name, (0, 0))
         rows.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
     return rows
-
-
-def train_step_table(shape: Shape, dtype_name: str, device: str) -> str:
-    """Markdown: one training step (forward + backward, gradients set to None first) per op, eager (counted
-    on meta tensors at the full shape) against gam_triton (:func:`extrapolated_train_traffic`)."""
-    dtype = DTYPES[dtype_name]
-    e = eager_traffic(shape, dtype, "train").by_op()
-    g = extrapolated_train_traffic(shape, dtype, device)
-    lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
-             "gam_triton MB |", "|---|---|---|---|---|"]
-    lines += _op_rows(e, g)
-    et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
-    el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
-    lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
-    bw = GPU_BANDWIDTH["H100"]
-    lines.append(f"| floor H100 (bytes / 3.0 TB/s), us | | {et / bw * 1e6:.0f} | | {gt / bw * 1e6:.0f} |")
-    return "\n".join(lines)
 
 
 # --- the tables ----------------------------------------------------------------------------------------------
@@ -481,16 +435,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="perf/traffic.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--mode", choices=["forward", "train"], default="forward",
-                    help="train needs --device cuda (gam_triton's backward is counted where it runs)")
+    ap.add_argument("--mode", choices=["forward", "train"], default="forward")
     ap.add_argument("--device", choices=["meta", "cuda"], default="meta",
                     help="meta: shapes only, any machine (default); cuda: run for real on the GPU")
     ap.add_argument("--out", help="write the markdown to this file too")
     args = ap.parse_args(argv)
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
-    if args.mode == "train" and args.device == "meta":
-        ap.error("--mode train needs --device cuda: on meta tensors gam_triton's kernels do not run")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     text = report(args.batch, args.dtype, args.mode, args.device)

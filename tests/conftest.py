@@ -16,7 +16,7 @@ os.environ.setdefault("GAM_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gam_trito
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gam_triton._runtime import INTERPRET  # noqa: E402
+from gam_triton.ops._runtime import INTERPRET  # noqa: E402
 
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
 

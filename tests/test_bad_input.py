@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-import gam_triton.channel_gate as cg_mod
 from gam_triton import GAM
+from gam_triton.ops import _runtime
+from gam_triton.ops.channel_gate import channel_gate
+from gam_triton.ops.elementwise import bn_relu, final_gate
 
 
 @pytest.fixture
@@ -11,7 +13,7 @@ def no_kernel(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a kernel was launched for bad input")
 
-    monkeypatch.setattr(cg_mod, "_launch", fail)
+    monkeypatch.setattr(_runtime, "launch", fail)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -63,8 +65,6 @@ def _cg_args():
     (1, torch.randn(2, 8, device="meta"), ValueError, "w1 is on meta"),
 ])
 def test_channel_gate_rejects_bad_arguments(i, bad, exc, match, no_kernel):
-    from gam_triton.channel_gate import channel_gate
-
     args = _cg_args()
     args[i] = bad
     with pytest.raises(exc, match=match):
@@ -78,10 +78,7 @@ def test_channel_gate_rejects_bad_arguments(i, bad, exc, match, no_kernel):
     (dict(groups=3), ValueError, r"groups \(3\) must be 0"),
     (dict(x1="x"), TypeError, "x1 must be a torch.Tensor"),
 ])
-def test_final_gate_and_bn_relu_reject_bad_arguments(kwargs, exc, match):
-    from gam_triton.bn_relu import bn_relu
-    from gam_triton.final_gate import final_gate
-
+def test_final_gate_and_bn_relu_reject_bad_arguments(kwargs, exc, match, no_kernel):
     args = dict(x1=torch.randn(1, 8, 3, 3), y2=torch.randn(1, 8, 3, 3), scale=torch.ones(8),
                 shift=torch.zeros(8), groups=4)
     args.update(kwargs)

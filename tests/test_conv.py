@@ -1,4 +1,4 @@
-"""The eval spatial branch as two Triton convolutions (gam_triton.spatial, kernels/conv.py).
+"""The eval spatial branch as two Triton convolutions (gam_triton.ops.conv, kernels/conv.py).
 
 Against float64 references: the conv kernels alone (odd kernel sizes, grouped and plain, both layouts,
 fp32/fp16/bf16), and the GAM module of every public form under GAM_TRITON_CONV=triton (3 launches, no aten
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gam_cases import assert_close, f64, make_input, make_ref
-from gam_triton import GAM, autotune, spatial
-from gam_triton._runtime import INTERPRET
-from gam_triton.configs import SPATIAL_CUDNN, SPATIAL_TRITON, Config
+from gam_triton import GAM
+from gam_triton.ops import _autotune, _runtime, conv
+from gam_triton.ops._runtime import INTERPRET
 from gam_triton.reference import shuffle as shuffle_map
 
 KERNELS_RUN = INTERPRET or torch.cuda.is_available()
@@ -32,6 +32,16 @@ def triton_convs(monkeypatch):
 def _rand(shape, dtype, device, scale=1.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _tile(bp, bn, bk, stages=2):
+    import triton
+
+    return triton.Config(dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk), num_warps=4, num_stages=stages)
+
+
+def _conv1(x, wp, bias, z, cfg):
+    _runtime.launch(*conv.conv1_launch_args(x, wp, bias, z, cfg, conv.precision(wp.dtype)))
 
 
 def _layout(t, channels_last):
@@ -57,7 +67,7 @@ def test_conv_bn_relu_kernel(case, dtype, channels_last, device):
     x = _layout(_rand((b, cin, h, w), dtype, device), channels_last)
     wt = _rand((cout, cin // g, k, k), dtype, device, 1.5 / (cin // g * k * k) ** 0.5, seed=1)
     bias = _rand((cout,), dtype, device, 0.3, seed=2)
-    z = spatial.conv_bn_relu(x, wt, bias, g)
+    z = conv.conv_bn_relu(x, wt, bias, g)
     want = torch.relu(F.conv2d(x.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2,
                                groups=g))
     assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
@@ -71,16 +81,17 @@ def test_conv_kernels_many_tiles(device):
     x = _rand((b, cin, h, w), torch.float32, device)
     wt = _rand((cout, cin, k, k), torch.float32, device, 0.05, seed=1)
     bias = _rand((cout,), torch.float32, device, 0.3, seed=2)
-    cfg = Config(16, 16, 16, 4, 2)
+    cfg = _tile(16, 16, 16)
     z = torch.full((b, cout, h, w), float("nan"), device=device).contiguous(memory_format=torch.channels_last)
-    spatial._launch_conv1(x, spatial.pack_weight(wt), bias, z, cfg)
+    _conv1(x, conv.pack_weight(wt), bias, z, cfg)
     z_want = torch.relu(F.conv2d(x.double().cpu(), wt.double().cpu(), bias.double().cpu(), padding=1))
     assert_close(z, z_want, torch.float32, what="conv1 tiles of 16")
     w2 = _rand((cin, cout, k, k), torch.float32, device, 0.05, seed=3)
     scale, shift = torch.ones(cin, device=device), torch.zeros(cin, device=device)
     x1 = _rand((b, cin, h, w), torch.float32, device, seed=4)
     out = torch.full_like(x1, float("nan"))
-    spatial._launch_conv2(z_want.float().to(device), spatial.pack_weight(w2), None, scale, shift, x1, 4, out, cfg)
+    _runtime.launch(*conv.conv2_launch_args(z_want.float().to(device), conv.pack_weight(w2), None, scale, shift, x1,
+                                            4, out, cfg, "tf32x3"))
     s = torch.sigmoid(F.conv2d(z_want, w2.double().cpu(), padding=1))
     assert_close(out, x1.double().cpu() * shuffle_map(s, 4), torch.float32, what="conv2 tiles of 16")
 
@@ -88,13 +99,13 @@ def test_conv_kernels_many_tiles(device):
 @needs_kernels
 def test_conv_kernels_int64_offsets(monkeypatch, device):
     """The int64 in-image offsets (images of 2**31+ elements) forced on a small case: same results."""
-    monkeypatch.setattr(spatial, "_image_span", lambda *t: 2**31)
+    monkeypatch.setattr(conv, "_span", lambda *t: 2**31)
     x1 = _rand((1, 16, 2, 3), torch.float32, device)
     w1 = _rand((4, 4, 3, 3), torch.float32, device, 0.2, seed=1)
     w2 = _rand((16, 1, 3, 3), torch.float32, device, 0.2, seed=2)
     one, zero = torch.ones(16, device=device), torch.zeros(16, device=device)
-    z = spatial.conv_bn_relu(x1, w1, None, 4)
-    out = spatial.conv_gate(z, w2, None, one, zero, x1, 4, 4)
+    z = conv.conv_bn_relu(x1, w1, None, 4)
+    out = conv.conv_gate(z, w2, None, one, zero, x1, 4, 4)
     zw = torch.relu(F.conv2d(x1.double().cpu(), w1.double().cpu(), padding=1, groups=4))
     assert_close(z, zw, torch.float32, what="z1, int64 offsets")
     s = torch.sigmoid(F.conv2d(z.double().cpu(), w2.double().cpu(), padding=1, groups=4))
@@ -121,7 +132,7 @@ def test_conv_gate_kernel(case, dtype, x1_cl, out_cl, device):
     bias = _rand((c,), dtype, device, 0.3, seed=5)
     scale = _rand((c,), torch.float32, device, 0.3, seed=6) + 1
     shift = _rand((c,), torch.float32, device, 0.3, seed=7)
-    out = spatial.conv_gate(z1, wt, bias, scale, shift, x1, g, sh, out_channels_last=out_cl)
+    out = conv.conv_gate(z1, wt, bias, scale, shift, x1, g, sh, out_channels_last=out_cl)
     y2 = F.conv2d(z1.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2, groups=g)
     s = torch.sigmoid(y2 * scale.cpu().double().view(1, -1, 1, 1) + shift.cpu().double().view(1, -1, 1, 1))
     want = x1.cpu().double() * shuffle_map(s, sh)
@@ -231,7 +242,7 @@ def test_auto_mode_without_a_gpu_is_the_cudnn_path(device, monkeypatch):
     if torch.cuda.is_available() and not INTERPRET:
         pytest.skip("on a GPU auto mode times both paths; this checks the CPU / interpreter decision")
     monkeypatch.delenv("GAM_TRITON_CONV", raising=False)
-    assert spatial.conv_mode() == "auto"
+    assert conv.conv_mode() == "auto"
     gam = GAM.from_module(make_ref("paper", 20)).to(device).eval()
     x = make_input(1, 20, 2, 3, torch.float32, device, False)
     with torch.no_grad(), OpLog() as log:
@@ -242,64 +253,73 @@ def test_auto_mode_without_a_gpu_is_the_cudnn_path(device, monkeypatch):
 def test_bad_conv_mode(monkeypatch):
     monkeypatch.setenv("GAM_TRITON_CONV", "fast")
     with pytest.raises(ValueError, match="GAM_TRITON_CONV must be one of auto, triton, cudnn"):
-        spatial.conv_mode()
+        conv.conv_mode()
 
 
 # --- selection: candidates that disagree with cuDNN are dropped ----------------------------------------------
 @pytest.fixture
 def gpu_mode(monkeypatch, tmp_path):
     """Pretend kernels can be timed here (a private tuning cache: choices must not leak between tests)."""
-    monkeypatch.setattr(autotune, "can_benchmark", lambda: True)
+    monkeypatch.setattr(_autotune, "can_benchmark", lambda: True)
     monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path / "tune_cache"))
-    autotune.reset()
+    _autotune.reset()
     yield
-    autotune.reset()
+    _autotune.reset()
 
 
 def _fake_timer(monkeypatch, times):
-    """autotune.bench_ms replaced: runs fn once, returns the next of ``times`` (ms)."""
+    """``_autotune.do_bench`` replaced: runs fn once, returns the next of ``times`` (ms)."""
     it = iter(times)
 
-    def fake(fn):
+    def fake(fn, **kwargs):
         fn()
         return next(it)
 
-    monkeypatch.setattr(autotune, "bench_ms", fake)
+    monkeypatch.setattr(_autotune, "do_bench", fake)
+
+
+def _select_checked(op, key, heur, cands, run, reference, tol):
+    bench = _autotune.checked(op, _autotune.timed(run), run, reference, tol)
+    return _autotune.select(op, key, lambda: heur, cands, bench)
 
 
 def _tune_other_kernels(gam, x, monkeypatch):
     """Tune the channel gate and final gate first (cuDNN mode), so that the timer's made-up times go to the
     spatial paths afterwards."""
     monkeypatch.setenv("GAM_TRITON_CONV", "cudnn")
-    monkeypatch.setattr(autotune, "bench_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(_autotune, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
     with torch.no_grad():
         gam(x)
     monkeypatch.delenv("GAM_TRITON_CONV")
 
 
+def _mismatches(rec) -> list:
+    return [str(w.message) for w in rec if issubclass(w.category, _autotune.CandidateMismatchWarning)]
+
+
 def test_wrong_candidate_is_rejected_with_a_warning(gpu_mode, monkeypatch):
     ref = torch.arange(12.0)
-    good_a, good_b, wrong = Config(64, 16, 16, 4, 2), Config(32, 16, 16, 4, 2), Config(128, 16, 16, 4, 3)
-    outputs = {good_a: ref + 1e-6, good_b: ref.clone(), wrong: ref + 0.5}
+    good_a, good_b, wrong = _tile(64, 16, 16), _tile(32, 16, 16), _tile(128, 16, 16, 3)
+    outputs = {64: ref + 1e-6, 32: ref.clone(), 128: ref + 0.5}
     _fake_timer(monkeypatch, [3.0, 2.0, 0.1])  # the wrong candidate would be the fastest by far
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        cfg = spatial.select_checked("test_conv_op", (1, 2, "k"), good_a, lambda: [good_b, wrong],
-                                     lambda c: outputs[c], lambda: ref, (1e-3, 1e-3))
-    assert cfg == good_b
-    msgs = [str(w.message) for w in rec if issubclass(w.category, spatial.CandidateMismatchWarning)]
-    assert len(msgs) == 1 and str(wrong) in msgs[0] and "test_conv_op" in msgs[0]
+        cfg = _select_checked("test_conv_op", (1, 2, "k"), good_a, lambda: [good_b, wrong],
+                              lambda c: outputs[c.kwargs["BLOCK_P"]], lambda: ref, (1e-3, 1e-3))
+    assert _autotune.ident(cfg) == _autotune.ident(good_b)
+    msgs = _mismatches(rec)
+    assert len(msgs) == 1 and _autotune.describe(wrong) in msgs[0] and "test_conv_op" in msgs[0]
 
 
 def test_nan_candidate_is_rejected(gpu_mode, monkeypatch):
-    heur, nan = Config(64, 16, 16, 4, 2), Config(32, 16, 16, 4, 2)
+    heur, nan = _tile(64, 16, 16), _tile(32, 16, 16)
     ref = torch.ones(4)
     _fake_timer(monkeypatch, [1.0, 0.1])
-    with pytest.warns(spatial.CandidateMismatchWarning, match="Config"):
-        cfg = spatial.select_checked("test_conv_nan", (1,), heur, lambda: [nan],
-                                     lambda c: ref if c == heur else torch.full((4,), float("nan")),
-                                     lambda: ref, (1e-2, 1e-2))
-    assert cfg == heur
+    with pytest.warns(_autotune.CandidateMismatchWarning, match="BLOCK_P=32"):
+        cfg = _select_checked("test_conv_nan", (1,), heur, lambda: [nan],
+                              lambda c: ref if c is heur else torch.full((4,), float("nan")), lambda: ref,
+                              (1e-2, 1e-2))
+    assert cfg is heur
 
 
 @needs_kernels
@@ -308,19 +328,19 @@ def test_wrong_conv_tile_rejected_against_cudnn(gpu_mode, monkeypatch, device):
     x = make_input(1, 20, 2, 3, torch.float32, device, True)
     wt = _rand((5, 20, 3, 3), torch.float32, device, 0.1, seed=1)
     bias = _rand((5,), torch.float32, device, 0.3, seed=2)
-    wp = spatial.pack_weight(wt)
-    good, bad = Config(16, 16, 32, 4, 1), Config(32, 16, 32, 4, 1)
+    wp = conv.pack_weight(wt)
+    good, bad = _tile(16, 16, 32, 1), _tile(32, 16, 32, 1)
     z = torch.empty(1, 5, 2, 3, device=device).contiguous(memory_format=torch.channels_last)
 
     def run(cfg):
-        spatial._launch_conv1(x, wp, bias, z, cfg)
-        return z + 1.0 if cfg == bad else z  # the injected fault
+        _conv1(x, wp, bias, z, cfg)
+        return z + 1.0 if cfg is bad else z  # the injected fault
 
     _fake_timer(monkeypatch, [2.0, 1.0])
-    with pytest.warns(spatial.CandidateMismatchWarning, match=r"conv_bn_relu candidate Config\(BLOCK_P=32"):
-        cfg = spatial.select_checked("conv_bn_relu", ("test",), good, lambda: [bad], run,
-                                     lambda: torch.relu(F.conv2d(x, wt, bias, padding=1)), (1e-3, 1e-3))
-    assert cfg == good
+    with pytest.warns(_autotune.CandidateMismatchWarning, match=r"conv_bn_relu candidate BLOCK_P=32"):
+        cfg = _select_checked("conv_bn_relu", ("test",), good, lambda: [bad], run,
+                              lambda: torch.relu(F.conv2d(x, wt, bias, padding=1)), (1e-3, 1e-3))
+    assert cfg is good
 
 
 @needs_kernels
@@ -328,23 +348,23 @@ def test_auto_mode_drops_a_wrong_triton_path(gpu_mode, monkeypatch, device):
     """Auto mode times both whole branches; a Triton path disagreeing with cuDNN is dropped even when faster,
     and the choice is remembered (not timed again)."""
     monkeypatch.delenv("GAM_TRITON_CONV", raising=False)
-    monkeypatch.setattr(spatial, "conv_candidates", lambda *a: [])  # conv tiles: the heuristic only
+    monkeypatch.setattr(conv, "candidates", lambda *a: [])  # conv tiles: the heuristic only
     gam = GAM.from_module(make_ref("paper", 20)).to(device).eval()
     x = make_input(1, 20, 2, 3, torch.float32, device, False)
-    real_conv_gate = spatial._conv_gate_impl
-    monkeypatch.setattr(spatial, "_conv_gate_impl", lambda *a: real_conv_gate(*a) * 1.5)
+    real_conv_gate = conv.run_conv2
+    monkeypatch.setattr(conv, "run_conv2", lambda *a: real_conv_gate(*a) * 1.5)
     _tune_other_kernels(gam, x, monkeypatch)
     _fake_timer(monkeypatch, [2.0, 0.1])  # cuDNN, then the (wrong) Triton path would win
     with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         got = gam(x)
         again = gam(x)
-    msgs = [str(w.message) for w in rec if issubclass(w.category, spatial.CandidateMismatchWarning)]
-    assert len(msgs) == 1 and "spatial candidate" in msgs[0] and str(SPATIAL_TRITON) in msgs[0]
+    msgs = _mismatches(rec)
+    assert len(msgs) == 1 and "spatial candidate triton " in msgs[0]
     want = make_ref("paper", 20).eval().double()(x.cpu().double())
     assert_close(got, want, torch.float32)
     assert torch.equal(got, again)
-    assert [r.config for r in autotune.drain_log() if r.op == "spatial"] == [SPATIAL_CUDNN]
+    assert [r.choice for r in _autotune.drain_log() if r.op == "spatial"] == ["cudnn"]
 
 
 @needs_kernels
@@ -353,14 +373,14 @@ def test_auto_mode_picks_a_faster_correct_triton_path(gpu_mode, monkeypatch, dev
     gam = GAM.from_module(make_ref("paper", 20)).to(device).eval()
     x = make_input(1, 20, 2, 3, torch.float32, device, False)
     # conv tiles: only the heuristic is tuned (one candidate each), then cuDNN 2 ms against Triton 1 ms
-    monkeypatch.setattr(spatial, "conv_candidates", lambda *a: [])
+    monkeypatch.setattr(conv, "candidates", lambda *a: [])
     _tune_other_kernels(gam, x, monkeypatch)
     _fake_timer(monkeypatch, [2.0, 1.0])
     with torch.no_grad(), OpLog() as log:
         got = gam(x)
     assert "gam_triton::conv_gate" in log.names
     assert_close(got, make_ref("paper", 20).eval().double()(x.cpu().double()), torch.float32)
-    assert [r.config for r in autotune.drain_log() if r.op == "spatial"] == [SPATIAL_TRITON]
+    assert [r.choice for r in _autotune.drain_log() if r.op == "spatial"] == ["triton"]
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
@@ -383,7 +403,7 @@ def _gate_args(**over):
     (dict(groups=2), ValueError, "does not fit"),
     (dict(shuffle=3), ValueError, "shuffle .3. must be 0"),
     (dict(scale=torch.ones(7)), ValueError, "scale must have shape"),
-    (dict(shift=None), TypeError, "scale and shift are required"),
+    (dict(shift=None), TypeError, "shift is required"),
     (dict(bias=torch.ones(8, dtype=torch.int32)), TypeError, "bias must be a floating-point"),
     (dict(x1=torch.randn(1, 8, 3, 4)), ValueError, "does not match x1"),
     (dict(x1=torch.randn(2, 8, 3, 3)), ValueError, "does not match x1"),
@@ -392,9 +412,9 @@ def _gate_args(**over):
     (dict(z1=torch.randn(2, 3, 3)), ValueError, "z1 must be 4-D"),
 ])
 def test_conv_gate_bad_input(over, exc, match, monkeypatch):
-    monkeypatch.setattr(spatial, "_launch_conv2", _no_launch)
+    monkeypatch.setattr(_runtime, "launch", _no_launch)
     with pytest.raises(exc, match=match):
-        spatial.conv_gate(**_gate_args(**over))
+        conv.conv_gate(**_gate_args(**over))
 
 
 def _no_launch(*a, **k):
@@ -411,26 +431,25 @@ def _no_launch(*a, **k):
     (torch.randn(1, 8, 3, 3), torch.randn(2, 8, 3, 3).half(), None, 1, TypeError, "dtype"),
 ])
 def test_conv_bn_relu_bad_input(x, w, b, groups, exc, match, monkeypatch):
-    monkeypatch.setattr(spatial, "_launch_conv1", _no_launch)
+    monkeypatch.setattr(_runtime, "launch", _no_launch)
     with pytest.raises(exc, match=match):
-        spatial.conv_bn_relu(x, w, b, groups)
+        conv.conv_bn_relu(x, w, b, groups)
 
 
 def test_spatial_eval_bad_input(monkeypatch):
-    monkeypatch.setattr(spatial, "_launch_conv1", _no_launch)
-    monkeypatch.setattr(spatial, "_launch_conv2", _no_launch)
+    monkeypatch.setattr(_runtime, "launch", _no_launch)
     x1 = torch.randn(1, 8, 3, 3)
     w1, w2 = torch.randn(2, 8, 3, 3), torch.randn(8, 2, 3, 3)
     ok = dict(x1=x1, w1=w1, b1=None, w2=w2, b2=None, scale2=torch.ones(8), shift2=torch.zeros(8))
     with pytest.raises(ValueError, match="does not fit 2 input channels"):
-        spatial.spatial_eval(**dict(ok, w2=torch.randn(8, 1, 3, 3)))
+        conv.spatial_eval(**dict(ok, w2=torch.randn(8, 1, 3, 3)))
     with pytest.raises(ValueError, match="shuffle"):
-        spatial.spatial_eval(**ok, shuffle=3)
+        conv.spatial_eval(**ok, shuffle=3)
     with pytest.raises(ValueError, match="w1 has 16 output channels"):
-        spatial.spatial_eval(**dict(ok, w1=torch.randn(16, 8, 3, 3), w2=torch.randn(8, 16, 3, 3)))
+        conv.spatial_eval(**dict(ok, w1=torch.randn(16, 8, 3, 3), w2=torch.randn(8, 16, 3, 3)))
     monkeypatch.setenv("GAM_TRITON_CONV", "bogus")
     with pytest.raises(ValueError, match="GAM_TRITON_CONV"):
-        spatial.spatial_eval(**ok)
+        conv.spatial_eval(**ok)
 
 
 # --- traffic model: the fused path as counted on meta tensors and as the kernels run ---------------------------

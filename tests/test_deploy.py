@@ -22,7 +22,8 @@ from torch import nn
 import ddp_cases
 import gam_triton
 from gam_cases import FORMS, TOL, assert_close, f64, make_input, randomise
-from gam_triton import GAM, _runtime, convert, revert
+from gam_triton import GAM, convert, revert
+from gam_triton.ops import _runtime
 from gam_triton.deploy import plain_graph
 from gam_triton.reference import PaperGAM, PlainGAM, SeedGAM, YoloGAM
 
@@ -408,7 +409,7 @@ OP_SAMPLES = {
 
 def _packed(cout, cin_g, k, seed):
     """A convolution weight [cout, cin_g, k, k] in the Triton convolutions' packed layout."""
-    from gam_triton.spatial import pack_weight
+    from gam_triton.ops.conv import pack_weight
 
     return pack_weight(_t(cout, cin_g, k, k, seed=seed, grad=False) * 0.3)
 
@@ -418,7 +419,7 @@ def _train_block_args() -> dict:
 
     The ops run inside an autograd.Function (no autograd formula of their own), so the samples are detached.
     """
-    from gam_triton import train_block
+    from gam_triton.ops import train_block
 
     seen = {}
 

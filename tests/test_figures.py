@@ -20,8 +20,9 @@ import figures  # noqa: E402
 import traffic  # noqa: E402
 from common import CPU_NOTE, Shape  # noqa: E402
 
-from gam_triton import GAM, autotune  # noqa: E402
-from gam_triton._runtime import INTERPRET  # noqa: E402
+from gam_triton import GAM  # noqa: E402
+from gam_triton.ops import _autotune  # noqa: E402
+from gam_triton.ops._runtime import INTERPRET  # noqa: E402
 from gam_triton.inspect import attention_maps  # noqa: E402
 from gam_triton.reference import PaperGAM, SeedGAM, YoloGAM  # noqa: E402
 
@@ -180,7 +181,7 @@ def test_newest_results_prefers_the_newest_gpu_run_and_ignores_cpu(tmp_path, mon
 
 # --- autotuner ------------------------------------------------------------------------------------------------
 def test_autotune_figure_without_report_or_cache_shows_heuristic_tiles(tmp_path):
-    from gam_triton.configs import channel_gate_heuristic, elementwise_heuristic
+    from gam_triton.ops import channel_gate, elementwise
 
     shapes = [Shape(16, 64, 80, 80), Shape(16, 512, 20, 20)]
     fig = figures.autotune_figure(shapes, "bf16", report=str(tmp_path / "none.csv"), cache_dir=str(tmp_path))
@@ -188,9 +189,10 @@ def test_autotune_figure_without_report_or_cache_shows_heuristic_tiles(tmp_path)
     assert "no compile report yet" in text and "no GPU tuning cache found" in text
     table = figures.tile_table(shapes, "bf16", cache_dir=str(tmp_path))
     assert set(table["source"]) == {"heuristic"} and len(table) == 3 * len(shapes)
-    with figures._gpu_heuristics():
-        want = channel_gate_heuristic(512, 128, 400, torch.bfloat16).as_dict()
-        want_fg = elementwise_heuristic(512, 400, True).as_dict()
+    cfg = channel_gate.heuristic(512, 128, 400, torch.bfloat16, target="gpu")
+    want = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = elementwise.heuristic(512, 400, True, target="gpu")
+    want_fg = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     got = table[(table["shape"] == "B16 C512 20x20 g") & (table["kernel"] == "channel_gate")].iloc[0]
     assert {k: int(got[k]) for k in want} == want
     assert got["BLOCK_C"] <= 128  # the GPU heuristic chunks wide channels, even when this runs interpreted
@@ -203,9 +205,9 @@ def test_autotune_figure_without_report_or_cache_shows_heuristic_tiles(tmp_path)
 def test_tile_table_reads_a_gpu_tuning_cache(tmp_path):
     shape = Shape(16, 256, 40, 40)
     key = figures.kernel_keys(shape, "bf16")["channel_gate"]
-    entry = dict(BLOCK_P=32, BLOCK_C=64, BLOCK_R=64, num_warps=8, num_stages=3, source="tuned", ms=0.01,
-                 heuristic_ms=0.0125)
-    data = {"format": 1, "device": H100, "triton": "3.6.0", "entries": {"channel_gate": {key: entry}}}
+    entry = dict(config=dict(BLOCK_P=32, BLOCK_C=64, BLOCK_R=64, num_warps=8, num_stages=3), source="tuned",
+                 ms=0.01, heuristic_ms=0.0125)
+    data = {"format": 2, "device": H100, "triton": "3.6.0", "entries": {"channel_gate": {key: entry}}}
     (tmp_path / "NVIDIA_H100__triton-3.6.0.json").write_text(json.dumps(data))
     table = figures.tile_table([shape], "bf16", cache_dir=str(tmp_path))
     row = table[table["kernel"] == "channel_gate"].iloc[0]
@@ -249,7 +251,7 @@ def test_autotune_figure_reads_the_compile_report(tmp_path):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_kernel_keys_are_the_keys_the_kernels_use(device, channels_last, tmp_path, monkeypatch):
     monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path))
-    autotune.reset()
+    _autotune.reset()
     try:
         shape = Shape(2, 16, 4, 5, 4, True)
         gam = GAM(16, group=True, channel_sigmoid=False, shuffle_groups=4).to(device)
@@ -259,10 +261,10 @@ def test_kernel_keys_are_the_keys_the_kernels_use(device, channels_last, tmp_pat
         gam.train()(x.requires_grad_()).sum().backward()
         with torch.no_grad():
             gam.eval()(x)
-        got = {r.op: r.key for r in autotune.drain_log()}
+        got = {r.op: r.key for r in _autotune.drain_log()}
     finally:
         monkeypatch.undo()
-        autotune.reset()
+        _autotune.reset()
     want = figures.kernel_keys(shape, "fp32", channels_last, cuda=device == "cuda")
     assert set(want) <= set(got), "every kernel the figure shows ran"
     assert {op: got[op] for op in want} == want

@@ -11,8 +11,9 @@ import torch
 
 from gam_cases import TOL, assert_close, make_ref
 from gam_triton import GAM
-from gam_triton._runtime import INTERPRET
-from gam_triton.channel_gate import channel_gate
+from gam_triton.ops._runtime import INTERPRET
+from gam_triton.ops import _autotune
+from gam_triton.ops.channel_gate import channel_gate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -153,19 +154,20 @@ def test_fp32_dots_follow_the_new_precision_api():
     assert err_ieee < 1e-5 < err_tf32 < 5e-2
 
 
-def _check_on_device(dev: torch.device) -> None:
-    """GAM (eval, then a train step) on ``dev`` while cuda:0 is current: every kernel launches and tunes
-    on ``dev``, the result is right, the current device is unchanged, the cache is named after ``dev``."""
-    from gam_triton import autotune
-
+def _check_on_device(dev: torch.device, monkeypatch) -> None:
+    """GAM (eval with cuDNN and with the Triton convolutions, then a train step) on ``dev`` while cuda:0 is
+    current: every kernel launches and tunes on ``dev``, the result is right, the current device is
+    unchanged, the cache is named after ``dev``."""
     ref = make_ref("yolo_grouped", 64).to(dev).eval()
     gam = GAM.from_module(ref).eval()
     x = torch.randn(2, 64, 20, 24, device=dev)
     torch.cuda.set_device(0)
-    autotune.reset()
-    with torch.no_grad():
-        got = gam(x)
-    assert_close(got, _ref64(ref, x).cpu(), torch.float32, 2.0, f"GAM on {dev}")
+    _autotune.reset()
+    for conv in ("cudnn", "triton", "auto"):
+        monkeypatch.setenv("GAM_TRITON_CONV", conv)
+        with torch.no_grad():
+            got = gam(x)
+        assert_close(got, _ref64(ref, x).cpu(), torch.float32, 2.0, f"GAM on {dev}, {conv} convolutions")
     gam.train()
     xg = x.clone().requires_grad_(True)
     out = gam(xg)  # train mode: channel gate, BN + ReLU, final gate (and their tuning) on dev
@@ -173,16 +175,17 @@ def _check_on_device(dev: torch.device) -> None:
     torch.cuda.synchronize(dev)
     assert torch.cuda.current_device() == 0
     assert out.device == dev and xg.grad.device == dev and torch.isfinite(xg.grad).all()
-    assert {r.op for r in autotune.drain_log()} >= {"channel_gate", "final_gate", "bn_relu"}
-    assert os.path.exists(autotune.cache_file(torch.cuda.get_device_name(dev)))
+    ops = {r.op for r in _autotune.drain_log()}
+    assert ops >= {"channel_gate", "final_gate", "conv_bn_relu", "conv_gate", "spatial", "channel_gate_bwd"}, ops
+    assert os.path.exists(_autotune.cache_file(torch.cuda.get_device_name(dev)))
 
 
-def test_runs_on_the_tensors_device():
-    _check_on_device(torch.device("cuda", torch.cuda.device_count() - 1))
+def test_runs_on_the_tensors_device(monkeypatch):
+    _check_on_device(torch.device("cuda", torch.cuda.device_count() - 1), monkeypatch)
 
 
-def test_runs_on_cuda1_while_cuda0_is_current():
+def test_runs_on_cuda1_while_cuda0_is_current(monkeypatch):
     n = torch.cuda.device_count()
     if n < 2:
         pytest.skip(f"needs two CUDA devices to run a model on cuda:1 while cuda:0 is current; {n} found")
-    _check_on_device(torch.device("cuda", 1))
+    _check_on_device(torch.device("cuda", 1), monkeypatch)

@@ -9,16 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import gam_triton.bn_relu as bn_relu_mod
-import gam_triton.channel_gate as cg_mod
-import gam_triton.final_gate as fg_mod
 from gam_cases import TOL, assert_close
-from gam_triton._runtime import INTERPRET, new_output, use_triton
-from gam_triton.bn_relu import bn_relu
-from gam_triton.channel_gate import channel_gate, channel_gate_reference_grads
-from gam_triton.final_gate import final_gate
-from gam_triton.reference import shuffle, unshuffle
-from gam_triton.reference import channel_shuffle
+from gam_triton.ops import _runtime
+from gam_triton.ops import channel_gate as cg_mod
+from gam_triton.ops import elementwise as ew_mod
+from gam_triton.ops._runtime import INTERPRET, new_output, use_triton
+from gam_triton.ops.channel_gate import channel_gate, reference_grads
+from gam_triton.ops.elementwise import bn_relu, final_gate
+from gam_triton.reference import channel_shuffle, shuffle, unshuffle
 
 KERNELS_RUN = INTERPRET or torch.cuda.is_available()
 
@@ -56,21 +54,27 @@ def final_gate_f64(x1, y2, scale, shift, groups):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Count kernel launches of the three ops (wrapping each module's _launch)."""
+    """Count kernel launches of the three ops (wrapping the one launch seam, ``_runtime.launch``)."""
     counts = {"channel_gate": 0, "final_gate": 0, "bn_relu": 0}
-    for name, mod in (("channel_gate", cg_mod), ("final_gate", fg_mod), ("bn_relu", bn_relu_mod)):
-        orig = mod._launch
+    if not KERNELS_RUN:
+        return counts
+    from gam_triton.kernels.channel_gate import channel_gate_fwd_kernel
+    from gam_triton.kernels.elementwise import bn_relu_kernel, final_gate_kernel
 
-        def counted(*a, _orig=orig, _name=name, **k):
-            counts[_name] += 1
-            return _orig(*a, **k)
+    names = {id(channel_gate_fwd_kernel): "channel_gate", id(final_gate_kernel): "final_gate",
+             id(bn_relu_kernel): "bn_relu"}
+    real = _runtime.launch
 
-        monkeypatch.setattr(mod, "_launch", counted)
+    def counted(kernel, *a, **k):
+        counts[names[id(kernel)]] += 1
+        return real(kernel, *a, **k)
+
+    monkeypatch.setattr(_runtime, "launch", counted)
     return counts
 
 
 def test_outputs_are_poisoned_before_kernels_write():
-    out = new_output(torch.empty(1, 3, 2, 2), torch.float32, False)
+    out = new_output((1, 3, 2, 2), torch.empty(0), torch.float32, False)
     assert torch.isnan(out).all()
 
 
@@ -120,7 +124,7 @@ def test_channel_gate_gradients(sigmoid, device):
         n = max(want.abs().max().item(), 1.0)
         assert_close(got / n, want / n, torch.float32, 5)
     # The explicit formulas agree with autograd of the float64 reference too.
-    formula = channel_gate_reference_grads(xd.detach(), *(t.detach() for t in wd), sigmoid, gout.cpu().double())
+    formula = reference_grads(xd.detach(), *(t.detach() for t in wd), sigmoid, gout.cpu().double())
     for got, want in zip(formula, [xd.grad] + [t.grad for t in wd]):
         torch.testing.assert_close(got, want)
 
@@ -220,26 +224,28 @@ def test_random_shapes_property(c, rate, b, h, w, cl, sigmoid, groups, dtype, de
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_channel_gate_every_tiling(c, cr, block_c, block_p, cl, device):
     """The chunked two-pass path (C > BLOCK_C) and the one-tile path give the same, right answer."""
-    from gam_triton.configs import Config, next_pow2
+    import triton
 
     w = _weights(c, cr, torch.float32, device)
     x = _x(2, c, 3, 7, torch.float32, device, cl)
-    out = new_output(x, x.dtype, cl)
-    cfg = Config(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=max(16, next_pow2(cr)), num_warps=4, num_stages=1)
-    cg_mod._launch(x, *w, True, out, cfg)
+    out = new_output(x.shape, x, x.dtype, cl)
+    cfg = triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=max(16, _runtime.next_pow2(cr))),
+                        num_warps=4, num_stages=1)
+    _runtime.launch(*cg_mod.launch_args(x, *w, True, out, cfg, "ieee"))
     assert_close(out, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), True), torch.float32)
 
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
 @pytest.mark.parametrize("block_p,block_c", [(16, 16), (64, 32)])
 def test_final_gate_every_tiling(block_p, block_c, device):
-    from gam_triton.configs import Config
+    import triton
 
     x1 = _x(2, 40, 5, 7, torch.float32, device, True)
     y2 = _x(2, 40, 5, 7, torch.float32, device, False, seed=2)
     scale, shift = torch.linspace(-1, 1, 40, device=device), torch.linspace(1, -1, 40, device=device)
-    out = new_output(x1, torch.float32, False)
-    fg_mod._launch(x1, y2, scale, shift, 4, out, Config(BLOCK_P=block_p, BLOCK_C=block_c))
+    out = new_output(x1.shape, x1, torch.float32, False)
+    cfg = triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=4, num_stages=1)
+    _runtime.launch(*ew_mod.final_gate_launch_args(x1, y2, scale, shift, 4, out, cfg))
     assert_close(out, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float32)
 
 
@@ -250,8 +256,8 @@ def test_eager_no_grad_calls_skip_the_dispatcher_but_autograd_and_modes_do_not(m
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = []
-    real_op = cg_mod._op
-    monkeypatch.setattr(cg_mod, "_op", lambda *a: calls.append(1) or real_op(*a))
+    real_op = cg_mod.run.op
+    monkeypatch.setattr(cg_mod.run, "op", lambda *a: calls.append(1) or real_op(*a))
     w = _weights(16, 4, torch.float32, device)
     x = _x(1, 16, 2, 3, torch.float32, device, False)
     with torch.no_grad():

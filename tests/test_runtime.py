@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from gam_triton import _runtime
-from gam_triton._runtime import dot_precision, fp32_matmul_allows_tf32, on_device
+from gam_triton.ops import _runtime
+from gam_triton.ops._runtime import dot_precision, fp32_matmul_allows_tf32, on_device
 
 MATMUL = torch.backends.cuda.matmul
 HAS_NEW_API = hasattr(torch.backends, "fp32_precision")

@@ -1,0 +1,322 @@
+"""Channel gate op: x1 = x * g(W2 relu(W1 x + b1) + b2) per pixel, g = sigmoid or identity; and its backward.
+
+Kernels: ``kernels/channel_gate.py`` (math, bytes and FLOPs in its docstring).
+
+* :func:`channel_gate` - the checked public function: the Triton kernel on CUDA (or the CPU under the
+  interpreter), :func:`torch_forward` elsewhere. The module calls :data:`run` (the op, unchecked).
+* ``gam_triton::channel_gate`` - the forward kernel as a custom op whose autograd formula
+  (:func:`reference_grads`) recomputes h and a from x: nothing but x is saved. It is the gradient wherever the
+  fused train block does not run (eval mode with requires_grad, frozen BatchNorms) and the tests' reference.
+* :func:`backward` - the train block's fused backward: one kernel (dx, the (da | dh) and h rows, the bias
+  gradients), then dW2 = da^T h and dW1 = dh^T x as cuBLAS GEMMs.
+
+fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as
+3xTF32 (tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA
+("ieee") above BLOCK_R = 64, where every 3xTF32 tile spilled. The dots run in the weights' dtype with fp32
+accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Triton issue 11584).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _autotune, _runtime
+from ._runtime import (HAS_TRITON, TARGET, bchw_view, check_bchw, check_vector, dot_precision, is_channels_last,
+                       new_output, next_pow2)
+
+if HAS_TRITON:
+    import triton
+    from triton import cdiv
+
+    from ..kernels.channel_gate import channel_gate_bwd_kernel, channel_gate_fwd_kernel
+
+__all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heuristic", "candidates",
+           "bwd_heuristic", "bwd_candidates", "key", "launch_args", "bwd_launch_args"]
+
+# --- launch choices ------------------------------------------------------------------------------------------
+#: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
+SMEM_BUDGET = 96 * 1024
+#: fp32 forward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R: 3xTF32 holds each operand as two tf32 halves
+#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (perf/NOTES.md).
+FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 64, 8), 256: (16, 32, 8)}
+#: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R.
+FP32_BWD_TILES = {16: (32, 32, 8, 2), 32: (16, 64, 8, 2), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1),
+                  256: (16, 16, 8, 1)}
+#: The kernels' INPUT_PRECISION for fp32 dots per answer of ``dot_precision``.
+FP32_DOTS = {"ieee": "tf32x3", "tf32": "tf32"}
+#: Above this BLOCK_R the backward's fp32 "ieee" dots stay FMA (3 live [BLOCK_P, BLOCK_R] tiles spilled).
+BWD_TF32X3_MAX_R = 64
+
+
+def _block_r(CR: int) -> int:
+    return max(16, next_pow2(CR))
+
+
+def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
+    """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
+    dots' (the weights'). On the interpreter: few, large programs (its cost is per program)."""
+    block_r = _block_r(CR)
+    if target == "interpreter":
+        return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
+                                  BLOCK_R=block_r), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        block_p, block_c, warps = FP32_TILES[min(block_r, 256)]
+        block_c = max(16, next_pow2(C)) if C <= block_c else block_c
+        return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=block_c, BLOCK_R=block_r),
+                             num_warps=warps, num_stages=2)
+    # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
+    # BLOCK_R fp32) lives in registers: the pixel block shrinks as C/r grows.
+    block_c = max(16, next_pow2(C)) if C <= 128 else 64
+    block_p = max(16, min(64 if block_r <= 64 else 32, next_pow2(HW)))
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r),
+                         num_warps=8 if block_p * block_c >= 8192 else 4, num_stages=2)
+
+
+def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
+    """At most MAX_CANDIDATES forward tiles nearest the heuristic. Dropped: blocks larger than the (power-of-two)
+    problem; fp32 accumulators (h: BLOCK_P x BLOCK_R, a: BLOCK_P x BLOCK_C) above 128 registers per thread;
+    operand tiles (times num_stages) above SMEM_BUDGET; 3 stages unless the channel loop runs 3 times. The
+    tuner drops, in addition, whatever spills when compiled on the user's GPU."""
+    block_r, cmax, pmax = _block_r(CR), max(16, next_pow2(C)), max(16, next_pow2(HW))
+    out = []
+    for bp in (16, 32, 64, 128):
+        for bc in (16, 32, 64, 128):
+            if bp > pmax or bc > cmax:
+                continue
+            for nw in (4, 8):
+                for ns in ((2, 3) if -(-C // bc) >= 3 else (2,)):
+                    if max(bp * block_r, bp * bc) <= 128 * 32 * nw and \
+                            ns * (bp * bc + bc * block_r) * dtype.itemsize <= SMEM_BUDGET:
+                        out.append(triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_R=block_r), num_warps=nw,
+                                                 num_stages=ns))
+    return _autotune.nearest(out, heuristic(C, CR, HW, dtype, "gpu"))
+
+
+def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
+    """The backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and 64-bit pointer tiles
+    in registers: half precision 8 warps, 32 pixels up to C/r = 64 and 16 beyond, channel chunks shrinking
+    as C/r grows; fp32 from FP32_BWD_TILES."""
+    block_r = _block_r(CR)
+    if target == "interpreter":
+        return heuristic(C, CR, HW, dtype, target)
+    if dtype == torch.float32:
+        block_p, block_c, warps, stages = FP32_BWD_TILES[min(block_r, 256)]
+        return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))),
+                                  BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
+                             num_warps=warps, num_stages=stages)
+    block_c = max(16, min(16 if block_r >= 256 else 32 if block_r >= 128 else 64, next_pow2(C)))
+    block_p = max(16, min(16 if block_r > 64 else 32, next_pow2(HW)))
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=8, num_stages=2)
+
+
+def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
+    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread."""
+    out = [c for c in candidates(C, CR, HW, dtype)
+           if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
+    return _autotune.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu"))
+
+
+def input_precision(dtype: torch.dtype, precision: str, block_r: Optional[int] = None) -> str:
+    """INPUT_PRECISION of the dots for ``precision`` (``dot_precision``'s answer): fp32 maps through FP32_DOTS,
+    except that the backward (``block_r`` given) keeps FMA "ieee" above BWD_TF32X3_MAX_R; other dtypes ignore it."""
+    if dtype != torch.float32:
+        return precision
+    p = FP32_DOTS[precision]
+    return "ieee" if p == "tf32x3" and block_r is not None and block_r > BWD_TF32X3_MAX_R else p
+
+
+def key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool, precision: str) -> tuple:
+    """The forward's tuning key: C, C/r, bucketed map and batch, output layout, x's and the weights' dtype and
+    layout, the dot precision."""
+    c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
+    return _autotune.key((c, cr, *_autotune.pixels(x.shape[0], hw), out_channels_last), x, w1, precision=precision)
+
+
+# --- launches ------------------------------------------------------------------------------------------------
+def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                sigmoid: bool, out: torch.Tensor, cfg: "triton.Config", precision: str) -> tuple:
+    """(kernel, grid, args, kwargs) of the forward launch writing ``out`` (what runs, and what
+    ``perf/compile_check.py`` compiles ahead of time on meta tensors)."""
+    bsz, c, h, w = x.shape
+    xv, sxb, sxc, sxp = bchw_view(x)
+    _, sob, soc, sop = bchw_view(out)
+    kw = cfg.kwargs
+    args = (xv, w1, b1, w2, b2, out, h * w, c, w1.shape[0], sxb, sxc, sxp, sob, soc, sop)
+    kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
+                  INPUT_PRECISION=input_precision(w1.dtype, precision), N_CHUNKS=cdiv(c, kw["BLOCK_C"]),
+                  **_runtime.config_kwargs(cfg))
+    return channel_gate_fwd_kernel, (bsz * cdiv(h * w, kw["BLOCK_P"]),), args, kwargs
+
+
+def bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid: bool, dx, dah, hid, counts, db1, db2,
+                    cfg: "triton.Config", precision: str) -> tuple:
+    """(kernel, grid, args, kwargs) of the backward kernel (its bias partials allocated here: args[10])."""
+    bsz, c, h, w = x.shape
+    cr, kw = w1.shape[0], cfg.kwargs
+    views = [bchw_view(t) for t in (x, ga, gb)]
+    _, sdb, sdc, sdp = bchw_view(dx)
+    n_prog = bsz * cdiv(h * w, kw["BLOCK_P"])
+    block_f, block_q = min(64, next_pow2(c + cr)), min(32, next_pow2(n_prog))
+    bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
+    args = (views[0][0], views[1][0], views[2][0], w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, h * w,
+            c, cr, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
+    kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
+                  INPUT_PRECISION=input_precision(w1.dtype, precision, kw["BLOCK_R"]),
+                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, N_Q_CHUNKS=cdiv(n_prog, block_q),
+                  BLOCK_F=block_f, N_F_CHUNKS=cdiv(c + cr, block_f), **_runtime.config_kwargs(cfg))
+    return channel_gate_bwd_kernel, (n_prog,), args, kwargs
+
+
+def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+             sigmoid: bool, out_channels_last: bool) -> torch.Tensor:
+    out = new_output(x.shape, x, x.dtype, out_channels_last)
+    if x.numel() == 0:
+        return out
+    c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
+    prec = dot_precision(w1.dtype)
+
+    def go(cfg):
+        return _runtime.launch(*launch_args(x, w1, b1, w2, b2, sigmoid, out, cfg, prec))
+
+    go(_autotune.select("channel_gate", key(x, w1, out_channels_last, prec), lambda: heuristic(c, cr, hw, w1.dtype),
+                        lambda: candidates(c, cr, hw, w1.dtype), _autotune.timed(go)))
+    return out
+
+
+def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+             w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool, counts: torch.Tensor) -> tuple:
+    """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb (the train block's).
+
+    One kernel (``counts``: one zeroed int32 counter), then the weight gradients as GEMMs (NCHW with B > 1:
+    dW1 as a bmm and a sum)."""
+    bsz, c, h, w = x.shape
+    hw, n, cr, wdt = h * w, bsz * h * w, w1.shape[0], w1.dtype
+    dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
+    dah = torch.empty(n, c + cr, dtype=wdt, device=x.device)
+    hid = torch.empty(n, cr, dtype=wdt, device=x.device)
+    db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
+    prec = dot_precision(wdt)
+    k = _autotune.key((c, cr, *_autotune.pixels(bsz, hw)), x, w1, precision=prec)
+
+    def go(cfg):
+        return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,
+                                                cfg, prec))
+
+    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, x.dtype),
+                        lambda: bwd_candidates(c, cr, hw, x.dtype), _autotune.timed(go)))
+    da, dh = dah[:, :c], dah[:, c:]
+    dw2 = torch.mm(da.t(), hid)
+    if is_channels_last(x) or bsz == 1:
+        xf = x.permute(0, 2, 3, 1).reshape(n, c)  # a view for channels_last and for B = 1 NCHW
+        dw1 = torch.mm(dh.t(), xf if xf.dtype == wdt else xf.to(wdt))
+    else:
+        xb = x.reshape(bsz, c, hw)
+        xb = xb if xb.dtype == wdt else xb.to(wdt)
+        dw1 = torch.bmm(dah.view(bsz, hw, c + cr)[:, :, c:].transpose(1, 2), xb.transpose(1, 2))
+        dw1 = dw1.sum(0, dtype=torch.float32).to(wdt)
+    return dx, dw1, db1, dw2, db2
+
+
+# --- the op --------------------------------------------------------------------------------------------------
+def reference_grads(x, w1, b1, w2, b2, sigmoid: bool, dx1) -> tuple:
+    """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) by GAM_NOTES' formulas, h and a
+    recomputed, in fp32 (fp64 for fp64 inputs) on the NHWC view; each in its input's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xp = x.permute(0, 2, 3, 1).to(acc).reshape(-1, x.shape[1])  # [N, C]
+    dp = dx1.permute(0, 2, 3, 1).to(acc).reshape(-1, x.shape[1])
+    w1f, b1f, w2f, b2f = (t.to(acc) for t in (w1, b1, w2, b2))
+    pre = torch.addmm(b1f, xp, w1f.t())
+    hid = torch.relu(pre)
+    a = torch.addmm(b2f, hid, w2f.t())
+    g = torch.sigmoid(a) if sigmoid else a
+    da = dp * xp
+    if sigmoid:
+        da = da * g * (1 - g)
+    dh = (da @ w2f) * (pre > 0)
+    dx = dp * g + dh @ w1f
+    b, c, h, w = x.shape
+    dx = dx.view(b, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+    return dx, (dh.t() @ xp).to(w1.dtype), dh.sum(0).to(b1.dtype), (da.t() @ hid).to(w2.dtype), da.sum(0).to(b2.dtype)
+
+
+def _fake(x, w1, b1, w2, b2, sigmoid, out_channels_last):
+    return torch.empty_like(x, memory_format=torch.channels_last if out_channels_last else torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, sigmoid, _ = inputs
+    ctx.sigmoid = sigmoid
+    ctx.save_for_backward(x, w1, b1, w2, b2)
+
+
+def _backward(ctx, dx1):
+    return (*reference_grads(*ctx.saved_tensors, ctx.sigmoid, dx1), None, None)
+
+
+#: The forward as an op: ``run(x, w1, b1, w2, b2, sigmoid, out_channels_last)`` on trusted arguments (contiguous
+#: weights, biases present, Triton-eligible x).
+run = _runtime.entry("channel_gate", _forward, _fake, _backward, _setup_context) if HAS_TRITON else None
+
+
+# --- PyTorch path and the public function ----------------------------------------------------------------
+def torch_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                  b2: Optional[torch.Tensor], sigmoid: bool) -> torch.Tensor:
+    """PyTorch channel gate, differentiable, without permute copies.
+
+    The matmuls run in the weights' dtype (x is cast to it, as nn.Linear under autocast does); the gate
+    multiplies x in its own dtype. Per layout and autograd need, the form fastest on the CPU (perf/NOTES.md):
+    channels_last - F.linear on the free NHWC view; NCHW without autograd - batched matmuls on the
+    B x C x HW view; NCHW with autograd - 1x1 convolutions (matmul's backward would copy operands).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    if not needs_grad:  # matmul copies operands that require grad, even under no_grad
+        w1, b1, w2, b2 = (None if t is None else t.detach() for t in (w1, b1, w2, b2))
+    xd = x.to(w1.dtype)
+    if is_channels_last(x):  # the NHWC view is contiguous
+        a = F.linear(torch.relu(F.linear(xd.permute(0, 2, 3, 1), w1, b1)), w2, b2).permute(0, 3, 1, 2)
+    elif needs_grad:
+        a = F.conv2d(torch.relu(F.conv2d(xd, w1[:, :, None, None], b1)), w2[:, :, None, None], b2)
+    else:
+        b, c, h, w = x.shape
+        hid = torch.matmul(w1, xd.reshape(b, c, h * w))
+        if b1 is not None:
+            hid = hid + b1[:, None]
+        a = torch.matmul(w2, torch.relu_(hid))
+        if b2 is not None:
+            a = a + b2[:, None]
+        a = a.view(b, c, h, w)
+    return x * (torch.sigmoid(a) if sigmoid else a)
+
+
+def channel_gate(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                 b2: Optional[torch.Tensor], sigmoid: bool = True,
+                 out_channels_last: Optional[bool] = None) -> torch.Tensor:
+    """x1 = x * g(W2 relu(W1 x + b1) + b2) over the channels of each pixel of a B x C x H x W tensor.
+
+    ``out_channels_last`` picks the output layout (default: the input's). Shapes, dtypes and devices are
+    checked before any kernel runs (ValueError/TypeError).
+    """
+    check_bchw("x", x)
+    if not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError("w1 and w2 must be 2-D tensors (C/r x C and C x C/r)")
+    cr, c = w1.shape
+    if c != x.shape[1] or tuple(w2.shape) != (c, cr) or cr == 0:
+        raise ValueError(f"weights do not fit x with {x.shape[1]} channels: w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)} (expected (C/r, C) and (C, C/r))")
+    if w1.dtype != w2.dtype or not w1.is_floating_point():
+        raise TypeError(f"w1 and w2 must share one floating dtype, got {w1.dtype} and {w2.dtype}")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    check_vector("b1", b1, cr, x.device)
+    check_vector("b2", b2, c, x.device)
+    out_cl = is_channels_last(x) if out_channels_last is None else bool(out_channels_last)
+    if not _runtime.use_triton(x):
+        out = torch_forward(x, w1, b1, w2, b2, sigmoid)
+        fmt = torch.channels_last if out_cl else torch.contiguous_format
+        return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+    b1 = b1 if b1 is not None else w1.new_zeros(cr)
+    b2 = b2 if b2 is not None else w2.new_zeros(c)
+    return run(x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(sigmoid), out_cl)

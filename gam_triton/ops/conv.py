@@ -1,0 +1,399 @@
+"""Eval-mode spatial branch of GAM: two Triton implicit-GEMM convolutions with fused epilogues, or cuDNN.
+
+    z1  = relu(conv1(x1) + b1)                                  BatchNorm1 folded into conv1's weight and bias
+    out = x1 * shuffle(sigmoid(scale2 * (conv2(z1) + b2) + shift2))
+
+Kernels: ``kernels/conv.py``. Weights are taken packed, [K, K, CIN/G, COUT] (:func:`pack_weight`).
+
+* :func:`conv_bn_relu` - conv1 + bias + ReLU in one kernel, z1 written once (channels_last).
+* :func:`conv_gate` - conv2 with the final gate in its epilogue (BN2, sigmoid, channel shuffle, multiply by
+  x1): writes the block's output; y2 never exists in memory.
+* :func:`spatial_eval` - the whole branch down one of the paths of ``GAM_TRITON_CONV`` (:data:`MODES`, read by
+  the module once per call): ``triton`` (the two kernels), ``cudnn`` (two ``F.conv2d``, an in-place ReLU and
+  the final-gate kernel) or ``auto``: on a GPU the first call of a shape times the paths ("triton" with its
+  tuned tiles, "cudnn", and "cudnn_relu": cuDNN's fused conv + bias + ReLU for conv1) and keeps the fastest,
+  ties to cuDNN, through the tuner (op ``spatial``); where nothing can be timed (the interpreter) auto is
+  cuDNN; under torch.compile it is the path an eager call of this process chose for the shape, else cuDNN.
+
+Every tuning candidate (a tile, or the Triton path) is first checked against the cuDNN path's output
+(``_autotune.checked``); one that disagrees is dropped with a warning naming it. fp32 dots follow
+``torch.backends.cudnn.allow_tf32`` (what cuDNN's own convolutions follow): TF32, else 3xTF32 (fp32 accuracy).
+The ops ``gam_triton::conv_bn_relu`` and ``gam_triton::conv_gate`` have no autograd formula (eval only): the
+module runs cuDNN whenever a gradient is needed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _autotune, _runtime
+from ._runtime import (HAS_TRITON, KERNEL_DTYPES, TARGET, bchw_view, check_bchw, check_groups, check_vector,
+                       is_channels_last, new_output, next_pow2)
+from .elementwise import final_gate, run_final_gate
+
+if HAS_TRITON:
+    import triton
+    from triton import cdiv
+
+    from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
+
+__all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "pack_weight",
+           "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
+
+#: Values of GAM_TRITON_CONV.
+MODES = ("auto", "triton", "cudnn")
+#: Shared memory the operand tiles may take (bytes, times num_stages).
+SMEM_BUDGET = 96 * 1024
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight [COUT, CIN/G, K, K] -> the kernels' layout [K, K, CIN/G, COUT] (contiguous)."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_weight`, as a view (what F.conv2d takes)."""
+    return packed.permute(3, 2, 0, 1)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """The dots' INPUT_PRECISION: fp32 follows ``cudnn.allow_tf32`` ("tf32", else "tf32x3"); half: "tf32"."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) within which a Triton candidate must agree with the cuDNN path at tuning time: loose
+    enough for rounding and summation order (and TF32), tight enough to catch a wrong kernel."""
+    if dtype == torch.float32:
+        return (2e-2, 2e-2) if precision(dtype) == "tf32" else (1e-3, 1e-3)
+    return (2e-2, 2e-2) if dtype == torch.float16 else (6e-2, 6e-2)
+
+
+# --- launch choices ------------------------------------------------------------------------------------------
+# A tile is BLOCK_P pixels x BLOCK_N output channels (per group), stepping BLOCK_K in-channels. num_warps stays
+# 4 for every candidate: PyTorch's Triton convolution gave wrong results with 8 warps for kernels larger than
+# 1x1 (pytorch issue 173068); candidates are checked against cuDNN anyway.
+def heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
+    """A tile for any group shape: blocks >= 16 (tl.dot), padded channels masked."""
+    nmax, kmax = max(16, next_pow2(cout_g)), max(16, next_pow2(cin_g))
+    if target == "interpreter":  # few, large programs: the interpreter's cost is per program and loop step
+        return triton.Config(dict(BLOCK_P=min(64, max(16, next_pow2(HW))), BLOCK_N=min(nmax, 128),
+                                  BLOCK_K=min(kmax, 128)), num_warps=4, num_stages=1)
+    # 32-channel tiles for <= 16 in-channels per group (narrow, mostly unvectorised loads: a 64-channel tile
+    # took 150-180 registers on sm_80) and for 33-63 out-channels per group (64 spilled 24 B on sm_100).
+    block_n = min(nmax, 32 if cin_g <= 16 or 32 < cout_g < 64 else 64)
+    # fp32 K steps of 16: 32 spilled 4-12 B with tf32x3 dots on sm_100 (C128/C192 at 80x80, 64-pixel tiles).
+    block_k = min(kmax, 16 if dtype.itemsize == 4 else 64)
+    # 128 pixels only for narrow channel tiles whose in-channel blocks are mostly real (fp32 stays at 64:
+    # 128 x 16 spilled 4 B on sm_80 with 48 in-channels per group).
+    wide = block_n <= 16 and cin_g >= 16 and dtype.itemsize < 4
+    return triton.Config(dict(BLOCK_P=max(16, min(128 if wide else 64, next_pow2(HW))), BLOCK_N=block_n,
+                              BLOCK_K=block_k), num_warps=4, num_stages=2)
+
+
+def candidates(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> list:
+    """At most MAX_CANDIDATES tiles nearest the heuristic. Dropped: blocks larger than the (power-of-two)
+    problem; an fp32 accumulator (BLOCK_P x BLOCK_N) above 64 registers per thread; operand tiles (times
+    num_stages) above SMEM_BUDGET. Under the interpreter (timings mean nothing): the heuristic only."""
+    heur = heuristic(cin_g, cout_g, HW, dtype)
+    if TARGET == "interpreter":
+        return [heur]
+    nmax, kmax, pmax = max(16, next_pow2(cout_g)), max(16, next_pow2(cin_g)), max(16, next_pow2(HW))
+    out = [triton.Config(dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk), num_warps=4, num_stages=ns)
+           for bp in (32, 64, 128) for bn in (16, 32, 64, 128) for bk in (16, 32, 64) for ns in (2, 3, 4)
+           if bp <= max(32, pmax) and bn <= nmax and bk <= kmax and bp * bn <= 64 * 128
+           and ns * (bp * bk + bk * bn) * dtype.itemsize <= SMEM_BUDGET]
+    return _autotune.nearest(out, heur)
+
+
+# --- launches ------------------------------------------------------------------------------------------------
+def _dims(x: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(K, CIN_G, COUT, groups, COUT_G) of a packed weight applied to x."""
+    k, _, cin_g, cout = wp.shape
+    groups = x.shape[1] // cin_g
+    return k, cin_g, cout, groups, cout // groups
+
+
+def _span(*tensors) -> int:
+    """The largest element offset within one image of any of ``tensors`` (B x C x H x W, any strides)."""
+    return max(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) for t in tensors)
+
+
+def _kwargs(cfg: "triton.Config", k: int, cin_g: int, dtype: torch.dtype, prec: str, *tensors) -> dict:
+    """The constexprs both convolutions take; I64 when an image of any operand spans 2**31 elements."""
+    return dict(KSIZE=k, K_BLOCKS=cdiv(cin_g, cfg.kwargs["BLOCK_K"]), INPUT_PRECISION=prec,
+                I64=_span(*tensors) >= 2**31 - 1,
+                DOT_F32=_runtime.INTERPRET or dtype == torch.float32, **_runtime.config_kwargs(cfg))
+
+
+def conv1_launch_args(x1, wp, b, z, cfg: "triton.Config", prec: str) -> tuple:
+    """(kernel, grid, args, kwargs) of conv1 + bias + ReLU writing z."""
+    bsz, _, h, w = x1.shape
+    k, cin_g, cout, groups, cout_g = _dims(x1, wp)
+    n_blocks = cdiv(cout_g, cfg.kwargs["BLOCK_N"])
+    _, szb, szc, szp = bchw_view(z)
+    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), groups * n_blocks)
+    args = (x1, wp, b, z, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride(), szb, szc, szp)
+    return conv_bn_relu_kernel, grid, args, _kwargs(cfg, k, cin_g, wp.dtype, prec, x1, z)
+
+
+def conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle: int, out, cfg: "triton.Config", prec: str) -> tuple:
+    """(kernel, grid, args, kwargs) of conv2 + BN2 + sigmoid + shuffle + gate writing out."""
+    bsz, _, h, w = z1.shape
+    k, cin_g, cout, groups, cout_g = _dims(z1, wp)
+    n_blocks = cdiv(cout_g, cfg.kwargs["BLOCK_N"])
+    x1v, sxb, sxc, sxp = bchw_view(x1)
+    _, sob, soc, sop = bchw_view(out)
+    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), groups * n_blocks)
+    args = (z1, wp, scale if b is None else b, scale, shift, x1v, out, h, w, cin_g, cout, cout_g, n_blocks,
+            cout // shuffle if shuffle else cout, *z1.stride(), sxb, sxc, sxp, sob, soc, sop)
+    return conv_gate_kernel, grid, args, dict(SHUFFLE_G=shuffle, HAS_BIAS=b is not None,
+                                              **_kwargs(cfg, k, cin_g, wp.dtype, prec, z1, x1, out))
+
+
+def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, go, out: torch.Tensor, reference,
+          prec: str) -> "triton.Config":
+    """The tile of conv ``op`` over input x: tuned with each candidate checked against ``reference()``."""
+    k, cin_g, _, groups, cout_g = _dims(x, wp)
+    hw = x.shape[2] * x.shape[3]
+    key = _autotune.key((cin_g, cout_g, groups, k, *_autotune.pixels(x.shape[0], hw), *extra), x, precision=prec)
+
+    def run(cfg) -> torch.Tensor:
+        go(cfg)
+        return out
+
+    bench = _autotune.checked(op, _autotune.timed(go), run, reference, tolerance(wp.dtype))
+    return _autotune.select(op, key, lambda: heuristic(cin_g, cout_g, hw, wp.dtype),
+                            lambda: candidates(cin_g, cout_g, hw, wp.dtype), bench)
+
+
+def _conv_bn_relu(x1: torch.Tensor, wp: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    bsz, _, h, w = x1.shape
+    z = new_output((bsz, wp.shape[3], h, w), x1, wp.dtype, True)
+    if z.numel() == 0:
+        return z
+    k, _, _, groups, _ = _dims(x1, wp)
+    prec = precision(wp.dtype)
+
+    def go(cfg):
+        return _runtime.launch(*conv1_launch_args(x1, wp, b, z, cfg, prec))
+
+    def reference() -> torch.Tensor:
+        return torch.relu(F.conv2d(x1, unpack_weight(wp), b, padding=k // 2, groups=groups))
+
+    go(_tile("conv_bn_relu", x1, wp, (), go, z, reference, prec))
+    return z
+
+
+def _conv_gate(z1: torch.Tensor, wp: torch.Tensor, b: Optional[torch.Tensor], scale: torch.Tensor,
+               shift: torch.Tensor, x1: torch.Tensor, shuffle: int, out_channels_last: bool) -> torch.Tensor:
+    out = new_output(x1.shape, x1, x1.dtype, out_channels_last)
+    if out.numel() == 0:
+        return out
+    k, _, _, groups, _ = _dims(z1, wp)
+    prec = precision(wp.dtype)
+
+    def go(cfg):
+        return _runtime.launch(*conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle, out, cfg, prec))
+
+    def reference() -> torch.Tensor:
+        y2 = F.conv2d(z1, unpack_weight(wp), b, padding=k // 2, groups=groups)
+        return run_final_gate(x1, y2, scale, shift, shuffle, out_channels_last)
+
+    extra = (shuffle, is_channels_last(x1), out_channels_last)
+    go(_tile("conv_gate", z1, wp, extra, go, out, reference, prec))
+    return out
+
+
+def _fake_conv1(x1, wp, b):
+    bsz, _, h, w = x1.shape
+    return torch.empty((bsz, wp.shape[3], h, w), dtype=wp.dtype, device=x1.device, memory_format=torch.channels_last)
+
+
+def _fake_conv2(z1, wp, b, scale, shift, x1, shuffle, out_channels_last):
+    return torch.empty_like(x1, memory_format=torch.channels_last if out_channels_last else torch.contiguous_format)
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("gam_triton: the Triton spatial convolutions are eval-only (no autograd formula); "
+                       "the module runs cuDNN whenever a gradient is needed")
+
+
+if HAS_TRITON:
+    #: ``run_conv1(x1, packed w, bias)`` and ``run_conv2(z1, packed w, bias or None, scale, shift, x1, shuffle,
+    #: out_channels_last)`` on trusted arguments.
+    run_conv1 = _runtime.entry("conv_bn_relu", _conv_bn_relu, _fake_conv1, _no_backward, _no_setup)
+    run_conv2 = _runtime.entry("conv_gate", _conv_gate, _fake_conv2, _no_backward, _no_setup)
+
+
+# --- the spatial branch --------------------------------------------------------------------------------------
+def triton_ok(*tensors) -> bool:
+    """The Triton convolutions can run these: a kernel device and dtype, no autograd, no autocast."""
+    x = tensors[0]
+    if not _runtime.use_triton(x) or x.dtype not in KERNEL_DTYPES or _runtime.autocast_dtype(x.device.type):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor],
+                scale2: torch.Tensor, shift2: torch.Tensor, packed: Optional[tuple], groups: int, shuffle: int,
+                out_channels_last: bool, mode: str) -> torch.Tensor:
+    """The eval spatial branch and final gate on trusted arguments (the module's call): ``b1`` present,
+    ``scale2``/``shift2`` contiguous fp32, ``packed`` = (pack_weight(w1), pack_weight(w2)) or None when
+    the Triton path may not run (``mode`` "cudnn", or :func:`triton_ok` false)."""
+    k = w1.shape[2]
+
+    def cudnn() -> torch.Tensor:
+        z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=k // 2, groups=groups))
+        y2 = F.conv2d(z1, w2, b2, padding=k // 2, groups=groups)
+        return run_final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last)
+
+    def triton_path() -> torch.Tensor:
+        z1 = run_conv1(x1, packed[0], b1)
+        return run_conv2(z1, packed[1], b2, scale2, shift2, x1, shuffle, out_channels_last)
+
+    if packed is None or mode == "cudnn" or x1.numel() == 0:
+        return cudnn()
+    if mode == "triton":
+        return triton_path()
+    key = _autotune.key((x1.shape[1], w1.shape[0], groups, k, shuffle, *_autotune.pixels(x1.shape[0], x1.shape[2]
+                         * x1.shape[3]), out_channels_last), x1, precision=precision(x1.dtype))
+    if torch.compiler.is_compiling():  # the path an eager call chose (the tuner cannot be traced), else cuDNN
+        return triton_path() if _autotune.peek("spatial", key, x1.device) == "triton" else cudnn()
+    if not _autotune.can_benchmark():  # nothing to time (the interpreter): cuDNN / PyTorch
+        return cudnn()
+    runners = {"cudnn": cudnn, "triton": triton_path}
+    if x1.is_cuda:
+        def cudnn_relu() -> torch.Tensor:  # cuDNN's fused conv + bias + ReLU for conv1
+            z1 = torch.cudnn_convolution_relu(x1, w1, b1, (1, 1), (k // 2, k // 2), (1, 1), groups)
+            return run_final_gate(x1, F.conv2d(z1, w2, b2, padding=k // 2, groups=groups), scale2, shift2, shuffle,
+                                  out_channels_last)
+
+        runners["cudnn_relu"] = cudnn_relu
+    run = lambda path: runners[path]()  # noqa: E731
+    bench = _autotune.checked("spatial", _autotune.timed(run), run, cudnn, tolerance(x1.dtype))
+    path = _autotune.select("spatial", key, lambda: "cudnn", lambda: [p for p in runners if p != "cudnn"], bench)
+    return runners.get(path, cudnn)()
+
+
+# --- the public functions ------------------------------------------------------------------------------------
+def _check_weight(name: str, weight, x: torch.Tensor, groups, cout: Optional[int] = None) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"{name} must be [COUT, CIN/groups, K, K] with K odd, got {tuple(weight.shape)}")
+    cin = x.shape[1]
+    if cin % groups or weight.shape[1] * groups != cin or weight.shape[0] % groups:
+        raise ValueError(f"{name} {tuple(weight.shape)} does not fit {cin} input channels in {groups} groups")
+    if cout is not None and weight.shape[0] != cout:
+        raise ValueError(f"{name} has {weight.shape[0]} output channels, expected {cout}")
+    if weight.device != x.device:
+        raise ValueError(f"{name} is on {weight.device}, the input on {x.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {weight.dtype} differs from the input's {x.dtype}")
+
+
+def _check_gate(z1, weight, bias, scale, shift, x1, groups, shuffle) -> int:
+    check_bchw("z1", z1)
+    check_bchw("x1", x1)
+    c = x1.shape[1]
+    _check_weight("weight", weight, z1, groups, cout=c)
+    if z1.shape[0] != x1.shape[0] or z1.shape[2:] != x1.shape[2:] or z1.device != x1.device:
+        raise ValueError(f"z1 {tuple(z1.shape)} on {z1.device} does not match x1 {tuple(x1.shape)} on "
+                         f"{x1.device} in batch, height, width and device")
+    check_vector("bias", bias, c, x1.device)
+    check_vector("scale", scale, c, x1.device, required=True)
+    check_vector("shift", shift, c, x1.device, required=True)
+    if x1.dtype != z1.dtype:
+        raise TypeError(f"x1 dtype {x1.dtype} differs from z1's {z1.dtype}")
+    return check_groups("shuffle", shuffle, c)
+
+
+def conv_bn_relu(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 groups: int = 1) -> torch.Tensor:
+    """z = relu(conv2d(x1, weight, bias, padding=K // 2, groups=groups)) for a KxK weight (K odd), channels_last.
+
+    The Triton kernel where it can run (:func:`triton_ok`), ``F.conv2d`` + ReLU elsewhere; checked first.
+    """
+    check_bchw("x1", x1)
+    _check_weight("weight", weight, x1, groups)
+    check_vector("bias", bias, weight.shape[0], x1.device)
+    if not triton_ok(x1, weight, bias):
+        z = torch.relu(F.conv2d(x1, weight, bias, padding=weight.shape[2] // 2, groups=groups))
+        return z.contiguous(memory_format=torch.channels_last)
+    b = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return run_conv1(x1, pack_weight(weight), b.contiguous())
+
+
+def conv_gate(z1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+              shift: torch.Tensor, x1: torch.Tensor, groups: int = 1, shuffle: int = 0,
+              out_channels_last: Optional[bool] = None) -> torch.Tensor:
+    """out = x1 * shuffle_G(sigmoid(scale * conv2d(z1, weight, bias, padding=K // 2, groups) + shift)).
+
+    ``shuffle`` = G > 0 shuffles the map's channels in G groups (the YOLO form). One Triton kernel where it can
+    run (y2 never stored); ``F.conv2d`` + the final gate elsewhere. Output layout: ``out_channels_last`` or
+    x1's. Checked first.
+    """
+    shuffle = _check_gate(z1, weight, bias, scale, shift, x1, groups, shuffle)
+    out_cl = is_channels_last(x1) if out_channels_last is None else bool(out_channels_last)
+    scale, shift = scale.float().contiguous(), shift.float().contiguous()
+    if not triton_ok(z1, weight, bias, x1, scale, shift):
+        y2 = F.conv2d(z1, weight, bias, padding=weight.shape[2] // 2, groups=groups)
+        return final_gate(x1, y2, scale, shift, shuffle, out_channels_last=out_cl)
+    return run_conv2(z1, pack_weight(weight), None if bias is None else bias.contiguous(), scale, shift, x1,
+                     shuffle, out_cl)
+
+
+def conv_mode() -> str:
+    """GAM_TRITON_CONV: auto (default), triton or cudnn; ValueError for anything else."""
+    mode = os.environ.get("GAM_TRITON_CONV", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"GAM_TRITON_CONV must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                 b2: Optional[torch.Tensor], scale2: torch.Tensor, shift2: torch.Tensor, groups: int = 1,
+                 shuffle: int = 0, out_channels_last: Optional[bool] = None, packed: Optional[tuple] = None,
+                 mode: Optional[str] = None) -> torch.Tensor:
+    """GAM's eval spatial branch and final gate: x1 * shuffle(sigmoid(BN2(conv2(relu(conv1(x1)))))).
+
+    ``w1``, ``b1``: conv1 with BatchNorm1 folded in; ``w2``, ``b2``: conv2; ``scale2``, ``shift2``: BatchNorm2
+    as a per-channel affine. ``packed``: (pack_weight(w1), pack_weight(w2)) if at hand (else packed here);
+    ``mode``: one of :data:`MODES` (default: GAM_TRITON_CONV). Checked first; PyTorch where Triton cannot run.
+    """
+    check_bchw("x1", x1)
+    c = x1.shape[1]
+    _check_weight("w1", w1, x1, groups)
+    check_vector("b1", b1, w1.shape[0], x1.device)
+    if w1.shape[0] > c:
+        raise ValueError(f"w1 has {w1.shape[0]} output channels, more than the {c} of x1 (GAM: C/r)")
+    # z1 has conv1's channels and x1's batch, map, dtype and device: a slice of x1 stands in for it.
+    shuffle = _check_gate(x1[:, : w1.shape[0]], w2, b2, scale2, shift2, x1, groups, shuffle)
+    mode = conv_mode() if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    out_cl = is_channels_last(x1) if out_channels_last is None else bool(out_channels_last)
+    scale2, shift2 = scale2.float().contiguous(), shift2.float().contiguous()
+    b1 = b1 if b1 is not None else w1.new_zeros(w1.shape[0])
+    if not _runtime.use_triton(x1):
+        z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=w1.shape[2] // 2, groups=groups))
+        y2 = F.conv2d(z1, w2, b2, padding=w2.shape[2] // 2, groups=groups)
+        return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=out_cl)
+    if triton_ok(x1, w1, b1, w2, b2, scale2, shift2) and mode != "cudnn":
+        packed = packed if packed is not None else (pack_weight(w1), pack_weight(w2))
+    else:
+        packed = None
+    return spatial_run(x1, w1, b1.contiguous(), w2, None if b2 is None else b2.contiguous(), scale2, shift2, packed,
+                       groups, shuffle, out_cl, mode)
