@@ -36,6 +36,12 @@ from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_s
 __all__ = ["GAM", "Plan"]
 
 
+def _batch_stats(bn: nn.Module) -> bool:
+    """True when ``bn`` normalises with the batch's statistics, as nn.BatchNorm2d decides (the rule of
+    ``reference.uses_batch_stats``, asked here on every call without leaving the module)."""
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
 class Plan(NamedTuple):
     """How one Triton-path call runs, decided once by :meth:`GAM._plan`."""
 
@@ -254,7 +260,7 @@ class GAM(nn.Module):
         ``nn.SyncBatchNorm.convert_sync_batchnorm``): only the module itself knows how to normalise then, so
         the plain forward, which calls it, runs."""
         layers = self.spatial_attention._modules  # indexing the Sequential costs microseconds per call
-        return any(type(layers[k]) is not nn.BatchNorm2d and uses_batch_stats(layers[k]) for k in ("1", "4"))
+        return any(type(layers[k]) is not nn.BatchNorm2d and _batch_stats(layers[k]) for k in ("1", "4"))
 
     def _plan(self, x: torch.Tensor) -> Plan:
         """How a call on ``x`` runs on the Triton path: autocast, layouts, BatchNorm modes, the convolutions.
@@ -267,7 +273,7 @@ class GAM(nn.Module):
         amp = _runtime.autocast_dtype(x.device.type)
         x1_cl = in_cl or (x.is_cuda and (x.dtype != torch.float32 or amp is not None))
         layers = self.spatial_attention._modules
-        stats1, stats2 = uses_batch_stats(layers["1"]), uses_batch_stats(layers["4"])
+        stats1, stats2 = _batch_stats(layers["1"]), _batch_stats(layers["4"])
         fused_eval = amp is None and not stats1 and not stats2
         grad = fused_eval and torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in self.parameters()))

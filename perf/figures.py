@@ -387,7 +387,7 @@ def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bo
     """The tuner's key string of each kernel the GAM module launches in eval for ``shape`` (YOLO form: shuffle
     in 4), from the ops' own key functions: x1 is channels_last for a channels_last input, or for fp16/bf16
     on CUDA; the convolutions keep x1's layout; the output keeps the input's."""
-    from gam_triton.ops import _autotune, channel_gate, elementwise
+    from gam_triton.ops import channel_gate, elementwise
     from gam_triton.ops._runtime import dot_precision
 
     dt = DTYPES[_dtype_name(dtype)]
@@ -398,7 +398,7 @@ def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bo
     keys = {"channel_gate": channel_gate.key(x, w1, x1_cl, dot_precision(dt)),
             "bn_relu": elementwise.bn_relu_key(z1),
             "final_gate": elementwise.final_gate_key(x1, x1, 4, channels_last)}
-    return {op: _autotune.key_string(k) for op, k in keys.items()}
+    return {op: ",".join(map(str, k)) for op, k in keys.items()}
 
 
 def tuning_cache(directory: Optional[str] = None) -> tuple[Optional[str], dict]:
@@ -408,7 +408,7 @@ def tuning_cache(directory: Optional[str] = None) -> tuple[Optional[str], dict]:
     from gam_triton.ops import _autotune
 
     for path in sorted(glob.glob(os.path.join(directory or _autotune.cache_dir(), "*.json"))):
-        if os.path.basename(path).startswith(_autotune.CPU_DEVICE):
+        if os.path.basename(path).startswith("cpu-interpreter"):
             continue
         try:
             with open(path) as f:

@@ -1,61 +1,34 @@
-"""Autotuner and its persistent cache (issue 3): miss then hit across processes, corruption, concurrent
-writers, read-only directories, the off switch, key bucketing, the graph-capture and tracing guards, the CLI.
+"""The tuner (gam_triton/ops/_autotune.py) and its cache file: the policy, the file's survival of corruption,
+concurrent writers and unwritable directories, choices and keys, rejections and failures while tuning, the
+capture and tracing guards, per-device naming, the real ops under the interpreter, the pre-tuning CLI.
 
-Every test gets its own GAM_TRITON_CACHE_DIR and a fresh autotuner state. Benchmarking is forced where a
-test needs it by monkeypatching ``autotune.can_benchmark`` (the GPU check) and timing with a counting fake
-(``bench`` for :func:`autotune.select`, ``autotune.bench_ms`` for the real ops, which then still launch
-every candidate once through the interpreter).
+Every test gets its own GAM_TRITON_CACHE_DIR and a fresh tuner (``_autotune.reset()``). The fake op and its
+writers in other processes are in ``autotune_cases.py``. A test that needs timing pretends to be on a GPU
+(``gpu_mode``: ``_runtime.can_benchmark`` true) and times with a fake: the fake op's ``Bench``, or for the
+real ops a counting ``_autotune.do_bench`` (``fake_timer``), with which ``_autotune.timed`` still launches
+every candidate once (through the interpreter on the CPU).
 """
 import json
+import multiprocessing
 import os
+import shutil
 import stat
 import subprocess
 import sys
-import textwrap
+import types
 import warnings
 
 import pytest
 import torch
+import triton
 
-from gam_triton import autotune, tune_cache
-from gam_triton._runtime import INTERPRET
-from gam_triton.configs import (MAX_CANDIDATES, Config, channel_gate_candidates, channel_gate_heuristic,
-                                elementwise_candidates, elementwise_heuristic, next_pow2)
+import autotune_cases
+from autotune_cases import CANDS, TIMES, H, Bench, bp, cfg, sel
+from gam_triton.ops import _autotune, _runtime, channel_gate, conv, elementwise
+from gam_triton.ops._runtime import INTERPRET, next_pow2
 
 KERNELS_RUN = INTERPRET or torch.cuda.is_available()  # the Triton path runs (else ops take the torch path)
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs TRITON_INTERPRET=1 or a CUDA device")
-
-H = Config(64, 32, 16, 4, 2)                      # the fake op's heuristic
-CANDS = [Config(p, 32, 16, 4, 2) for p in (16, 32, 128)]
-TIMES = {16: 3.0, 32: 1.0, 64: 2.0, 128: 4.0}     # ms by BLOCK_P: BLOCK_P=32 wins
-
-
-class Bench:
-    """A fake bench(cfg) -> ms that counts its calls."""
-
-    def __init__(self, times=TIMES, fail=()):
-        self.times, self.fail, self.calls = times, set(fail), []
-
-    def __call__(self, cfg: Config) -> float:
-        self.calls.append(cfg)
-        if cfg.BLOCK_P in self.fail:
-            from triton.runtime.errors import OutOfResources
-
-            raise OutOfResources(232448, 101376, "shared memory")
-        return self.times[cfg.BLOCK_P]
-
-
-def sel(key=(1, 2, "k"), bench=None, op="fake_op", heuristic=H):
-    return autotune.select(op, key, heuristic, lambda: CANDS, bench if bench is not None else Bench())
-
-
-def cache_json() -> dict:
-    with open(autotune.cache_file()) as f:
-        return json.load(f)
-
-
-def cache_warnings(record) -> list:
-    return [w for w in record if issubclass(w.category, tune_cache.CacheWarning)]
 
 
 @pytest.fixture(autouse=True)
@@ -63,391 +36,543 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(d))
     monkeypatch.delenv("GAM_TRITON_AUTOTUNE", raising=False)
-    autotune.reset()
+    _autotune.reset()
     yield d
-    autotune.reset()
+    _autotune.reset()
 
 
 @pytest.fixture
 def gpu_mode(monkeypatch):
-    """Pretend kernels can be timed here (the decision a real GPU would make)."""
-    monkeypatch.setattr(autotune, "can_benchmark", lambda: True)
+    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
 
 
 @pytest.fixture
 def cpu_mode(monkeypatch):
-    monkeypatch.setattr(autotune, "can_benchmark", lambda: False)
+    monkeypatch.setattr(_runtime, "can_benchmark", lambda: False)
 
 
-# -- tuning and the in-process table -------------------------------------------------------------------
-def test_tunes_once_then_hits_memory(gpu_mode, cache_dir):
-    b = Bench()
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-    assert len(b.calls) == 4 and b.calls[0] == H  # the heuristic is timed first, then the candidates
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2) and len(b.calls) == 4
-    entry = cache_json()["entries"]["fake_op"]["1,2,k"]
-    assert entry["source"] == "tuned" and entry["ms"] == 1.0 and entry["heuristic_ms"] == 2.0
-    assert entry["candidates"] == 4 and entry["tune_s"] >= 0
-    rec, = autotune.drain_log()
-    assert rec.source == "tuned" and rec.speedup == 2.0
-
-
-def test_hot_path_does_not_touch_disk(gpu_mode, cache_dir):
-    first = sel()
-    for f in cache_dir.iterdir():
-        f.unlink()
-    cache_dir.rmdir()
-    assert sel(bench=Bench()) == first
-    assert not cache_dir.exists()
-
-
-def test_failing_candidates_are_skipped(gpu_mode):
-    b = Bench(fail={32})
-    assert sel(bench=b) == H  # 64 (2 ms) beats 16 (3 ms) and 128 (4 ms); 32 did not compile
-    assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
-
-
-def test_all_failing_uses_heuristic_and_persists_nothing(gpu_mode, cache_dir):
-    assert sel(bench=Bench(fail={16, 32, 64, 128})) == H
-    assert not os.path.exists(autotune.cache_file())
-
-
-def test_ties_go_to_the_heuristic(gpu_mode):
-    assert sel(bench=Bench(times={16: 3.0, 32: 1.99, 64: 2.0, 128: 4.0})) == H
-
-
-def test_cpu_mode_stores_the_heuristic_without_timing(cpu_mode):
-    b = Bench()
-    assert sel(bench=b) == H and b.calls == []
-    entry = cache_json()["entries"]["fake_op"]["1,2,k"]
-    assert entry["source"] == "heuristic" and Config(**{k: entry[k] for k in tune_cache.CONFIG_FIELDS}) == H
-    autotune.reset()
-    assert sel(bench=b) == H and autotune.drain_log()[0].source == "cache"
-
-
-def test_gpu_retunes_a_heuristic_entry(cpu_mode, monkeypatch):
-    sel()
-    monkeypatch.setattr(autotune, "can_benchmark", lambda: True)
-    autotune.reset()
-    b = Bench()
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2) and len(b.calls) == 4
-
-
-def test_stale_entries_are_replaced(gpu_mode):
-    sel()
-    autotune.reset()
-    new_cands = [Config(p, 32, 16, 4, 2) for p in (16, 128)]  # the cached winner (32) is no longer offered
-    b = Bench()
-    assert autotune.select("fake_op", (1, 2, "k"), H, lambda: new_cands, b) == H and len(b.calls) == 3
-
-
-# -- persistence across processes ----------------------------------------------------------------------
-CHILD = textwrap.dedent(r"""
-    import json, os, sys, time
-    from gam_triton import autotune
-    from gam_triton.configs import Config
-    autotune.can_benchmark = lambda: True
-    H = Config(64, 32, 16, 4, 2)
-    C = [Config(p, 32, 16, 4, 2) for p in (16, 32, 128)]
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """``do_bench`` counting its calls, each later one faster (by more than the 2 % tie): a candidate wins."""
     calls = []
-    def bench(cfg):
-        calls.append(cfg)
-        return {16: 3.0, 32: 1.0, 64: 2.0, 128: 4.0}[cfg.BLOCK_P]
-    keys, ready, n_ready = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    if ready:  # barrier: start writing only when every writer has imported everything
-        open(os.path.join(ready, str(os.getpid())), "w").close()
-        t0 = time.time()
-        while len(os.listdir(ready)) < n_ready and time.time() - t0 < 60:
-            time.sleep(0.005)
-    chosen = [autotune.select("fake_op", tuple(k), H, lambda: C, bench).BLOCK_P for k in keys]
-    print(json.dumps({"calls": len(calls), "chosen": chosen}))
-""")
+
+    def fake(fn, **kw):
+        calls.append(1)
+        return 10.0 / (1 + len(calls))
+
+    monkeypatch.setattr(_autotune, "do_bench", fake)
+    return calls
 
 
-def run_children(keysets, cache_dir, barrier_dir=None):
-    env = dict(os.environ, GAM_TRITON_CACHE_DIR=str(cache_dir))
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(keys), str(barrier_dir or ""),
-                               str(len(keysets))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for keys in keysets]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+@pytest.fixture
+def tf32():
+    """``tf32("matmul" | "cudnn", on)`` flips PyTorch's legacy TF32 switch; every setting is restored after."""
+    m, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    new = [(m, "fp32_precision"), (cudnn.conv, "fp32_precision"), (cudnn.rnn, "fp32_precision")] \
+        if hasattr(torch.backends, "fp32_precision") else []
+    legacy, saved = (m.allow_tf32, cudnn.allow_tf32), [getattr(o, n) for o, n in new]
+    yield lambda which, on: setattr(m if which == "matmul" else cudnn, "allow_tf32", on)
+    m.allow_tf32, cudnn.allow_tf32 = legacy
+    for (o, n), v in zip(new, saved):
+        setattr(o, n, v)
+    assert (m.allow_tf32, cudnn.allow_tf32) == legacy
 
 
-def test_miss_then_hit_across_processes(cache_dir):
-    keys = [[1, 2, "a"], [1, 4, "b"]]
-    first, = run_children([keys], cache_dir)
-    assert first == {"calls": 8, "chosen": [32, 32]}
-    second, = run_children([keys], cache_dir)
-    assert second == {"calls": 0, "chosen": [32, 32]}  # the second process does not benchmark
+def cache_json() -> dict:
+    with open(_autotune.cache_file()) as f:
+        return json.load(f)
 
 
-def test_concurrent_writers_keep_every_entry(cache_dir, tmp_path):
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    n, per = 3, 40
-    keysets = [[[w, i, "k"] for i in range(per)] for w in range(n)]
-    results = run_children(keysets, cache_dir, barrier)
-    assert all(r["calls"] == 4 * per for r in results)
-    entries = cache_json()["entries"]["fake_op"]
-    assert len(entries) == n * per
-    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]  # no temporary file left over
-
-
-# -- corruption -------------------------------------------------------------------------------------------
 def write_cache(text) -> str:
-    path = autotune.cache_file()
+    path = _autotune.cache_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
     return path
 
 
-@pytest.mark.parametrize("text", ["{not json", "", b"\x00\xff\xfe not utf-8", "[1, 2, 3]",
-                                  '{"format": 99, "entries": {}}', '{"format": 1, "entries": []}'])
-def test_corrupt_file_warns_once_and_is_rewritten(gpu_mode, text):
+def of_kind(record, kind) -> list:
+    return [w for w in record if issubclass(w.category, kind)]
+
+
+def entry(block_p, **meta) -> dict:
+    return dict(_autotune.encode(cfg(block_p)), **{"source": "tuned", **meta})
+
+
+# -- the policy -------------------------------------------------------------------------------------------
+def test_a_key_is_tuned_once_then_served_from_memory(gpu_mode):
+    b = Bench()
+    assert bp(sel(bench=b)) == 32 and b.calls == [64, 16, 32, 128]  # the heuristic is timed first
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4
+    e = cache_json()["entries"]["fake_op"]["1,2,k"]
+    assert e["config"] == {"BLOCK_P": 32, "num_warps": 4, "num_stages": 2}
+    assert e["source"] == "tuned" and e["ms"] == 1.0 and e["heuristic_ms"] == 2.0 and e["candidates"] == 4
+    rec, = _autotune.drain_log()
+    assert rec.source == "tuned" and rec.speedup == 2.0 and rec.key == "1,2,k"
+
+
+def test_the_hot_path_touches_neither_the_disk_nor_the_heuristic(gpu_mode, monkeypatch, cache_dir):
+    first = sel()
+    _autotune.drain_log()
+    shutil.rmtree(cache_dir)
+
+    def boom(*a, **k):
+        raise AssertionError("touched on the hot path")
+
+    for name in ("read", "store"):
+        monkeypatch.setattr(_autotune._Cache, name, boom)
+    monkeypatch.setattr(_runtime, "capturing", boom)
+    assert _autotune.select("fake_op", (1, 2, "k"), boom, boom, boom) is first
+    assert not cache_dir.exists() and _autotune.drain_log() == []
+
+
+def test_failing_candidates_are_skipped(gpu_mode):
+    from triton.runtime.errors import OutOfResources
+
+    b = Bench(fail={32: OutOfResources(232448, 101376, "shared memory")})
+    assert bp(sel(bench=b)) == 64 and len(b.calls) == 4  # 64 (2 ms) beats 16 and 128; 32 did not compile
+    assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
+    assert _autotune.drain_log()[0].failed == 1
+
+
+def test_when_every_choice_fails_the_heuristic_is_used_and_nothing_is_stored(gpu_mode):
+    from triton.runtime.errors import OutOfResources
+
+    b = Bench(times={64: float("nan"), 128: 0.0}, fail={p: OutOfResources(1, 0, "smem") for p in (16, 32)})
+    assert bp(sel(bench=b)) == 64 and len(b.calls) == 4
+    assert not os.path.exists(_autotune.cache_file())
+    rec, = _autotune.drain_log()
+    assert rec.source == "failed" and rec.failed == 4
+    assert bp(sel(bench=b)) == 64 and len(b.calls) == 4  # remembered for this process
+
+
+def test_ties_within_two_percent_go_to_the_heuristic(gpu_mode):
+    assert bp(sel(bench=Bench(times={16: 3.0, 32: 1.97, 64: 2.0, 128: 4.0}))) == 64  # 1.5 % faster: a tie
+    assert bp(sel((2,), bench=Bench(times={16: 3.0, 32: 1.9, 64: 2.0, 128: 4.0}))) == 32  # 5 %: a win
+
+
+def test_without_a_gpu_the_heuristic_is_stored_untimed_and_on_a_gpu_it_is_tuned_again(cpu_mode, monkeypatch):
+    b = Bench()
+    assert bp(sel(bench=b)) == 64 and b.calls == []
+    e = cache_json()["entries"]["fake_op"]["1,2,k"]
+    assert e["source"] == "heuristic" and bp(_autotune.decode(e)) == 64 and "ms" not in e
+    _autotune.reset()
+    assert bp(sel(bench=b)) == 64 and [r.source for r in _autotune.drain_log()] == ["cache"] and b.calls == []
+    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    _autotune.reset()
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4  # an untimed entry is a miss where kernels are timed
+    assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
+
+
+def test_stale_entries_are_tuned_again(gpu_mode, monkeypatch):
+    sel()  # 32 stored; the candidates change, 32 is no longer one of them
+    _autotune.reset()
+    b = Bench()
+    assert bp(sel(bench=b, cands=[cfg(16), cfg(128)])) == 64 and b.calls == [64, 16, 128]
+    assert bp(_autotune.decode(cache_json()["entries"]["fake_op"]["1,2,k"])) == 64
+    write_cache(json.dumps({"format": 2, "entries": {"fake_op": {"3": entry(48, source="heuristic")}}}))
+    monkeypatch.setattr(_runtime, "can_benchmark", lambda: False)
+    _autotune.reset()  # an untimed entry of another heuristic is replaced by the current one
+    assert bp(sel((3,))) == 64 and bp(_autotune.decode(cache_json()["entries"]["fake_op"]["3"])) == 64
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_the_off_switch_uses_the_heuristic_and_neither_reads_nor_writes_the_cache(gpu_mode, monkeypatch, value):
+    sel()  # 32 is on disk
+    with open(_autotune.cache_file()) as f:
+        before = f.read()
+    monkeypatch.setenv("GAM_TRITON_AUTOTUNE", value)
+    _autotune.reset()
+
+    def boom(*a, **k):
+        raise AssertionError("the cache was used")
+
+    monkeypatch.setattr(_autotune._Cache, "read", boom)
+    monkeypatch.setattr(_autotune._Cache, "store", boom)
+    b = Bench()
+    assert not _autotune.enabled()
+    assert bp(sel(bench=b)) == 64 and bp(sel((3, 3), bench=b)) == 64 and b.calls == []
+    with open(_autotune.cache_file()) as f:
+        assert f.read() == before
+    assert _autotune.drain_log() == []
+
+
+# -- the file ---------------------------------------------------------------------------------------------
+def test_another_process_reads_what_this_one_tuned_and_this_one_rereads_on_a_miss(gpu_mode):
+    b = Bench()
+    assert bp(sel((1, "a"), bench=b)) == 32 and len(b.calls) == 4
+    p = subprocess.run([sys.executable, autotune_cases.__file__, '[[1, "a"], [2, "b"]]'], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1]) == {"calls": 4, "chosen": [32, 32]}  # (1, a) read, (2, b) tuned
+    assert bp(sel((2, "b"), bench=b)) == 32 and len(b.calls) == 4  # a miss re-reads the file: no tuning
+    assert [r.source for r in _autotune.drain_log()] == ["tuned", "cache"]
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path, cache_dir):
+    (tmp_path / "barrier").mkdir()
+    n, per, ctx = 3, 20, multiprocessing.get_context("fork")  # forked: no second import of torch
+    procs = [ctx.Process(target=autotune_cases.write, args=([[w, i] for i in range(per)], str(tmp_path / "barrier"),
+                                                            n, str(tmp_path / f"out{w}"))) for w in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(json.loads((tmp_path / f"out{w}").read_text())["calls"] == 4 * per for w in range(n))
+    with open(_autotune.cache_file("Writer GPU")) as f:
+        assert len(json.load(f)["entries"]["fake_op"]) == n * per
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
+
+
+OLD_LAYOUT = {"BLOCK_P": 128, "BLOCK_C": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2, "source": "tuned"}
+
+
+@pytest.mark.parametrize("text", [
+    "{not json", "", b"\x00\xff\xfe not utf-8", "[1, 2, 3]", '{"format": 99, "entries": {}}',
+    '{"format": 2, "entries": []}', json.dumps({"format": 1, "entries": {"fake_op": {"1,2,k": OLD_LAYOUT}}}),
+    "oversized"], ids=["not-json", "empty", "not-utf8", "a-list", "format-99", "entries-a-list",
+                       "format-1-the-old-layout", "oversized"])
+def test_a_corrupt_old_or_oversized_file_warns_once_and_is_rewritten(gpu_mode, monkeypatch, text):
+    if text == "oversized":  # a valid file whose entry would be a hit (128), but too big to be read
+        monkeypatch.setattr(_autotune, "MAX_FILE_BYTES", 1000)
+        text = json.dumps({"format": 2, "entries": {"fake_op": {"1,2,k": entry(128)}}}) + " " * 1000
     write_cache(text)
     b = Bench()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-        sel(key=(9, 9, "other"), bench=b)
-    assert len(cache_warnings(rec)) == 1
+        assert bp(sel(bench=b)) == 32 and len(b.calls) == 4
+        sel((9, 9), bench=b)
+    assert len(of_kind(rec, _autotune.CacheWarning)) == 1
     data = cache_json()
-    assert data["format"] == tune_cache.FORMAT and set(data["entries"]["fake_op"]) == {"1,2,k", "9,9,other"}
+    assert data["format"] == _autotune.FORMAT == 2 and set(data["entries"]["fake_op"]) == {"1,2,k", "9,9"}
 
 
-def test_bad_entries_are_dropped_good_ones_kept(gpu_mode):
-    good = dict(Config(128, 32, 16, 4, 2).as_dict(), source="tuned", ms=0.5)
+def test_bad_entries_are_dropped_and_good_ones_kept(gpu_mode):
+    good = entry(128, ms=0.5)
+    c = good["config"]
     bad = [
-        dict(good, BLOCK_P="128"),               # a string
-        dict(good, BLOCK_P=48),                  # not a power of two
-        dict(good, num_warps=True),              # a bool
-        dict(good, num_stages=99),               # out of range
-        dict(good, ms=-1.0),                     # negative time
-        dict(good, source="pickle"),             # unknown source
-        dict(good, __reduce__="os.system"),      # unknown field
-        {k: v for k, v in good.items() if k != "BLOCK_R"},  # missing field
-        "BLOCK_P=128",                           # not an object
+        dict(good, __reduce__="os.system"), dict(good, path="cudnn"), {"config": c, "extra": 1},
+        dict(good, config=dict(c, BLOCK_P="128")), dict(good, config=dict(c, BLOCK_P=True)),
+        dict(good, config=dict(c, BLOCK_P=128.0)), dict(good, config=dict(c, BLOCK_P=-1)),
+        dict(good, config=dict(c, BLOCK_P=1 << 20)), dict(good, config={"BLOCK_P": 128, "num_warps": 4}),
+        dict(good, config=dict(c, **{"BLOCK P": 1})), dict(good, config=[128, 4, 2]),
+        dict(good, ms=-1.0), dict(good, ms=float("nan")), dict(good, ms="fast"), dict(good, source="pickle"),
+        dict(good, candidates=1.5), {"path": "rm -rf /"}, {"path": 3}, "BLOCK_P=128", None, [],
     ]
-    table = {"1,2,k": good, **{f"bad{i}": e for i, e in enumerate(bad)}}
-    write_cache(json.dumps({"format": 1, "entries": {"fake_op": table, "bad op!": {"x": good}}}))
+    table = {"1,2,k": good, "x" * 600: good, **{f"bad{i}": e for i, e in enumerate(bad)}}
+    write_cache(json.dumps({"format": 2, "entries": {
+        "fake_op": table, "path_op": {"3,3": {"path": "triton", "source": "tuned"}},
+        "bad op!": {"1,2,k": good}, "../../etc": {"1,2,k": good}, "list_op": [good]}}))
     b = Bench()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        assert sel(bench=b) == Config(128, 32, 16, 4, 2) and b.calls == []  # the valid entry is used
-        sel(key=(5, 5, "new"), bench=b)  # a store rewrites the file without the bad entries
-    assert len(cache_warnings(rec)) == 1
-    assert set(cache_json()["entries"]) == {"fake_op"}
-    assert set(cache_json()["entries"]["fake_op"]) == {"1,2,k", "5,5,new"}
+        assert bp(sel(bench=b)) == 128 and b.calls == []  # the valid entry, matched to a candidate
+        assert _autotune.select("path_op", (3, 3), lambda: "cudnn", lambda: ["triton"], b) == "triton"
+        sel((5, 5), bench=b)  # a store rewrites the file without the bad entries
+    assert len(of_kind(rec, _autotune.CacheWarning)) == 1
+    entries = cache_json()["entries"]
+    assert set(entries) == {"fake_op", "path_op"} and set(entries["fake_op"]) == {"1,2,k", "5,5"}
 
 
-# -- directories that cannot be written ------------------------------------------------------------------
-# Tests run as root in CI, where chmod does not stop writes: the directory is made unusable by putting it
-# under a regular file (mkdir fails with NotADirectoryError), or the final rename is made to fail.
-def test_cache_dir_under_a_file_tunes_in_memory(gpu_mode, monkeypatch, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(blocker / "cache"))
-    autotune.reset()
+def test_nothing_in_the_file_is_executed(gpu_mode, tmp_path):
+    mark = tmp_path / "PWNED"
+    hostile = f"__import__('os').system('touch {mark}')"
+    write_cache('{"format": 2, "entries": ' + hostile + "}")  # not JSON: would run under eval
+    with pytest.warns(_autotune.CacheWarning):
+        assert bp(sel()) == 32
+    for e in ({"path": hostile}, {"config": {"BLOCK_P": hostile, "num_warps": 4, "num_stages": 2}},
+              {"config": {hostile: 1, "num_warps": 4, "num_stages": 2}}, {"py/object": "os.system"},
+              {"config": {"BLOCK_P": {"py/reduce": "os.system"}, "num_warps": 4, "num_stages": 2}},
+              {"path": "!!python/object/apply:os.system"}, hostile, None, []):
+        assert _autotune.decode(e) is None
+    assert not mark.exists()
+
+
+def _deny(*a, **k):
+    raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("block", ["dir-under-a-file", "rename-denied"])
+def test_an_unusable_cache_directory_means_tuning_in_memory_with_one_warning(gpu_mode, monkeypatch, tmp_path,
+                                                                            cache_dir, block):
+    if block == "rename-denied":
+        monkeypatch.setattr(_autotune.os, "replace", _deny)
+    else:  # mkdir fails (NotADirectoryError): how a directory is unwritable for root too
+        (tmp_path / "a_file").write_text("not a directory")
+        monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+        _autotune.reset()
     b = Bench()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-        assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-        sel(key=(7, 7, "x"), bench=b)
+        assert bp(sel(bench=b)) == 32 and bp(sel(bench=b)) == 32 and bp(sel((7, 7), bench=b)) == 32
     assert len(b.calls) == 8  # two keys tuned once each, kept in memory
-    assert len(cache_warnings(rec)) == 1
-
-
-def test_rename_permission_error_tunes_in_memory(gpu_mode, monkeypatch, cache_dir):
-    def deny(*a, **k):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(tune_cache.os, "replace", deny)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        assert sel() == Config(32, 32, 16, 4, 2)
-        sel(key=(7, 7, "x"))
-    assert len(cache_warnings(rec)) == 1
-    assert not os.path.exists(autotune.cache_file())
-    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]  # the temporary file is removed
+    assert len(of_kind(rec, _autotune.CacheWarning)) == 1
+    assert not os.path.exists(_autotune.cache_file())
+    assert not (cache_dir.exists() and [f for f in os.listdir(cache_dir) if f.endswith(".tmp")])
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root ignores directory permissions (covered by the two tests above)")
-def test_read_only_directory(gpu_mode, cache_dir):
+                    reason="root ignores directory permissions (the two cases above block the directory otherwise)")
+def test_a_read_only_cache_directory_means_tuning_in_memory_with_one_warning(gpu_mode, cache_dir):
     cache_dir.mkdir()
     cache_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            assert sel() == Config(32, 32, 16, 4, 2)
-        assert len(cache_warnings(rec)) == 1
+            assert bp(sel()) == 32 and bp(sel((7, 7))) == 32
+        assert len(of_kind(rec, _autotune.CacheWarning)) == 1 and os.listdir(cache_dir) == []
     finally:
         cache_dir.chmod(stat.S_IRWXU)
 
 
-# -- off switch ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", ["0", "off", "False"])
-def test_off_switch_uses_heuristic_only(gpu_mode, monkeypatch, value):
-    sel()  # a tuned entry is on disk
-    before = cache_json()
-    monkeypatch.setenv("GAM_TRITON_AUTOTUNE", value)
-    autotune.reset()
-    b = Bench()
-    assert not autotune.enabled()
-    assert sel(bench=b) == H and sel(key=(3, 3, "new"), bench=b) == H
-    assert b.calls == [] and cache_json() == before  # nothing timed, nothing read or written
+def test_the_file_name_has_the_gpu_name_the_triton_version_and_the_kernels_hash(cache_dir):
+    h = _autotune.kernels_hash()
+    assert len(h) == 12 and int(h, 16) >= 0 and _autotune.kernels_hash() == h
+    path = _autotune.cache_file("NVIDIA H100 80GB HBM3")
+    assert os.path.dirname(path) == str(cache_dir)
+    assert os.path.basename(path) == f"NVIDIA_H100_80GB_HBM3__triton-{triton.__version__}__kernels-{h}.json"
+    assert os.path.basename(_autotune.cache_file("../../etc/passwd")).startswith("etc_passwd__triton-")
+    if not _runtime.can_benchmark():
+        assert os.path.basename(_autotune.cache_file()).startswith("cpu-interpreter__triton-")
 
 
-# -- keys ---------------------------------------------------------------------------------------------------
-def test_batch_bucket():
-    assert [autotune.batch_bucket(b, 400) for b in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
-    # 80 x 80 (6400 -> 8192 pixels): from 16 images on the GPU is full, bigger batches share the key
-    assert {autotune.batch_bucket(b, 6400) for b in (16, 17, 32, 256)} == {16}
-    assert autotune.batch_bucket(1, 1 << 20) == 1
-
-
-def test_cache_path_is_per_device_triton_version_and_kernels(cache_dir):
-    import triton
-
-    src = tune_cache.kernels_hash()
-    assert len(src) == 12 and int(src, 16) >= 0 and tune_cache.kernels_hash() == src
-    path = tune_cache.cache_path("NVIDIA H100 80GB HBM3", triton.__version__, str(cache_dir))
-    assert os.path.basename(path) == f"NVIDIA_H100_80GB_HBM3__triton-{triton.__version__}__kernels-{src}.json"
-    assert autotune.cache_file().endswith(f"__kernels-{src}.json")
-    assert tune_cache.sanitise("../../etc/passwd") == "etc_passwd"
-    if not torch.cuda.is_available() or INTERPRET:
-        assert os.path.basename(autotune.cache_file()).startswith("cpu-interpreter__triton-")
-
-
-def test_kernel_edit_gets_a_new_file_and_old_files_stay(gpu_mode, monkeypatch, cache_dir):
-    """A kernel edit (another source hash) does not serve the configs tuned for the old source; the old
-    file is neither read nor deleted."""
+def test_a_kernel_edit_gets_a_new_file_and_old_files_stay(gpu_mode, monkeypatch, tmp_path):
     sel()
-    old_file = autotune.cache_file()
-    old_text = open(old_file).read()
-    assert json.loads(old_text)["kernels"] == tune_cache.kernels_hash()
-    monkeypatch.setattr(tune_cache, "_KERNELS_HASH", ["0123456789ab"])
-    monkeypatch.setattr(autotune, "kernels_hash", tune_cache.kernels_hash)
-    autotune.reset()
+    old_file, real_hash = _autotune.cache_file(), _autotune.kernels_hash
+    with open(old_file) as f:
+        old_text = f.read()
+    monkeypatch.setattr(_autotune, "kernels_hash", lambda: "0123456789ab")
+    _autotune.reset()
     b = Bench()
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2) and len(b.calls) == 4  # tuned again
-    assert autotune.cache_file() != old_file and autotune.cache_file().endswith("__kernels-0123456789ab.json")
-    assert open(old_file).read() == old_text
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4  # tuned again
+    assert _autotune.cache_file() != old_file and _autotune.cache_file().endswith("__kernels-0123456789ab.json")
+    with open(old_file) as f:
+        assert f.read() == old_text
+    monkeypatch.setattr(_autotune, "kernels_hash", real_hash)  # the hash follows the kernels' source:
+    before, copy = real_hash(), tmp_path / "kernels"              # a copy has it, one byte changed does not
+    shutil.copytree(os.path.dirname(_autotune.kernels.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(_autotune, "kernels", types.SimpleNamespace(__file__=str(copy / "__init__.py")))
+    assert real_hash() == before
+    (copy / "conv.py").write_text((copy / "conv.py").read_text() + "\n# an edit\n")
+    assert real_hash() != before
 
 
-def test_kernels_hash_follows_the_source(tmp_path, monkeypatch):
-    """The hash covers the kernels' *.py files: one byte changed, another hash (computed on a copy)."""
-    import importlib.util
-    import shutil
-
-    src_dir = list(importlib.util.find_spec("gam_triton.kernels").submodule_search_locations)[0]
-    copy = tmp_path / "kernels"
-    shutil.copytree(src_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
-
-    def hash_of(directory):
-        spec = type("Spec", (), {"submodule_search_locations": [str(directory)]})()
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
-        monkeypatch.setattr(tune_cache, "_KERNELS_HASH", [])
-        return tune_cache.kernels_hash()
-
-    same = hash_of(copy)
-    f = copy / "channel_gate.py"
-    f.write_text(f.read_text() + "\n# an edit\n")
-    assert hash_of(copy) != same
-    monkeypatch.undo()
-    assert same == tune_cache.kernels_hash()
+# -- choices and keys -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice", [
+    H, triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "BLOCK_R": 256}, num_warps=8, num_stages=3),
+    triton.Config({}, num_warps=2, num_stages=1), "cudnn", "cudnn_relu", "triton"])
+def test_a_choice_survives_encode_json_and_decode(choice):
+    back = _autotune.decode(json.loads(json.dumps(dict(_autotune.encode(choice), source="tuned", ms=1.5))))
+    assert _autotune.ident(back) == _autotune.ident(choice) and _autotune.describe(back) == _autotune.describe(choice)
+    if isinstance(choice, str):
+        assert back == choice
+    else:
+        assert (back.kwargs, back.num_warps, back.num_stages) == (choice.kwargs, choice.num_warps, choice.num_stages)
 
 
-def test_cache_and_memory_follow_the_tensors_device(gpu_mode, monkeypatch):
-    """select(device=i) names the cache after device i, never the current device (a model on cuda:1)."""
-    monkeypatch.setattr(autotune, "_has_cuda", lambda: True)
-    monkeypatch.setattr(autotune, "_DEVICE_NAMES", {})
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
-
-    def no_current():
-        raise AssertionError("the current device must not be asked when the tensors' device is known")
-
-    monkeypatch.setattr(torch.cuda, "current_device", no_current)
-    b0, b1 = Bench(), Bench(times={16: 1.0, 32: 3.0, 64: 2.0, 128: 4.0})  # device 1 prefers BLOCK_P=16
-    assert autotune.select("fake_op", (1, 2, "k"), H, lambda: CANDS, b0, device=0).BLOCK_P == 32
-    assert autotune.select("fake_op", (1, 2, "k"), H, lambda: CANDS, b1, device=1).BLOCK_P == 16
-    assert len(b0.calls) == len(b1.calls) == 4  # one tuning per device, same key
-    files = sorted(os.path.basename(autotune.cache_file(f"Fake GPU {i}")) for i in (0, 1))
-    assert files[0].startswith("Fake_GPU_0__") and files[1].startswith("Fake_GPU_1__")
-    assert all(os.path.exists(autotune.cache_file(f"Fake GPU {i}")) for i in (0, 1))
+def test_equal_configs_built_separately_have_one_ident_and_are_timed_once(gpu_mode):
+    a = triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4, num_stages=2)
+    b = triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=2)
+    assert a is not b and _autotune.ident(a) == _autotune.ident(b) and hash(_autotune.ident(a))
+    others = [triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+              triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3), "cudnn"]
+    assert all(_autotune.ident(o) != _autotune.ident(a) for o in others)
+    bench = Bench()
+    sel(bench=bench, cands=[cfg(64), *CANDS])  # a copy of the heuristic among the candidates
+    assert sorted(bench.calls) == [16, 32, 64, 128]
 
 
-class FakeEvent:
-    """torch.cuda.Event stand-in on a fake clock advanced by the timed function."""
-
-    clock = [0.0]
-
-    def __init__(self, enable_timing=False):
-        self.t = None
-
-    def record(self):
-        self.t = FakeEvent.clock[0]
-
-    def elapsed_time(self, end):
-        return end.t - self.t
+def test_pixels_buckets_the_map_and_the_batch():
+    assert [_autotune.pixels(b, 400) for b in (1, 2, 3, 4, 5, 16, 17)] == \
+        [(512, 1), (512, 2), (512, 4), (512, 4), (512, 8), (512, 16), (512, 32)]
+    assert _autotune.pixels(3, 49) == _autotune.pixels(4, 64) == (64, 4)
+    # 80 x 80 (6400 -> 8192 pixels): from 16 images the GPU is full, bigger batches share the key
+    assert {_autotune.pixels(b, 6400) for b in (16, 17, 32, 256)} == {(8192, 16)}
+    assert _autotune.pixels(7, 1 << 20) == (1 << 20, 1)
 
 
-def test_bench_ms_reuses_one_flush_buffer(monkeypatch):
-    """The timing loop (checked with stand-ins for the CUDA calls): one flush buffer per device for every
-    candidate and key, zeroed before each timed call, the median of the timed calls."""
-    allocated, zeroed = [], []
-
-    class Buffer:
-        def zero_(self):
-            zeroed.append(1)
-
-    def fake_alloc(index):
-        allocated.append(index)
-        return Buffer()
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(autotune, "_FLUSH", {})
-
-    def flush_buffer(index):
-        buf = autotune._FLUSH.get(index)
-        if buf is None:
-            buf = autotune._FLUSH[index] = fake_alloc(index)
-        return buf
-
-    monkeypatch.setattr(autotune, "flush_buffer", flush_buffer)
-    durations = iter([0.5] * 10 + [0.2, 0.3, 0.1] * 1000)
-
-    def fn():
-        FakeEvent.clock[0] += next(durations)
-
-    assert autotune.bench_ms(fn) == pytest.approx(0.2)  # median of 0.2 / 0.3 / 0.1 repeated
-    zeroed_once = len(zeroed)
-    assert autotune.bench_ms(lambda: None) == 0.0  # a second candidate: same buffer, timed calls capped
-    assert allocated == [0] and len(zeroed) - zeroed_once == 5 + autotune.MAX_REPS
+def test_key_requires_the_precision_and_carries_dtypes_and_layouts():
+    x = torch.zeros(2, 16, 4, 4)
+    w1 = torch.zeros(4, 16)
+    with pytest.raises(TypeError):
+        _autotune.key((1,), x)  # precision is keyword-only and has no default
+    with pytest.raises(TypeError):
+        channel_gate.key(x, w1, False)
+    assert _autotune.key((1, 2), x, precision=None) == (1, 2, "float32", False, "-")
+    cl = x.half().contiguous(memory_format=torch.channels_last)
+    assert _autotune.key((1,), cl, precision="tf32") == (1, "float16", True, "tf32")
+    assert channel_gate.key(x, w1, False, "ieee") != channel_gate.key(x, w1, False, "tf32")
 
 
-# -- failures while tuning ----------------------------------------------------------------------------------
-def _raising(exc_by_block_p):
-    """A bench that raises ``exc_by_block_p[cfg.BLOCK_P]`` when present, else returns TIMES."""
-    calls = []
+def gate_inputs(device, b=2, c=16, h=4, w=4, cr=4):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(*s, generator=g) * 0.5).to(device) for s in ((b, c, h, w), (cr, c), (cr,), (c, cr), (c,))]
 
-    def bench(cfg):
-        calls.append(cfg)
-        exc = exc_by_block_p.get(cfg.BLOCK_P)
-        if exc is not None:
-            raise exc
-        return TIMES[cfg.BLOCK_P]
 
-    bench.calls = calls
-    return bench
+def conv_inputs(device, c=16, cr=4):
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(device)
+    return r(1, c, 4, 4), r(cr, c, 3, 3), r(cr), r(c, cr, 3, 3), r(c).abs() + 0.5, r(c)
+
+
+@needs_kernels
+def test_real_ops_tune_once_per_bucket(gpu_mode, fake_timer, monkeypatch, device):
+    _, w1, b1, w2, b2 = gate_inputs(device)
+    launches, launch = [], _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda *a: launches.append(1) or launch(*a))
+
+    def run(b, h, w):
+        x = torch.randn(b, 16, h, w).to(device)
+        x0 = x.clone()
+        out = channel_gate.channel_gate(x, w1, b1, w2, b2, True)
+        torch.testing.assert_close(out, channel_gate.torch_forward(x, w1, b1, w2, b2, True), rtol=1e-4, atol=1e-5)
+        assert torch.equal(x, x0)  # timing the candidates did not touch the input
+        return len(fake_timer)
+
+    n1 = run(3, 3, 3)
+    assert n1 > 1 and len(launches) == n1 + 1  # each choice launched once before it is timed, then the winner
+    assert run(4, 4, 4) == n1  # batch 3 -> 4 and 9 -> 16 pixels: the same bucket, no tuning
+    n2 = run(4, 2, 3)          # 6 -> 8 pixels: a new bucket
+    assert n2 > n1 and run(5, 4, 4) > n2  # batch 5 -> 8: another
+    tuned = [r for r in _autotune.drain_log() if r.source == "tuned"]
+    assert len(tuned) == 3 and all(r.op == "channel_gate" and r.speedup for r in tuned)
+
+
+def _gate(d):
+    x, w1, b1, w2, b2 = gate_inputs(d)
+    channel_gate.channel_gate(x, w1, b1, w2, b2)
+
+
+def _gate_bwd(d):
+    x, w1, b1, w2, b2 = gate_inputs(d)
+    channel_gate.backward(x, x * 0.5, x * 0.25, w1, b1, w2, b2, True, torch.zeros(1, dtype=torch.int32, device=d))
+
+
+def _conv1(d):
+    x, w1, b1, *_ = conv_inputs(d)
+    conv.conv_bn_relu(x, w1, b1)
+
+
+def _conv2(d):
+    x, w1, _, w2, scale, shift = conv_inputs(d)
+    conv.conv_gate(x[:, :4].contiguous(memory_format=torch.channels_last), w2, None, scale, shift, x)
+
+
+DOT_OPS = {"channel_gate": ("matmul", _gate, {"ieee", "tf32"}), "channel_gate_bwd": ("matmul", _gate_bwd,
+           {"ieee", "tf32"}), "conv_bn_relu": ("cudnn", _conv1, {"tf32x3", "tf32"}),
+           "conv_gate": ("cudnn", _conv2, {"tf32x3", "tf32"})}
+
+
+def keys_of(op) -> list:
+    return [r.key for r in _autotune.drain_log() if r.op == op]
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", DOT_OPS)
+def test_fp32_keys_of_a_dot_kernel_differ_between_full_precision_and_tf32(op, tf32, device):
+    switch, run, precisions = DOT_OPS[op]
+    keys = []
+    for on in (False, True):
+        tf32(switch, on)
+        run(device)
+        keys += keys_of(op)
+    assert len(keys) == 2 and len(set(keys)) == 2 and {k.rsplit(",", 1)[1] for k in keys} == precisions
+    tf32("cudnn" if switch == "matmul" else "matmul", False)  # the other switch does not change this key
+    run(device)
+    assert keys_of(op) == []
+
+
+@needs_kernels
+def test_fp32_keys_of_the_spatial_path_choice_differ_between_full_precision_and_tf32(gpu_mode, fake_timer, tf32,
+                                                                                    monkeypatch, device):
+    monkeypatch.setenv("GAM_TRITON_CONV", "auto")
+    x, w1, b1, w2, scale, shift = conv_inputs(device)
+    keys = []
+    for on in (False, True):
+        tf32("cudnn", on)
+        conv.spatial_eval(x, w1, b1, w2, None, scale, shift)
+        keys += keys_of("spatial")
+    assert len(set(keys)) == 2 and {k.rsplit(",", 1)[1] for k in keys} == {"tf32x3", "tf32"}
+    tf32("matmul", True)
+    conv.spatial_eval(x, w1, b1, w2, None, scale, shift)
+    assert keys_of("spatial") == []
+
+
+@needs_kernels
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9 has no fp32_precision API")
+def test_the_conv_precision_follows_the_new_cudnn_fp32_precision_api(tf32, device):
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # what PyTorch recommends instead of allow_tf32
+    _conv1(device)
+    assert keys_of("conv_bn_relu")[0].endswith(",tf32x3")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_do(monkeypatch):
+    seen = []
+
+    def spy(op, k, heuristic, candidates, bench):
+        seen.extend(_autotune.ident(c) for c in candidates())
+        raise _Stop
+
+    monkeypatch.setattr(_autotune, "select", spy)
+    x, *lin = gate_inputs("cpu", 1, 64, 8, 8, 16)
+    with pytest.raises(_Stop):
+        channel_gate.backward(x, x, x, *(t.bfloat16() for t in lin), True, torch.zeros(1, dtype=torch.int32))
+    assert seen == [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.bfloat16)]
+
+
+# -- rejections and failures while tuning ---------------------------------------------------------------------
+def test_a_candidate_whose_kernel_spills_registers_is_rejected_and_skipped(gpu_mode, monkeypatch):
+    ran = []
+
+    def run(choice):
+        ran.append(bp(choice))
+        return types.SimpleNamespace(n_spills=24 if bp(choice) == 32 else None)
+
+    monkeypatch.setattr(_autotune, "do_bench", lambda fn, **kw: (fn(), TIMES[ran[-1]])[1])
+    bench = _autotune.timed(run)
+    with pytest.raises(_autotune.Rejected, match="spills 24 bytes"):
+        bench(cfg(32))
+    assert ran == [32]  # rejected after its one compiling run, never timed
+    assert bp(sel(bench=bench)) == 64  # 32 (1 ms) spills: the heuristic (2 ms) wins
+    assert _autotune.drain_log()[0].failed == 1
+
+
+def test_checked_drops_a_wrong_candidate_with_a_warning_and_times_the_right_ones(gpu_mode):
+    want, refs = torch.arange(8.0), []
+
+    def reference():
+        refs.append(1)
+        return want
+
+    def run(choice):  # 32: wrong values, 16: wrong shape
+        return want[:4] if bp(choice) == 16 else want + (bp(choice) == 32)
+
+    b = Bench()
+    with pytest.warns(conv.CandidateMismatchWarning) as rec:
+        assert bp(sel(bench=conv.checked("fake_op", b, run, reference, (1e-3, 1e-3)))) == 64
+    msgs = [str(w.message) for w in of_kind(rec, conv.CandidateMismatchWarning)]
+    assert len(msgs) == 2 and "BLOCK_P=16 w4 s2 disagrees" in msgs[0] and "BLOCK_P=32 w4 s2 disagrees" in msgs[1]
+    assert b.calls == [64, 128] and refs == [1]  # the reference is computed once
+
+
+@needs_kernels
+def test_a_conv_candidate_that_writes_nothing_is_not_chosen(gpu_mode, fake_timer, monkeypatch, device):
+    x, w1, b1, *_ = conv_inputs(device)
+    heur = conv.heuristic(16, 4, 16, torch.float32)
+    monkeypatch.setattr(conv, "candidates", lambda *a: [triton.Config(heur.kwargs, num_warps=4, num_stages=3)])
+    launch = _runtime.launch  # the 3-stage candidate's kernel writes nothing (a miscompiled mask, say)
+    monkeypatch.setattr(_runtime, "launch", lambda k, g, a, kw: None if kw["num_stages"] == 3 else launch(k, g, a, kw))
+    monkeypatch.setattr(_runtime, "POISON", True)  # fresh outputs are NaN
+    want = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
+    with pytest.warns(conv.CandidateMismatchWarning, match="w4 s3"):  # each checked run starts from NaN
+        torch.testing.assert_close(conv.conv_bn_relu(x, w1, b1), want)
+    assert _autotune.drain_log()[-1].choice.num_stages != 3  # the kernel that writes nothing lost
+    torch.testing.assert_close(conv.conv_bn_relu(x, w1, b1), want)
 
 
 def _compile_failures():
@@ -460,143 +585,89 @@ def _compile_failures():
 
 
 @pytest.mark.parametrize("i", range(4), ids=["OutOfResources", "PTXASError", "CompilationError", "launch-resources"])
-def test_compile_failures_skip_the_candidate(gpu_mode, i):
+def test_compile_and_resource_failures_skip_the_candidate(gpu_mode, i):
     exc = _compile_failures()[i]
-    assert autotune.failure_kind(exc) == "skip"
-    b = _raising({32: exc})
+    assert _autotune.failure_kind(exc) == "skip"
+    b = Bench(fail={32: exc})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sel(bench=b) == H and len(b.calls) == 4  # 32 failed; 64 (the heuristic, 2 ms) wins
+        assert bp(sel(bench=b)) == 64 and len(b.calls) == 4
     assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
 
 
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB"),
-                                 RuntimeError("Triton Error [CUDA]: out of memory")], ids=["torch", "triton"])
-def test_out_of_memory_falls_back_to_the_heuristic_with_a_warning(gpu_mode, exc):
-    b = _raising({16: exc})
-    with pytest.warns(autotune.TuningWarning, match="out of GPU memory"):
-        assert sel(bench=b) == H
-    assert [c.BLOCK_P for c in b.calls] == [64, 16]  # tuning stopped at the failure
-    assert not os.path.exists(autotune.cache_file())  # not stored: a later process tunes again
-    rec, = autotune.drain_log()
-    assert rec.source == "failed"
-    assert sel(bench=b) == H and len(b.calls) == 2  # remembered for this process: no retry on every call
+                                 RuntimeError("Triton Error [CUDA]: out of memory"),
+                                 RuntimeError("CUDA error: out of memory")], ids=["torch", "triton", "cuda-error"])
+def test_out_of_memory_falls_back_to_the_heuristic_with_a_warning_and_is_not_stored(gpu_mode, exc):
+    b = Bench(fail={16: exc})
+    with pytest.warns(_autotune.TuningWarning, match="out of GPU memory"):
+        assert bp(sel(bench=b)) == 64
+    assert b.calls == [64, 16]  # tuning stopped at the failure
+    assert not os.path.exists(_autotune.cache_file())
+    assert [r.source for r in _autotune.drain_log()] == ["failed"]
+    assert bp(sel(bench=b)) == 64 and len(b.calls) == 2  # remembered for this process: no retry per call
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("CUDA error: an illegal memory access was encountered"),
-                                 RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")],
-                         ids=["torch", "triton"])
-def test_sticky_cuda_error_propagates(gpu_mode, exc):
-    b = _raising({16: exc})
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        sel(bench=b)
-    assert not os.path.exists(autotune.cache_file())
+                                 RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+                                 torch.AcceleratorError("CUDA error: unspecified launch failure")],
+                         ids=["torch", "triton", "AcceleratorError"])
+def test_a_sticky_cuda_error_propagates(gpu_mode, exc):
+    assert _autotune.failure_kind(exc) == "fatal"
+    with pytest.raises(type(exc), match="illegal memory access|launch failure"):
+        sel(bench=Bench(fail={16: exc}))
+    assert not os.path.exists(_autotune.cache_file())
+    b = Bench()
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4  # nothing was kept: tuned afresh
 
 
-def test_accelerator_error_propagates(gpu_mode):
-    accel = getattr(torch, "AcceleratorError", None)
-    if accel is None:
-        pytest.skip(f"torch {torch.__version__} has no torch.AcceleratorError")
-    assert autotune.failure_kind(accel("unspecified launch failure")) == "fatal"
+def test_an_unexpected_error_skips_the_candidate_unless_the_device_then_reports_one(gpu_mode, monkeypatch):
+    assert _autotune.failure_kind(ValueError("num_warps must be a power of 2")) == "skip"
+    assert bp(sel(bench=Bench(fail={32: ValueError("odd")}))) == 64
 
-
-def test_unexpected_error_checks_the_device(gpu_mode, monkeypatch):
-    """An exception that is neither a compile failure nor a CUDA error skips the candidate unless the device
-    reports an error when synchronised (then that error propagates)."""
-    b = _raising({16: ValueError("num_warps must be a power of 2")})
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-
-    def sticky():
+    def sticky(*a):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(autotune, "check_device", sticky)
+    monkeypatch.setattr(_runtime, "has_cuda", lambda: True)  # a GPU whose synchronize shows a sticky error
+    monkeypatch.setattr(_runtime, "device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        sel(key=(2, 2, "other"), bench=_raising({16: ValueError("odd")}))
+        sel((2, 2), bench=Bench(fail={16: ValueError("odd")}))
 
 
-def counting_bench_ms(monkeypatch):
-    """Replace the real timer: run the launch once (so every candidate really executes), count, and make
-    later candidates look faster so that a non-heuristic config wins."""
-    calls = []
-
-    def fake(fn):
-        fn()
-        calls.append(1)
-        return 10.0 - len(calls) * 0.1
-
-    monkeypatch.setattr(autotune, "bench_ms", fake)
-    return calls
-
-
-@needs_kernels
-def test_key_bucketing_tunes_once_per_bucket_and_keeps_results(gpu_mode, monkeypatch, device):
-    from gam_triton.channel_gate import channel_gate, channel_gate_torch
-
-    calls = counting_bench_ms(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    w1, b1 = torch.randn(4, 16, generator=g).to(device), torch.randn(4, generator=g).to(device)
-    w2, b2 = torch.randn(16, 4, generator=g).to(device), torch.randn(16, generator=g).to(device)
-
-    def run(b, h, w):
-        x = torch.randn(b, 16, h, w, generator=g).to(device)
-        x0 = x.clone()
-        out = channel_gate(x, w1, b1, w2, b2, True)
-        torch.testing.assert_close(out, channel_gate_torch(x, w1, b1, w2, b2, True), rtol=1e-4, atol=1e-5)
-        assert torch.equal(x, x0)  # timing the candidates did not touch the input
-        return len(calls)
-
-    n1 = run(3, 7, 7)
-    assert n1 > 1
-    assert run(4, 8, 8) == n1    # batch 3 -> 4 and 49 -> 64 pixels: the same bucket, no tuning
-    n2 = run(4, 5, 6)            # 30 -> 32 pixels: a new bucket, tuned
-    assert n2 > n1
-    assert run(5, 8, 8) > n2     # batch 5 -> bucket 8: tuned again
-    tuned = [r for r in autotune.drain_log() if r.source == "tuned"]
-    assert any(r.config != channel_gate_heuristic(16, 4, 64, torch.float32) for r in tuned)
-
-
-@needs_kernels
-def test_fp32_precision_is_part_of_the_channel_gate_key(gpu_mode, monkeypatch, device):
-    """A config tuned with ieee fp32 dots is not reused once the user allows TF32 (and back)."""
-    from gam_triton import _runtime
-    from gam_triton.channel_gate import channel_gate
-
-    calls = counting_bench_ms(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 4, 4, generator=g).to(device)
-    w1, b1 = torch.randn(4, 16, generator=g).to(device), torch.randn(4, generator=g).to(device)
-    w2, b2 = torch.randn(16, 4, generator=g).to(device), torch.randn(16, generator=g).to(device)
-    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: False)
-    channel_gate(x, w1, b1, w2, b2, True)
-    n = len(calls)
-    channel_gate(x, w1, b1, w2, b2, True)
-    assert len(calls) == n  # same precision: the tuned config is reused
-    monkeypatch.setattr(_runtime, "fp32_matmul_allows_tf32", lambda: True)
-    channel_gate(x, w1, b1, w2, b2, True)
-    assert len(calls) > n  # TF32 allowed: another key, tuned anew
-    keys = set(cache_json()["entries"]["channel_gate"])
-    assert {k.rsplit(",", 1)[1] for k in keys} == {"ieee", "tf32"}
-
-
-# -- guards -------------------------------------------------------------------------------------------------
-def test_capture_guard_uses_heuristic_warns_once_and_tunes_later(gpu_mode, monkeypatch):
-    monkeypatch.setattr(autotune, "capturing", lambda: True)
+# -- guards -----------------------------------------------------------------------------------------------
+def test_capture_uses_the_heuristic_warns_once_stores_nothing_and_the_next_eager_call_tunes(gpu_mode, monkeypatch):
+    monkeypatch.setattr(_runtime, "capturing", lambda: True)
     b = Bench()
-    with pytest.warns(autotune.CaptureWarning) as rec:
-        assert sel(bench=b) == H and sel(bench=b) == H and sel(key=(2, 2, "z"), bench=b) == H
-    assert len([w for w in rec if issubclass(w.category, autotune.CaptureWarning)]) == 1
-    assert b.calls == [] and not os.path.exists(autotune.cache_file())
-    monkeypatch.setattr(autotune, "capturing", lambda: False)
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2) and len(b.calls) == 4  # capture over: tuned
+    with pytest.warns(_autotune.CaptureWarning) as rec:
+        assert bp(sel(bench=b)) == 64 and bp(sel(bench=b)) == 64 and bp(sel((2, 2), bench=b)) == 64
+    assert len(of_kind(rec, _autotune.CaptureWarning)) == 1
+    assert b.calls == [] and not os.path.exists(_autotune.cache_file())
+    assert {r.source for r in _autotune.drain_log()} == {"fallback"}
+    monkeypatch.setattr(_runtime, "capturing", lambda: False)
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4
 
 
-def test_capture_guard_uses_a_cached_config(gpu_mode, monkeypatch):
+def test_a_cached_choice_is_used_during_capture(gpu_mode, monkeypatch):
     sel()
-    autotune.reset()
-    monkeypatch.setattr(autotune, "capturing", lambda: True)
+    _autotune.reset()
+    monkeypatch.setattr(_runtime, "capturing", lambda: True)
+    b = Bench()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sel(bench=Bench()) == Config(32, 32, 16, 4, 2)
+        assert bp(sel(bench=b)) == 32 and b.calls == []
+    assert [r.source for r in _autotune.drain_log()] == ["cache"]
+
+
+def test_an_untimed_entry_met_during_capture_is_still_tuned_by_the_next_eager_call(cpu_mode, monkeypatch):
+    sel()  # stored untimed
+    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    _autotune.reset()
+    monkeypatch.setattr(_runtime, "capturing", lambda: True)
+    assert bp(sel()) == 64
+    monkeypatch.setattr(_runtime, "capturing", lambda: False)
+    b = Bench()
+    assert bp(sel(bench=b)) == 32 and len(b.calls) == 4
 
 
 def test_fake_tensor_tracing_does_not_benchmark(gpu_mode):
@@ -604,47 +675,73 @@ def test_fake_tensor_tracing_does_not_benchmark(gpu_mode):
 
     b = Bench()
     with FakeTensorMode():
-        assert autotune.tracing()
-        assert sel(bench=b) == H
-    assert b.calls == [] and not os.path.exists(autotune.cache_file())
-    assert not autotune.tracing()
-    assert sel(bench=b) == Config(32, 32, 16, 4, 2)
-    autotune.reset()
+        assert _runtime.tracing() and bp(sel(bench=b)) == 64
+    assert b.calls == [] and not os.path.exists(_autotune.cache_file()) and not _runtime.tracing()
+    assert bp(sel(bench=b)) == 32
+    _autotune.reset()
     with FakeTensorMode():
-        assert sel(bench=b) == Config(32, 32, 16, 4, 2)  # a cached config is used while tracing
+        assert bp(sel(bench=b)) == 32 and len(b.calls) == 4  # a cached choice is used while tracing
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                    reason="CUDA-graph capture needs a GPU and compiled kernels (TRITON_INTERPRET unset)")
-def test_graph_capture_guard_gpu(monkeypatch):
-    from gam_triton.channel_gate import channel_gate, channel_gate_torch
-
-    x = torch.randn(2, 32, 8, 8, device="cuda")
-    w1, b1 = torch.randn(8, 32, device="cuda"), torch.randn(8, device="cuda")
-    w2, b2 = torch.randn(32, 8, device="cuda"), torch.randn(32, device="cuda")
+                    reason="CUDA-graph capture needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
+def test_real_cuda_graph_capture_works_after_a_warm_up(monkeypatch):
+    x, w1, b1, w2, b2 = gate_inputs("cuda", 2, 32, 8, 8, 8)
+    want = channel_gate.torch_forward(x, w1, b1, w2, b2, True)
     monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")
-    autotune.reset()
-    channel_gate(x, w1, b1, w2, b2, True)  # compile the heuristic config before capturing
+    _autotune.reset()
+    channel_gate.channel_gate(x, w1, b1, w2, b2)  # the warm-up compiles the heuristic's kernel, tunes nothing
     torch.cuda.synchronize()
     monkeypatch.delenv("GAM_TRITON_AUTOTUNE")
-    autotune.reset()
+    _autotune.reset()
     graph = torch.cuda.CUDAGraph()
-    with pytest.warns(autotune.CaptureWarning):
+    with pytest.warns(_autotune.CaptureWarning):
         with torch.cuda.graph(graph):
-            out = channel_gate(x, w1, b1, w2, b2, True)
+            out = channel_gate.channel_gate(x, w1, b1, w2, b2)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, channel_gate_torch(x, w1, b1, w2, b2, True), rtol=1e-2, atol=1e-2)
-    assert not os.path.exists(autotune.cache_file())  # nothing tuned or stored during the capture
-    channel_gate(x, w1, b1, w2, b2, True)  # eager again: tunes and stores
-    assert [r.source for r in autotune.drain_log()][-1] == "tuned"
-    assert "channel_gate" in cache_json()["entries"]
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+    assert not os.path.exists(_autotune.cache_file())  # nothing tuned or stored during the capture
+    channel_gate.channel_gate(x, w1, b1, w2, b2)  # eager again: tunes and stores
+    assert _autotune.drain_log()[-1].source == "tuned" and "channel_gate" in cache_json()["entries"]
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _autotune.CaptureWarning)  # tuned now: no warning
+        with torch.cuda.graph(graph):
+            out = channel_gate.channel_gate(x, w1, b1, w2, b2)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 
-# -- end to end ---------------------------------------------------------------------------------------------
+# -- per-device naming --------------------------------------------------------------------------------------
+def test_memory_and_cache_follow_the_current_devices_name_and_peek_reads_memory(gpu_mode, monkeypatch):
+    current = [0]
+    monkeypatch.setattr(_runtime, "has_cuda", lambda: True)
+    monkeypatch.setattr(_runtime, "DEVICE_NAMES", {0: "Fake GPU 0", 1: "Fake GPU 1"})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    b0, b1 = Bench(), Bench(times={16: 1.0, 32: 3.0, 64: 2.0, 128: 4.0})  # device 1 prefers 16
+    assert bp(sel(bench=b0)) == 32
+    assert _autotune.peek("fake_op", (1, 2, "k"), torch.device("cuda", 1)) is None  # resolves nothing
+    current[0] = 1
+    assert bp(sel(bench=b1)) == 16 and len(b0.calls) == len(b1.calls) == 4  # one tuning per device
+    assert bp(_autotune.peek("fake_op", (1, 2, "k"), torch.device("cuda", 0))) == 32
+    assert bp(_autotune.peek("fake_op", (1, 2, "k"), torch.device("cuda", 1))) == 16
+    assert _autotune.peek("fake_op", (1, 2, "k"), torch.device("cpu")) is None
+    assert _autotune.peek("fake_op", (9,), torch.device("cuda", 1)) is None and len(_autotune.drain_log()) == 2
+    for i in (0, 1):
+        path = _autotune.cache_file(f"Fake GPU {i}")
+        assert os.path.basename(path).startswith(f"Fake_GPU_{i}__") and os.path.exists(path)
+    assert _autotune.cache_file() == _autotune.cache_file("Fake GPU 1")
+    _autotune.reset()
+    assert _autotune.enabled()  # a fresh state: peek reads no file
+    assert _autotune.peek("fake_op", (1, 2, "k"), torch.device("cuda", 1)) is None
+
+
+# -- the module, the candidates, the CLI ----------------------------------------------------------------------
 @needs_kernels
-def test_gam_fills_the_cache_then_reads_it(cpu_mode, device):
+def test_the_gam_module_fills_the_cache_then_reads_it(cpu_mode, device):
     from gam_triton import GAM
 
     gam = GAM(16).to(device).eval()
@@ -652,42 +749,64 @@ def test_gam_fills_the_cache_then_reads_it(cpu_mode, device):
     with torch.no_grad():
         y = gam(x)
     entries = cache_json()["entries"]
-    assert set(entries) >= {"channel_gate", "final_gate"}
+    assert set(entries) == {"channel_gate", "final_gate"}
     assert all(e["source"] == "heuristic" for t in entries.values() for e in t.values())
-    assert {r.source for r in autotune.drain_log()} == {"heuristic"}
-    autotune.reset()  # a new process, in effect
+    assert {r.source for r in _autotune.drain_log()} == {"heuristic"}
+    _autotune.reset()  # a new process, in effect
     with torch.no_grad():
         torch.testing.assert_close(gam(x), y)
-    assert {r.source for r in autotune.drain_log()} == {"cache"}
+    assert [r.source for r in _autotune.drain_log()] == ["cache", "cache"]
 
 
-# -- candidates ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("c,cr,hw", [(16, 4, 64), (24, 6, 400), (128, 32, 6400), (576, 144, 400),
-                                     (1024, 256, 1600), (3, 1, 5)])
-def test_candidates_are_pruned_by_shape(c, cr, hw):
-    for dtype in (torch.float32, torch.bfloat16):
-        cands = channel_gate_candidates(c, cr, hw, dtype)
-        assert 1 <= len(cands) <= MAX_CANDIDATES and len(set(cands)) == len(cands)
-        for k in cands:
-            assert k.BLOCK_R == max(16, next_pow2(cr)) and k.BLOCK_R >= cr
-            assert 16 <= k.BLOCK_P <= max(16, next_pow2(hw)) and 16 <= k.BLOCK_C <= max(16, next_pow2(c))
-            assert tune_cache.validate_entry(k.as_dict()) is not None
-        assert tune_cache.validate_entry(channel_gate_heuristic(c, cr, hw, dtype).as_dict()) is not None
+def _distance(c, ref) -> float:
+    lg = lambda v: int(v).bit_length()
+    return (sum(abs(lg(c.kwargs[k]) - lg(ref.kwargs[k])) for k in ref.kwargs)
+            + 0.5 * abs(lg(c.num_warps) - lg(ref.num_warps)) + 0.25 * abs(c.num_stages - ref.num_stages))
+
+
+def _check_pruned(cands, ref, bounds) -> None:
+    assert 1 <= len(cands) <= _runtime.MAX_CANDIDATES
+    assert len({_autotune.ident(c) for c in cands}) == len(cands)
+    assert all(_autotune.ident(_autotune.decode(_autotune.encode(c))) == _autotune.ident(c) for c in cands)
+    assert all(16 <= c.kwargs[k] <= max(16, next_pow2(n)) for c in cands for k, n in bounds.items())
+    d = [_distance(c, ref) for c in cands]
+    assert d == sorted(d), "not nearest the heuristic first"
+
+
+@pytest.mark.parametrize("c,cr,hw", [(16, 4, 64), (24, 6, 400), (128, 32, 6400), (576, 144, 400), (3, 1, 5)])
+def test_candidates_are_pruned_by_shape_and_nearest_the_heuristic_first(monkeypatch, c, cr, hw):
+    for dt in (torch.float32, torch.bfloat16):
+        fwd = channel_gate.candidates(c, cr, hw, dt)
+        _check_pruned(fwd, channel_gate.heuristic(c, cr, hw, dt, "gpu"), {"BLOCK_P": hw, "BLOCK_C": c})
+        assert all(k.kwargs["BLOCK_R"] == max(16, next_pow2(cr)) for k in fwd)
+        bwd = channel_gate.bwd_candidates(c, cr, hw, dt)
+        _check_pruned(bwd, channel_gate.bwd_heuristic(c, cr, hw, dt, "gpu"), {"BLOCK_P": hw, "BLOCK_C": c})
+        assert all(3 * k.kwargs["BLOCK_P"] * k.kwargs["BLOCK_R"] <= 4096 * k.num_warps for k in bwd)
     for cl in (False, True):
-        cands = elementwise_candidates(c, hw, cl)
-        assert 1 <= len(cands) <= MAX_CANDIDATES
-        assert all(k.BLOCK_P <= max(16, next_pow2(hw)) and k.BLOCK_C <= max(16, next_pow2(c)) for k in cands)
-        assert elementwise_heuristic(c, hw, cl).BLOCK_R == 0
+        _check_pruned(elementwise.candidates(c, hw, cl), elementwise.heuristic(c, hw, cl, "gpu"),
+                      {"BLOCK_P": hw, "BLOCK_C": c})
+    if conv.TARGET == "interpreter":  # timings mean nothing there: the heuristic only
+        assert [_autotune.ident(k) for k in conv.candidates(c, cr, hw, torch.float32)] == \
+            [_autotune.ident(conv.heuristic(c, cr, hw, torch.float32))]
+    gpu_heuristic = conv.heuristic
+    monkeypatch.setattr(conv, "TARGET", "gpu")
+    monkeypatch.setattr(conv, "heuristic", lambda *a: gpu_heuristic(*a, target="gpu"))
+    for cin, cout in ((c, cr), (cr, c)):
+        _check_pruned(conv.candidates(cin, cout, hw, torch.float16), conv.heuristic(cin, cout, hw, torch.float16),
+                      {"BLOCK_N": cout, "BLOCK_K": cin})
 
 
-# -- the pre-tuning command ---------------------------------------------------------------------------------
+def test_conv_candidates_have_no_pixel_block_beyond_a_small_map(monkeypatch):
+    monkeypatch.setattr(conv, "TARGET", "gpu")
+    assert all(c.kwargs["BLOCK_P"] <= 16 for c in conv.candidates(16, 16, 16, torch.float16))
+
+
 @pytest.mark.parametrize("argv", [
     [], ["--channels", "32"], ["--channels", "0", "--sizes", "8"], ["--channels", "32", "--sizes", "8x"],
-    ["--channels", "32", "--sizes", "8", "--dtype", "int8"],
-    ["--channels", "30", "--sizes", "8", "--shuffle", "4"],
+    ["--channels", "32", "--sizes", "8", "--dtype", "int8"], ["--channels", "30", "--sizes", "8", "--shuffle", "4"],
     ["--channels", "3", "--sizes", "8", "--rate", "4"], ["--channels", "32", "--sizes", "8", "--amp"],
-])
-def test_tune_cli_rejects_bad_arguments(argv, capsys):
+    ["--channels", "32", "--sizes", "8", "--shuffle", "-1"], ["--channels", "32", "--sizes", "8", "--batch", "0"]])
+def test_the_tune_cli_rejects_bad_arguments(argv, capsys):
     from gam_triton import tune
 
     with pytest.raises(SystemExit) as e:
@@ -695,33 +814,31 @@ def test_tune_cli_rejects_bad_arguments(argv, capsys):
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_tune_cli_fills_the_cache(cpu_mode, capsys, cache_dir):
+def test_the_tune_cli_fills_the_cache(cpu_mode, capsys, tmp_path):
     from gam_triton import tune
 
-    status = tune.main(["--channels", "16", "--sizes", "4", "3x5", "--batch", "2", "--train"])
+    status = tune.main(["--channels", "16", "--sizes", "4", "--batch", "2", "--train",
+                        "--cache-dir", str(tmp_path / "cli")])
     out = capsys.readouterr().out
-    if not KERNELS_RUN:  # no GPU and no interpreter: it refuses, clearly
+    if not KERNELS_RUN:  # no GPU and no interpreter: it refuses
         assert status == 2
         return
-    assert status == 0
-    assert "[1/2] C=16 r=4 4x4 B=2" in out and "[2/2]" in out and "channel_gate" in out
-    assert set(cache_json()["entries"]) == {"channel_gate", "final_gate", "bn_relu",  # and the training path's:
-                                            "bn_stats", "bn_bwd_reduce", "bn_bwd_apply", "channel_gate_bwd"}
+    assert status == 0 and "[1/1] C=16 r=4 4x4 B=2 fp32 nchw" in out and "(heuristic)" in out
+    assert os.path.dirname(_autotune.cache_file()) == str(tmp_path / "cli")
+    assert set(cache_json()["entries"]) == {"channel_gate", "final_gate", "bn_relu", "channel_gate_bwd"}
 
 
 @needs_kernels
-def test_tune_cli_reports_tuning(gpu_mode, monkeypatch, capsys):
+def test_the_tune_cli_reports_tuning_in_a_markdown_table(gpu_mode, fake_timer, capsys):
     from gam_triton import tune
 
-    counting_bench_ms(monkeypatch)
     assert tune.main(["--channels", "16", "--sizes", "4", "--batch", "1", "--layout", "channels_last"]) == 0
     out = capsys.readouterr().out
     assert "(tuned, " in out and "| kernel | key | tuned config |" in out and "| channel_gate |" in out
-    entries = cache_json()["entries"]
-    assert entries["channel_gate"] and all(e["source"] == "tuned" for e in entries["channel_gate"].values())
+    assert fake_timer and all(e["source"] == "tuned" for e in cache_json()["entries"]["channel_gate"].values())
 
 
-def test_tune_cli_off_switch(monkeypatch, capsys):
+def test_the_tune_cli_off_switch_exits_2(monkeypatch, capsys):
     from gam_triton import tune
 
     monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")

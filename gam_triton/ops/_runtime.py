@@ -65,6 +65,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+#: Candidates an op times besides its heuristic (:func:`nearest`).
+MAX_CANDIDATES = 12
+
+
+def nearest(cands, ref, limit: int = MAX_CANDIDATES) -> list:
+    """The ``limit`` candidate ``triton.Config`` closest to ``ref`` (log2 steps of its blocks, then warps and
+    stages): what the ops time besides their heuristic."""
+    def dist(c) -> tuple:
+        lg = lambda v: max(1, int(v)).bit_length()  # noqa: E731
+        d = sum(abs(lg(c.kwargs[k]) - lg(ref.kwargs[k])) for k in ref.kwargs if k in c.kwargs)
+        return (d + 0.5 * abs(lg(c.num_warps) - lg(ref.num_warps)) + 0.25 * abs(c.num_stages - ref.num_stages),
+                tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+
+    return sorted(cands, key=dist)[:limit]
+
+
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """An uninitialised 4-D kernel output of ``shape`` on ``like``'s device (NaN-poisoned when asked)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -100,26 +116,33 @@ def bchw_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 _FP32_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
-def fp32_matmul_allows_tf32() -> bool:
-    """True when PyTorch's own fp32 CUDA matmuls may use TF32, read through whichever API exists.
+@torch.compiler.assume_constant_result  # a setting: read at trace time under torch.compile
+def fp32_allows_tf32(op: str = "matmul") -> bool:
+    """True when PyTorch's own fp32 CUDA ``op`` ("matmul": cuBLAS; "conv": cuDNN's convolutions) may use TF32,
+    read through whichever API exists.
 
-    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none" = inherit
-    ``torch.backends.fp32_precision``, resolved by the getter); once a user sets it, reading the legacy
-    ``torch.backends.cuda.matmul.allow_tf32`` raises RuntimeError. The legacy setters (``allow_tf32``,
-    ``torch.set_float32_matmul_precision``) also set the new value, and PyTorch's cuBLAS path uses TF32
-    exactly when it is "tf32": that is the rule here. Older torch has only ``allow_tf32``. "ieee" (PyTorch's
-    default) when nothing can be read. Well under a microsecond on torch >= 2.9.
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.cudnn.conv.fp32_precision``
+    ("ieee", "tf32", or "none" = inherit ``torch.backends.fp32_precision``, resolved by the getter); once a
+    user sets one, reading the legacy ``allow_tf32`` flags may raise RuntimeError. The legacy setters also set
+    the new values, and PyTorch uses TF32 exactly when it is "tf32": that is the rule here. Older torch has
+    only the legacy flags (matmul default off, cuDNN default on). Well under a microsecond on torch >= 2.9.
     """
     try:
         if _FP32_GETTER is not None:
-            return _FP32_GETTER("cuda", "matmul") == "tf32"
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+            return _FP32_GETTER("cuda", op) == "tf32"
+        backend = torch.backends.cuda.matmul if op == "matmul" else torch.backends.cudnn.conv
+        return backend.fp32_precision == "tf32"
     except (AttributeError, RuntimeError, TypeError):  # torch < 2.9: no such setting
         pass
     try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
+        return bool(torch.backends.cuda.matmul.allow_tf32 if op == "matmul" else torch.backends.cudnn.allow_tf32)
     except (AttributeError, RuntimeError):
-        return False
+        return op != "matmul"
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """:func:`fp32_allows_tf32` for matmuls (what the channel gate's dots follow)."""
+    return fp32_allows_tf32("matmul")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -181,6 +204,45 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else _NO_DEVICE
 
 
+#: The device name of the interpreter (and of a process without CUDA) for the tuning cache.
+CPU_DEVICE = "cpu-interpreter"
+DEVICE_NAMES: dict = {}
+_CUDA: list = []
+
+
+def has_cuda() -> bool:
+    """A CUDA device and no interpreter (asked once)."""
+    if not _CUDA:
+        _CUDA.append(not INTERPRET and torch.cuda.is_available())
+    return _CUDA[0]
+
+
+def can_benchmark() -> bool:
+    """Kernels can be timed here (the tuner's and the spatial path choice's question; tests answer it)."""
+    return has_cuda()
+
+
+def capturing() -> bool:
+    """The current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tracing() -> bool:
+    """torch.compile / export, or any Python dispatch mode (fake tensors, functionalization, proxies, profilers
+    of ops): the tensors may hold no data, or what runs is being watched."""
+    return torch.compiler.is_compiling() or _current_dispatch_mode() is not None
+
+
+def device_name(index: Optional[int] = None) -> str:
+    """The GPU name of CUDA device ``index`` (default: the current one), CPU_DEVICE without a GPU."""
+    if not has_cuda():
+        return CPU_DEVICE
+    index = torch.cuda.current_device() if index is None else index
+    if index not in DEVICE_NAMES:
+        DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return DEVICE_NAMES[index]
+
+
 def call_directly(tensors) -> bool:
     """True for a plain eager call that needs no autograd: the op's function may then run without the
     custom-op dispatcher (tens of microseconds per op, which matter at batch 1).
@@ -188,7 +250,7 @@ def call_directly(tensors) -> bool:
     False under torch.compile / export, under any Python dispatch mode (FakeTensor, FlopCounterMode,
     profilers of ops), for tensor subclasses, and when a gradient must flow: those go through the op.
     """
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if tracing():
         return False
     grad = torch.is_grad_enabled()
     return all(type(t) in _PLAIN and not (grad and t.requires_grad) for t in tensors)

@@ -91,7 +91,7 @@ def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
                             ns * (bp * bc + bc * block_r) * dtype.itemsize <= SMEM_BUDGET:
                         out.append(triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_R=block_r), num_warps=nw,
                                                  num_stages=ns))
-    return _autotune.nearest(out, heuristic(C, CR, HW, dtype, "gpu"))
+    return _runtime.nearest(out, heuristic(C, CR, HW, dtype, "gpu"))
 
 
 def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
@@ -115,7 +115,7 @@ def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
     """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread."""
     out = [c for c in candidates(C, CR, HW, dtype)
            if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
-    return _autotune.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu"))
+    return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu"))
 
 
 def input_precision(dtype: torch.dtype, precision: str, block_r: Optional[int] = None) -> str:
@@ -204,8 +204,8 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
         return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,
                                                 cfg, prec))
 
-    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, x.dtype),
-                        lambda: bwd_candidates(c, cr, hw, x.dtype), _autotune.timed(go)))
+    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, wdt),  # the dots' dtype
+                        lambda: bwd_candidates(c, cr, hw, wdt), _autotune.timed(go)))
     da, dh = dah[:, :c], dah[:, c:]
     dw2 = torch.mm(da.t(), hid)
     if is_channels_last(x) or bsz == 1:

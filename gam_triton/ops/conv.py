@@ -16,14 +16,15 @@ Kernels: ``kernels/conv.py``. Weights are taken packed, [K, K, CIN/G, COUT] (:fu
   cuDNN; under torch.compile it is the path an eager call of this process chose for the shape, else cuDNN.
 
 Every tuning candidate (a tile, or the Triton path) is first checked against the cuDNN path's output
-(``_autotune.checked``); one that disagrees is dropped with a warning naming it. fp32 dots follow
-``torch.backends.cudnn.allow_tf32`` (what cuDNN's own convolutions follow): TF32, else 3xTF32 (fp32 accuracy).
+(:func:`checked`); one that disagrees is dropped with a warning naming it. fp32 dots follow cuDNN's own
+fp32 convolutions (``_runtime.fp32_allows_tf32("conv")``, the new or the legacy API): TF32, else 3xTF32.
 The ops ``gam_triton::conv_bn_relu`` and ``gam_triton::conv_gate`` have no autograd formula (eval only): the
 module runs cuDNN whenever a gradient is needed.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -40,7 +41,8 @@ if HAS_TRITON:
 
     from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
 
-__all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "pack_weight",
+__all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "checked",
+           "CandidateMismatchWarning", "pack_weight",
            "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
 
 #: Values of GAM_TRITON_CONV.
@@ -60,10 +62,11 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
 
 
 def precision(dtype: torch.dtype) -> str:
-    """The dots' INPUT_PRECISION: fp32 follows ``cudnn.allow_tf32`` ("tf32", else "tf32x3"); half: "tf32"."""
+    """The dots' INPUT_PRECISION: fp32 follows cuDNN's own fp32 convolutions (``_runtime.fp32_allows_tf32
+    ("conv")``: "tf32", else "tf32x3"); half: "tf32" (ignored)."""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+    return "tf32" if _runtime.fp32_allows_tf32("conv") else "tf32x3"
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -72,6 +75,31 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     if dtype == torch.float32:
         return (2e-2, 2e-2) if precision(dtype) == "tf32" else (1e-3, 1e-3)
     return (2e-2, 2e-2) if dtype == torch.float16 else (6e-2, 6e-2)
+
+
+class CandidateMismatchWarning(UserWarning):
+    """A tuning candidate was dropped: its output disagreed with the cuDNN path's."""
+
+
+def checked(op: str, bench, run, reference, tol: tuple[float, float]):
+    """``bench`` with each choice first run once and compared with ``reference()`` (computed once): one that
+    disagrees is :class:`gam_triton.ops._autotune.Rejected`, with a :class:`CandidateMismatchWarning` naming it
+    (compilers misbehave on hardware never tested here: pytorch issue 173068)."""
+    ref: list = []
+
+    def check(choice) -> float:
+        if not ref:
+            ref.append(reference().float())
+        got, want = run(choice).float(), ref[0]
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=tol[0], atol=tol[1]):
+            err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+            msg = (f"gam_triton: {op} candidate {_autotune.describe(choice)} disagrees with the reference path "
+                   f"(max abs error {err:.3g}, rtol {tol[0]}, atol {tol[1]}): dropped")
+            warnings.warn(msg, CandidateMismatchWarning, stacklevel=3)
+            raise _autotune.Rejected(msg)
+        return bench(choice)
+
+    return check
 
 
 # --- launch choices ------------------------------------------------------------------------------------------
@@ -105,10 +133,10 @@ def candidates(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> list:
         return [heur]
     nmax, kmax, pmax = max(16, next_pow2(cout_g)), max(16, next_pow2(cin_g)), max(16, next_pow2(HW))
     out = [triton.Config(dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk), num_warps=4, num_stages=ns)
-           for bp in (32, 64, 128) for bn in (16, 32, 64, 128) for bk in (16, 32, 64) for ns in (2, 3, 4)
-           if bp <= max(32, pmax) and bn <= nmax and bk <= kmax and bp * bn <= 64 * 128
+           for bp in (16, 32, 64, 128) for bn in (16, 32, 64, 128) for bk in (16, 32, 64) for ns in (2, 3, 4)
+           if bp <= pmax and bn <= nmax and bk <= kmax and bp * bn <= 64 * 128
            and ns * (bp * bk + bk * bn) * dtype.itemsize <= SMEM_BUDGET]
-    return _autotune.nearest(out, heur)
+    return _runtime.nearest(out, heur)
 
 
 # --- launches ------------------------------------------------------------------------------------------------
@@ -164,10 +192,11 @@ def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, go, out: tor
     key = _autotune.key((cin_g, cout_g, groups, k, *_autotune.pixels(x.shape[0], hw), *extra), x, precision=prec)
 
     def run(cfg) -> torch.Tensor:
+        out.fill_(float("nan"))  # a candidate that writes nothing must not pass for the heuristic's output
         go(cfg)
         return out
 
-    bench = _autotune.checked(op, _autotune.timed(go), run, reference, tolerance(wp.dtype))
+    bench = checked(op, _autotune.timed(go), run, reference, tolerance(wp.dtype))
     return _autotune.select(op, key, lambda: heuristic(cin_g, cout_g, hw, wp.dtype),
                             lambda: candidates(cin_g, cout_g, hw, wp.dtype), bench)
 
@@ -269,7 +298,7 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
                          * x1.shape[3]), out_channels_last), x1, precision=precision(x1.dtype))
     if torch.compiler.is_compiling():  # the path an eager call chose (the tuner cannot be traced), else cuDNN
         return triton_path() if _autotune.peek("spatial", key, x1.device) == "triton" else cudnn()
-    if not _autotune.can_benchmark():  # nothing to time (the interpreter): cuDNN / PyTorch
+    if not _runtime.can_benchmark():  # nothing to time (the interpreter): cuDNN / PyTorch
         return cudnn()
     runners = {"cudnn": cudnn, "triton": triton_path}
     if x1.is_cuda:
@@ -280,7 +309,7 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
 
         runners["cudnn_relu"] = cudnn_relu
     run = lambda path: runners[path]()  # noqa: E731
-    bench = _autotune.checked("spatial", _autotune.timed(run), run, cudnn, tolerance(x1.dtype))
+    bench = checked("spatial", _autotune.timed(run), run, cudnn, tolerance(x1.dtype))
     path = _autotune.select("spatial", key, lambda: "cudnn", lambda: [p for p in runners if p != "cudnn"], bench)
     return runners.get(path, cudnn)()
 

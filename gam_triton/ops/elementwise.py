@@ -62,7 +62,7 @@ def candidates(C: int, HW: int, channels_last: bool) -> list:
     out = [triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=nw, num_stages=1)
            for bp in (16, 32, 64, 128, 256, 512, 1024) for bc in (16, 32, 64, 128, 256) for nw in (2, 4, 8)
            if bp <= pmax and bc <= cmax and 4 <= bp * bc // (32 * nw) <= 32]
-    return _autotune.nearest(out, heuristic(C, HW, channels_last, "gpu"))
+    return _runtime.nearest(out, heuristic(C, HW, channels_last, "gpu"))
 
 
 def _select(op: str, k: tuple, t: torch.Tensor, go) -> "triton.Config":
