@@ -119,8 +119,9 @@ class GAM(nn.Module):
             nn.BatchNorm2d(c),
         )
         self._eval_cache: dict = {}  # name -> (key, value): eval-mode constants, see _cached
-        self._register_load_state_dict_pre_hook(reference.rename_seed_keys)
-        self._register_load_state_dict_pre_hook(reference.KeyMap(reference.WRAPPED_NAMES))
+        for form, table in reference.KEY_PREFIXES.items():  # other forms' checkpoints load too
+            self._register_load_state_dict_pre_hook(reference.rename_seed_keys if form == "seed"
+                                                    else reference.KeyMap(table))
 
     @property
     def out_channels(self) -> int:

@@ -441,28 +441,69 @@ def differences(source: nn.Module, dtype: torch.dtype, device: str, mode: str, b
     return diffs
 
 
-def _table() -> str:
-    from gam_triton import GAM
+def _freeze_first(m: nn.Module) -> None:
+    m.train()
+    next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d)).eval()
 
-    rows = ["| form | where seen | outcome | torch eval | torch train | triton eval | triton train |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+
+def _train_second(m: nn.Module) -> None:
+    m.eval()
+    [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)][1].train()
+
+
+def _norm_eval(m: nn.Module) -> None:
+    m.train()
+    for b in m.modules():
+        if isinstance(b, nn.BatchNorm2d):
+            b.eval()
+
+
+#: Mode set-ups of detection code, applied to a zoo entry for the table (tests/test_forms.py has them too).
+MODE_ROWS = {"norm_eval (block train, both BN eval)": _norm_eval,
+             "freeze_bn1 (block train, BN1 eval)": _freeze_first,
+             "BN2 training in an eval block": _train_second}
+
+
+def _table() -> str:
+    """The forms table: max over outputs, gradients and buffers of |difference| against the float64 source."""
+    from gam_triton import GAM, _runtime
+
+    def cell(src, mode, path):
+        dtype = torch.float64 if path == "torch64" else torch.float32
+        keep = _runtime.INTERPRET
+        _runtime.INTERPRET = keep and path == "triton"
+        try:
+            return f"{max(differences(src, dtype, 'cpu', mode).values()):.1e}"
+        finally:
+            _runtime.INTERPRET = keep
+
+    paths = ("torch64", "torch32", "triton")
+    rows = ["| form | where seen | outcome | " + " | ".join(f"{p} {m}" for p in paths for m in ("eval", "train"))
+            + " |", "| --- | --- | --- |" + " --- |" * 6]
     for name, v in ZOO.items():
         src = build(name)
         if v.outcome == "converts":
-            cells = [f"{max(differences(src, p, m).values()):.1e}" for p in ("torch", "triton")
-                     for m in ("eval", "train")]
             gam = GAM.from_module(src)
             what = (f"converts: sigmoid={gam.channel_sigmoid}, shuffle={gam.shuffle_groups}, groups={gam.groups}, "
                     f"rate={gam.rate}")
-            cells = [cells[0], cells[1], cells[2], cells[3]]
+            cells = [cell(src, m, p) for p in paths for m in ("eval", "train")]
         else:
             try:
                 GAM.from_module(src)
                 what = "CONVERTED (unexpected)"
             except ValueError as e:
                 what = f"refused: {e}"
-            cells = ["-"] * 4
+            cells = ["-"] * 6
         rows.append(f"| {name} | {v.note} | {what} | " + " | ".join(cells) + " |")
+    for base in ("yolo_grouped", "paper"):
+        for label, setup in MODE_ROWS.items():
+            src = build(base)
+            setup(src)
+            block_trains = src.training  # the values go in the block's mode's columns
+            cells = [c for p in paths for c in (("-", cell(src, "as-is", p)) if block_trains
+                                                 else (cell(src, "as-is", p), "-"))]
+            rows.append(f"| {base} + {label} | mmdet/mmyolo norm_eval, freeze_bn() scripts | converts, per-layer "
+                        "modes kept | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
