@@ -15,6 +15,7 @@ float64 source on the PyTorch path and under the Triton interpreter, eval and tr
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gam_triton.reference import PaperGAM, SeedGAM, YoloGAM, channel_shuffle
+from gam_cases import randomise
+from gam_triton import GAM, _runtime
+from gam_triton.reference import SEQUENTIAL_PATHS, PaperGAM, SeedGAM, YoloGAM, channel_shuffle, structure
 
 
 # --- pieces the variants share ---------------------------------------------------------------------------
@@ -126,8 +129,6 @@ def wrapped_sequential_pairs(c: int) -> nn.Module:
 def named_sequential(c: int) -> nn.Module:
     """spatial_attention an ``nn.Sequential(OrderedDict(conv1=..., bn1=..., relu=..., conv2=..., bn2=...))``,
     paper arithmetic (code naming the Sequential's entries; ``bn1`` is NOT the seed form's second BatchNorm)."""
-    from collections import OrderedDict
-
     layers = _spatial(c, c // 4)
     spatial = nn.Sequential(OrderedDict(zip(("conv1", "bn1", "relu", "conv2", "bn2"), layers)))
     return _Branches(_mlp(c, c // 4), spatial)
@@ -383,8 +384,6 @@ REFUSED = [n for n, v in ZOO.items() if v.outcome == "refused"]
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """The variant ``name`` with random weights and BatchNorm statistics (seeded)."""
-    from gam_cases import randomise
-
     torch.manual_seed(seed)
     return randomise(ZOO[name].make(ZOO[name].channels), seed)
 
@@ -392,8 +391,6 @@ def build(name: str, seed: int = 0) -> nn.Module:
 # --- comparing a converted block with its source ----------------------------------------------------------------
 def run(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, layer_paths: tuple) -> dict:
     """Output, grad of x, grads of the six layers' parameters (by Sequential name) and their buffers."""
-    from gam_triton.reference import SEQUENTIAL_PATHS
-
     x = x.detach().clone().requires_grad_(True)
     out = module(x)
     out.backward(gout)
@@ -414,9 +411,6 @@ def differences(source: nn.Module, dtype: torch.dtype, device: str, mode: str, b
     and the six layers' buffers after one forward and backward. ``mode``: "eval" or "train" (set on the
     source before the conversion) or "as-is" (the source's own per-layer modes, carried by the conversion).
     Which path runs follows dtype, device and ``gam_triton._runtime.INTERPRET`` (float64: PyTorch)."""
-    from gam_triton import GAM
-    from gam_triton.reference import SEQUENTIAL_PATHS, structure
-
     source = copy.deepcopy(source)
     if mode != "as-is":
         source.train(mode == "train")
@@ -466,8 +460,6 @@ MODE_ROWS = {"norm_eval (block train, both BN eval)": _norm_eval,
 
 def _table() -> str:
     """The forms table: max over outputs, gradients and buffers of |difference| against the float64 source."""
-    from gam_triton import GAM, _runtime
-
     def cell(src, mode, path):
         dtype = torch.float64 if path == "torch64" else torch.float32
         keep = _runtime.INTERPRET
@@ -507,8 +499,5 @@ def _table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # the forms table
-    import sys
-
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+if __name__ == "__main__":  # the forms table (the script's folder, tests/, is on sys.path: gam_cases imports)
     print(_table())

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gam_cases import FORMS, assert_close, make_input, make_ref, randomise
-from gam_triton import GAM, convert
+from gam_triton import GAM, convert, revert
 from gam_triton.reference import YoloGAM
 
 
@@ -154,8 +154,6 @@ def test_convert_keeps_each_layers_mode_and_revert_gives_it_back():
     assert [m.training for m in model.p3[0].spatial_attention] == [True, False, True, True, False]
     assert [(type(m).__name__, m.training) for m in model.modules()
             if isinstance(m, (nn.BatchNorm2d, nn.Linear))] == flags
-    from gam_triton import revert
-
     revert(model)
     assert [(type(m).__name__, m.training) for m in model.modules()
             if isinstance(m, (nn.BatchNorm2d, nn.Linear))] == flags
