@@ -60,8 +60,8 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
 
     ``module``: a :class:`gam_triton.GAM` or any GAM block :meth:`gam_triton.GAM.from_module` accepts.
     Raises ``TypeError`` for a non-module, a non-tensor or a non-floating-point input; ``ValueError`` for
-    what is not a GAM block, a module in train mode, an input that is not B x C x H x W with the module's
-    channel count.
+    what is not a GAM block, a module or any layer of it in train mode, an input that is not B x C x H x W
+    with the module's channel count.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"attention_maps: expected an nn.Module, got {type(module).__name__}")
@@ -69,6 +69,10 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     if module.training:
         raise ValueError("attention_maps: the module is in train mode (BatchNorm would use and update batch "
                          "statistics): call .eval() first")
+    training = next((name for name, m in module.named_modules() if m.training), None)
+    if training is not None:  # a layer left training in an eval block (per-layer modes are kept on conversion)
+        raise ValueError(f"attention_maps: {training} of the module is in train mode (a BatchNorm would use and "
+                         "update batch statistics): call .eval() on the module first")
     layers, sigmoid, shuffle = _form(module)
     fc1, fc2, conv1, bn1, conv2, bn2 = layers
     if x.shape[1] != fc1.in_features:

@@ -62,6 +62,23 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _check_groups(group: Optional[bool], groups, c: int, cr: int, rate: int) -> tuple[bool, int]:
+    """(group, groups) of a GAM: ``groups`` from ``group`` when not given; both given must agree."""
+    if groups is None:
+        groups = rate if group else 1
+        if group and (c % groups or cr % groups):
+            raise ValueError(f"GAM: group=True needs in_channels ({c}) and in_channels // rate ({cr}) "
+                             f"divisible by rate ({rate})")
+        return bool(group), groups
+    groups = _check_int("groups", groups, 1)
+    if (group is True and groups != rate) or (group is False and groups == rate and groups > 1):
+        raise ValueError(f"GAM: group={group} and groups={groups} disagree (group=True means groups == rate, "
+                         f"rate={rate}): give one of them")
+    if c % groups or cr % groups:
+        raise ValueError(f"GAM: groups ({groups}) must divide in_channels ({c}) and in_channels // rate ({cr})")
+    return (groups > 1 and groups == rate) if group is None else group, groups
+
+
 class GAM(nn.Module):
     """Global Attention Mechanism block (Liu et al. 2021) with fused Triton kernels.
 
@@ -70,18 +87,22 @@ class GAM(nn.Module):
         out_channels: must equal ``in_channels`` (the output gates the input); None means the same.
         rate: reduction rate r; the hidden width is C // r.
         kernel_size: odd size of both spatial convolutions (padding kernel_size // 2).
-        group: grouped convolutions with ``groups=rate`` (the YOLO form's default).
+        group: grouped convolutions with ``groups=rate`` (the YOLO form's default); None (default): as
+            ``groups`` says, ungrouped when it is None too.
         channel_sigmoid: sigmoid on the channel branch (paper); False multiplies by the MLP output as
             the YOLO and seed forms do.
         shuffle_groups: shuffle the spatial map's channels in this many groups after its sigmoid (the
             YOLO form uses 4); None for no shuffle.
+        groups: the group count of both convolutions, any divisor of C and C // rate (a fork's
+            ``groups=4`` with ``rate=8``); None: ``rate`` if ``group`` else 1. Given with ``group``, the two
+            must agree (``group=True`` means ``groups == rate``, ``group=False`` means ``groups != rate``).
 
     Defaults are the paper's form. :meth:`from_module` builds one from any of the public forms.
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, rate: int = 4,
-                 kernel_size: int = 7, group: bool = False, channel_sigmoid: bool = True,
-                 shuffle_groups: Optional[int] = None) -> None:
+                 kernel_size: int = 7, group: Optional[bool] = None, channel_sigmoid: bool = True,
+                 shuffle_groups: Optional[int] = None, groups: Optional[int] = None) -> None:
         super().__init__()
         c = _check_int("in_channels", in_channels, 1)
         if out_channels is not None and _check_int("out_channels", out_channels, 1) != c:
@@ -92,16 +113,13 @@ class GAM(nn.Module):
         if k % 2 == 0:
             raise ValueError(f"GAM: kernel_size must be odd (padding kernel_size // 2 keeps H x W), got {k}")
         for name, flag in (("group", group), ("channel_sigmoid", channel_sigmoid)):
-            if not isinstance(flag, bool):
+            if not isinstance(flag, bool) and not (name == "group" and flag is None):
                 raise TypeError(f"GAM: {name} must be a bool, got {type(flag).__name__}")
         cr = c // rate
         if cr == 0:
             raise ValueError(f"GAM: in_channels // rate is 0 (in_channels={c}, rate={rate}): "
                              "the channel MLP would have no hidden unit")
-        groups = rate if group else 1
-        if group and (c % groups or cr % groups):
-            raise ValueError(f"GAM: group=True needs in_channels ({c}) and in_channels // rate ({cr}) "
-                             f"divisible by rate ({rate})")
+        group, groups = _check_groups(group, groups, c, cr, rate)
         if shuffle_groups is not None:
             shuffle_groups = _check_int("shuffle_groups", shuffle_groups, 1)
             if c % shuffle_groups:
@@ -110,6 +128,7 @@ class GAM(nn.Module):
         self.rate = rate
         self.kernel_size = k
         self.group = group
+        self.groups = groups
         self.channel_sigmoid = channel_sigmoid
         self.shuffle_groups = shuffle_groups
         self.channel_attention = nn.Sequential(nn.Linear(c, cr), nn.ReLU(inplace=True), nn.Linear(cr, c))
@@ -121,7 +140,9 @@ class GAM(nn.Module):
             nn.BatchNorm2d(c),
         )
         self._eval_cache: dict = {}  # name -> (key, value): eval-mode constants, see _cached
-        self._register_load_state_dict_pre_hook(reference.rename_seed_keys)
+        for form, table in reference.KEY_PREFIXES.items():  # other forms' checkpoints load too
+            self._register_load_state_dict_pre_hook(reference.rename_seed_keys if form == "seed"
+                                                    else reference.KeyMap(table))
 
     @property
     def out_channels(self) -> int:
@@ -129,35 +150,54 @@ class GAM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, rate={self.rate}, kernel_size={self.kernel_size}, "
-                f"group={self.group}, channel_sigmoid={self.channel_sigmoid}, "
+                f"group={self.group}, groups={self.groups}, channel_sigmoid={self.channel_sigmoid}, "
                 f"shuffle_groups={self.shuffle_groups}")
 
     @classmethod
     def from_module(cls, module: nn.Module, share: bool = False) -> "GAM":
         """A GAM computing the same function as ``module`` (any of the public forms), same weights.
 
-        Weights, statistics, BatchNorm settings, requires_grad flags, mode, device and dtype are those of
-        ``module``; its form is found by :func:`gam_triton.reference.detect_form` (ValueError when it is
-        none that gam_triton computes). ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s
-        own Parameter and buffer objects instead of copies. The plain attributes ``module`` carries (e.g.
-        ultralytics' ``f``/``i``/``type``/``np``) are copied; its hooks are not: ``module`` still exists and
-        keeps them, and a copy would make each hook fire for two blocks (``convert``, which replaces the
-        block, moves them).
+        Weights, statistics, BatchNorm settings, requires_grad flags, device and dtype are those of
+        ``module``, and so are the modes: the block's own training flag, and each layer's (fc1, fc2, conv1,
+        bn1, conv2, bn2 and the two branches) its counterpart's, so a BatchNorm frozen with ``.eval()`` in a
+        training block stays frozen. The layers are found by :func:`gam_triton.reference.structure` (any of
+        the layouts it lists), the form by :func:`gam_triton.reference.detect_form` (ValueError naming the
+        first mismatch when it is none that gam_triton computes). A layout with other parameter names
+        (conv+BatchNorm wrappers) gets a load-state-dict pre-hook renaming its checkpoints' keys.
+
+        ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s own Parameter and buffer objects
+        instead of copies. The plain attributes ``module`` carries (e.g. ultralytics' ``f``/``i``/``type``/
+        ``np``) are copied; its hooks are not: ``module`` still exists and keeps them, and a copy would make
+        each hook fire for two blocks (``convert``, which replaces the block, moves them).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
         found = reference.structure(module)
         sigmoid, shuffle = reference.detect_form(module, found)
-        gam = cls(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)
+        with torch.device("meta"):  # every tensor comes from ``module``: no allocation, no random init (which
+            gam = cls(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)  # would move the RNG)
         gam._take_layers(found.layers, share)
+        for mine, theirs in ((gam.channel_attention, module.channel_attention),
+                             (gam.spatial_attention, module.spatial_attention)):
+            for m in mine.children():
+                if type(m) is nn.ReLU:  # no counterpart in every layout: the branch's flag
+                    m.training = theirs.training
+            mine.training = theirs.training
+        table = reference.key_table(found.names)
+        if table:  # this block's own names, renamed before the default seed and wrapper tables see them
+            handle = gam._register_load_state_dict_pre_hook(reference.KeyMap(table))
+            gam._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)
         return reference.carry_over(module, gam, hooks=False)
 
     def _take_layers(self, theirs_all: tuple, share: bool) -> None:
-        """Take the weights, statistics and BatchNorm settings of (fc1, fc2, conv1, bn1, conv2, bn2):
-        the very Parameter and buffer objects (``share``) or copies of them."""
+        """Take the weights, statistics, BatchNorm settings and training flags of (fc1, fc2, conv1, bn1,
+        conv2, bn2): the very Parameter and buffer objects (``share``) or copies of them."""
         ref = theirs_all[0].weight
+        if any(t.is_meta for t in (*self.parameters(), *self.buffers())):  # built empty by from_module
+            self.to_empty(device=ref.device)
         self.to(device=ref.device, dtype=ref.dtype)
         for mine, theirs in zip(self._layers(), theirs_all):
+            mine.training = theirs.training
             if getattr(theirs, "bias", True) is None:
                 mine.bias = None
             if isinstance(theirs, nn.BatchNorm2d):
@@ -193,9 +233,10 @@ class GAM(nn.Module):
         names ``fc1``...); anything else -> ``PlainGAM``. The new module SHARES this GAM's layers (the same
         Linear, Conv2d and BatchNorm objects: parameters, buffers, BN settings, hooks on them) and, as
         :func:`gam_triton.convert` does the other way (:func:`~gam_triton.reference.carry_over`), takes its
-        mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own seed-name
-        renamer excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
-        ``type`` a YOLO parser sets).
+        mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own checkpoint-name
+        renamers excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
+        ``type`` a YOLO parser sets). Each layer keeps its own training flag (they are the same objects); the
+        seed form's branch modules take the flags of this GAM's branches.
         """
         ref = self._reference_form()
         ca, sa = self.channel_attention, self.spatial_attention
@@ -204,6 +245,11 @@ class GAM(nn.Module):
                 setattr(ref.channel_attention, name, layer)
             for name, i in (("conv1", 0), ("bn", 1), ("conv2", 3), ("bn1", 4)):
                 setattr(ref.spatial_attention, name, sa[i])
+            shared = {id(m) for m in self._layers()}
+            for mine, theirs in ((ca, ref.channel_attention), (sa, ref.spatial_attention)):
+                for m in theirs.modules():
+                    if id(m) not in shared:
+                        m.training = mine.training
         else:
             ref.channel_attention, ref.spatial_attention = ca, sa
         before = set(vars(ref))
@@ -211,24 +257,28 @@ class GAM(nn.Module):
         for name in _OWN_STATE & (set(vars(ref)) - before):  # GAM's own configuration and cache stay here
             delattr(ref, name)
         table = ref._load_state_dict_pre_hooks
-        if any(_is_rename_hook(h) for h in table.values()):  # GAM's seed-name renamer stays with GAM
+
+        def own(hook) -> bool:  # GAM's checkpoint-name renamers stay with GAM
+            return _is_rename_hook(hook) or isinstance(getattr(hook, "hook", hook), reference.KeyMap)
+
+        if any(own(h) for h in table.values()):
             object.__setattr__(ref, "_load_state_dict_pre_hooks",
-                               type(table)((k, h) for k, h in table.items() if not _is_rename_hook(h)))
+                               type(table)((k, h) for k, h in table.items() if not own(h)))
         return ref
 
     def _reference_form(self) -> nn.Module:
         """An empty-layered instance of the public form with this configuration (PlainGAM if none fits)."""
         c, r, k = self.in_channels, self.rate, self.kernel_size
-        sig, shuffle, group = self.channel_sigmoid, self.shuffle_groups, self.group
+        sig, shuffle, g = self.channel_sigmoid, self.shuffle_groups, self.groups
         with torch.device("meta"):  # the layers are replaced by this GAM's own right after: allocate nothing
-            if k == 7 and not sig and shuffle == 4:
-                return reference.YoloGAM(c, c, group=group, rate=r)
-            if k == 7 and sig and shuffle is None and not group:
+            if k == 7 and not sig and shuffle == 4 and g in (1, r):
+                return reference.YoloGAM(c, c, group=g > 1, rate=r)
+            if k == 7 and sig and shuffle is None and g == 1:
                 return reference.PaperGAM(c, rate=r)
-            if k == 7 and not sig and shuffle is None and not group:
+            if k == 7 and not sig and shuffle is None and g == 1:
                 return reference.SeedGAM(c, c, ratio=r)
-            return reference.PlainGAM(c, rate=r, kernel_size=k, group=group, channel_sigmoid=sig,
-                                      shuffle_groups=shuffle)
+            return reference.PlainGAM(c, rate=r, kernel_size=k, group=g > 1 and g == r, channel_sigmoid=sig,
+                                      shuffle_groups=shuffle, groups=g)
 
     def __getstate__(self) -> dict:
         """Copies and pickles do not carry the eval-constant cache (its keys are this process's pointers)."""

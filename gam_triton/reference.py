@@ -17,21 +17,25 @@ from (:func:`gam_triton.convert`):
 Nothing in the forms is fast on purpose: the permutes and separate elementwise passes are what users pay.
 
 Recognising a block (:func:`structure`, :func:`detect_form`): forms 1 and 2 have identical layers, so the
-structure gives the weights but not the function. The function is found by experiment: a float64 copy of
-the block, with random parameters and statistics (no trained weight can hide a difference), is run on a
-probe input and compared with each candidate configuration built from the same copy. The block itself is
-never run.
+structure gives the weights but not the function. :func:`structure` finds the six layers (fc1, fc2, conv1,
+bn1, conv2, bn2) in the layouts public code holds them in (the Sequentials, with or without a trailing
+Sigmoid; conv+BatchNorm wrappers; the seed's names) and refuses, naming the first mismatch, anything else
+(another activation or norm, extra layers, padding other than zeros). The function is found by experiment: a
+float64 copy of the block, with random parameters and statistics (no trained weight can hide a difference),
+is run in eval and in train mode on two probe inputs and compared, output and running statistics, with each
+candidate configuration computed from the same copy. The block itself is never run.
 
 Also here: the channel shuffle and the gated multiply (:func:`shuffle`, :func:`unshuffle`,
 :func:`gate_multiply`), BatchNorm2d as a per-channel affine exactly as ``nn.BatchNorm2d`` behaves
 (:func:`uses_batch_stats`, :func:`bn_scale_shift`, :func:`fold_conv_bn`), GAM's function in standard ops for
-deployment graphs (:func:`plain_forward`), the seed form's checkpoint names (:func:`rename_seed_keys`) and
-what a replacement block takes over from the block it replaces (:func:`carry_over`).
+deployment graphs (:func:`plain_forward`), the other forms' checkpoint names (:func:`rename_seed_keys`,
+:class:`KeyMap`) and what a replacement block takes over from the block it replaces (:func:`carry_over`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +43,9 @@ from torch import nn
 
 __all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "channel_shuffle", "shuffle", "unshuffle",
            "gate_multiply", "uses_batch_stats", "bn_scale_shift", "fold_conv_bn", "plain_forward",
-           "SEED_NAMES", "rename_seed_keys", "Structure", "layers", "structure", "detect_form", "HOOK_TABLES",
-           "carry_over"]
+           "SEQUENTIAL_PATHS", "SEED_NAMES", "WRAPPED_NAMES", "KEY_PREFIXES", "rename_keys", "rename_seed_keys",
+           "KeyMap", "key_table", "Structure", "layers", "structure", "looks_like_gam", "PROBE_SHAPES",
+           "detect_form", "HOOK_TABLES", "carry_over"]
 
 
 # --- the public forms ----------------------------------------------------------------------------------------
@@ -51,10 +56,11 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
-def _sequential_layers(c1: int, c2: int, rate: int, group: bool,
-                       kernel_size: int = 7) -> tuple[nn.Sequential, nn.Sequential]:
+def _sequential_layers(c1: int, c2: int, rate: int, group: bool, kernel_size: int = 7,
+                       groups: Optional[int] = None) -> tuple[nn.Sequential, nn.Sequential]:
     cr = c1 // rate
-    groups = rate if group else 1
+    if groups is None:
+        groups = rate if group else 1
     k = kernel_size
     channel = nn.Sequential(nn.Linear(c1, cr), nn.ReLU(inplace=True), nn.Linear(cr, c1))
     spatial = nn.Sequential(
@@ -151,16 +157,18 @@ class SeedGAM(nn.Module):
 class PlainGAM(nn.Module):
     """Every configuration of :class:`gam_triton.GAM` in plain PyTorch (forms 1 and 2 are special cases).
 
-    Same layers and parameter names as forms 1 and 2; ``shuffle_groups`` None or 0 means no shuffle.
+    Same layers and parameter names as forms 1 and 2; ``shuffle_groups`` None or 0 means no shuffle;
+    ``groups`` (the convolutions' group count, any divisor of C and C/r) overrides ``group`` (groups = rate).
     """
 
     def __init__(self, in_channels: int, rate: int = 4, kernel_size: int = 7, group: bool = False,
-                 channel_sigmoid: bool = True, shuffle_groups: int | None = None) -> None:
+                 channel_sigmoid: bool = True, shuffle_groups: int | None = None,
+                 groups: int | None = None) -> None:
         super().__init__()
         self.channel_sigmoid = channel_sigmoid
         self.shuffle_groups = shuffle_groups
         self.channel_attention, self.spatial_attention = _sequential_layers(
-            in_channels, in_channels, rate, group, kernel_size
+            in_channels, in_channels, rate, group, kernel_size, groups
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,7 +304,11 @@ def plain_forward(gam_layers: tuple, channel_sigmoid: bool, shuffle_groups: Opti
     return x1 * s
 
 
-# --- the seed form's checkpoint names ------------------------------------------------------------------------
+# --- checkpoint names of the other forms ---------------------------------------------------------------------
+#: Where the six layers (fc1, fc2, conv1, bn1, conv2, bn2) sit in the Sequential forms and in gam_triton.GAM.
+SEQUENTIAL_PATHS = ("channel_attention.0", "channel_attention.2", "spatial_attention.0", "spatial_attention.1",
+                    "spatial_attention.3", "spatial_attention.4")
+
 #: Seed-form parameter prefixes and the Sequential forms' names for the same tensors.
 SEED_NAMES = {
     "channel_attention.fc1.": "channel_attention.0.",
@@ -307,82 +319,285 @@ SEED_NAMES = {
     "spatial_attention.bn1.": "spatial_attention.4.",
 }
 
+#: The conv+BatchNorm wrapper form (``spatial_attention = Sequential(ConvBN, ReLU, ConvBN)``) with the
+#: wrappers' children called ``conv`` and ``bn``; wrappers naming them otherwise get their own table when
+#: converted (:attr:`Structure.names`).
+WRAPPED_NAMES = {
+    "spatial_attention.0.conv.": "spatial_attention.0.",
+    "spatial_attention.0.bn.": "spatial_attention.1.",
+    "spatial_attention.2.conv.": "spatial_attention.3.",
+    "spatial_attention.2.bn.": "spatial_attention.4.",
+}
 
-def rename_seed_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                     error_msgs) -> None:
-    """Load-state-dict pre-hook: rename the seed form's parameter names to the Sequential forms', in place."""
+#: Form -> {its checkpoint prefix: the Sequential forms' prefix}. Forms not listed (the trailing-Sigmoid
+#: Sequentials) have the Sequential forms' names already.
+KEY_PREFIXES = {"seed": SEED_NAMES, "wrapped": WRAPPED_NAMES}
+
+
+def rename_keys(table: dict, state_dict, prefix: str) -> None:
+    """Rename, in place, the keys of ``state_dict`` under ``prefix`` that start with a prefix of ``table``
+    (the longest that matches) to ``table``'s name for it. Keys outside ``prefix`` are left alone."""
     for key in list(state_dict.keys()):
         if not key.startswith(prefix):
             continue
         rest = key[len(prefix):]
-        for old, new in SEED_NAMES.items():
-            if rest.startswith(old):
-                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                break
+        old = max((o for o in table if rest.startswith(o)), key=len, default=None)
+        if old is not None:
+            state_dict[prefix + table[old] + rest[len(old):]] = state_dict.pop(key)
+
+
+def rename_seed_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    """Load-state-dict pre-hook: rename the seed form's parameter names to the Sequential forms', in place."""
+    rename_keys(SEED_NAMES, state_dict, prefix)
+
+
+class KeyMap:
+    """Load-state-dict pre-hook renaming another form's checkpoint prefixes (``table``: {theirs: ours}) to the
+    Sequential forms' names, as :func:`rename_seed_keys` does for the seed form; picklable."""
+
+    def __init__(self, table: dict) -> None:
+        self.table = dict(table)
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+        rename_keys(self.table, state_dict, prefix)
+
+    def __repr__(self) -> str:
+        return f"KeyMap({self.table!r})"
+
+
+def key_table(names: tuple) -> dict:
+    """{prefix in the block: prefix in the Sequential forms} for six layer paths (``Structure.names``), the
+    paths the Sequential forms share left out. Applied before :func:`rename_seed_keys` (a Sequential whose
+    entries are named ``conv1``, ``bn1``, ... must not get the seed form's meaning of ``bn1``)."""
+    return {theirs + ".": ours + "." for theirs, ours in zip(names, SEQUENTIAL_PATHS) if theirs != ours}
 
 
 # --- recognising a GAM block ---------------------------------------------------------------------------------
 class Structure(NamedTuple):
-    """What the layers of a GAM-shaped block say: the layers, whether it is the seed form, and the
-    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group)."""
+    """What the layers of a GAM-shaped block say: the layers, whether it is the seed form, the
+    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups) and where
+    the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``)."""
 
     layers: tuple
     seed: bool
     args: dict
+    names: tuple = SEQUENTIAL_PATHS
+
+
+_CHANNEL_SEQ = "Linear, ReLU, Linear (optionally then Sigmoid)"
+_SPATIAL_SEQ = ("Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, or conv+BatchNorm, ReLU, conv+BatchNorm "
+                "(optionally then Sigmoid)")
+#: Leaf modules a GAM block may hold: the six layers' kinds, its two activations, no-ops and empty containers.
+_LEAVES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Sigmoid, nn.Identity, nn.Sequential, nn.ModuleList,
+           nn.ModuleDict)
+
+
+def _kinds(items) -> str:
+    return ", ".join(type(m).__name__ for _, m in items) or "nothing"
+
+
+def _expect(where: str, name: str, m, kind: type) -> None:
+    if type(m) is not kind:
+        raise ValueError(f"{where}[{name}] is {type(m).__name__}, expected {kind.__name__}")
+
+
+def _child(parent: nn.Module, name: str):
+    m = parent._modules.get(name)
+    return m if isinstance(m, nn.Module) else None
+
+
+def _channel_layers(ca: nn.Module) -> tuple[tuple, tuple, bool]:
+    """(fc1, fc2), their paths, seed form? of a channel_attention; ValueError naming the first mismatch."""
+    if isinstance(ca, nn.Sequential):
+        items = list(ca._modules.items())
+        body = items[:3] if len(items) == 4 and type(items[3][1]) is nn.Sigmoid else items
+        if len(body) != 3:
+            raise ValueError(f"channel_attention has {len(items)} entries ({_kinds(items)}): expected "
+                             f"{_CHANNEL_SEQ}")
+        for (name, m), kind in zip(body, (nn.Linear, nn.ReLU, nn.Linear)):
+            _expect("channel_attention", name, m, kind)
+        return (body[0][1], body[2][1]), (f"channel_attention.{body[0][0]}", f"channel_attention.{body[2][0]}"), False
+    found = [_child(ca, n) for n in ("fc1", "fc2")]
+    if any(m is None for m in found):
+        raise ValueError(f"channel_attention ({type(ca).__name__}) is neither an nn.Sequential ({_CHANNEL_SEQ}) "
+                         "nor a module holding the seed form's fc1 and fc2")
+    for n, m in zip(("fc1", "fc2"), found):
+        if type(m) is not nn.Linear:
+            raise ValueError(f"channel_attention.{n} is {type(m).__name__}, expected Linear")
+    return tuple(found), ("channel_attention.fc1", "channel_attention.fc2"), True
+
+
+def _conv_bn_pair(where: str, m: nn.Module) -> list:
+    kids = list(m._modules.items())
+    if len(kids) != 2 or type(kids[0][1]) is not nn.Conv2d or type(kids[1][1]) is not nn.BatchNorm2d:
+        desc = ", ".join(f"{n} ({type(k).__name__})" for n, k in kids) or "none"
+        raise ValueError(f"{where} ({type(m).__name__}) has children {desc}: expected Conv2d and BatchNorm2d, or a "
+                         "conv+BatchNorm wrapper holding exactly a Conv2d then a BatchNorm2d")
+    return kids
+
+
+def _spatial_layers(sa: nn.Module) -> tuple[tuple, tuple]:
+    """(conv1, bn1, conv2, bn2) and their paths of a spatial_attention; ValueError naming the first mismatch."""
+    if isinstance(sa, nn.Sequential):
+        items = list(sa._modules.items())
+        body = items[:-1] if len(items) in (4, 6) and type(items[-1][1]) is nn.Sigmoid else items
+        if len(body) == 5:
+            for (name, m), kind in zip(body, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d)):
+                _expect("spatial_attention", name, m, kind)
+            picked = [body[i] for i in (0, 1, 3, 4)]
+            return tuple(m for _, m in picked), tuple(f"spatial_attention.{n}" for n, _ in picked)
+        if len(body) == 3:
+            (n1, w1), (nr, relu), (n2, w2) = body
+            first = _conv_bn_pair(f"spatial_attention[{n1}]", w1)
+            _expect("spatial_attention", nr, relu, nn.ReLU)
+            second = _conv_bn_pair(f"spatial_attention[{n2}]", w2)
+            paths = [f"spatial_attention.{n}.{k}" for n, pair in ((n1, first), (n2, second)) for k, _ in pair]
+            return tuple(m for pair in (first, second) for _, m in pair), tuple(paths)
+        raise ValueError(f"spatial_attention has {len(items)} entries ({_kinds(items)}): expected {_SPATIAL_SEQ}")
+    names = ("conv1", "bn", "conv2", "bn1")
+    found = [_child(sa, n) for n in names]
+    if any(m is None for m in found):
+        raise ValueError(f"spatial_attention ({type(sa).__name__}) is neither an nn.Sequential ({_SPATIAL_SEQ}) "
+                         "nor a module holding the seed form's conv1, bn, conv2 and bn1")
+    for n, m, kind in zip(names, found, (nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d)):
+        if type(m) is not kind:
+            raise ValueError(f"spatial_attention.{n} is {type(m).__name__}, expected {kind.__name__}")
+    return tuple(found), tuple(f"spatial_attention.{n}" for n in names)
+
+
+def _find(module: nn.Module) -> tuple[tuple, tuple, bool]:
+    """(six layers, their paths, seed form?); ValueError (the first mismatch) for anything else."""
+    name = type(module).__name__
+    ca, sa = _child(module, "channel_attention"), _child(module, "spatial_attention")
+    if ca is None or sa is None:
+        missing = " and ".join(n for n, m in (("channel_attention", ca), ("spatial_attention", sa)) if m is None)
+        raise ValueError(f"{name} is not a GAM block: it has no child {missing} (expected children "
+                         f"channel_attention ({_CHANNEL_SEQ}) and spatial_attention ({_SPATIAL_SEQ}), or the seed "
+                         "form's fc1/fc2 and conv1/bn/conv2/bn1)")
+    try:
+        (fc1, fc2), cpaths, seed = _channel_layers(ca)
+        spatial, spaths = _spatial_layers(sa)
+    except ValueError as e:
+        raise ValueError(f"{name} is not a GAM block gam_triton computes: {e}") from None
+    found = (fc1, fc2, *spatial)
+    if len({id(m) for m in found}) != 6:
+        raise ValueError(f"{name}: one layer is used in two places of the block; GAM has six distinct layers")
+    for path, m in module.named_modules():
+        if m is not module and not m._modules and type(m) not in _LEAVES:
+            raise ValueError(f"{name}: {path} is {type(m).__name__}, which gam_triton does not compute (a GAM "
+                             "block holds Linear, Conv2d, BatchNorm2d, ReLU and Sigmoid only)")
+    own = {id(t) for m in found for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    extra = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in own]
+    if extra:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise ValueError(f"{name}: {shown} outside GAM's six layers (Linear, Linear, Conv2d, BatchNorm2d, Conv2d, "
+                         "BatchNorm2d): gam_triton would drop it")
+    return found, cpaths + spaths, seed
 
 
 def layers(module: nn.Module) -> Optional[tuple[tuple, bool]]:
     """((fc1, fc2, conv1, bn1, conv2, bn2), seed form?) of a GAM-shaped module, None for anything else."""
-    ca = getattr(module, "channel_attention", None)
-    sa = getattr(module, "spatial_attention", None)
-    if not isinstance(ca, nn.Module) or not isinstance(sa, nn.Module):
-        return None
-    if isinstance(ca, nn.Sequential) and isinstance(sa, nn.Sequential):
-        if len(ca) != 3 or len(sa) != 5:
-            return None
-        found, seed = (ca[0], ca[2], sa[0], sa[1], sa[3], sa[4]), False
-        if not isinstance(ca[1], nn.ReLU) or not isinstance(sa[2], nn.ReLU):
-            return None
-    else:
-        names = [(ca, "fc1"), (ca, "fc2"), (sa, "conv1"), (sa, "bn"), (sa, "conv2"), (sa, "bn1")]
-        found, seed = tuple(getattr(parent, n, None) for parent, n in names), True
-    kinds = (nn.Linear, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d)
-    if not all(type(m) is k for m, k in zip(found, kinds)):
+    try:
+        found, _, seed = _find(module)
+    except ValueError:
         return None
     return found, seed
 
 
+def _pads_same(cv: nn.Conv2d, k: int) -> bool:
+    if cv.padding == "same":
+        return True
+    if cv.padding == "valid":
+        return k == 1
+    return tuple(cv.padding) == (k // 2, k // 2)
+
+
 def structure(module: nn.Module) -> Structure:
-    """The :class:`Structure` of a GAM block; ValueError naming the mismatch for anything else."""
-    found = layers(module)
-    if found is None:
-        raise ValueError(f"{type(module).__name__} is not a GAM block: expected children channel_attention "
-                         "(Linear, ReLU, Linear) and spatial_attention (Conv2d, BatchNorm2d, ReLU, Conv2d, "
-                         "BatchNorm2d), or the seed form's fc1/fc2 and conv1/bn/conv2/bn1")
-    found_layers, seed = found
+    """The :class:`Structure` of a GAM block; ValueError naming the first mismatch for anything else.
+
+    Layouts recognised (each only a way of holding the same six layers; :func:`detect_form` then checks the
+    function): ``channel_attention`` an ``nn.Sequential`` (Linear, ReLU, Linear [, Sigmoid]) or a module with
+    ``fc1``/``fc2``; ``spatial_attention`` an ``nn.Sequential`` (Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d
+    [, Sigmoid]), an ``nn.Sequential`` (wrapper, ReLU, wrapper [, Sigmoid]) whose wrappers hold exactly a Conv2d
+    then a BatchNorm2d, or a module with ``conv1``/``bn``/``conv2``/``bn1``. Refused: any other leaf module
+    (SiLU, InstanceNorm2d, Dropout, ...), parameters or buffers outside the six layers, convolutions that are
+    not same-size odd square kernels with stride 1, no dilation and zero padding (``padding='same'`` or
+    ``k // 2``), a hidden width that is no ``C // rate``.
+    """
+    found_layers, names, seed = _find(module)
+    name = type(module).__name__
     fc1, fc2, conv1, bn1, conv2, bn2 = found_layers
     c, cr = fc1.in_features, fc1.out_features
     k = conv1.kernel_size[0]
-    ok = (fc2.in_features == cr and fc2.out_features == c and conv1.in_channels == c
-          and conv1.out_channels == cr and conv2.in_channels == cr and conv2.out_channels == c
-          and bn1.num_features == cr and bn2.num_features == c and conv1.groups == conv2.groups
-          and all(cv.kernel_size == (k, k) and cv.padding == (k // 2, k // 2) and cv.stride == (1, 1)
-                  and cv.dilation == (1, 1) and cv.padding_mode == "zeros" for cv in (conv1, conv2)))
-    if not ok:
-        raise ValueError(f"{type(module).__name__} has GAM's layers but not GAM's shapes (C={c}, C/r={cr}, "
-                         f"conv kernel {conv1.kernel_size}, padding {conv1.padding}, groups {conv1.groups}); "
-                         "gam_triton supports same-size odd square kernels, stride 1, no dilation")
+    where = dict(zip(("fc1", "fc2", "conv1", "bn1", "conv2", "bn2"), names))
+    shapes = [("fc2", fc2.in_features == cr and fc2.out_features == c, f"Linear({fc2.in_features}, "
+               f"{fc2.out_features}), expected Linear({cr}, {c})"),
+              ("conv1", conv1.in_channels == c and conv1.out_channels == cr,
+               f"{conv1.in_channels} -> {conv1.out_channels} channels, expected {c} -> {cr}"),
+              ("bn1", bn1.num_features == cr, f"{bn1.num_features} features, expected {cr}"),
+              ("conv2", conv2.in_channels == cr and conv2.out_channels == c,
+               f"{conv2.in_channels} -> {conv2.out_channels} channels, expected {cr} -> {c}"),
+              ("bn2", bn2.num_features == c, f"{bn2.num_features} features, expected {c}")]
+    for layer, ok, what in shapes:
+        if not ok:
+            raise ValueError(f"{name} has GAM's layers but not GAM's shapes: {where[layer]} has {what}")
+    for layer, cv in (("conv1", conv1), ("conv2", conv2)):
+        problem = None
+        if cv.kernel_size != (k, k) or k % 2 == 0:
+            problem = (f"kernel {tuple(cv.kernel_size)} (gam_triton supports odd square kernels, the same in both "
+                       f"convolutions; conv1 has {tuple(conv1.kernel_size)})")
+        elif cv.stride != (1, 1):
+            problem = f"stride {cv.stride}, expected 1"
+        elif cv.dilation != (1, 1):
+            problem = f"dilation {cv.dilation}, expected 1"
+        elif cv.padding_mode != "zeros":
+            problem = f"padding_mode {cv.padding_mode!r}: gam_triton pads with zeros"
+        elif not _pads_same(cv, k):
+            problem = f"padding {cv.padding}, expected {k // 2} or 'same' (the output keeps H x W)"
+        if problem:
+            raise ValueError(f"{name}: {where[layer]} has {problem}")
+    if conv1.groups != conv2.groups:
+        raise ValueError(f"{name}: the convolutions have different group counts ({conv1.groups} and "
+                         f"{conv2.groups}); gam_triton uses one for both")
     groups = conv1.groups
-    rate = groups if groups > 1 else max(1, c // cr)
-    if c // rate != cr:
-        raise ValueError(f"{type(module).__name__}: hidden width {cr} is not in_channels // rate for any "
-                         f"rate gam_triton can express (C={c}, groups={groups})")
-    return Structure(found_layers, seed, dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1))
+    rate = groups if groups > 1 and c // groups == cr else max(1, c // max(cr, 1))
+    if cr == 0 or c // rate != cr:
+        raise ValueError(f"{name}: hidden width {cr} is not in_channels // rate for any rate gam_triton can express "
+                         f"(C={c}, groups={groups})")
+    args = dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1 and groups == rate, groups=groups)
+    return Structure(found_layers, seed, args, names)
+
+
+def _looks_like_gam(module: nn.Module) -> bool:
+    """True when ``module`` has children ``channel_attention`` and ``spatial_attention`` arranged like GAM's: a
+    Linear (or convolution) from C channels in the first, at least two convolutions in the second, from C
+    channels and back to C. A CBAM, whose spatial attention is one convolution from 2 channels, is not."""
+    ca, sa = _child(module, "channel_attention"), _child(module, "spatial_attention")
+    if ca is None or sa is None:
+        return False
+    mlp = [m for m in ca.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    convs = [m for m in sa.modules() if isinstance(m, nn.Conv2d)]
+    if not mlp or len(convs) < 2:
+        return False
+    c = mlp[0].in_features if isinstance(mlp[0], nn.Linear) else mlp[0].in_channels
+    return convs[0].in_channels == c and convs[-1].out_channels == c
+
+
+def looks_like_gam(module: nn.Module) -> bool:
+    """Whether :func:`gam_triton.convert` should tell the user when it leaves ``module`` alone: its class name
+    contains "GAM", or it has GAM-like ``channel_attention`` and ``spatial_attention`` children (see
+    :func:`_looks_like_gam`; a CBAM that merely shares the child names is not GAM-like)."""
+    return "GAM" in type(module).__name__ or _looks_like_gam(module)
 
 
 # (channel_sigmoid, shuffle_groups), most common first.
 _SEQUENTIAL_FORMS = [(False, 4), (True, None), (False, None), (True, 4)]
 _SEED_FORMS = [(False, None), (True, None), (False, 4), (True, 4)]
+#: Probe inputs (batch, H, W): batch >= 2 for batch statistics, the second map non-square and odd.
+PROBE_SHAPES = ((2, 5, 6), (3, 7, 3))
+_PROBE_SEED = 1234
 
 
 def _randomise(module: nn.Module, gen: torch.Generator) -> None:
@@ -396,53 +611,135 @@ def _randomise(module: nn.Module, gen: torch.Generator) -> None:
                 b.copy_(torch.rand(b.shape, generator=gen, dtype=b.dtype) + 0.5)
 
 
-def _without_hooks(module: nn.Module) -> nn.Module:
-    """``module`` with every hook table of it and its children emptied (a copy's: the block's own function)."""
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A float64 CPU deep copy of ``module`` with no hook (the block's own function). The hook tables are
+    not even copied (an empty table stands in for each in the deepcopy memo): ``module`` is only read."""
+    memo: dict = {}
     for m in module.modules():
         for table in HOOK_TABLES:
-            if getattr(m, table, None):
-                object.__setattr__(m, table, type(getattr(m, table))())
-    return module
+            hooks = getattr(m, table, None)
+            if hooks:
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(module, memo).to(device="cpu", dtype=torch.float64)
 
 
-def _candidate(found_layers: tuple, args: dict, sigmoid: bool, shuffle_groups: Optional[int]) -> nn.Module:
-    """A :class:`PlainGAM` of this configuration computing with ``found_layers`` themselves."""
-    with torch.device("meta"):
-        cand = PlainGAM(args["in_channels"], rate=args["rate"], kernel_size=args["kernel_size"],
-                        group=args["group"], channel_sigmoid=sigmoid, shuffle_groups=shuffle_groups)
-    fc1, fc2, conv1, bn1, conv2, bn2 = found_layers
-    cand.channel_attention = nn.Sequential(fc1, nn.ReLU(), fc2)
-    cand.spatial_attention = nn.Sequential(conv1, bn1, nn.ReLU(), conv2, bn2)
-    return cand
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread while the probe runs: its tensors are tiny, and fanning each op out to a thread pool
+    costs more than the op (tens of ms per convolution on a loaded machine, against 0.3 ms on one thread)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def _buffers(module: nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def _restore(module: nn.Module, saved: dict) -> None:
+    with torch.no_grad():
+        for k, v in module.named_buffers():
+            v.copy_(saved[k])
+
+
+def _candidate_outputs(probe_layers: tuple, sigmoid: bool, shuffles: list, x: torch.Tensor) -> dict:
+    """{shuffle_groups: output} of GAM with this channel gate, computed with the probe copy's own layers (so
+    their modes, BatchNorm settings and running-statistics updates are the source's)."""
+    fc1, fc2, conv1, bn1, conv2, bn2 = probe_layers
+    a = fc2(torch.relu(fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+    x1 = x * (torch.sigmoid(a) if sigmoid else a)
+    s = torch.sigmoid(bn2(conv2(torch.relu(bn1(conv1(x1))))))
+    return {g: x1 * shuffle(s, g or 0) for g in shuffles}
+
+
+def _form_name(form: tuple) -> str:
+    sigmoid, groups = form
+    return f"channel {'sigmoid' if sigmoid else 'identity'}, {f'shuffle {groups}' if groups else 'no shuffle'}"
+
+
+def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, where: str, name: str) -> list:
+    """The forms of ``forms`` that compute what ``src`` computes on ``x`` (output and buffers moved)."""
+    before = _buffers(src)
+    versions = [p._version for p in src.parameters()]
+    torch.default_generator.manual_seed(_PROBE_SEED)  # the CPU generator only: fork_rng restores it
+    try:
+        want = src(x)
+    except Exception as e:  # the source's own forward failed: nothing to compare against
+        raise ValueError(f"{name}: running it on a probe input failed ({where}: {e!r})") from e
+    if not isinstance(want, torch.Tensor) or want.shape != x.shape:
+        raise ValueError(f"{name} returns {getattr(want, 'shape', type(want))} for input {tuple(x.shape)}: "
+                         "not a GAM block")
+    if [p._version for p in src.parameters()] != versions:
+        raise ValueError(f"{name}: its forward modifies its own parameters ({where}); GAM's does not")
+    want_bufs = _buffers(src)
+    _restore(src, before)
+    alive, closest, moved = [], (float("inf"), None), None
+    for sigmoid in dict.fromkeys(s for s, _ in forms):
+        torch.default_generator.manual_seed(_PROBE_SEED)
+        outs = _candidate_outputs(probe_layers, sigmoid, [g for s, g in forms if s == sigmoid], x)
+        got_bufs = _buffers(src)
+        _restore(src, before)
+        bad_buf = next((k for k, v in want_bufs.items()
+                        if not torch.allclose(got_bufs[k].double(), v.double(), rtol=1e-9, atol=1e-10)), None)
+        for groups, out in outs.items():
+            diff = (out - want).abs().max().item() if out.numel() else 0.0
+            if torch.allclose(out, want, rtol=1e-9, atol=1e-10):
+                if bad_buf is None:
+                    alive.append((sigmoid, groups))
+                else:
+                    moved = bad_buf
+            elif not diff >= closest[0]:  # NaN-safe
+                closest = (diff, (sigmoid, groups))
+    if alive:
+        return [f for f in forms if f in alive]
+    if moved is not None:
+        raise ValueError(f"{name} computes GAM's output but moves its buffers differently ({where}: {moved} "
+                         "differs afterwards): refusing to convert it into a different function")
+    near = f"; closest: {_form_name(closest[1])}, max |difference| {closest[0]:.2e}" if closest[1] else ""
+    raise ValueError(f"{name} has GAM's layers but computes none of the GAM forms gam_triton implements ({where}"
+                     f"{near}): refusing to convert it into a different function")
 
 
 def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[bool, Optional[int]]:
-    """(channel_sigmoid, shuffle_groups) of the GAM block ``module``, found by the float64 probe (see the
-    module docstring); ValueError when its function is none of the forms gam_triton computes."""
+    """(channel_sigmoid, shuffle_groups) of the GAM block ``module``, found by experiment; ValueError when its
+    function is none of the forms gam_triton computes.
+
+    The probe runs on a float64 CPU copy of ``module`` without hooks, its parameters and BatchNorm statistics
+    randomised (no trained weight can hide a difference), in eval mode and in train mode (every layer; and in
+    the block's own per-layer modes when they are mixed), on inputs of :data:`PROBE_SHAPES`: the block's output
+    and the buffers it moves (BatchNorm running statistics, ``num_batches_tracked``) are compared with each
+    candidate form's, computed with the copy's own layers from the same starting statistics. A form is kept
+    only if every probe agrees. The random state is forked (``torch.random.fork_rng``) and seeded before each
+    forward, so a block using randomness (dropout) is refused deterministically and the caller's RNG state is
+    left as it was; ``module`` itself is only read (no forward, no copy of its hooks). The probe runs on one
+    intra-op thread (restored afterwards).
+    """
     found = found or structure(module)
-    args = found.args
-    probe_src = _without_hooks(copy.deepcopy(module)).to(device="cpu", dtype=torch.float64).eval()
-    gen = torch.Generator().manual_seed(1234)
-    _randomise(probe_src, gen)
-    x = torch.randn(2, args["in_channels"], 5, 6, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        try:
-            want = probe_src(x)
-        except Exception as e:  # the source's own forward failed: nothing to compare against
-            raise ValueError(f"{type(module).__name__}: running it on a probe input failed ({e!r})") from e
-        if not isinstance(want, torch.Tensor) or want.shape != x.shape:
-            raise ValueError(f"{type(module).__name__} returns {getattr(want, 'shape', type(want))} for "
-                             f"input {tuple(x.shape)}: not a GAM block")
-        probe_layers = structure(probe_src).layers
-        for sigmoid, groups in (_SEED_FORMS if found.seed else _SEQUENTIAL_FORMS):
-            if groups and args["in_channels"] % groups:
-                continue
-            got = _candidate(probe_layers, args, sigmoid, groups).eval()(x)
-            if torch.allclose(got, want, rtol=1e-9, atol=1e-10):
-                return sigmoid, groups
-    raise ValueError(f"{type(module).__name__} has GAM's layers but computes none of the GAM forms "
-                     "gam_triton implements (channel gate sigmoid or identity, spatial map shuffled in 4 "
-                     "groups or not): refusing to convert it into a different function")
+    name = type(module).__name__
+    c = found.args["in_channels"]
+    forms = [f for f in (_SEED_FORMS if found.seed else _SEQUENTIAL_FORMS) if not (f[1] and c % f[1])]
+    flags = [m.training for m in module.modules()]
+    modes = [("eval", False), ("train", True)] + ([("own per-layer", None)] if len(set(flags)) > 1 else [])
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _one_thread():
+        src = _probe_copy(module)
+        gen = torch.Generator().manual_seed(_PROBE_SEED)
+        _randomise(src, gen)
+        probe_layers = tuple(src.get_submodule(p) for p in found.names)
+        for mode, flag in modes:
+            if flag is None:
+                for m, f in zip(src.modules(), flags):
+                    m.training = f
+            else:
+                src.train(flag)
+            for b, h, w in PROBE_SHAPES:
+                x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+                forms = _probe(src, probe_layers, forms, x, f"{mode}-mode probe at input {(b, c, h, w)}", name)
+    return forms[0]
 
 
 # --- what a replacement block takes over -----------------------------------------------------------------
@@ -478,6 +775,10 @@ def carry_over(old: nn.Module, new: nn.Module, hooks: bool = True) -> nn.Module:
     every hook table in :data:`HOOK_TABLES` (and whether backward hooks are "full"). Not copied: attributes
     the new block defines itself (``in_channels``, ``rate``, ...), class-level monkeypatches of ``type(old)``,
     and hooks registered globally (``nn.modules.module.register_module_*`` apply to every module anyway).
+
+    The training flag copied is ``old``'s own, onto ``new`` alone (not ``new.train(...)``, which would reset
+    every layer below): the layers keep their own flags, which :meth:`gam_triton.GAM.from_module` takes from
+    the source layer for layer (a BatchNorm frozen with ``.eval()`` inside a training block stays frozen).
     """
     if not isinstance(old, nn.Module) or not isinstance(new, nn.Module):
         raise TypeError(f"carry_over expects two nn.Modules, got {type(old).__name__} and {type(new).__name__}")
@@ -497,5 +798,5 @@ def carry_over(old: nn.Module, new: nn.Module, hooks: bool = True) -> nn.Module:
                 object.__setattr__(new, table, merged)
         if getattr(old, "_is_full_backward_hook", None) is not None:
             new._is_full_backward_hook = old._is_full_backward_hook
-    new.train(old.training)
+    new.training = old.training
     return new

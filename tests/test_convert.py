@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gam_cases import FORMS, assert_close, make_input, make_ref, randomise
-from gam_triton import GAM, convert
+from gam_triton import GAM, convert, revert
 from gam_triton.reference import YoloGAM
 
 
@@ -131,6 +131,8 @@ def test_convert_model_with_several_gams(caplog, device):
     assert isinstance(model.p3[0], GAM) and isinstance(model.neck["a"], GAM) and isinstance(model.neck["b"], GAM)
     assert isinstance(model.odd, TanhGAM), "a block of no known form is left alone"
     assert "replaced 3 GAM" in caplog.text and "left odd as it is" in caplog.text
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "TanhGAM has GAM's layers but computes none of the GAM forms" in warning.getMessage()
     with torch.no_grad():
         assert_close(model(x), original(x), torch.float32)
 
@@ -138,3 +140,20 @@ def test_convert_model_with_several_gams(caplog, device):
 def test_convert_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         convert("model")
+
+
+def test_convert_keeps_each_layers_mode_and_revert_gives_it_back():
+    """mmdet-style norm_eval: the model trains, every BatchNorm is frozen; convert and revert keep that."""
+    model = randomise(Detector(), 2).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    flags = [(type(m).__name__, m.training) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.Linear))]
+    convert(model)
+    assert isinstance(model.p3[0], GAM) and model.p3[0].training
+    assert [m.training for m in model.p3[0].spatial_attention] == [True, False, True, True, False]
+    assert [(type(m).__name__, m.training) for m in model.modules()
+            if isinstance(m, (nn.BatchNorm2d, nn.Linear))] == flags
+    revert(model)
+    assert [(type(m).__name__, m.training) for m in model.modules()
+            if isinstance(m, (nn.BatchNorm2d, nn.Linear))] == flags

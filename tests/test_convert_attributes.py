@@ -109,6 +109,17 @@ def test_convert_keeps_state_dict_hooks_and_training_flag():
     assert seen == ["model.1."] and "model.1.channel_attention.0.weight" in keys
 
 
+def test_convert_keeps_per_layer_training_flags_in_a_yaml_model():
+    """A frozen BatchNorm inside a training model stays frozen after convert (not reset by the block's flag)."""
+    model = _model("cpu").train()
+    model.model[1].spatial_attention[4].eval()  # e.g. a fine-tuning script's freeze_bn() on one layer
+    model.model[1].channel_attention.eval()     # and a branch set to eval by hand
+    before = [m.training for m in model.model[1].modules()]
+    convert(model)
+    assert isinstance(model.model[1], GAM)
+    assert [m.training for m in model.model[1].modules()] == before
+
+
 def test_from_module_copies_attributes_but_not_hooks():
     src = randomise(YoloGAM(32, 32), 1)
     src.f, src.i = -1, 7
