@@ -257,13 +257,9 @@ class GAM(nn.Module):
         for name in _OWN_STATE & (set(vars(ref)) - before):  # GAM's own configuration and cache stay here
             delattr(ref, name)
         table = ref._load_state_dict_pre_hooks
-
-        def own(hook) -> bool:  # GAM's checkpoint-name renamers stay with GAM
-            return _is_rename_hook(hook) or isinstance(getattr(hook, "hook", hook), reference.KeyMap)
-
-        if any(own(h) for h in table.values()):
+        if any(_is_rename_hook(h) for h in table.values()):  # GAM's checkpoint-name renamers stay with GAM
             object.__setattr__(ref, "_load_state_dict_pre_hooks",
-                               type(table)((k, h) for k, h in table.items() if not own(h)))
+                               type(table)((k, h) for k, h in table.items() if not _is_rename_hook(h)))
         return ref
 
     def _reference_form(self) -> nn.Module:
@@ -478,4 +474,6 @@ _OWN_STATE = frozenset(vars(GAM(16)))
 
 
 def _is_rename_hook(hook) -> bool:
-    return getattr(hook, "hook", hook) is reference.rename_seed_keys
+    """One of GAM's own checkpoint-name renamers (the seed form's, a key map of another layout's)."""
+    fn = getattr(hook, "hook", hook)
+    return fn is reference.rename_seed_keys or isinstance(fn, reference.KeyMap)

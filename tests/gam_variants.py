@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gam_cases import randomise
-from gam_triton import GAM, _runtime
+from gam_triton import GAM
+from gam_triton.ops import _runtime
 from gam_triton.reference import SEQUENTIAL_PATHS, PaperGAM, SeedGAM, YoloGAM, channel_shuffle, structure
 
 
@@ -410,7 +411,7 @@ def differences(source: nn.Module, dtype: torch.dtype, device: str, mode: str, b
     float64 source, outputs, gradients (of x and of the six layers' parameters, relative to max(1, |ref|))
     and the six layers' buffers after one forward and backward. ``mode``: "eval" or "train" (set on the
     source before the conversion) or "as-is" (the source's own per-layer modes, carried by the conversion).
-    Which path runs follows dtype, device and ``gam_triton._runtime.INTERPRET`` (float64: PyTorch)."""
+    Which path runs follows dtype, device and ``gam_triton.ops._runtime.INTERPRET`` (float64: PyTorch)."""
     source = copy.deepcopy(source)
     if mode != "as-is":
         source.train(mode == "train")

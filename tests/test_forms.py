@@ -18,7 +18,8 @@ from torch import nn
 
 import gam_variants as gv
 from gam_cases import assert_close, f64, make_input, make_ref, randomise
-from gam_triton import GAM, _runtime, convert, revert
+from gam_triton import GAM, convert, revert
+from gam_triton.ops import _runtime
 from gam_triton import reference as R
 from gam_triton.inspect import attention_maps
 from gam_triton.reference import PaperGAM, PlainGAM, YoloGAM
