@@ -1,7 +1,7 @@
 """Pre-tuning command: fill the tuning cache ahead of training or serving.
 
     python -m gam_triton.tune --channels 128 256 512 --sizes 80 40 20 --batch 16 \\
-        --dtype bf16 --layout channels_last --rate 4 [--group] [--no-sigmoid] [--shuffle 4] [--train]
+        --dtype bf16 --layout channels_last --rate 4 [--group | --groups G] [--no-sigmoid] [--shuffle 4] [--train]
 
 For every channel count, size (``80`` or ``80x64``), batch, dtype and layout it builds a
 :class:`gam_triton.GAM` of that form and runs it on random input: an eval-mode forward (channel gate and
@@ -72,7 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=sorted(_LAYOUTS), nargs="+", default=["nchw"], metavar="LAYOUT",
                    help="input memory layouts: nchw (default), channels_last")
     p.add_argument("--rate", type=_positive, default=4, help="reduction rate r (default 4)")
-    p.add_argument("--group", action="store_true", help="grouped convolutions (the YOLO form)")
+    p.add_argument("--group", action="store_true", help="grouped convolutions, groups = rate (the YOLO form)")
+    p.add_argument("--groups", type=_positive, metavar="G",
+                   help="the convolutions' group count when it is not the rate (e.g. 4 with --rate 8)")
     p.add_argument("--sigmoid", action=argparse.BooleanOptionalAction, default=True,
                    help="sigmoid on the channel branch (paper: yes; YOLO and seed forms: --no-sigmoid)")
     p.add_argument("--shuffle", type=int, default=0, metavar="G",
@@ -95,11 +97,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--amp needs --dtype fp16 or bf16")
     for c in args.channels:  # let GAM's own checks reject impossible forms before anything runs
         try:
-            GAM(c, rate=args.rate, group=args.group, channel_sigmoid=args.sigmoid,
-                shuffle_groups=args.shuffle or None)
+            _gam(args, c)
         except (TypeError, ValueError) as e:
             parser.error(str(e))
     return args
+
+
+def _gam(args, c: int) -> GAM:
+    return GAM(c, rate=args.rate, group=args.group or None, groups=args.groups, channel_sigmoid=args.sigmoid,
+               shuffle_groups=args.shuffle or None)
 
 
 def _describe(records) -> str:
@@ -115,8 +121,7 @@ def _describe(records) -> str:
 
 
 def _run_shape(c, hw, b, dtype, channels_last, args, device) -> None:
-    gam = GAM(c, rate=args.rate, group=args.group, channel_sigmoid=args.sigmoid,
-              shuffle_groups=args.shuffle or None).to(device)
+    gam = _gam(args, c).to(device)
     if not args.amp:
         gam = gam.to(dtype)
     x = torch.randn(b, c, *hw, device=device, dtype=torch.float32 if args.amp else dtype)
