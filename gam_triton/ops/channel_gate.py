@@ -33,7 +33,7 @@ if HAS_TRITON:
     from ..kernels.channel_gate import channel_gate_bwd_kernel, channel_gate_fwd_kernel
 
 __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heuristic", "candidates",
-           "bwd_heuristic", "bwd_candidates", "key", "launch_args", "bwd_launch_args"]
+           "bwd_heuristic", "bwd_candidates", "key", "bwd_key", "launch_args", "bwd_launch_args"]
 
 # --- launch choices ------------------------------------------------------------------------------------------
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
@@ -134,6 +134,13 @@ def key(x: torch.Tensor, w1: torch.Tensor, out_channels_last: bool, precision: s
     return _autotune.key((c, cr, *_autotune.pixels(x.shape[0], hw), out_channels_last), x, w1, precision=precision)
 
 
+def bwd_key(x: torch.Tensor, w1: torch.Tensor, precision: str) -> tuple:
+    """The backward's tuning key: C, C/r, bucketed map and batch, x's and the weights' dtype and layout (dx takes
+    x's), the dot precision."""
+    return _autotune.key((x.shape[1], w1.shape[0], *_autotune.pixels(x.shape[0], x.shape[2] * x.shape[3])), x, w1,
+                         precision=precision)
+
+
 # --- launches ------------------------------------------------------------------------------------------------
 def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                 sigmoid: bool, out: torch.Tensor, cfg: "triton.Config", precision: str) -> tuple:
@@ -198,7 +205,7 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     hid = torch.empty(n, cr, dtype=wdt, device=x.device)
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
     prec = dot_precision(wdt)
-    k = _autotune.key((c, cr, *_autotune.pixels(bsz, hw)), x, w1, precision=prec)
+    k = bwd_key(x, w1, prec)
 
     def go(cfg):
         return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,

@@ -42,7 +42,7 @@ if HAS_TRITON:
     from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
 
 __all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "checked",
-           "CandidateMismatchWarning", "pack_weight",
+           "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight",
            "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
 
 #: Values of GAM_TRITON_CONV.
@@ -184,12 +184,28 @@ def conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle: int, out, cfg: "trit
                                               **_kwargs(cfg, k, cin_g, wp.dtype, prec, z1, x1, out))
 
 
+def tile_key(x: torch.Tensor, wp: torch.Tensor, extra: tuple, prec: str) -> tuple:
+    """A convolution's tuning key: in- and out-channels per group, groups, K, bucketed map and batch, ``extra``
+    (conv_gate: shuffle, x1's and the output's layouts), the input's dtype and layout, the dot precision."""
+    k, cin_g, _, groups, cout_g = _dims(x, wp)
+    return _autotune.key((cin_g, cout_g, groups, k, *_autotune.pixels(x.shape[0], x.shape[2] * x.shape[3]), *extra),
+                         x, precision=prec)
+
+
+def path_key(x1: torch.Tensor, w1: torch.Tensor, groups: int, shuffle: int, out_channels_last: bool) -> tuple:
+    """The spatial path choice's key: C, C/r, groups, K, shuffle, bucketed map and batch, output layout, x1's dtype
+    and layout, the convolutions' dot precision."""
+    hw = x1.shape[2] * x1.shape[3]
+    return _autotune.key((x1.shape[1], w1.shape[0], groups, w1.shape[2], shuffle, *_autotune.pixels(x1.shape[0], hw),
+                          out_channels_last), x1, precision=precision(x1.dtype))
+
+
 def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, go, out: torch.Tensor, reference,
           prec: str) -> "triton.Config":
     """The tile of conv ``op`` over input x: tuned with each candidate checked against ``reference()``."""
-    k, cin_g, _, groups, cout_g = _dims(x, wp)
+    _, cin_g, _, _, cout_g = _dims(x, wp)
     hw = x.shape[2] * x.shape[3]
-    key = _autotune.key((cin_g, cout_g, groups, k, *_autotune.pixels(x.shape[0], hw), *extra), x, precision=prec)
+    key = tile_key(x, wp, extra, prec)
 
     def run(cfg) -> torch.Tensor:
         out.fill_(float("nan"))  # a candidate that writes nothing must not pass for the heuristic's output
@@ -294,8 +310,7 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
         return cudnn()
     if mode == "triton":
         return triton_path()
-    key = _autotune.key((x1.shape[1], w1.shape[0], groups, k, shuffle, *_autotune.pixels(x1.shape[0], x1.shape[2]
-                         * x1.shape[3]), out_channels_last), x1, precision=precision(x1.dtype))
+    key = path_key(x1, w1, groups, shuffle, out_channels_last)
     if torch.compiler.is_compiling():  # the path an eager call chose (the tuner cannot be traced), else cuDNN
         return triton_path() if _autotune.peek("spatial", key, x1.device) == "triton" else cudnn()
     if not _runtime.can_benchmark():  # nothing to time (the interpreter): cuDNN / PyTorch
