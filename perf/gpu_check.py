@@ -45,6 +45,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -448,7 +449,7 @@ def phase_env(ctx: Ctx) -> None:
                      for p, s in zip(PHASES, ctx.states)},
             "env_vars": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "GAM_TRITON_CONV", "GAM_TRITON_AUTOTUNE",
                                                         "GAM_TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES")},
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "mkldnn_enabled": torch.backends.mkldnn.enabled}
 
     ctx.results["env"] = info   # filled as it goes: a phase cut short still shows what it measured
 
@@ -757,18 +758,20 @@ def phase_tune(ctx: Ctx) -> None:
         with ctx.item("tune", what):
             buf = io.StringIO()
             t = time.monotonic()
+            rc: object = "cut short at the deadline"
             try:
                 with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
                     rc = tune.main(argv)
             except (Exception, SystemExit) as e:  # a failing shape is recorded; the next one is tried
                 rc = f"error {_one_line(e)}"
-            text = buf.getvalue()
-            print(text, end="", flush=True)
-            rows += parse_tune_table(text)
-            sections.append(f"### {what}\n\n`python -m gam_triton.tune {shlex.join(argv)}`: exit {rc}, "
-                            f"{time.monotonic() - t:.1f} s\n\n```\n{text.strip()}\n```\n")
-            write_text(ctx.path("tune.md"), _tune_md(ctx, sections, rows), ctx.alarm)
-    ctx.results["tune"] = kernel_gains(rows)
+            finally:   # also when the deadline stops it: what it printed so far is kept
+                text = buf.getvalue()
+                print(text, end="", flush=True)
+                rows += parse_tune_table(text)
+                sections.append(f"### {what}\n\n`python -m gam_triton.tune {shlex.join(argv)}`: exit {rc}, "
+                                f"{time.monotonic() - t:.1f} s\n\n```\n{text.strip()}\n```\n")
+                ctx.results["tune"] = kernel_gains(rows)
+                write_text(ctx.path("tune.md"), _tune_md(ctx, sections, rows), ctx.alarm)
 
 
 # --- timing: the whole block ---------------------------------------------------------------------------------
@@ -1244,7 +1247,11 @@ def _x(v, pattern: str = "x{:.2f}") -> str:
         v = float(v)
     except (TypeError, ValueError):
         return "n/a"
-    return "n/a" if v != v else pattern.format(v)
+    if v != v:
+        return "n/a"
+    if pattern == "x{:.2f}" and 0 < abs(v) < 0.1:
+        pattern = "x{:.2g}"
+    return pattern.format(v)
 
 
 def _goal(ok: Optional[bool], rehearse: bool) -> str:
@@ -1335,7 +1342,8 @@ def build_summary(ctx: Ctx, final: bool) -> str:
             for mode, target in (("forward", 1.5), ("train", 1.3)):
                 sp = sweep_summary.speedups(gam, "gam", dtype, mode, "eager")
                 g = results.geomean(sp)
-                goals.append((f"whole GAM {mode} {dtype}: gam_triton >= x{target} eager geomean"
+                goals.append((f"whole GAM {mode} {dtype} (geomean over the forms and shapes measured): "
+                              f"gam_triton >= x{target} eager"
                               + (" (aim x2)" if mode == "forward" else ""), None if g != g else g >= target, _x(g)))
             m = results.geomean(sweep_summary.speedups(gam, "gam", dtype, "forward", "compile-max-autotune"))
             goals.append((f"whole GAM forward {dtype}: ahead of torch.compile max-autotune", None if m != m else m > 1,
@@ -1510,12 +1518,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             parser().error(f"unknown phase(s) {', '.join(sorted(bad))}: choose from "
                            f"{', '.join(ph.name for ph in PHASES)}")
         selected = want
-    # Before torch / gam_triton are imported: the interpreter switch and the tuning cache are read at import.
+    # Before gam_triton is imported: it reads the interpreter switch at import.
     if rehearse:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["GAM_TRITON_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="gam_gpu_check_cache_")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     import torch
@@ -1525,16 +1532,23 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print("gpu_check: no CUDA GPU visible to this Python; on a machine without a GPU run the rehearsal: "
               "python perf/gpu_check.py --rehearse --out DIR", file=sys.stderr)
         return 2
+    if args.out and os.path.isdir(args.out) and set(os.listdir(args.out)) & set(FILES):
+        print(f"gpu_check: {args.out} already holds a run ({', '.join(sorted(set(os.listdir(args.out)) & set(FILES)))})"
+              ": give another --out (the default is a fresh folder)", file=sys.stderr)
+        return 2
+    # gam_triton reads its tuning cache folder at the first kernel call: a fresh one, so the tuning starts cold.
+    own_cache = None if args.cache_dir else tempfile.mkdtemp(prefix="gam_gpu_check_cache_")
+    os.environ["GAM_TRITON_CACHE_DIR"] = args.cache_dir or own_cache
     import common
 
     TIMING_COLUMNS[:] = _timing_columns()
     mach = common.machine()
     out = os.path.abspath(args.out or default_out(rehearse, mach.device))
     os.makedirs(out, exist_ok=True)
-    extra = sorted(set(os.listdir(out)) - set(FILES) - {f + ".tmp" for f in FILES})
+    extra = sorted(set(os.listdir(out)) - {f + ".tmp" for f in FILES})
     if extra:
-        print(f"gpu_check: note: {out} already holds other files ({', '.join(extra[:5])}); the check writes only "
-              f"its {len(FILES)} files", file=sys.stderr)
+        print(f"gpu_check: note: {out} already holds other files ({', '.join(extra[:5])}); the check adds its "
+              f"{len(FILES)} files", file=sys.stderr)
     alarm = Alarm()
     ctx = Ctx(args, out, budget, rehearse, alarm)
     ctx.on_gpu, ctx.device, ctx.mach = on_gpu, "cuda" if on_gpu else "cpu", mach
@@ -1552,9 +1566,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if on_gpu:
         torch.backends.cudnn.benchmark = True   # as the sweep and the YOLO trainers run; same for every provider
     else:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1
+        # Rehearsal: oneDNN's first calls of each convolution shape took ~2 s here (4 calls of the detector before
+        # it ran in 20 ms); PyTorch's own CPU convolutions do not warm up. CPU numbers are no figures anyway.
+        torch.backends.mkldnn.enabled = False
     ctx.states = plan_states(budget, selected, ctx.now(), ctx.plan.shares)
     watchdog = threading.Timer(max(0.1, T0 + budget - WATCHDOG_S - time.monotonic()), _watchdog, args=(ctx,))
     watchdog.daemon = True
@@ -1613,6 +1627,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if ctx.rehearse:
         print(f"gpu_check: {REHEARSAL_LABEL}")
     sys.stdout.flush()
+    if own_cache:
+        shutil.rmtree(own_cache, ignore_errors=True)
     return ctx.rc
 
 

@@ -163,7 +163,16 @@ def test_the_plan_fixes_shares_up_front_and_holds_eight_files_at_most():
     assert {g["c"] for g in groups} == {128, 256, 512} and {g["form"] for g in groups} == {"yolo", "paper"}
 
 
-def test_every_provider_of_the_block_and_the_detector_steps_and_probes():
+@pytest.fixture
+def no_onednn():
+    """PyTorch's own CPU convolutions, as in the rehearsal (oneDNN's first calls of a shape took seconds here)."""
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = old
+
+
+def test_every_provider_of_the_block_and_the_detector_steps_and_probes(no_onednn):
     """What the timing phases build, run once here whatever the rehearsal had time for (on a loaded CPU it skips
     items): each provider's timed step and its probe (output in eval, input gradient or loss in train). The
     detector's train step once (its code is the same for every provider; the CPU makes it slow)."""
@@ -258,3 +267,9 @@ def test_rehearsal_records_a_failing_phase_and_runs_the_others(tmp_path):
         summary = f.read()
     assert "| tune |" in summary and "failed" in summary and "InjectedFailure" in summary
     assert st["elapsed_s"] <= 25 and wall <= 25 + 5
+
+
+def test_a_folder_holding_a_run_is_refused(tmp_path):
+    (tmp_path / "status.json").write_text("{}")
+    proc, _ = _run_check(tmp_path, timeout=60)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
