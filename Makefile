@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: sweep test gpu-suite compile-report env clean
+.PHONY: sweep test gpu-check gpu-suite compile-report env clean
 
 env: $(VENV)/.installed
 
@@ -27,7 +27,20 @@ COMPILE_ARGS ?=
 compile-report: env
 	env -u TRITON_INTERPRET $(PY) perf/compile_report.py $(COMPILE_ARGS)
 
-# On a GPU machine: tests compiled for real, full sweep, plots, under perf/results/<gpu-name>/.
+# A short GPU lease: perf/gpu_check.py under a hard wall-clock budget (default 480 s; GPU_CHECK_BUDGET=300), phases
+# with fixed shares, at most 8 files in perf/results/<gpu-name>/<date>/. Runs with a python3 that already has torch,
+# Triton and the project (`pip install --no-deps --no-build-isolation -e .`; no network), else with .venv.
+# GPU_CHECK_ARGS="--rehearse --out DIR": every phase on the CPU (interpreter, 60 s; not performance figures).
+GPU_CHECK_BUDGET ?=
+GPU_CHECK_ARGS ?=
+GPU_PY ?= $(shell python3 -c "import torch, gam_triton" >/dev/null 2>&1 && echo python3 || echo $(PY))
+gpu-check:
+	@command -v $(GPU_PY) >/dev/null 2>&1 || { echo "gpu-check: $(GPU_PY) not found: run 'pip install --no-deps \
+	--no-build-isolation -e .' with a python3 that has torch and Triton, or 'make env'" >&2; exit 2; }
+	env -u TRITON_INTERPRET $(GPU_PY) perf/gpu_check.py $(if $(GPU_CHECK_BUDGET),--budget $(GPU_CHECK_BUDGET)) \
+	    $(GPU_CHECK_ARGS)
+
+# On a long GPU session: tests compiled for real, full sweep, plots, under perf/results/<gpu-name>/.
 gpu-suite:
 	bash perf/gpu_suite.sh
 

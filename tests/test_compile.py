@@ -1,10 +1,12 @@
 """torch.compile of a model holding gam_triton's GAM: one graph (the ops are custom ops), same numbers."""
+import pytest
 import torch
 
 from gam_cases import assert_close, make_input, make_ref
 from gam_triton import GAM
 
 
+@pytest.mark.gpu_check
 def test_compiled_gam_matches_eager_fullgraph(device):
     ref = make_ref("yolo_grouped", 32).to(device).eval()
     gam = GAM.from_module(ref).eval()
@@ -16,6 +18,7 @@ def test_compiled_gam_matches_eager_fullgraph(device):
         assert_close(compiled(x2), ref(x2), torch.float32)
 
 
+@pytest.mark.gpu_check
 def test_compiled_gam_train_step_gradients(device):
     ref = make_ref("paper", 24).to(device).train()
     gam = GAM.from_module(ref).train()

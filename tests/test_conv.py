@@ -185,6 +185,7 @@ def test_module_triton_convs_fp32(form, c, shape, channels_last, device, triton_
     ("paper", 20, torch.float16, False),
     ("yolo_plain", 20, torch.bfloat16, True),
 ], ids=["yolo_grouped-fp16-nhwc", "paper-fp16-nchw", "yolo_plain-bf16-nhwc"])
+@pytest.mark.gpu_check
 def test_module_triton_convs_half(form, c, dtype, channels_last, device, triton_convs):
     ref = make_ref(form, c).eval()
     gam = GAM.from_module(ref).to(device=device, dtype=dtype).eval()

@@ -35,6 +35,7 @@ def test_forward_matches_reference_fp32(form, c, channels_last, device):
         assert_close(got, want, torch.float32, what=f"{form} C={c} {(b, h, w)}")
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("form", ["yolo_grouped", "paper", "seed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

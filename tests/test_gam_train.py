@@ -22,6 +22,7 @@ def _canonical(name: str) -> str:
     return name
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -91,6 +91,7 @@ def test_channel_gate_fp32(c, rate, sigmoid, cl, device, launches):
     assert_close(got, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), sigmoid), torch.float32)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("out_cl", [False, True])
 def test_channel_gate_half_and_layout_change(dtype, out_cl, device):
@@ -111,6 +112,7 @@ def test_channel_gate_mixed_dtype_as_under_autocast(device):
     assert_close(got, channel_gate_f64(x.cpu(), *(t.cpu() for t in w), False), torch.float16)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("sigmoid", [True, False])
 def test_channel_gate_gradients(sigmoid, device):
     w = [t.requires_grad_() for t in _weights(20, 5, torch.float32, device)]
@@ -129,6 +131,7 @@ def test_channel_gate_gradients(sigmoid, device):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("groups", [0, 4, 2])
 @pytest.mark.parametrize("layouts", [(False, False), (True, True), (False, True), (True, False)])
 def test_final_gate(groups, layouts, device, launches):
@@ -150,6 +153,7 @@ def test_final_gate_mixed_dtype_promotes(device):
     assert_close(got, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float16)
 
 
+@pytest.mark.gpu_check
 def test_final_gate_gradients(device):
     x1 = _x(2, 16, 3, 2, torch.float32, device, False).requires_grad_()
     y2 = _x(2, 16, 3, 2, torch.float32, device, True, seed=2).requires_grad_()
@@ -164,6 +168,7 @@ def test_final_gate_gradients(device):
         assert_close(got.grad, want.grad, torch.float32, 5)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("cl", [False, True])
 def test_bn_relu_values_and_grads(cl, device, launches):
     y = _x(2, 12, 3, 3, torch.float32, device, cl).requires_grad_()

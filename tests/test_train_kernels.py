@@ -53,6 +53,7 @@ CASES = [  # form, C, layout channels_last, dtype, (B, H, W), BN momentum, steps
 ]
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("form,c,cl,dtype,bhw,momentum,steps", CASES,
                          ids=[f"{f}-C{c}-{'nhwc' if cl else 'nchw'}-{str(d)[6:]}" for f, c, cl, d, *_ in CASES])
 def test_steps_against_float64(form, c, cl, dtype, bhw, momentum, steps, device):
@@ -212,6 +213,7 @@ def test_double_backward_raises_a_clear_error(device):
         torch.autograd.grad(gam(x).sum(), x, create_graph=True)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_training_is_as_close_to_float64_as_eager_autocast(amp, device):
     """Ours and eager, both under autocast, against float64: ours may not be much further off than eager."""
