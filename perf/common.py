@@ -445,3 +445,26 @@ def gam_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
     if mode == "train":
         return 4 * act + 2 * params
     return 2 * act + params
+
+
+def fill_row(row: dict, provider: str, case, res: "Interleaved", copy_gbps: float) -> None:
+    """A results row's timing columns from one provider of an interleaved measurement: ms quantiles, GB/s and
+    TFLOP/s over the case's bytes and FLOPs, the fraction of the copy bandwidth (components), ratios to eager and
+    torch.compile per round, the rounds' spread and the noisy flag."""
+    t = res.timings[provider]
+    sec = t.ms * 1e-3
+    row.update(ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, reps=t.reps, gbps=case.bytes / sec / 1e9,
+               tflops=case.flops / sec / 1e12, rounds=len(res.rounds[provider]))
+    if row.get("kind") not in ("gam", None) and copy_gbps == copy_gbps and copy_gbps > 0:
+        row["roofline_frac"] = row["gbps"] / copy_gbps
+    mine = res.rounds[provider]
+    if "eager" in res.rounds and provider != "eager":
+        med, p20, p80 = ratio_stats(res.rounds["eager"], mine)
+        row.update(vs_eager=med, vs_eager_p20=p20, vs_eager_p80=p80)
+        row["spread"] = spread([e / m for e, m in zip(res.rounds["eager"], mine) if m > 0])
+    else:
+        row["spread"] = spread(mine)
+    if "compile" in res.rounds and provider != "compile":
+        row["vs_compile"] = ratio_stats(res.rounds["compile"], mine)[0]
+    sp = row["spread"]
+    row["noisy"] = "" if sp != sp else str(bool(sp > NOISY_SPREAD))

@@ -933,7 +933,7 @@ def measure(ctx: Ctx, builders: dict, base_row: dict, mode: str, check: bool = T
                     res = None
                 if res is not None:
                     for p, case in built.items():
-                        _fill(rows[p], p, case, res, ctx.copy_gbps)
+                        common.fill_row(rows[p], p, case, res, ctx.copy_gbps)
                     if ctx.on_gpu:
                         for p, case in built.items():
                             ctx.check()
@@ -966,28 +966,6 @@ def _cpu_rounds(ctx: Ctx):
         yield
     finally:
         common.ROUNDS, common.MIN_ROUNDS = old
-
-
-def _fill(row: dict, provider: str, case, res, copy_gbps: float) -> None:
-    import common
-
-    t = res.timings[provider]
-    sec = t.ms * 1e-3
-    row.update(ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, reps=t.reps, gbps=case.bytes / sec / 1e9,
-               tflops=case.flops / sec / 1e12, rounds=len(res.rounds[provider]))
-    if row.get("kind") not in ("gam", None) and copy_gbps == copy_gbps and copy_gbps > 0:
-        row["roofline_frac"] = row["gbps"] / copy_gbps
-    mine = res.rounds[provider]
-    if "eager" in res.rounds and provider != "eager":
-        med, p20, p80 = common.ratio_stats(res.rounds["eager"], mine)
-        row.update(vs_eager=med, vs_eager_p20=p20, vs_eager_p80=p80)
-        row["spread"] = common.spread([e / m for e, m in zip(res.rounds["eager"], mine) if m > 0])
-    else:
-        row["spread"] = common.spread(mine)
-    if "compile" in res.rounds and provider != "compile":
-        row["vs_compile"] = common.ratio_stats(res.rounds["compile"], mine)[0]
-    sp = row["spread"]
-    row["noisy"] = "" if sp != sp else str(bool(sp > common.NOISY_SPREAD))
 
 
 def _base_row(ctx: Ctx, kind: str, dtype: str, mode: str, batch: int, c: int, size: int, group, form: str,

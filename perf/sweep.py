@@ -246,7 +246,7 @@ def measure_group(specs: Sequence[Spec], mach: Machine, copy_gbps: float, budget
                     res = None
                 if res is not None:
                     for p, case in cases.items():
-                        _fill_row(rows[p], p, case, res, copy_gbps)
+                        common.fill_row(rows[p], p, case, res, copy_gbps)
                     if mach.is_gpu:
                         for p, case in cases.items():
                             try:
@@ -259,27 +259,6 @@ def measure_group(specs: Sequence[Spec], mach: Machine, copy_gbps: float, budget
         if mach.is_gpu:
             torch.cuda.empty_cache()
     return [rows[s.provider] for s in specs]
-
-
-def _fill_row(row: dict, provider: str, case, res, copy_gbps: float) -> None:
-    timing = res.timings[provider]
-    seconds = timing.ms * 1e-3
-    row.update(ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, reps=timing.reps,
-               gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12,
-               rounds=len(res.rounds[provider]))
-    if row["kind"] != "gam" and copy_gbps > 0:
-        row["roofline_frac"] = row["gbps"] / copy_gbps
-    mine = res.rounds[provider]
-    if "eager" in res.rounds and provider != "eager":
-        med, p20, p80 = common.ratio_stats(res.rounds["eager"], mine)
-        row.update(vs_eager=med, vs_eager_p20=p20, vs_eager_p80=p80)
-        row["spread"] = common.spread([e / m for e, m in zip(res.rounds["eager"], mine) if m > 0])
-    else:
-        row["spread"] = common.spread(mine)
-    if "compile" in res.rounds and provider != "compile":
-        row["vs_compile"] = common.ratio_stats(res.rounds["compile"], mine)[0]
-    sp = row["spread"]
-    row["noisy"] = "" if sp != sp else str(bool(sp > common.NOISY_SPREAD))
 
 
 # --- the run -----------------------------------------------------------------------------------------------
