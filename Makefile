@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: sweep test gpu-check gpu-suite compile-report env clean
+.PHONY: sweep test test-triton-versions gpu-check gpu-suite compile-check env clean
 
 env: $(VENV)/.installed
 
@@ -20,12 +20,23 @@ sweep: env
 test: env
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-# Compile every kernel (heuristic + autotuner candidates) for sm_80/sm_90/sm_100 without a GPU: registers,
-# spills, shared memory, warps per SM -> perf/compile/report.{csv,md}; COMPILE_ARGS=--write-limits refreshes
-# gam_triton/compiled_limits.json (the table that prunes the autotuner's candidates).
+# The kernel tests and the heuristics' compile check on the other Triton versions users run (CI: 3.4, the oldest the
+# package promises, and 3.6, the GPU machine's), each in its own environment .venv-triton-<version>.
+TRITON_VERSIONS ?= 3.4.0 3.6.0
+KERNEL_TESTS ?= tests/test_ops.py tests/test_train_kernels.py tests/test_conv.py tests/test_gam_forward.py \
+	tests/test_gam_train.py tests/test_runtime.py tests/test_compile_check.py
+test-triton-versions:
+	@for v in $(TRITON_VERSIONS); do \
+	    TRITON=$$v bash scripts/setup_env.sh .venv-triton-$$v || exit 1; \
+	    echo "== kernel tests and compile check on Triton $$v"; \
+	    TRITON_INTERPRET=1 .venv-triton-$$v/bin/pytest -q $(KERNEL_TESTS) $(PYTEST_ARGS) || exit 1; \
+	done
+
+# Compile the heuristic launch choices of every kernel for sm_80/sm_90/sm_100 without a GPU: registers, spills,
+# shared memory, warps per SM -> perf/compile/report.{csv,md} (COMPILE_ARGS=--candidates: the tuner's candidates too).
 COMPILE_ARGS ?=
-compile-report: env
-	env -u TRITON_INTERPRET $(PY) perf/compile_report.py $(COMPILE_ARGS)
+compile-check: env
+	env -u TRITON_INTERPRET $(PY) perf/compile_check.py $(COMPILE_ARGS)
 
 # A short GPU lease: perf/gpu_check.py under a hard wall-clock budget (default 480 s; GPU_CHECK_BUDGET=300), phases
 # with fixed shares, at most 8 files in perf/results/<gpu-name>/<date>/. Runs with a python3 that already has torch,
@@ -45,4 +56,4 @@ gpu-suite:
 	bash perf/gpu_suite.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton-* build *.egg-info .pytest_cache

@@ -7,6 +7,7 @@
 #    `pip install --no-deps --no-build-isolation -e .` (setuptools >= 64 from that Python): no package registry
 #    is asked for anything. Optional test packages that are missing are installed if a registry answers; if none
 #    does, they are listed and the tests that need them skip.
+#  - TRITON=3.4.0 (say) pins that Triton before the project is installed (the project asks for triton>=3.4).
 #  - Otherwise torch==2.13.0 is installed first (a CPU build where the machine has one on disk), so the
 #    project's torch range does not pull a multi-GB CUDA build onto a machine without a GPU; then the project,
 #    editable, with its test extra. Where that fails (no registry reachable), it says exactly what is missing.
@@ -54,6 +55,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 PY="$VENV/bin/python"
+if [ -n "${TRITON:-}" ]; then  # another Triton than the newest (make test-triton-versions): pinned before the project
+    "$PY" -c "import torch" >/dev/null 2>&1 || "$PY" -m pip install -q torch==2.13.0
+    "$PY" -m pip install -q "triton==$TRITON"
+fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup_env: installing torch==2.13.0 (CPU set-up path)"
     if ! "$PY" -m pip install -q torch==2.13.0; then

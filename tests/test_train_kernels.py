@@ -87,6 +87,35 @@ def test_steps_against_float64(form, c, cl, dtype, bhw, momentum, steps, device)
 
 
 @needs_kernels
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch):
+    """Where fp32 dots have no spill-free tile (channel_gate.fused: C/r > 128 on a GPU), the channel gate runs as
+    PyTorch GEMMs inside the same ops: forced here at a small C, one train step and one eval call against
+    float64, no channel-gate kernel launched."""
+    from gam_triton.ops import _runtime, channel_gate
+
+    monkeypatch.setattr(channel_gate, "fused", lambda *a, **k: False)
+    launched = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda k, *a: launched.append(getattr(k, "fn", k).__name__) or real(k, *a))
+    ref = make_ref("paper", 20).train()
+    gam = GAM.from_module(ref).to(device).train()
+    want_mod = f64(ref).train()
+    x = make_input(2, 20, 3, 5, torch.float32, device, cl)
+    gout = make_input(2, 20, 3, 5, torch.float32, device, cl, seed=3)
+    got, gx, gp = _step(gam, x, gout)
+    want, wx, wp = _step(want_mod, x.cpu().double(), gout.cpu().double())
+    assert_close(got, want, torch.float32, 1.0, "output")
+    assert_close(gx, wx, torch.float32, 5.0, "grad x")
+    for name, g in wp.items():
+        n = max(g.abs().max().item(), 1.0)
+        assert_close(gp[name] / n, g / n, torch.float32, 5.0, f"grad {name}")
+    with torch.no_grad():
+        assert_close(gam.eval()(x), want_mod.eval()(x.cpu().double()), torch.float32, 1.0, "eval output")
+    assert launched and not {"channel_gate_fwd_kernel", "channel_gate_bwd_kernel"} & set(launched)
+
+
+@needs_kernels
 def test_two_identical_steps_are_bitwise_equal(device):
     ref = make_ref("yolo_grouped", 32).train()
     first = GAM.from_module(ref).to(device).train()

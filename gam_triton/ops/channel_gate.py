@@ -12,11 +12,13 @@ Kernels: ``kernels/channel_gate.py`` (math, bytes and FLOPs in its docstring).
 
 fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as
 3xTF32 (tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA
-("ieee") above BLOCK_R = 64, where every 3xTF32 tile spilled. The dots run in the weights' dtype with fp32
+("ieee") above BLOCK_R = 64, where every 3xTF32 tile spilled. fp32 over more than 128 hidden channels runs as
+PyTorch GEMMs where no tile compiles without spills (:func:`fused`). The dots run in the weights' dtype with fp32
 accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Triton issue 11584).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -52,6 +54,20 @@ BWD_TF32X3_MAX_R = 64
 
 def _block_r(CR: int) -> int:
     return max(16, next_pow2(CR))
+
+
+#: The installed Triton's (major, minor); (0, 0) without one.
+TRITON = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
+
+
+def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> bool:
+    """Whether the kernel runs (True) or PyTorch's GEMMs do: fp32 dots over more than 128 hidden channels
+    (BLOCK_R 256, C > 512 at rate 4) have no tile that compiles without register spills for the backward on any
+    Triton from 3.4 to 3.9 (its three [BLOCK_P, 256] fp32 tiles), nor for the forward on Triton before 3.6
+    (compile facts: perf/NOTES.md, "Triton versions"). Half precision and the interpreter always fuse."""
+    if target != "gpu" or dtype != torch.float32 or _block_r(CR) <= 128:
+        return True
+    return not backward and TRITON >= (3, 6)
 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
@@ -182,6 +198,8 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     if x.numel() == 0:
         return out
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
+    if not fused(w1.dtype, cr, backward=False):
+        return out.copy_(torch_forward(x, w1, b1, w2, b2, sigmoid))
     prec = dot_precision(w1.dtype)
 
     def go(cfg):
@@ -197,10 +215,13 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb (the train block's).
 
     One kernel (``counts``: one zeroed int32 counter), then the weight gradients as GEMMs (NCHW with B > 1:
-    dW1 as a bmm and a sum)."""
+    dW1 as a bmm and a sum); where the kernel does not fuse (:func:`fused`), :func:`reference_grads`."""
     bsz, c, h, w = x.shape
     hw, n, cr, wdt = h * w, bsz * h * w, w1.shape[0], w1.dtype
     dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
+    if not fused(wdt, cr, backward=True):
+        ref_dx, *grads = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
+        return (dx.copy_(ref_dx), *grads)
     dah = torch.empty(n, c + cr, dtype=wdt, device=x.device)
     hid = torch.empty(n, cr, dtype=wdt, device=x.device)
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
