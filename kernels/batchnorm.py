@@ -26,6 +26,11 @@ result does not depend on which program finished last) and writes the per-channe
 import triton
 import triton.language as tl
 
+#: Rows of partials summed at a time by the last program ([PARTIAL_ROWS, BLOCK_C] fp32 tiles). The loops over
+#: them run to the runtime number of partials (a while loop: one binary for every batch and map size, and
+#: registers that do not depend on the trip count; old interpreters cannot take a range over a runtime int).
+PARTIAL_ROWS = tl.constexpr(32)
+
 
 @triton.jit
 def flat_ptrs(ptr, offs_n, offs_c, HW, stride_b, stride_c, stride_p):
@@ -42,16 +47,17 @@ def _tile_counts(offs_q, N, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(part_ptr, row, offs_c, c_mask, C, n_parts,
-                  BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sum_partials(part_ptr, row, offs_c, c_mask, C, n_parts, BLOCK_C: tl.constexpr):
     """sum over tiles q of part[q, row, offs_c] (part: [n_parts, 2, C] fp32), in a fixed order."""
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(N_Q_CHUNKS):
-        offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q0 = 0
+    while q0 < n_parts:
+        offs_q = q0 + tl.arange(0, PARTIAL_ROWS)
         m = (offs_q < n_parts)[:, None] & c_mask[None, :]
         v = tl.load(part_ptr + (offs_q.to(tl.int64) * 2 * C + row * C)[:, None] + offs_c[None, :],
                     mask=m, other=0.0, cache_modifier=".cg")
         acc += tl.sum(v, 0)
+        q0 += PARTIAL_ROWS
     return acc
 
 
@@ -60,11 +66,10 @@ def bn_stats_kernel(
     y_ptr, part_ptr, count_ptr, stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
     N, HW, C, stride_b, stride_c, stride_p, eps, momentum,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Batch mean / variance of y per channel (see the module docstring). part: [n_parts, 2, C] fp32 scratch.
 
-    N_Q_CHUNKS = cdiv(n_parts, BLOCK_Q), a constexpr (loops over runtime bounds break older interpreters).
     CUMULATIVE: momentum=None (factor 1 / (num_batches_tracked + 1)); num_batches_tracked is incremented by
     the last channel block to finish, after every block has read it.
     """
@@ -89,18 +94,21 @@ def bn_stats_kernel(
     if done == n_parts - 1:
         # Chan: mean = sum n_q mean_q / N; M2 = sum M2_q + sum n_q (mean_q - mean)^2, fixed order.
         total = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for i in range(N_Q_CHUNKS):
-            offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q0 = 0
+        while q0 < n_parts:
+            offs_q = q0 + tl.arange(0, PARTIAL_ROWS)
             q_mask = offs_q < n_parts
             m = q_mask[:, None] & c_mask[None, :]
             mq = tl.load(part_ptr + (offs_q.to(tl.int64) * 2 * C)[:, None] + offs_c[None, :], mask=m, other=0.0,
                          cache_modifier=".cg")
             nq = tl.where(q_mask, _tile_counts(offs_q, N, BLOCK_P), 0.0)
             total += tl.sum(nq[:, None] * mq, 0)
+            q0 += PARTIAL_ROWS
         mean = total / N
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for i in range(N_Q_CHUNKS):
-            offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q0 = 0
+        while q0 < n_parts:
+            offs_q = q0 + tl.arange(0, PARTIAL_ROWS)
             q_mask = offs_q < n_parts
             m = q_mask[:, None] & c_mask[None, :]
             rows = part_ptr + (offs_q.to(tl.int64) * 2 * C)[:, None] + offs_c[None, :]
@@ -109,6 +117,7 @@ def bn_stats_kernel(
             nq = tl.where(q_mask, _tile_counts(offs_q, N, BLOCK_P), 0.0)
             dm = mq - mean[None, :]
             m2 += tl.sum(tl.where(m, m2q + nq[:, None] * dm * dm, 0.0), 0)
+            q0 += PARTIAL_ROWS
         var = m2 / N
         invstd = 1.0 / tl.sqrt(var + eps)
         scale = invstd
@@ -182,7 +191,7 @@ def bn_bwd_reduce_kernel(
     N, HW, C, CPG,
     stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
     MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """sum dt and sum dt * xhat per channel of y (see the module docstring). stats: [4, C] fp32 from
     :func:`bn_stats_kernel`; part: [n_parts, 2, C] fp32 scratch; coef: [2, C] fp32 output."""
@@ -203,8 +212,8 @@ def bn_bwd_reduce_kernel(
     done = tl.atomic_add(count_ptr + pid_c, 1, sem="acq_rel")
     if done == n_parts - 1:
         tl.store(count_ptr + pid_c, 0)  # left zeroed for the next reduction that uses it
-        sum_dt = _sum_partials(part_ptr, 0, offs_c, c_mask, C, n_parts, BLOCK_Q, N_Q_CHUNKS, BLOCK_C)
-        sum_dtx = _sum_partials(part_ptr, 1, offs_c, c_mask, C, n_parts, BLOCK_Q, N_Q_CHUNKS, BLOCK_C)
+        sum_dt = _sum_partials(part_ptr, 0, offs_c, c_mask, C, n_parts, BLOCK_C)
+        sum_dtx = _sum_partials(part_ptr, 1, offs_c, c_mask, C, n_parts, BLOCK_C)
         tl.store(coef_ptr + offs_c, sum_dt / N, mask=c_mask)
         tl.store(coef_ptr + C + offs_c, sum_dtx / N, mask=c_mask)
         if HAS_WEIGHT:

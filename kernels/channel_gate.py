@@ -24,6 +24,9 @@ channels_last tensors are read in place, without permute copies. Per pixel p of 
 import triton
 import triton.language as tl
 
+#: Rows of bias partials the last program sums at a time ([PARTIAL_ROWS, BLOCK_F] fp32 tiles).
+PARTIAL_ROWS = tl.constexpr(32)
+
 
 @triton.jit
 def _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp):
@@ -139,14 +142,14 @@ def channel_gate_bwd_kernel(
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, N_Q_CHUNKS: tl.constexpr, BLOCK_F: tl.constexpr, N_F_CHUNKS: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """dx and the (da | dh), h rows for BLOCK_P pixels of one image. Grid: (B * cdiv(HW, BLOCK_P),).
 
     ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own strides); dx in x's strides.
     Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16, N_CHUNKS = cdiv(C, BLOCK_C).
-    Bias partials: N_Q_CHUNKS = cdiv(n_programs, BLOCK_Q) row chunks, N_F_CHUNKS = cdiv(C + CR, BLOCK_F) column
-    chunks in the final sum (constexprs: loops over runtime bounds break older interpreters).
+    Bias partials: the last program sums [PARTIAL_ROWS, BLOCK_F] tiles of them, in while loops to the runtime
+    sizes (one binary for every batch and map size; old interpreters cannot take a range over a runtime int).
     """
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
@@ -217,15 +220,19 @@ def channel_gate_bwd_kernel(
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == n_prog - 1:
         tl.store(count_ptr, 0)  # left zeroed for the next use
-        for j in range(N_F_CHUNKS):
-            offs_f = j * BLOCK_F + tl.arange(0, BLOCK_F)
+        f0 = 0
+        while f0 < C + CR:
+            offs_f = f0 + tl.arange(0, BLOCK_F)
             f_mask = offs_f < C + CR
             acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for i in range(N_Q_CHUNKS):
-                offs_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            q0 = 0
+            while q0 < n_prog:
+                offs_q = q0 + tl.arange(0, PARTIAL_ROWS)
                 m = (offs_q < n_prog)[:, None] & f_mask[None, :]
                 v = tl.load(bpart_ptr + (offs_q.to(tl.int64) * (C + CR))[:, None] + offs_f[None, :], mask=m,
                             other=0.0, cache_modifier=".cg")
                 acc += tl.sum(v, 0)
+                q0 += PARTIAL_ROWS
             tl.store(db2_ptr + offs_f, acc.to(db2_ptr.dtype.element_ty), mask=offs_f < C)
             tl.store(db1_ptr + (offs_f - C), acc.to(db1_ptr.dtype.element_ty), mask=f_mask & (offs_f >= C))
+            f0 += BLOCK_F

@@ -41,7 +41,7 @@ from common import CPU_NOTE, DTYPES, GPU_BANDWIDTH, INTERPRET_NOTE, PERF_DIR, Sh
 #: bf16 dense matmul ceilings of the target GPUs, FLOP/s (GAM_NOTES.md: H100 ~798, H200 770-800 TFLOP/s).
 GPU_PEAK_FLOPS = {"H100": 798e12, "H200": 790e12}
 COMPUTED_NOTE = "computed by the traffic model (perf/traffic.py): not measured times"
-#: Written by perf/compile_report.py (registers, spills, shared memory, warps per SM per architecture).
+#: Written by perf/compile_check.py (registers, spills, shared memory, warps per SM per architecture; not committed).
 COMPILE_REPORT = os.path.join(PERF_DIR, "compile", "report.csv")
 RESULTS_DIR = os.path.join(PERF_DIR, "results")
 
@@ -546,7 +546,7 @@ def _compile_panel(subfig, table, report: str) -> None:
         ax = subfig.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, f"no compile report yet\n({os.path.relpath(report, os.path.dirname(PERF_DIR))} is "
-                "written by perf/compile_report.py: registers, spills, shared memory and warps per SM of each "
+                "written by `make compile-check`: registers, spills, shared memory and warps per SM of each "
                 "kernel's tiles per GPU architecture)", ha="center", va="center", fontsize=10, wrap=True)
         subfig.suptitle("Compile report (ptxas): not available", fontsize=10)
         return

@@ -522,7 +522,26 @@ def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_d
     x, *lin = gate_inputs("cpu", 1, 64, 8, 8, 16)
     with pytest.raises(_Stop):
         channel_gate.backward(x, x, x, *(t.bfloat16() for t in lin), True, torch.zeros(1, dtype=torch.int32))
-    assert seen == [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.bfloat16)]
+    # x fp32, weights bf16 (autocast): the tiles of bf16 dots
+    assert seen == [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.bfloat16, torch.float32)]
+    assert seen != [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.float32)]
+
+
+def test_the_autocast_backward_from_128_hidden_channels_gets_the_full_register_budget():
+    for cr, regs in ((16, None), (64, None), (128, channel_gate.BWD_MAXNREG), (256, channel_gate.BWD_MAXNREG)):
+        heur = channel_gate.bwd_heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", torch.float32)
+        cands = channel_gate.bwd_candidates(4 * cr, cr, 400, torch.bfloat16, torch.float32)
+        assert heur.maxnreg == regs and {c.maxnreg for c in cands} == {regs}, cr
+        assert channel_gate.bwd_heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", torch.bfloat16).maxnreg is None
+
+
+def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():
+    cfg = triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=128), num_warps=4, num_stages=2, maxnreg=255)
+    back = _autotune.decode(_autotune.encode(cfg))
+    assert _autotune.ident(back) == _autotune.ident(cfg) and back.maxnreg == 255 and "maxnreg" not in back.kwargs
+    plain = _autotune.decode({"config": {"BLOCK_P": 16, "num_warps": 4, "num_stages": 2}})
+    assert plain.maxnreg is None and _autotune.ident(plain) != _autotune.ident(
+        triton.Config(dict(BLOCK_P=16), num_warps=4, num_stages=2, maxnreg=255))
 
 
 # -- rejections and failures while tuning ---------------------------------------------------------------------

@@ -39,6 +39,7 @@ WARMUP_MS, REP_MS, TIE = 5, 25, 1.02
 FORMAT = 2                  # of the cache file; files of another format are ignored, then rewritten
 MAX_FILE_BYTES = 16 << 20
 _META = {"source", "ms", "heuristic_ms", "tune_s", "candidates"}
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # of a config entry, beside the kernel's constexprs
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")  # op and path names
 
 
@@ -80,10 +81,10 @@ class TuneRecord(NamedTuple):
 
 # --- choices and keys --------------------------------------------------------------------------------------
 def encode(choice: Choice) -> dict:
-    """``{"path": name}`` or ``{"config": {constexprs..., "num_warps": w, "num_stages": s}}``."""
+    """``{"path": name}`` or ``{"config": {constexprs..., "num_warps": w, "num_stages": s[, "maxnreg": r]}}``."""
     if isinstance(choice, str):
         return {"path": choice}
-    return {"config": {**choice.kwargs, "num_warps": choice.num_warps, "num_stages": choice.num_stages}}
+    return {"config": _runtime.config_kwargs(choice)}
 
 
 def decode(entry) -> Optional[Choice]:
@@ -102,22 +103,23 @@ def decode(entry) -> Optional[Choice]:
     if not isinstance(cfg, dict) or not {"num_warps", "num_stages"} <= set(cfg) or not all(
             k.isidentifier() and type(v) is int and 0 <= v <= 1 << 16 for k, v in cfg.items()):
         return None
-    kw = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    return triton.Config(kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kw = {k: v for k, v in cfg.items() if k not in _OPTIONS}
+    return triton.Config(kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg.get("maxnreg"))
 
 
 def ident(choice: Choice) -> tuple:
     """A hashable identity of a choice (``triton.Config`` compares by identity before Triton 3.5)."""
     if isinstance(choice, str):
         return ("path", choice)
-    return ("config", tuple(sorted(choice.kwargs.items())), choice.num_warps, choice.num_stages)
+    return ("config", tuple(sorted(choice.kwargs.items())), choice.num_warps, choice.num_stages, choice.maxnreg)
 
 
 def describe(choice: Choice) -> str:
-    """``BLOCK_P=64 BLOCK_C=64 w4 s2``, or the path name."""
+    """``BLOCK_P=64 BLOCK_C=64 w4 s2`` (`` r255`` with maxnreg), or the path name."""
     if isinstance(choice, str):
         return choice
-    return " ".join(f"{k}={v}" for k, v in choice.kwargs.items()) + f" w{choice.num_warps} s{choice.num_stages}"
+    return " ".join(f"{k}={v}" for k, v in choice.kwargs.items()) + f" w{choice.num_warps} s{choice.num_stages}" + (
+        f" r{choice.maxnreg}" if choice.maxnreg else "")
 
 
 def pixels(batch: int, hw: int) -> tuple[int, int]:

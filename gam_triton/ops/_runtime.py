@@ -313,8 +313,9 @@ def entry(name: str, impl: Callable, fake: Callable, backward: Optional[Callable
 
 
 def config_kwargs(cfg) -> dict:
-    """A ``triton.Config`` as launch keyword arguments: its constexprs, num_warps and num_stages."""
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    """A ``triton.Config`` as launch keyword arguments: its constexprs, num_warps, num_stages and maxnreg if set."""
+    kw = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(kw, maxnreg=cfg.maxnreg) if cfg.maxnreg else kw
 
 
 def launch(kernel, grid: tuple, args: tuple, kwargs: dict):

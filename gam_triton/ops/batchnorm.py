@@ -53,25 +53,23 @@ def counter_slots(channels: int) -> int:
     return -(-channels // 16) + 1
 
 
-def _geometry(c: int, n: int, cfg: "triton.Config") -> tuple[int, int, int, int]:
-    """(n_parts, n_cblocks, BLOCK_Q, N_Q_CHUNKS) of a reduction over n pixels and c channels."""
-    n_parts, n_cb = cdiv(n, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"])
-    block_q = min(32, next_pow2(n_parts))  # [BLOCK_Q, BLOCK_C] partial tiles in the final sum
-    return n_parts, n_cb, block_q, cdiv(n_parts, block_q)
+def _geometry(c: int, n: int, cfg: "triton.Config") -> tuple[int, int]:
+    """(n_parts, n_cblocks): the grid of a reduction over n pixels and c channels."""
+    return cdiv(n, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"])
 
 
 def stats_launch_args(y, weight, bias, running: tuple, eps: float, momentum: float, update: bool, counts, out,
                       cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the statistics launch (its partials buffer allocated here: args[1])."""
     b, c, h, w = y.shape
-    n_parts, n_cb, block_q, n_q = _geometry(c, b * h * w, cfg)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg)
     part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
     yv, syb, syc, syp = bchw_view(y)
     args = (yv, part, counts, out, out if weight is None else weight, out if bias is None else bias,
             *(t if update else out for t in running), b * h * w, h * w, c, syb, syc, syp, float(eps),
             float(max(momentum, 0.0)))
     kwargs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update),
-                  CUMULATIVE=momentum < 0, BLOCK_Q=block_q, N_Q_CHUNKS=n_q, **_runtime.config_kwargs(cfg))
+                  CUMULATIVE=momentum < 0, **_runtime.config_kwargs(cfg))
     return bn_stats_kernel, (n_parts, n_cb), args, kwargs
 
 
@@ -98,13 +96,13 @@ def reduce_launch_args(mode: int, g, x1, y, st, coef, dweight, dbias, groups: in
                        cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the backward's reduction (its partials allocated here: args[4])."""
     b, c, h, w = y.shape
-    n_parts, n_cb, block_q, n_q = _geometry(c, b * h * w, cfg)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg)
     part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
     gv, xv, yv, strides = _views(g, x1, y)
     args = (gv, xv, yv, st, part, counts, coef, coef if dweight is None else dweight, coef if dbias is None else dbias,
             b * h * w, h * w, c, c // groups if groups else c, *strides)
     kwargs = dict(MODE=mode, SHUFFLE_G=groups, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-                  BLOCK_Q=block_q, N_Q_CHUNKS=n_q, **_runtime.config_kwargs(cfg))
+                  **_runtime.config_kwargs(cfg))
     return bn_bwd_reduce_kernel, (n_parts, n_cb), args, kwargs
 
 

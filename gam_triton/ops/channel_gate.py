@@ -41,11 +41,20 @@ __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heur
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
 SMEM_BUDGET = 96 * 1024
 #: fp32 forward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R: 3xTF32 holds each operand as two tf32 halves
-#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (perf/NOTES.md).
-FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 64, 8), 256: (16, 32, 8)}
-#: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R.
-FP32_BWD_TILES = {16: (32, 32, 8, 2), 32: (16, 64, 8, 2), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1),
+#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (perf/NOTES.md). BLOCK_R 128 was
+#: (16, 64, 8): TF32 in channels_last at odd maps spilled 8 B on sm_90 (Triton 3.9, ptxas settling at 80 registers).
+FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
+#: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
+#: (16, 64, 8, 2), (16, 32, 8, 1): 8-40 B spilled at 80 or 128 registers on Triton 3.6/3.9; 32 then (16, 32, 8, 2):
+#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). BLOCK_R 256 (fp32 dots over more than 128 hidden
+#: channels) has no spill-free tile: :func:`fused`.
+FP32_BWD_TILES = {16: (16, 32, 8, 2), 32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1),
                   256: (16, 16, 8, 1)}
+#: maxnreg of the backward under autocast (fp32 x, half weights) from BLOCK_R 128: without it ptxas aims at an
+#: occupancy of its own, holds 128 or 168 registers and spilled 8-40 B (Triton 3.9, 16x16x128 and 16x16x256 w4);
+#: with it, 162-187 registers and no spill. Not wider: with it, 16x16x16 under autocast spilled 8 B at 255
+#: registers and the fp32 16x32x32 tile 112-120 B, where ptxas's own choice spilled nothing.
+BWD_MAXNREG = 255
 #: The kernels' INPUT_PRECISION for fp32 dots per answer of ``dot_precision``.
 FP32_DOTS = {"ieee": "tf32x3", "tf32": "tf32"}
 #: Above this BLOCK_R the backward's fp32 "ieee" dots stay FMA (3 live [BLOCK_P, BLOCK_R] tiles spilled).
@@ -70,9 +79,12 @@ def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> 
     return not backward and TRITON >= (3, 6)
 
 
-def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
+def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
+              x_dtype: Optional[torch.dtype] = None) -> "triton.Config":
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
-    dots' (the weights'). On the interpreter: few, large programs (its cost is per program)."""
+    dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
+    large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
+    the module's whole space (perf/compile_check.py, perf/NOTES.md "Triton versions")."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
@@ -83,11 +95,16 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
         return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=block_c, BLOCK_R=block_r),
                              num_warps=warps, num_stages=2)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
-    # BLOCK_R fp32) lives in registers: the pixel block shrinks as C/r grows.
+    # BLOCK_R fp32) lives in registers: the pixel block shrinks from C/r = 33 on (64 x 64 x 64 at 4 warps spilled
+    # 64 B on sm_80, Triton 3.4), and again for fp32 x under autocast, whose tile is twice a half one (64 x 128 x 32
+    # spilled 176-192 B on sm_80, Triton 3.6). 8 warps for BLOCK_R 256 (4 warps took 255 registers, 4-12 B spilled).
     block_c = max(16, next_pow2(C)) if C <= 128 else 64
-    block_p = max(16, min(64 if block_r <= 64 else 32, next_pow2(HW)))
+    block_p = 64 if block_r <= 32 else 32
+    if x_dtype is not None and x_dtype.itemsize == 4:
+        block_p = max(16, block_p // 2)
+    block_p = max(16, min(block_p, next_pow2(HW)))
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r),
-                         num_warps=8 if block_p * block_c >= 8192 else 4, num_stages=2)
+                         num_warps=8 if block_p * block_c >= 8192 or block_r >= 256 else 4, num_stages=2)
 
 
 def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
@@ -110,28 +127,43 @@ def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
     return _runtime.nearest(out, heuristic(C, CR, HW, dtype, "gpu"))
 
 
-def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET) -> "triton.Config":
+def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
+                  x_dtype: Optional[torch.dtype] = None) -> "triton.Config":
     """The backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and 64-bit pointer tiles
-    in registers: half precision 8 warps, 32 pixels up to C/r = 64 and 16 beyond, channel chunks shrinking
-    as C/r grows; fp32 from FP32_BWD_TILES."""
+    in registers: half precision 8 warps, 32 pixels up to C/r = 16 and 16 beyond, channel chunks shrinking as
+    C/r grows (32 x 64 tiles at C/r 32-64 spilled 8-40 B on Triton 3.6 and 3.9, 16 x 32 x 128 48 B); with fp32 x
+    (autocast) 4 warps (8 warps held at 128 registers and spilled 8-56 B on Triton 3.9); fp32 dots from
+    FP32_BWD_TILES; under autocast from BLOCK_R 128, :data:`BWD_MAXNREG` too.
+    ``dtype``: the dots' (the weights'); ``x_dtype``: x's."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return heuristic(C, CR, HW, dtype, target)
+    regs = _bwd_maxnreg(dtype, x_dtype, block_r)
     if dtype == torch.float32:
         block_p, block_c, warps, stages = FP32_BWD_TILES[min(block_r, 256)]
         return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))),
                                   BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
                              num_warps=warps, num_stages=stages)
-    block_c = max(16, min(16 if block_r >= 256 else 32 if block_r >= 128 else 64, next_pow2(C)))
-    block_p = max(16, min(16 if block_r > 64 else 32, next_pow2(HW)))
-    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=8, num_stages=2)
+    block_c = max(16, min(16 if block_r >= 128 else 32 if block_r >= 32 else 64, next_pow2(C)))
+    block_p = max(16, min(32 if block_r <= 16 else 16, next_pow2(HW)))
+    warps = 4 if x_dtype is not None and x_dtype.itemsize == 4 else 8
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
+                         maxnreg=regs)
 
 
-def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
-    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread."""
-    out = [c for c in candidates(C, CR, HW, dtype)
-           if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
-    return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu"))
+def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
+    """BWD_MAXNREG for the autocast backward (fp32 x, half-precision dots) from BLOCK_R 128, else None."""
+    autocast = dtype != torch.float32 and x_dtype is not None and x_dtype.itemsize == 4
+    return BWD_MAXNREG if autocast and block_r >= 128 else None
+
+
+def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
+    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread (with the
+    heuristic's maxnreg)."""
+    regs = _bwd_maxnreg(dtype, x_dtype, _block_r(CR))
+    out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=regs)
+           for c in candidates(C, CR, HW, dtype) if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
+    return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu", x_dtype))
 
 
 def input_precision(dtype: torch.dtype, precision: str, block_r: Optional[int] = None) -> str:
@@ -181,14 +213,13 @@ def bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid: bool, dx, dah, hid, coun
     views = [bchw_view(t) for t in (x, ga, gb)]
     _, sdb, sdc, sdp = bchw_view(dx)
     n_prog = bsz * cdiv(h * w, kw["BLOCK_P"])
-    block_f, block_q = min(64, next_pow2(c + cr)), min(32, next_pow2(n_prog))
+    block_f = min(64, next_pow2(c + cr))
     bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
     args = (views[0][0], views[1][0], views[2][0], w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, h * w,
             c, cr, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision, kw["BLOCK_R"]),
-                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, N_Q_CHUNKS=cdiv(n_prog, block_q),
-                  BLOCK_F=block_f, N_F_CHUNKS=cdiv(c + cr, block_f), **_runtime.config_kwargs(cfg))
+                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_F=block_f, **_runtime.config_kwargs(cfg))
     return channel_gate_bwd_kernel, (n_prog,), args, kwargs
 
 
@@ -205,7 +236,8 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     def go(cfg):
         return _runtime.launch(*launch_args(x, w1, b1, w2, b2, sigmoid, out, cfg, prec))
 
-    go(_autotune.select("channel_gate", key(x, w1, out_channels_last, prec), lambda: heuristic(c, cr, hw, w1.dtype),
+    go(_autotune.select("channel_gate", key(x, w1, out_channels_last, prec),
+                        lambda: heuristic(c, cr, hw, w1.dtype, x_dtype=x.dtype),
                         lambda: candidates(c, cr, hw, w1.dtype), _autotune.timed(go)))
     return out
 
@@ -232,8 +264,8 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
         return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,
                                                 cfg, prec))
 
-    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, wdt),  # the dots' dtype
-                        lambda: bwd_candidates(c, cr, hw, wdt), _autotune.timed(go)))
+    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype),
+                        lambda: bwd_candidates(c, cr, hw, wdt, x.dtype), _autotune.timed(go)))
     da, dh = dah[:, :c], dah[:, c:]
     dw2 = torch.mm(da.t(), hid)
     if is_channels_last(x) or bsz == 1:

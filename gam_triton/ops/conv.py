@@ -118,10 +118,12 @@ def heuristic(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype, target: str 
     # fp32 K steps of 16: 32 spilled 4-12 B with tf32x3 dots on sm_100 (C128/C192 at 80x80, 64-pixel tiles).
     block_k = min(kmax, 16 if dtype.itemsize == 4 else 64)
     # 128 pixels only for narrow channel tiles whose in-channel blocks are mostly real (fp32 stays at 64:
-    # 128 x 16 spilled 4 B on sm_80 with 48 in-channels per group).
+    # 128 x 16 spilled 4 B on sm_80 with 48 in-channels per group); 32 for 32-channel tiles over at most 16
+    # in-channels per group (64 x 32 x 16 spilled 8-32 B on sm_100, Triton 3.9, ptxas settling at 72 registers).
     wide = block_n <= 16 and cin_g >= 16 and dtype.itemsize < 4
-    return triton.Config(dict(BLOCK_P=max(16, min(128 if wide else 64, next_pow2(HW))), BLOCK_N=block_n,
-                              BLOCK_K=block_k), num_warps=4, num_stages=2)
+    narrow = block_n >= 32 and cin_g <= 16
+    return triton.Config(dict(BLOCK_P=max(16, min(128 if wide else 32 if narrow else 64, next_pow2(HW))),
+                              BLOCK_N=block_n, BLOCK_K=block_k), num_warps=4, num_stages=2)
 
 
 def candidates(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> list:
