@@ -23,10 +23,11 @@ whole space up there, compiles what is missing (up to ``--max-compiles``; a chan
 new keys) and recompiles ``--verify`` entries it found to check that they are what a compile gives; a run
 (``make compile-check``) rewrites the file with the entries of the current space only.
 
-Writes ``perf/compile/report.csv`` (a row per compile x arch, not committed) and ``report.md``; ``--check`` exits 1
-when a heuristic choice spills, fails to compile or asks for more shared memory than an architecture has, or a
-dot in fp16/bf16 has no tensor-core instruction. ``--candidates`` compiles the tuner's candidates too (at the
-sweep's shapes, batch 16; for the notes: the tuner itself drops what spills on the user's GPU).
+Writes ``perf/compile/report.csv`` (a row per compile x arch) and ``report.md`` (outputs, not committed);
+``--check`` exits 1 when a heuristic choice spills, fails to compile or asks for more shared memory than an
+architecture has, or a dot in fp16/bf16 has no tensor-core instruction. ``--candidates`` compiles the tuner's
+candidates too (at the sweep's shapes, batch 16; for the notes: the tuner itself drops what spills on the
+user's GPU).
 
     python perf/compile_check.py [--kernels channel_gate,...] [--archs 80,90,100]
                                  [--batches 1,16] [--candidates] [--check] [--jobs 2] [--out perf/compile]
@@ -286,8 +287,9 @@ def _heur_ew(case: Case, candidates: bool = False):
 def _heur_bn(case: Case, candidates: bool = False):
     from gam_triton.ops import batchnorm as op
 
-    _m, c, y, _g, _x1 = _bn(case)
-    cfg = op.heuristic(c, case.batch * case.hw, y.stride(1) == 1, target="gpu")
+    mode, c, y, _g, _x1 = _bn(case)
+    cfg = op.heuristic(c, case.batch * case.hw, y.stride(1) == 1, target="gpu",
+                       gather=mode == 1 and case.kernel != "bn_stats")
     return [cfg] if candidates else cfg
 
 

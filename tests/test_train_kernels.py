@@ -88,6 +88,50 @@ def test_steps_against_float64(form, c, cl, dtype, bhw, momentum, steps, device)
 
 @needs_kernels
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
+    """The last program's sums run to the runtime number of partials, 32 rows at a time (the BatchNorm statistics
+    and reductions, the channel gate's bias sums): 16-pixel tiles on a 2 x 20 x 20 map make 50 partials (two
+    chunks, the second part masked) where the interpreter's own tiles make one; BN2's backward in the GPU's
+    gathered half tile. One train step against float64, running statistics included."""
+    import triton
+
+    from gam_triton.ops import _autotune, batchnorm, channel_gate
+
+    monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")  # the heuristics below, not a choice remembered earlier
+    _autotune.reset()
+    tiles = []
+
+    def bn_tile(C, N, channels_last, target=None, gather=False):
+        tiles.append(gather)
+        return triton.Config(dict(BLOCK_P=8 if gather else 16, BLOCK_C=16), num_warps=4, num_stages=1)
+
+    monkeypatch.setattr(batchnorm, "heuristic", bn_tile)
+    monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, target=None, x_dtype=None:
+                        triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=16), num_warps=4, num_stages=2))
+    try:
+        ref = make_ref("yolo_grouped", 48).train()
+        gam = GAM.from_module(ref).to(device).train()
+        want_mod = f64(ref).train()
+        x = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=5)
+        gout = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=6)
+        got, gx, gp = _step(gam, x, gout)
+        want, wx, wp = _step(want_mod, x.cpu().double(), gout.cpu().double())
+    finally:
+        _autotune.reset()
+    assert True in tiles and False in tiles, "BN2's backward asks for the gathered tile, the rest for the plain one"
+    assert_close(got, want, torch.float32, 1.0, "output")
+    assert_close(gx, wx, torch.float32, 5.0, "grad x")
+    for name, g in wp.items():
+        n = max(g.abs().max().item(), 1.0)
+        assert_close(gp[name] / n, g / n, torch.float32, 5.0, f"grad {name}")
+    ours = {_canonical(n): t for n, t in gam.named_buffers()}
+    for name, buf in want_mod.named_buffers():
+        if not name.endswith("num_batches_tracked"):
+            assert_close(ours[_canonical(name)], buf, torch.float32, 1.0, f"buffer {name}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch):
     """Where fp32 dots have no spill-free tile (channel_gate.fused: C/r > 128 on a GPU), the channel gate runs as
     PyTorch GEMMs inside the same ops: forced here at a small C, one train step and one eval call against

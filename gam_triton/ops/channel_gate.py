@@ -132,8 +132,8 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
     """The backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and 64-bit pointer tiles
     in registers: half precision 8 warps, 32 pixels up to C/r = 16 and 16 beyond, channel chunks shrinking as
     C/r grows (32 x 64 tiles at C/r 32-64 spilled 8-40 B on Triton 3.6 and 3.9, 16 x 32 x 128 48 B); with fp32 x
-    (autocast) 4 warps (8 warps held at 128 registers and spilled 8-56 B on Triton 3.9); fp32 dots from
-    FP32_BWD_TILES; under autocast from BLOCK_R 128, :data:`BWD_MAXNREG` too.
+    (autocast) 4 warps and 16-pixel, 16-channel tiles (32 at C/r 64; 8 warps held at 128 registers and spilled
+    8-56 B on Triton 3.9) and from BLOCK_R 128 :data:`BWD_MAXNREG`; fp32 dots from FP32_BWD_TILES.
     ``dtype``: the dots' (the weights'); ``x_dtype``: x's."""
     block_r = _block_r(CR)
     if target == "interpreter":
@@ -144,9 +144,13 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
         return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))),
                                   BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
                              num_warps=warps, num_stages=stages)
-    block_c = max(16, min(16 if block_r >= 128 else 32 if block_r >= 32 else 64, next_pow2(C)))
-    block_p = max(16, min(32 if block_r <= 16 else 16, next_pow2(HW)))
-    warps = 4 if x_dtype is not None and x_dtype.itemsize == 4 else 8
+    autocast = x_dtype is not None and x_dtype.itemsize == 4
+    if autocast:  # 32 x 64 x 16 and 16 x 32 x 32 w4 spilled 8-16 B at 80 or 128 registers on Triton 3.6
+        block_c, block_p, warps = (32 if block_r == 64 else 16), 16, 4
+    else:
+        block_c = 16 if block_r >= 128 else 32 if block_r >= 32 else 64
+        block_p, warps = (32 if block_r <= 16 else 16), 8
+    block_c, block_p = max(16, min(block_c, next_pow2(C))), max(16, min(block_p, next_pow2(HW)))
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
                          maxnreg=regs)
 
@@ -162,7 +166,8 @@ def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Option
     heuristic's maxnreg)."""
     regs = _bwd_maxnreg(dtype, x_dtype, _block_r(CR))
     out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=regs)
-           for c in candidates(C, CR, HW, dtype) if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
+           for c in candidates(C, CR, HW, dtype)
+           if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
     return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu", x_dtype))
 
 
