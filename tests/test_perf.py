@@ -281,14 +281,14 @@ def _interleaved(eager, other):
 def test_rows_get_per_round_ratios_and_a_noisy_flag():
     case = type("Case", (), {"bytes": 1000, "flops": 1000})()
     steady = {"kind": "gam"}
-    sweep._fill_row(steady, "gam_triton", case, _interleaved([2, 4, 2, 6, 2], [1, 2, 1, 3, 1]), 0.0)
+    common.fill_row(steady, "gam_triton", case, _interleaved([2, 4, 2, 6, 2], [1, 2, 1, 3, 1]), 0.0)
     assert steady["vs_eager"] == 2.0 and steady["spread"] == 1.0 and steady["noisy"] == "False"
     assert steady["rounds"] == 5
     shaky = {"kind": "gam"}
-    sweep._fill_row(shaky, "gam_triton", case, _interleaved([2, 2, 2, 2, 2], [1, 4, 1, 4, 1]), 0.0)
+    common.fill_row(shaky, "gam_triton", case, _interleaved([2, 2, 2, 2, 2], [1, 4, 1, 4, 1]), 0.0)
     assert shaky["spread"] > common.NOISY_SPREAD and shaky["noisy"] == "True"
     ref = {"kind": "gam"}
-    sweep._fill_row(ref, "eager", case, _interleaved([1, 1, 9, 9, 1], [1, 1, 1, 1, 1]), 0.0)
+    common.fill_row(ref, "eager", case, _interleaved([1, 1, 9, 9, 1], [1, 1, 1, 1, 1]), 0.0)
     assert "vs_eager" not in ref and ref["noisy"] == "True"  # eager's own rounds disagree
 
 
