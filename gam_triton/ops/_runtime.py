@@ -21,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 import typing
 from typing import Callable, Optional
 
@@ -33,6 +34,8 @@ try:  # triton is a Linux-only dependency; elsewhere only the PyTorch paths exis
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
+#: The installed Triton's (major, minor); (0, 0) without one (some heuristics differ before 3.6: its ptxas).
+TRITON = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
 #: TRITON_INTERPRET=1 runs the kernels on the CPU through Triton's interpreter (how CI tests them).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: What the heuristics choose tiles for by default: "interpreter" (few large programs) or "gpu".

@@ -41,8 +41,11 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
     else:
         bp = max(16, min(128, next_pow2(N)))
         bc = max(16, min(2048 // bp, next_pow2(C)))
+    # Before Triton 3.6, maxnreg 128: without it ptxas held 40-56 registers and spilled 8-16 B (the statistics in
+    # fp32, BN1's backward reduction, channels_last, Triton 3.4; 4 warps spilled too); with it 38-77, none.
     return triton.Config(dict(BLOCK_P=max(16, bp // 2) if gather else bp, BLOCK_C=bc),
-                         num_warps=8 if bp * bc >= 2048 else 4, num_stages=1)
+                         num_warps=8 if bp * bc >= 2048 else 4, num_stages=1,
+                         maxnreg=128 if _runtime.TRITON < (3, 6) else None)
 
 
 def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":

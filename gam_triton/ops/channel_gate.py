@@ -18,7 +18,6 @@ accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Tri
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
@@ -65,8 +64,7 @@ def _block_r(CR: int) -> int:
     return max(16, next_pow2(CR))
 
 
-#: The installed Triton's (major, minor); (0, 0) without one.
-TRITON = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
+TRITON = _runtime.TRITON
 
 
 def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> bool:
@@ -91,6 +89,8 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
                                   BLOCK_R=block_r), num_warps=4, num_stages=1)
     if dtype == torch.float32:
         block_p, block_c, warps = FP32_TILES[min(block_r, 256)]
+        if TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
+            warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
         return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=block_c, BLOCK_R=block_r),
                              num_warps=warps, num_stages=2)
