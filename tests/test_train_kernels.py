@@ -44,6 +44,17 @@ def _step(module, x, gout):
     return out, x.grad, {_canonical(n): p.grad for n, p in module.named_parameters()}
 
 
+def _assert_fp32_step_matches(gam, want_mod, x, gout) -> None:
+    """One fp32 train step of ``gam`` against the float64 ``want_mod``: output, input and parameter gradients."""
+    got, gx, gp = _step(gam, x, gout)
+    want, wx, wp = _step(want_mod, x.cpu().double(), gout.cpu().double())
+    assert_close(got, want, torch.float32, 1.0, "output")
+    assert_close(gx, wx, torch.float32, 5.0, "grad x")
+    for name, g in wp.items():
+        n = max(g.abs().max().item(), 1.0)
+        assert_close(gp[name] / n, g / n, torch.float32, 5.0, f"grad {name}")
+
+
 CASES = [  # form, C, layout channels_last, dtype, (B, H, W), BN momentum, steps (C=192 is slow: one)
     ("yolo_grouped", 48, True, torch.float32, (2, 5, 3), 0.1, 3),
     ("paper", 20, False, torch.float16, (1, 4, 6), 0.1, 3),
@@ -114,16 +125,10 @@ def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
         want_mod = f64(ref).train()
         x = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=5)
         gout = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=6)
-        got, gx, gp = _step(gam, x, gout)
-        want, wx, wp = _step(want_mod, x.cpu().double(), gout.cpu().double())
+        _assert_fp32_step_matches(gam, want_mod, x, gout)
     finally:
         _autotune.reset()
     assert True in tiles and False in tiles, "BN2's backward asks for the gathered tile, the rest for the plain one"
-    assert_close(got, want, torch.float32, 1.0, "output")
-    assert_close(gx, wx, torch.float32, 5.0, "grad x")
-    for name, g in wp.items():
-        n = max(g.abs().max().item(), 1.0)
-        assert_close(gp[name] / n, g / n, torch.float32, 5.0, f"grad {name}")
     ours = {_canonical(n): t for n, t in gam.named_buffers()}
     for name, buf in want_mod.named_buffers():
         if not name.endswith("num_batches_tracked"):
@@ -147,13 +152,7 @@ def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch):
     want_mod = f64(ref).train()
     x = make_input(2, 20, 3, 5, torch.float32, device, cl)
     gout = make_input(2, 20, 3, 5, torch.float32, device, cl, seed=3)
-    got, gx, gp = _step(gam, x, gout)
-    want, wx, wp = _step(want_mod, x.cpu().double(), gout.cpu().double())
-    assert_close(got, want, torch.float32, 1.0, "output")
-    assert_close(gx, wx, torch.float32, 5.0, "grad x")
-    for name, g in wp.items():
-        n = max(g.abs().max().item(), 1.0)
-        assert_close(gp[name] / n, g / n, torch.float32, 5.0, f"grad {name}")
+    _assert_fp32_step_matches(gam, want_mod, x, gout)
     with torch.no_grad():
         assert_close(gam.eval()(x), want_mod.eval()(x.cpu().double()), torch.float32, 1.0, "eval output")
     assert launched and not {"channel_gate_fwd_kernel", "channel_gate_bwd_kernel"} & set(launched)

@@ -64,9 +64,6 @@ def _block_r(CR: int) -> int:
     return max(16, next_pow2(CR))
 
 
-TRITON = _runtime.TRITON
-
-
 def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> bool:
     """Whether the kernel runs (True) or PyTorch's GEMMs do: fp32 dots over more than 128 hidden channels
     (BLOCK_R 256, C > 512 at rate 4) have no tile that compiles without register spills for the backward on any
@@ -74,7 +71,7 @@ def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> 
     (compile facts: perf/NOTES.md, "Triton versions"). Half precision and the interpreter always fuse."""
     if target != "gpu" or dtype != torch.float32 or _block_r(CR) <= 128:
         return True
-    return not backward and TRITON >= (3, 6)
+    return not backward and _runtime.TRITON >= (3, 6)
 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
@@ -89,7 +86,7 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
                                   BLOCK_R=block_r), num_warps=4, num_stages=1)
     if dtype == torch.float32:
         block_p, block_c, warps = FP32_TILES[min(block_r, 256)]
-        if TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
+        if _runtime.TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
             warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
         return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=block_c, BLOCK_R=block_r),
