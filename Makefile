@@ -12,9 +12,10 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 
-# Perf sweep: on a GPU the full sweep, on a CPU-only machine the quick CPU sweep; CSV + PNGs.
+# Perf sweep (perf/bench.py, then perf/report.py): on a GPU the full sweep, on a CPU-only machine the quick CPU sweep;
+# results.csv + PNGs + summary.md in perf/results/<device>/.
 sweep: env
-	$(PY) perf/sweep.py $(SWEEP_ARGS)
+	$(PY) perf/bench.py $(SWEEP_ARGS)
 
 # Tests: Triton kernels through the interpreter on the CPU (the GPU test file runs where CUDA is).
 test: env
@@ -38,22 +39,21 @@ COMPILE_ARGS ?=
 compile-check: env
 	env -u TRITON_INTERPRET $(PY) perf/compile_check.py $(COMPILE_ARGS)
 
-# A short GPU lease: perf/gpu_check.py under a hard wall-clock budget (default 480 s; GPU_CHECK_BUDGET=300), phases
-# with fixed shares, at most 8 files in perf/results/<gpu-name>/<date>/. Runs with a python3 that already has torch,
-# Triton and the project (`pip install --no-deps --no-build-isolation -e .`; no network), else with .venv.
-# GPU_CHECK_ARGS="--rehearse --out DIR": every phase on the CPU (interpreter, 60 s; not performance figures).
-GPU_CHECK_BUDGET ?=
+# A short GPU lease (perf/gpu_check.sh): the GPU-marked tests, tuning the headline shapes, perf/bench.py under a budget
+# and perf/report.py, each under its own timeout (8 minutes in all), into perf/results/<gpu-name>/<date>/ and one
+# tar.gz. Runs with a python3 that already has torch, Triton and the project (`pip install --no-deps
+# --no-build-isolation -e .`; no network), else with .venv. GPU_CHECK_ARGS="--rehearse --out DIR": every step on the
+# CPU (interpreter, tiny shapes, about a minute; not performance figures).
 GPU_CHECK_ARGS ?=
 GPU_PY ?= $(shell python3 -c "import torch, gam_triton" >/dev/null 2>&1 && echo python3 || echo $(PY))
 gpu-check:
 	@command -v $(GPU_PY) >/dev/null 2>&1 || { echo "gpu-check: $(GPU_PY) not found: run 'pip install --no-deps \
 	--no-build-isolation -e .' with a python3 that has torch and Triton, or 'make env'" >&2; exit 2; }
-	env -u TRITON_INTERPRET $(GPU_PY) perf/gpu_check.py $(if $(GPU_CHECK_BUDGET),--budget $(GPU_CHECK_BUDGET)) \
-	    $(GPU_CHECK_ARGS)
+	PY=$(GPU_PY) bash perf/gpu_check.sh $(GPU_CHECK_ARGS)
 
-# On a long GPU session: tests compiled for real, full sweep, plots, under perf/results/<gpu-name>/.
+# A long GPU session: every test with the kernels compiled for real, then the full sweep.
 gpu-suite:
-	bash perf/gpu_suite.sh
+	env -u TRITON_INTERPRET $(GPU_PY) -m pytest -q && env -u TRITON_INTERPRET $(GPU_PY) perf/bench.py
 
 clean:
 	rm -rf $(VENV) .venv-triton-* build *.egg-info .pytest_cache

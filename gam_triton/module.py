@@ -33,7 +33,14 @@ from .deploy import deploying
 from .ops import _runtime, channel_gate, conv, elementwise, train_block
 from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_stats
 
-__all__ = ["GAM", "Plan"]
+__all__ = ["GAM", "Plan", "x1_channels_last"]
+
+
+def x1_channels_last(in_channels_last: bool, is_cuda: bool, dtype: torch.dtype,
+                     amp: Optional[torch.dtype] = None) -> bool:
+    """Whether the block writes x1 (and the convolutions' tensors) channels_last: for a channels_last input, and
+    for fp16/bf16 or autocast on CUDA (cuDNN runs those fastest NHWC)."""
+    return in_channels_last or (is_cuda and (dtype != torch.float32 or amp is not None))
 
 
 def _batch_stats(bn: nn.Module) -> bool:
@@ -317,7 +324,7 @@ class GAM(nn.Module):
         """
         in_cl = _runtime.is_channels_last(x)
         amp = _runtime.autocast_dtype(x.device.type)
-        x1_cl = in_cl or (x.is_cuda and (x.dtype != torch.float32 or amp is not None))
+        x1_cl = x1_channels_last(in_cl, x.is_cuda, x.dtype, amp)
         layers = self.spatial_attention._modules
         stats1, stats2 = _batch_stats(layers["1"]), _batch_stats(layers["4"])
         fused_eval = amp is None and not stats1 and not stats2

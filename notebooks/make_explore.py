@@ -2,7 +2,7 @@
 
 The notebook is executed by tests/test_notebook.py, so every cell must run on a CPU-only machine
 under TRITON_INTERPRET=1 in a few seconds (the quick CPU sweep of section 5: 10-20 s). Every figure is one
-call of perf/figures.py: keep the logic there, not in the cells. Committed without outputs.
+call of perf/report.py: keep the logic there, not in the cells. Committed without outputs.
 """
 from pathlib import Path
 
@@ -18,7 +18,7 @@ cells = [
         "with `TRITON_INTERPRET=1` the same kernels run in Triton's interpreter (correct, slow); without "
         "it a PyTorch path runs. Every figure says where its numbers come from, as the sweep does: "
         "**computed** (traffic model), **CPU figures** (never GPU performance), **interpreter** (never a "
-        "performance figure) or **GPU** (the card is named). The figures are drawn by `perf/figures.py`."),
+        "performance figure) or **GPU** (the card is named). The figures are drawn by `perf/report.py`."),
     nbf.v4.new_code_cell(
         "%matplotlib inline\n"
         "import sys\n"
@@ -30,8 +30,8 @@ cells = [
         "from gam_triton.ops._runtime import INTERPRET, use_triton\n"
         "root = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
         "sys.path.insert(0, str(root / 'perf'))\n"
-        "import figures  # noqa: E402 - perf/ is put on the path just above\n"
-        "from common import Shape  # noqa: E402\n"
+        "import report  # noqa: E402 - perf/ is put on the path just above\n"
+        "from bench import Shape  # noqa: E402\n"
         "device = 'cuda' if torch.cuda.is_available() and not INTERPRET else 'cpu'\n"
         "print('device:', device, '| interpreter:', INTERPRET, '| torch', torch.__version__)"),
     nbf.v4.new_markdown_cell(
@@ -79,24 +79,24 @@ cells = [
         "`perf/traffic.py` on meta tensors: compulsory bytes per op, computed, not measured."),
     nbf.v4.new_code_cell("shape = Shape(batch=16, channels=256, height=40, width=40, rate=4, group=True)\n"
                          "dtype = 'bf16'"),
-    nbf.v4.new_code_cell("figures.traffic_figure(shape, dtype)"),
+    nbf.v4.new_code_cell("report.traffic_figure(shape, dtype)"),
     nbf.v4.new_markdown_cell(
         "## 5. Roofline\n"
         "Each kernel and the whole block by arithmetic intensity under the H100 and H200 ceilings "
         "(GAM_NOTES), with the measured points of the newest committed GPU results on top; without GPU "
         "results a tiny CPU sweep runs here (CPU figures; under the interpreter gam_triton's points are "
         "interpreter times, not performance)."),
-    nbf.v4.new_code_cell("csv = figures.results_or_quick_sweep(tempfile.mkdtemp(prefix='gam_sweep_'))\n"
+    nbf.v4.new_code_cell("csv = report.results_or_quick_sweep(tempfile.mkdtemp(prefix='gam_sweep_'))\n"
                          "print('results:', csv)\n"
-                         "figures.roofline_figure([shape], dtype, csv)"),
+                         "report.roofline_figure([shape], dtype, csv)"),
     nbf.v4.new_markdown_cell("## 6. Speedup over eager and torch.compile\nPer shape, from the same results."),
-    nbf.v4.new_code_cell("figures.speedup_figure(csv)"),
+    nbf.v4.new_code_cell("report.speedup_figure(csv)"),
     nbf.v4.new_markdown_cell(
         "## 7. The autotuner\n"
         "The tile each YOLO shape gets per kernel: the heuristic, or the tuned tile where this machine's "
         "tuning cache has one (`python -m gam_triton.tune ...`); below, registers, spills and warps per SM of "
         "those tiles per GPU architecture once `perf/compile/report.csv` exists."),
-    nbf.v4.new_code_cell("figures.autotune_figure(figures.yolo_shapes(shape.batch), dtype)"),
+    nbf.v4.new_code_cell("report.autotune_figure(report.yolo_shapes(shape.batch), dtype)"),
     nbf.v4.new_markdown_cell(
         "## 8. What the block computes\n"
         "The channel gate and the spatial map of a YOLO GAM block on a synthetic image (a disc, a square, "
@@ -104,7 +104,7 @@ cells = [
         "after (`GAM.from_module`), and their difference: conversion changes nothing. The maps come from "
         "`gam_triton.inspect.attention_maps`."),
     nbf.v4.new_code_cell("torch.manual_seed(0)\n"
-                         "figures.attention_figure(YoloGAM(16, 16), figures.synthetic_input(16, 48), device)"),
+                         "report.attention_figure(YoloGAM(16, 16), report.synthetic_input(16, 48), device)"),
 ]
 nb = nbf.v4.new_notebook(cells=cells)
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

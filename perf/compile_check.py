@@ -349,7 +349,7 @@ ODD_MAPS = ((256, 14), (512, 14), (512, 7), (1024, 7))
 
 
 def sweep_pairs() -> list[tuple[int, int]]:
-    from common import yolo_pairs
+    from bench import yolo_pairs
 
     return yolo_pairs()
 

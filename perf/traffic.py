@@ -12,7 +12,7 @@ These are compulsory bytes per op: a convolution that re-reads its input from DR
 
 * eager: the reference ``YoloGAM`` runs on ``meta`` tensors (shapes, no compute: any size is instant).
 * gam_triton: a ``gam_triton::*`` op is not one launch but what runs inside it: the counter runs the op's
-  body itself (``gam_triton.ops._runtime.OPS``) with counting on, so its aten ops (cuDNN convolutions, the
+  body itself (:func:`op_bodies`: each op's ``run.impl``, found on the ops' own ``run`` objects) with counting on, so its aten ops (cuDNN convolutions, the
   train block's GEMMs) count as dispatched, and each kernel launch is counted at the library's one launch
   seam, ``gam_triton.ops._runtime.launch``, as one launch reading and writing the arguments
   :data:`KERNEL_IO` names for that kernel (the traffic its docstring states). Where the kernels run (CUDA,
@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import inspect
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
@@ -42,7 +44,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-from common import DTYPES, GPU_BANDWIDTH, Shape, gam_bytes, gam_flops, yolo_pairs  # noqa: E402
+from bench import DTYPES, GPU_BANDWIDTH, Shape, gam_bytes, gam_flops, yolo_pairs  # noqa: E402
 
 #: Ops that move no data and launch nothing (beyond those whose schema says they are views).
 FREE_OPS = {
@@ -156,7 +158,7 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.name().split(".")[0]
-        body = _runtime().OPS.get(name)
+        body = op_bodies().get(name)
         if body is not None and not self._paused:  # what runs inside the op, counted
             with self:
                 return body(*args, **kwargs)
@@ -191,6 +193,19 @@ class TrafficCounter(TorchDispatchMode):
 
 def _runtime():
     return importlib.import_module("gam_triton.ops._runtime")
+
+
+@functools.lru_cache(maxsize=None)
+def op_bodies() -> dict:
+    """{"gam_triton::<name>": the function the op runs}, from the ``run`` objects the op modules expose
+    (``_runtime.entry``'s ``run.op`` and ``run.impl``), found by looking, not listed here."""
+    ops = importlib.import_module("gam_triton.ops")
+    table = {}
+    for info in pkgutil.iter_modules(ops.__path__):
+        for obj in vars(importlib.import_module(f"gam_triton.ops.{info.name}")).values():
+            if callable(obj) and hasattr(obj, "op") and hasattr(obj, "impl"):
+                table[obj.op._qualname] = obj.impl
+    return table
 
 
 @contextlib.contextmanager
@@ -379,21 +394,18 @@ def fused_table(shapes: Sequence[Shape], dtype_name: str, device: str = "meta") 
 
 def component_table(shapes: Sequence[Shape], dtype_name: str) -> str:
     """Markdown: the fused components alone, eager's ops against the one kernel (eval forward)."""
-    import components as comp
+    import bench
 
     dtype = DTYPES[dtype_name]
     lines = ["| component | shape | eager MB | eager launches | kernel MB | kernel launches | "
              "floor H100 eager us | floor H100 kernel us |", "|---|---|---|---|---|---|---|---|"]
     for s in shapes:
-        cg_args = comp.make_channel_gate(s, dtype, "meta")
-        fg_args = comp.make_final_gate(s, dtype, "meta")
-        cases = [("channel gate", comp.channel_gate_eager, cg_args, comp.channel_gate_bytes(s, dtype)),
-                 ("final gate", comp.final_gate_eager, fg_args, comp.final_gate_bytes(s, dtype))]
-        for name, eager_fn, args, kernel_bytes in cases:
+        for name, eager_fn in (("channel_gate", bench.channel_gate_eager), ("final_gate", bench.final_gate_eager)):
+            args, kernel_bytes = bench.component_args(name, s, dtype, "meta"), bench.component_work(name, s, dtype)[0]
             with torch.no_grad():
                 e = count(lambda: eager_fn(*args))  # noqa: B023 - called at once, in this iteration
             bw = GPU_BANDWIDTH["H100"]
-            lines.append(f"| {name} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | {_mb(kernel_bytes)} | 1 | "
+            lines.append(f"| {name.replace('_', ' ')} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | {_mb(kernel_bytes)} | 1 | "
                          f"{e.floor_us(bw):.0f} | {kernel_bytes / bw * 1e6:.0f} |")
     return "\n".join(lines)
 

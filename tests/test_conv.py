@@ -461,15 +461,15 @@ def test_fused_traffic_standins_match_and_save_bytes():
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
-    import common
+    import bench
     import traffic
 
-    shape = common.Shape(1, 16, 2, 3, 4, False)
+    shape = bench.Shape(1, 16, 2, 3, 4, False)
     today = traffic.gam_triton_traffic(shape, torch.float32, conv="cudnn")
     fused = traffic.gam_triton_traffic(shape, torch.float32, conv="triton")
     assert fused.launches == 3 and today.launches == 5
     assert set(fused.by_op()) == {"gam_triton::channel_gate", "gam_triton::conv_bn_relu", "gam_triton::conv_gate"}
-    big = common.Shape(16, 256, 40, 40, 4, True)
+    big = bench.Shape(16, 256, 40, 40, 4, True)
     ratio = (traffic.gam_triton_traffic(big, torch.bfloat16, conv="triton").bytes
              / traffic.gam_triton_traffic(big, torch.bfloat16, conv="cudnn").bytes)
     assert ratio <= 0.8

@@ -1,4 +1,4 @@
-"""The notebook's figures (perf/figures.py) and gam_triton.inspect.attention_maps.
+"""The notebook's figures (perf/report.py).
 
 Each figure is checked for its axes, titles and labels and for drawing what its inputs hold: bar heights
 equal the traffic counted or the speedups of a handwritten CSV, measured points sit where the CSV puts them,
@@ -15,16 +15,12 @@ import torch
 PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf")
 sys.path.insert(0, PERF)
 
-import common  # noqa: E402
-import figures  # noqa: E402
+import bench  # noqa: E402
+import report  # noqa: E402
 import traffic  # noqa: E402
-from common import CPU_NOTE, Shape  # noqa: E402
+from bench import CPU_NOTE, Shape  # noqa: E402
 
-from gam_triton import GAM  # noqa: E402
-from gam_triton.ops import _autotune  # noqa: E402
-from gam_triton.ops._runtime import INTERPRET  # noqa: E402
-from gam_triton.inspect import attention_maps  # noqa: E402
-from gam_triton.reference import PaperGAM, SeedGAM, YoloGAM  # noqa: E402
+from gam_triton.reference import YoloGAM  # noqa: E402
 
 TINY = Shape(1, 16, 4, 4, 4, True)
 H100 = "NVIDIA H100 80GB HBM3"
@@ -68,7 +64,7 @@ def _results_csv(path, device=H100, note="", date="2026-11-25T10:00:00+00:00"):
 
 # --- traffic -----------------------------------------------------------------------------------------------
 def test_traffic_figure_stacks_the_counted_bytes_and_launches(device):
-    fig = figures.traffic_figure(TINY, "fp32")
+    fig = report.traffic_figure(TINY, "fp32")
     axes = fig.get_axes()
     assert [ax.get_title().split(":")[-1].strip() for ax in axes] == ["bytes", "bytes", "launches", "launches"]
     assert axes[0].get_title().startswith("eval") and axes[1].get_title().startswith("train")
@@ -87,67 +83,33 @@ def test_traffic_figure_stacks_the_counted_bytes_and_launches(device):
     assert "gam_triton channel_gate" in labels and "convolution" in labels
 
 
-@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                    reason="gam_triton's train traffic is counted where its kernels run (CUDA or TRITON_INTERPRET=1)")
-def test_traffic_figure_counts_gam_triton_train_where_kernels_run(device):
-    fig = figures.traffic_figure(TINY, "fp32", train_device=device)
-    launches = fig.get_axes()[3]
-    want = traffic.gam_triton_traffic(TINY, torch.float32, "train", device).launches
-    assert sum(_bars(launches, 1)) == want
-    assert "not counted here" not in _texts(fig)
-
-
 # --- roofline ------------------------------------------------------------------------------------------------
-def test_kernel_points_place_kernels_and_block():
-    pts = {p["name"]: p for p in figures.kernel_points(TINY, "bf16")}
-    for name in ("channel gate kernel", "final gate kernel", "conv1 7x7 (BN1 folded)", "conv2 7x7"):
-        assert name in pts and pts[name]["intensity"] > 0
-    cg = pts["channel gate kernel"]
-    assert cg["flops"] == 4 * TINY.batch * TINY.pixels * TINY.channels * TINY.hidden
+def test_roofline_places_kernels_and_block_under_the_roofs_then_the_measured_points(tmp_path):
+    pts = {p["name"]: p for p in report.kernel_points(TINY, "bf16")}
+    assert pts["channel gate kernel"]["flops"] == 4 * TINY.batch * TINY.pixels * TINY.channels * TINY.hidden
     blocks = [pts[f"whole block, {w}"]["intensity"] for w in ("ideal bytes", "gam_triton's traffic", "eager's traffic")]
-    assert blocks[0] > blocks[1] > blocks[2]  # eager moves the most bytes for the same FLOPs
-
-
-def test_roofline_without_results_draws_the_computed_points_only():
-    fig = figures.roofline_figure([TINY], "bf16", None)
+    assert blocks[0] > blocks[1] > blocks[2] and pts["conv2 7x7"]["intensity"] > 0
+    fig = report.roofline_figure([TINY], "bf16", None)
     ax = fig.get_axes()[0]
-    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
-    assert "arithmetic intensity" in ax.get_xlabel() and "TFLOP/s" in ax.get_ylabel()
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log") and "arithmetic intensity" in ax.get_xlabel()
     text = _texts(fig)
-    assert "no measured results" in text and "H100 roof: 3.0 TB/s, 798" in text and "H200 roof: 4.3 TB/s, 790" in text
-    assert "measured:" not in text
-    # the H100 roof: 3.0 TB/s up to the ridge, then 798 TFLOP/s
-    h100 = next(line for line in ax.get_lines() if line.get_label().startswith("H100"))
-    xs, ys = h100.get_data()
-    assert ys[0] == pytest.approx(3.0 * xs[0]) and ys[-1] == pytest.approx(798)
-
-
-def test_roofline_puts_the_measured_gpu_points_where_the_csv_says(tmp_path):
-    csv = _results_csv(tmp_path / "gpu" / "results.csv")
-    fig = figures.roofline_figure([TINY], "bf16", csv)
-    ax = fig.get_axes()[0]
-    assert f"GPU: {H100}" in fig._suptitle.get_text()
-    gate = [c for c in ax.collections if c.get_label() == f"measured: channel_gate gam_triton (GPU: {H100})"]
-    assert len(gate) == 1
+    assert "no measured results" in text and "H100 roof: 3.0 TB/s, 798" in text and "measured:" not in text
+    xs, ys = next(line for line in ax.get_lines() if line.get_label().startswith("H100")).get_data()
+    assert ys[0] == pytest.approx(3.0 * xs[0]) and ys[-1] == pytest.approx(798)  # 3.0 TB/s, then 798 TFLOP/s
+    fig = report.roofline_figure([TINY], "bf16", _results_csv(tmp_path / "gpu" / "results.csv"))
+    gate = [c for c in fig.get_axes()[0].collections
+            if c.get_label() == f"measured: channel_gate gam_triton (GPU: {H100})"]
     assert gate[0].get_offsets().tolist() == [[pytest.approx(160 * 1e3 / 2600), pytest.approx(160)]]
-    assert "no measured results" not in _texts(fig)
-
-
-def test_roofline_labels_cpu_points_as_cpu_figures(tmp_path):
-    note = f"{CPU_NOTE}; {common.INTERPRET_NOTE}"
-    csv = _results_csv(tmp_path / "cpu" / "results.csv", device="cpu", note=note)
-    fig = figures.roofline_figure([TINY], "bf16", csv)
-    text = _texts(fig)
-    assert CPU_NOTE in fig._suptitle.get_text()
-    assert "measured: gam eager (CPU figures)" in text
+    csv = _results_csv(tmp_path / "cpu" / "results.csv", device="cpu", note=f"{CPU_NOTE}; {bench.INTERPRET_NOTE}")
+    text = _texts(report.roofline_figure([TINY], "bf16", csv))
+    assert "measured: gam eager (CPU figures)" in text and "CPU copy bandwidth 3000 GB/s" in text
     assert "measured: gam gam_triton (interpreter: not performance)" in text
-    assert "CPU copy bandwidth 3000 GB/s" in text
 
 
 # --- speedup and the results it reads -------------------------------------------------------------------------
 def test_speedup_figure_draws_the_ratios_of_the_csv(tmp_path):
     csv = _results_csv(tmp_path / "gpu" / "results.csv")
-    fig = figures.speedup_figure(csv)
+    fig = report.speedup_figure(csv)
     axes = fig.get_axes()
     assert [ax.get_title().split(" ")[0] for ax in axes] == ["forward", "train"]
     assert all("speedup" in ax.get_ylabel() for ax in axes)
@@ -157,167 +119,68 @@ def test_speedup_figure_draws_the_ratios_of_the_csv(tmp_path):
     text = _texts(fig)
     assert "over eager (geomean x2.00)" in text and "goal over eager: x1.5" in text
     assert f"GPU: {H100}" in fig._suptitle.get_text()
-
-
-def test_speedup_figure_on_cpu_rows_says_cpu_figures_and_no_goal(tmp_path):
-    csv = _results_csv(tmp_path / "cpu" / "results.csv", device="cpu", note=CPU_NOTE)
-    fig = figures.speedup_figure(csv)
+    fig = report.speedup_figure(_results_csv(tmp_path / "cpu" / "results.csv", device="cpu", note=CPU_NOTE))
     assert CPU_NOTE in fig._suptitle.get_text() and "goal" not in _texts(fig)
 
 
 def test_newest_results_prefers_the_newest_gpu_run_and_ignores_cpu(tmp_path, monkeypatch):
     _results_csv(tmp_path / "cpu" / "results.csv", device="cpu", note=CPU_NOTE, date="2027-01-01T00:00:00")
-    assert figures.newest_results(str(tmp_path)) is None
+    assert report.newest_results(str(tmp_path)) is None
     calls = []
-    monkeypatch.setattr(figures, "quick_cpu_sweep", lambda out: calls.append(out) or "swept.csv")
-    assert figures.results_or_quick_sweep("somewhere", str(tmp_path)) == "swept.csv" and calls == ["somewhere"]
+    monkeypatch.setattr(report, "quick_cpu_sweep", lambda out: calls.append(out) or "swept.csv")
+    assert report.results_or_quick_sweep("somewhere", str(tmp_path)) == "swept.csv" and calls == ["somewhere"]
 
     old = _results_csv(tmp_path / "NVIDIA-H100" / "results.csv", date="2026-11-01T00:00:00")
-    new = _results_csv(tmp_path / "NVIDIA-H200" / "results.csv", device="NVIDIA H200",
-                       date="2026-11-20T00:00:00")
-    assert figures.newest_results(str(tmp_path)) == new != old
-    assert figures.results_or_quick_sweep("elsewhere", str(tmp_path)) == new and calls == ["somewhere"]
+    new = _results_csv(tmp_path / "NVIDIA-H200" / "20261120" / "results.csv", device="NVIDIA H200",
+                       date="2026-11-20T00:00:00")  # a gpu-check folder, one level deeper
+    assert report.newest_results(str(tmp_path)) == new != old
+    assert report.results_or_quick_sweep("elsewhere", str(tmp_path)) == new and calls == ["somewhere"]
 
 
 # --- autotuner ------------------------------------------------------------------------------------------------
-def test_autotune_figure_without_report_or_cache_shows_heuristic_tiles(tmp_path):
-    from gam_triton.ops import channel_gate, elementwise
+def test_autotune_figure_shows_heuristic_or_tuned_tiles_and_the_compile_report(tmp_path):
+    from gam_triton.ops import channel_gate
 
-    shapes = [Shape(16, 64, 80, 80), Shape(16, 512, 20, 20)]
-    fig = figures.autotune_figure(shapes, "bf16", report=str(tmp_path / "none.csv"), cache_dir=str(tmp_path))
-    text = _texts(fig)
-    assert "no compile report yet" in text and "no GPU tuning cache found" in text
-    table = figures.tile_table(shapes, "bf16", cache_dir=str(tmp_path))
+    shapes = [Shape(16, 64, 80, 80), Shape(16, 256, 40, 40)]
+    fig = report.autotune_figure(shapes, "bf16", report=str(tmp_path / "none.csv"), cache_dir=str(tmp_path))
+    assert "no compile report yet" in _texts(fig) and "no GPU tuning cache found" in _texts(fig)
+    assert [t.get_text() for t in fig.get_axes()[0].get_yticklabels()] == ["B16 C64 80x80 g", "B16 C256 40x40 g"]
+    table = report.tile_table(shapes, "bf16", cache_dir=str(tmp_path))
     assert set(table["source"]) == {"heuristic"} and len(table) == 3 * len(shapes)
-    cfg = channel_gate.heuristic(512, 128, 400, torch.bfloat16, target="gpu")
-    want = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = elementwise.heuristic(512, 400, True, target="gpu")
-    want_fg = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    got = table[(table["shape"] == "B16 C512 20x20 g") & (table["kernel"] == "channel_gate")].iloc[0]
-    assert {k: int(got[k]) for k in want} == want
-    assert got["BLOCK_C"] <= 128  # the GPU heuristic chunks wide channels, even when this runs interpreted
-    got = table[(table["shape"] == "B16 C512 20x20 g") & (table["kernel"] == "final_gate")].iloc[0]
-    assert {k: int(got[k]) for k in want_fg} == want_fg
-    labels = [t.get_text() for t in fig.get_axes()[0].get_yticklabels()]
-    assert labels == ["B16 C64 80x80 g", "B16 C512 20x20 g"]
-
-
-def test_tile_table_reads_a_gpu_tuning_cache(tmp_path):
-    shape = Shape(16, 256, 40, 40)
-    key = figures.kernel_keys(shape, "bf16")["channel_gate"]
+    cfg = channel_gate.heuristic(256, 64, 1600, torch.bfloat16, target="gpu")  # the GPU's, even when interpreted
+    got = table[(table["shape"] == "B16 C256 40x40 g") & (table["kernel"] == "channel_gate")].iloc[0]
+    assert {k: int(got[k]) for k in cfg.kwargs} == cfg.kwargs and got["num_warps"] == cfg.num_warps
+    key = report.kernel_keys(shapes[1], "bf16")["channel_gate"]
     entry = dict(config=dict(BLOCK_P=32, BLOCK_C=64, BLOCK_R=64, num_warps=8, num_stages=3), source="tuned",
                  ms=0.01, heuristic_ms=0.0125)
     data = {"format": 2, "device": H100, "triton": "3.6.0", "entries": {"channel_gate": {key: entry}}}
     (tmp_path / "NVIDIA_H100__triton-3.6.0.json").write_text(json.dumps(data))
-    table = figures.tile_table([shape], "bf16", cache_dir=str(tmp_path))
+    table = report.tile_table(shapes[1:], "bf16", cache_dir=str(tmp_path))
     row = table[table["kernel"] == "channel_gate"].iloc[0]
-    assert row["source"] == "tuned" and row["tile"] == "P32 C64 R64 w8 s3"
-    assert row["speedup"] == pytest.approx(1.25) and row["device"] == H100
-    assert set(table[table["kernel"] != "channel_gate"]["source"]) == {"heuristic"}
-    fig = figures.autotune_figure([shape], "bf16", report=str(tmp_path / "none.csv"), cache_dir=str(tmp_path))
-    assert "tuned x1.25" in _texts(fig) and H100 in _texts(fig)
-
-
-def test_autotune_figure_reads_the_compile_report(tmp_path):
-    shape = Shape(16, 256, 40, 40)
-    table = figures.tile_table([shape], "bf16", cache_dir=str(tmp_path))
-    rows = []
-    for _, t in table.iterrows():
-        for arch, regs in (("sm_90a", 96), ("sm_80", 128)):
-            rows.append(dict(kernel=t["kernel"], arch=arch, BLOCK_P=t["BLOCK_P"], BLOCK_C=t["BLOCK_C"],
-                             BLOCK_R=t["BLOCK_R"], num_warps=t["num_warps"], num_stages=t["num_stages"],
-                             registers=regs, spill_bytes=0 if arch == "sm_90a" else 16, shared_bytes=1024,
-                             warps_per_sm=16))
+    assert (row["source"], row["tile"], row["device"]) == ("tuned", "P32 C64 R64 w8 s3", H100)
+    assert row["speedup"] == pytest.approx(1.25) and set(table["source"]) == {"tuned", "heuristic"}
+    rows = [dict(kernel=t["kernel"], arch=arch, **{f: t[f] for f in ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps",
+                                                                     "num_stages")},
+                 registers=regs, spill_bytes=regs // 8 - 12, warps_per_sm=16)
+            for _, t in table.iterrows() for arch, regs in (("sm_90a", 96), ("sm_80", 128))]
     rows.append(dict(rows[0], BLOCK_P=2048, registers=250))  # a tile no shape uses: left out
-    report = tmp_path / "report.csv"
-    pd.DataFrame(rows).to_csv(report, index=False)
-    fig = figures.autotune_figure([shape], "bf16", report=str(report), cache_dir=str(tmp_path))
+    pd.DataFrame(rows).to_csv(tmp_path / "report.csv", index=False)
+    fig = report.autotune_figure(shapes[1:], "bf16", report=str(tmp_path / "report.csv"), cache_dir=str(tmp_path))
     axes = {ax.get_ylabel(): ax for ax in fig.get_axes()}
-    assert {"registers per thread", "spill bytes", "warps per SM (occupancy)"} <= set(axes)
-    regs = axes["registers per thread"]
-    assert sorted(p.get_height() for p in regs.patches) == [96] * 3 + [128] * 3
-    assert sorted(p.get_height() for p in axes["spill bytes"].patches) == [0] * 3 + [16] * 3
-    text = _texts(fig)
-    assert "sm_90a" in text and "sm_80" in text and "no compile report yet" not in text
-    bad = tmp_path / "bad.csv"
-    pd.DataFrame([dict(kernel="x", registers=1)]).to_csv(bad, index=False)
+    assert sorted(p.get_height() for p in axes["registers per thread"].patches) == [96] * 3 + [128] * 3
+    assert sorted(p.get_height() for p in axes["spill bytes"].patches) == [0] * 3 + [4] * 3
+    assert "sm_90a" in _texts(fig) and "tuned x1.25" in _texts(fig) and "no compile report yet" not in _texts(fig)
+    pd.DataFrame([dict(kernel="x", registers=1)]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="arch"):
-        figures.read_compile_report(str(bad))
-    assert figures.read_compile_report(str(tmp_path / "missing.csv")) is None
-
-
-@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                    reason="the autotuner is only asked where gam_triton's kernels run (CUDA or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_kernel_keys_are_the_keys_the_kernels_use(device, channels_last, tmp_path, monkeypatch):
-    monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path))
-    _autotune.reset()
-    try:
-        shape = Shape(2, 16, 4, 5, 4, True)
-        gam = GAM(16, group=True, channel_sigmoid=False, shuffle_groups=4).to(device)
-        x = torch.randn(2, 16, 4, 5, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        gam.train()(x.requires_grad_()).sum().backward()
-        with torch.no_grad():
-            gam.eval()(x)
-        got = {r.op: r.key for r in _autotune.drain_log()}
-    finally:
-        monkeypatch.undo()
-        _autotune.reset()
-    want = figures.kernel_keys(shape, "fp32", channels_last, cuda=device == "cuda")
-    assert set(want) <= set(got), "every kernel the figure shows ran"
-    assert {op: got[op] for op in want} == want
-
-
-# --- what the block computes --------------------------------------------------------------------------------
-@pytest.mark.parametrize("form, sigmoid, shuffle", [(lambda: YoloGAM(16, 16), False, 4),
-                                                    (lambda: PaperGAM(16), True, None),
-                                                    (lambda: SeedGAM(16, 16), False, None)])
-def test_attention_maps_are_what_the_block_applies(device, form, sigmoid, shuffle):
-    torch.manual_seed(0)
-    ref = form().to(device).eval()
-    x = torch.randn(2, 16, 5, 6, device=device)
-    before = attention_maps(ref, x)
-    after = attention_maps(GAM.from_module(ref).eval(), x)
-    for m in (before, after):
-        assert m.channel_sigmoid == sigmoid and m.shuffle_groups == shuffle
-        assert m.channel_gate.shape == m.spatial_map.shape == x.shape
-        assert m.residual < 1e-5
-        assert ((m.spatial_map > 0) & (m.spatial_map < 1)).all()
-    torch.testing.assert_close(after.channel_gate, before.channel_gate, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(after.spatial_map, before.spatial_map, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(after.out, ref(x), atol=1e-5, rtol=1e-5)
-    if sigmoid:
-        assert ((before.channel_gate > 0) & (before.channel_gate < 1)).all()
-    else:  # the YOLO and seed forms multiply by the MLP's raw output
-        assert (before.channel_gate < 0).any()
-
-
-def test_attention_maps_reject_bad_input():
-    gam = GAM(16).eval()
-    with pytest.raises(TypeError, match="nn.Module"):
-        attention_maps("not a module", torch.randn(1, 16, 2, 2))
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        attention_maps(gam, [[1.0]])
-    with pytest.raises(ValueError, match="4-D"):
-        attention_maps(gam, torch.randn(16, 2, 2))
-    with pytest.raises(TypeError, match="floating-point"):
-        attention_maps(gam, torch.ones(1, 16, 2, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="16 channels"):
-        attention_maps(gam, torch.randn(1, 8, 2, 2))
-    with pytest.raises(ValueError, match="train mode"):
-        attention_maps(gam.train(), torch.randn(1, 16, 2, 2))
-    with pytest.raises(ValueError, match="not a GAM block"):
-        attention_maps(torch.nn.Linear(4, 4).eval(), torch.randn(1, 4, 2, 2))
+        report.read_compile_report(str(tmp_path / "bad.csv"))
 
 
 def test_attention_figure_shows_both_sides_and_their_difference(device):
     torch.manual_seed(0)
-    x = figures.synthetic_input(16, 8)
+    x = report.synthetic_input(16, 8)
     assert x.shape == (1, 16, 8, 8) and x.std() > 0.1
     assert not torch.allclose(x[0, 0], x[0, 1])  # channels mix the patterns differently
-    fig = figures.attention_figure(YoloGAM(16, 16), x, device)
+    fig = report.attention_figure(YoloGAM(16, 16), x, device)
     axes = fig.get_axes()
     images = [ax for ax in axes if ax.images]
     assert len(images) == 11  # 4 before, 4 after, 3 differences (the input's is a caption)
@@ -330,14 +193,12 @@ def test_attention_figure_shows_both_sides_and_their_difference(device):
 
 
 def test_quick_cpu_sweep_plans_one_tiny_shape_without_max_autotune(monkeypatch, tmp_path):
-    import sweep
-
     seen = []
-    monkeypatch.setattr(sweep, "run", lambda argv: seen.append(argv) or "x.csv")
-    assert figures.quick_cpu_sweep(str(tmp_path)) == "x.csv"
-    args = sweep.parser().parse_args(seen[0])
+    monkeypatch.setattr(bench, "run", lambda argv: seen.append(argv) or "x.csv")
+    assert report.quick_cpu_sweep(str(tmp_path)) == "x.csv"
+    args = bench.parser().parse_args(seen[0])
     for on_gpu in (False, True):
-        specs = sweep.plan(args, on_gpu)
+        specs = bench.plan(args, on_gpu)
         assert {s.provider for s in specs} == {"eager", "compile", "gam_triton"}
         assert {(s.kind, s.mode) for s in specs} == {("gam", "forward")}
         assert {s.shape for s in specs} == {Shape(1, 16, 4, 4, 4, True)}

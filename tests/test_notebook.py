@@ -18,8 +18,8 @@ def test_explore_notebook_executes():
     assert "max |gam_triton - reference|" in outputs
     assert "output channels_last: True" in outputs
     assert "running means agree: True" in outputs
-    # Every figure of perf/figures.py the notebook calls is drawn (one PNG per figure cell).
-    figure_cells = [c for c in nb.cells if c.cell_type == "code" and "figures." in c.source
+    # Every figure of perf/report.py the notebook calls is drawn (one PNG per figure cell).
+    figure_cells = [c for c in nb.cells if c.cell_type == "code" and "report." in c.source
                     and "_figure(" in c.source]
     assert len(figure_cells) == 5
     for cell in figure_cells:

@@ -18,7 +18,7 @@ from gam_triton.ops._runtime import use_triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
 
-import common  # noqa: E402
+import bench  # noqa: E402
 import traffic  # noqa: E402
 
 
@@ -225,7 +225,7 @@ def test_backward_launches_triton_kernels(device, monkeypatch):
     assert sorted(launched) == sorted(["bn_bwd_reduce_kernel", "bn_bwd_apply_kernel"] * 2 + ["channel_gate_bwd_kernel"])
 
 
-LAUNCH_SHAPE = common.Shape(2, 32, 8, 8, 4, True)  # the shape: YOLO grouped B2 C32 8x8
+LAUNCH_SHAPE = bench.Shape(2, 32, 8, 8, 4, True)  # the shape: YOLO grouped B2 C32 8x8
 
 
 @needs_kernels

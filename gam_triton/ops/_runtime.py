@@ -265,11 +265,6 @@ def _current_dispatch_mode():
     return _get_current_dispatch_mode()
 
 
-#: "gam_triton::<name>" -> the function each registered op runs (what :func:`entry` returns as ``run.impl``):
-#: for a caller that runs an op's body itself, e.g. a dispatch mode counting what happens inside the op.
-OPS: dict = {}
-
-
 def entry(name: str, impl: Callable, fake: Callable, backward: Optional[Callable] = None,
           setup_context: Optional[Callable] = None, mutates: tuple = ()) -> Callable:
     """Register ``impl`` as the custom op ``gam_triton::<name>`` and return the function that runs it.
@@ -311,7 +306,6 @@ def entry(name: str, impl: Callable, fake: Callable, backward: Optional[Callable
         return run.op(*args)
 
     run.op, run.impl, run.__doc__ = op, guarded, impl.__doc__
-    OPS[f"gam_triton::{name}"] = guarded
     return run
 
 

@@ -1,21 +1,20 @@
-"""The notebook's figures: where the bytes, launches and time go, the tiles, and what the block computes.
+"""The reporting tool: a results.csv of ``perf/bench.py`` as PNGs and ``summary.md``, and the notebook's figures.
 
-Each function returns a ``matplotlib.figure.Figure`` (made without pyplot: nothing global, nothing shown
-or written) with a title that says where its numbers come from, in the sweep's words (``perf/NOTES.md``):
-**computed** (the traffic model), **CPU figures** (never GPU performance), **interpreter** (Triton's
-interpreter, never a performance figure) or **GPU** (the card is named).
+    python perf/report.py DIR            # DIR/results.csv -> DIR/speedup_<dtype>.png, floors_<dtype>.png, summary.md
 
-* :func:`traffic_figure` - eager's bytes and launches op by op beside gam_triton's (``perf/traffic.py``),
-  eval and train, at one shape;
-* :func:`roofline_figure` - each kernel and the whole block by arithmetic intensity under the H100 / H200
-  ceilings of GAM_NOTES, with the measured points of a results CSV on top;
-* :func:`speedup_figure` - gam_triton's speedup over eager and torch.compile per shape, from a results CSV;
-  :func:`newest_results` finds committed GPU results, :func:`results_or_quick_sweep` falls back on a tiny
-  CPU sweep;
-* :func:`autotune_figure` - the tile each shape gets per kernel (heuristic, or tuned from the tuning cache)
-  and, once ``perf/compile/report.csv`` exists, registers / spills / warps per SM per GPU architecture;
-* :func:`attention_figure` - the channel gate and spatial map of a block before and after conversion
-  (:func:`gam_triton.inspect.attention_maps`) on :func:`synthetic_input`.
+Every figure says where its numbers come from: **computed** (the traffic model, ``perf/traffic.py``), **CPU
+figures** (never GPU performance), **interpreter** (never a performance figure), **rehearsal**, or **GPU** (the
+card is named). CPU rows are summarised as CPU figures and no goal is judged on them.
+
+* :func:`summary` - geomean speedups of the whole block, each fused component and kernel against its floor, the
+  detector's GAM share, and the goals of issue 4 (judged on GPU rows only);
+* :func:`speedup_figure` - gam_triton's speedup over eager and torch.compile per shape (also the notebook's);
+* :func:`floors_figure` - the components and kernels alone as fractions of their byte (or FLOP) floors;
+* :func:`traffic_figure` - eager's bytes and launches op by op beside gam_triton's (``perf/traffic.py``);
+* :func:`roofline_figure` - each kernel and the block under the H100 / H200 ceilings, measured points on top;
+* :func:`autotune_figure` - the tile each shape gets (heuristic, or tuned from the tuning cache) and, where a
+  compile report exists (``make compile-check``), registers / spills / warps per SM per architecture;
+* :func:`attention_figure` - the channel gate and spatial map of a block before and after conversion.
 """
 from __future__ import annotations
 
@@ -32,23 +31,155 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
-import components  # noqa: E402
-import results  # noqa: E402
+import bench  # noqa: E402
 import traffic  # noqa: E402
-from common import CPU_NOTE, DTYPES, GPU_BANDWIDTH, INTERPRET_NOTE, PERF_DIR, Shape  # noqa: E402
+from bench import CPU_NOTE, DTYPES, GPU_BANDWIDTH, GPU_PEAK_FLOPS, INTERPRET_NOTE, PERF_DIR, Shape  # noqa: E402
 
-#: bf16 dense matmul ceilings of the target GPUs, FLOP/s (GAM_NOTES.md: H100 ~798, H200 770-800 TFLOP/s).
-GPU_PEAK_FLOPS = {"H100": 798e12, "H200": 790e12}
 COMPUTED_NOTE = "computed by the traffic model (perf/traffic.py): not measured times"
-#: Written by perf/compile_check.py (registers, spills, shared memory, warps per SM per architecture; not committed).
 COMPILE_REPORT = os.path.join(PERF_DIR, "compile", "report.csv")
 RESULTS_DIR = os.path.join(PERF_DIR, "results")
-
+GOALS = {"forward": 1.5, "train": 1.3}   # speedup over eager the block must show on a GPU (issue 4)
 _PROVIDER_COLOURS = {"eager": "#7f7f7f", "compile": "#1f77b4", "compile-max-autotune": "#9467bd",
-                     "gam_triton": "#d62728"}
+                     "gam_triton": "#d62728", "gam_triton-tconv": "#ff7f0e"}
 
 
+# --- reading results.csv -----------------------------------------------------------------------------------
+def load(path):
+    """results.csv as a DataFrame of the measured rows (failed rows dropped, the newest row of a key kept)."""
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype={c: str for c in ("group", "error", "note", "noisy", "date")})
+    for col in bench.COLUMNS:
+        if col not in df.columns:
+            df[col] = math.nan
+    for col in ("group", "error", "note", "noisy", "date"):
+        df[col] = df[col].astype(object).fillna("").astype(str)
+    df = df[(df["error"] == "") & df["ms"].notna()]
+    return df.drop_duplicates(subset=bench.KEY_COLUMNS, keep="last").reset_index(drop=True)
+
+
+def latest_run(df):
+    """The rows of the newest (device, torch, triton): speedups must not mix versions."""
+    if df.empty:
+        return df
+    runs = df.groupby(["device", "torch", "triton"], dropna=False)["date"].max().sort_values()
+    device, torch_v, triton_v = runs.index[-1]
+    return df[(df["device"] == device) & (df["torch"] == torch_v) & (df["triton"] == triton_v)].reset_index(drop=True)
+
+
+def shape_label(row) -> str:
+    """'B16 C128 80x80 g' (grouped), '... p' (plain), no suffix for component rows."""
+    suffix = {"True": " g", "False": " p"}.get(str(row["group"]), "")
+    return f"B{int(row['batch'])} C{int(row['channels'])} {int(row['height'])}x{int(row['width'])}{suffix}"
+
+
+def geomean(values) -> float:
+    vals = [v for v in values if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else math.nan
+
+
+def data_label(df) -> str:
+    """Where a results table's numbers come from: 'GPU: <name>', or the rehearsal / CPU / interpreter notes."""
+    if df is None or len(df) == 0:
+        return "no measurements"
+    note = " ".join(str(n) for n in set(df["note"]))
+    device = str(df.iloc[0]["device"])
+    label = f"GPU: {device}" if device != "cpu" and CPU_NOTE not in note else CPU_NOTE
+    label = ("REHEARSAL, not figures; " if "REHEARSAL" in note else "") + label
+    return label + ("; " + INTERPRET_NOTE if "interpreter" in note else "")
+
+
+def _sort_shapes(df):
+    """Grouped before plain, big maps first, then channels, then batch."""
+    d = df.assign(_g=df["group"].map({"True": 0, "False": 1}).fillna(2), _h=-df["height"])
+    return d.sort_values(["_g", "_h", "channels", "batch"]).drop(columns=["_g", "_h"])
+
+
+def _pivot(df, value: str):
+    d = df.assign(shape=[shape_label(r) for _, r in df.iterrows()])
+    return d.pivot_table(index="shape", columns="provider", values=value, aggfunc="last").reindex(
+        list(dict.fromkeys(d["shape"])))
+
+
+def speedups(df, kind: str, dtype: str, mode: str, base: str, provider: str = "gam_triton"):
+    """Per shape, ``provider``'s speedup over ``base``: the median of the per-round ratios (``vs_<base>``) where
+    measured, else ms(base) / ms(provider)."""
+    d = df[(df["kind"] == kind) & (df["dtype"] == dtype) & (df["mode"] == mode)]
+    cols = ["batch", "channels", "height", "width", "rate", "group"]
+    a, pr = d[d["provider"] == base].set_index(cols)["ms"], d[d["provider"] == provider].set_index(cols)
+    both = a.index.intersection(pr.index)
+    sp = a.loc[both] / pr.loc[both, "ms"]
+    return pr.loc[both, f"vs_{base}"].where(pr.loc[both, f"vs_{base}"].notna(), sp) if f"vs_{base}" in pr else sp
+
+
+# --- summary.md ----------------------------------------------------------------------------------------------
+def _x(v, pattern: str = "x{:.2f}") -> str:
+    return "n/a" if v != v else pattern.format(v)
+
+
+def summary(df) -> str:
+    """Markdown: the block's geomean speedups, the components and kernels against their floors, the detector, and
+    the goals (issue 4) judged on GPU rows only."""
+    df = latest_run(df)
+    if df.empty:
+        return "# Sweep summary\n\nNo measured rows.\n"
+    first = df.iloc[0]
+    label = data_label(df)
+    lines = ["# Sweep summary", "", f"{first['device']} | torch {first['torch']} | triton {first['triton']} | "
+             f"{first['date']}", ""] + ([f"**{first['note']}.**", ""] if first["note"] else [])
+    noisy = int((df["noisy"] == "True").sum())
+    if noisy:
+        lines += [f"**{noisy} of {len(df)} rows flagged noisy** (their rounds disagree by more than x1.5: the "
+                  "machine was busy); their figures are not readable, rerun them.", ""]
+    lines += ["## Whole GAM block (YOLO form): geomean speedup of gam_triton", "",
+              "| dtype | mode | shapes | vs eager | vs compile | vs compile-max-autotune |", "|" + "---|" * 6]
+    goals = []
+    for dtype in sorted(set(df["dtype"])):
+        for mode in ("forward", "train"):
+            sp = {b: speedups(df, "gam", dtype, mode, b) for b in ("eager", "compile", "compile-max-autotune")}
+            if all(len(s) == 0 for s in sp.values()):
+                continue
+            g = {b: geomean(s) for b, s in sp.items()}
+            lines.append(f"| {dtype} | {mode} | {max(len(s) for s in sp.values())} | {_x(g['eager'])} | "
+                         f"{_x(g['compile'])} | {_x(g['compile-max-autotune'])} |")
+            goals.append((f"GAM {mode} {dtype}: >= x{GOALS[mode]} eager geomean" + (" (aim x2)" if mode == "forward"
+                          else ""), None if g["eager"] != g["eager"] else g["eager"] >= GOALS[mode], _x(g["eager"])))
+            if mode == "forward":
+                m = g["compile-max-autotune"]
+                goals.append((f"GAM forward {dtype}: ahead of torch.compile max-autotune", None if m != m else m > 1,
+                               _x(m)))
+    lines += ["", "## Components and kernels alone: gam_triton's fraction of the floor", "",
+              "Floor: compulsory bytes / the copy bandwidth measured in the same run (the convolutions: FLOPs / the "
+              "measured matmul rate where that is longer).", "",
+              "| kind | dtype | shapes | median | min | min at C >= 128 | median ms |", "|---|---|---|---|---|---|---|"]
+    alone = df[~df["kind"].isin(["gam", "model"]) & (df["provider"] == "gam_triton")]
+    gate = None
+    for (kind, dtype), d in alone.groupby(["kind", "dtype"]):
+        frac, big = d["roofline_frac"].dropna(), d[d["channels"] >= 128]["roofline_frac"].dropna()
+        lines.append(f"| {kind} | {dtype} | {len(d)} | {_x(frac.median(), '{:.0%}')} | {_x(frac.min(), '{:.0%}')} | "
+                     f"{_x(big.min() if len(big) else math.nan, '{:.0%}')} | {d['ms'].median():.4g} |")
+        if kind == "channel_gate" and dtype == "bf16" and len(big):
+            gate = (bool(big.min() >= 0.85), _x(big.min(), "min {:.0%}"))
+    goals.insert(0, ("channel gate bf16, C >= 128: >= 85% of copy bandwidth (every shape)", *(gate or (None, "n/a"))))
+    model = df[df["kind"] == "model"]
+    if len(model):
+        lines += ["", "## The detector (perf/model.py): GAM share of its time", "",
+                  "| mode | dtype | provider | ms | vs eager | GAM share |", "|---|---|---|---|---|---|"]
+        for (mode, dtype), d in model.groupby(["mode", "dtype"]):
+            bare = d[d["provider"] == "no_gam"]["ms"]
+            for _, r in d[d["provider"] != "no_gam"].iterrows():
+                share = 1 - bare.iloc[0] / r["ms"] if len(bare) else math.nan
+                lines.append(f"| {mode} | {dtype} | {r['provider']} | {r['ms']:.3f} | {_x(r['vs_eager'])} | "
+                             f"{_x(share, '{:.0%}')} |")
+    lines += ["", "## Goals (issue 4; judged on a GPU only)", ""]
+    if not label.startswith("GPU"):
+        return "\n".join(lines + [f"Not judged: these are {label}. Run the sweep on a GPU (`make gpu-check`)."]) + "\n"
+    lines += ["| goal | measured | verdict |", "|---|---|---|"]
+    verdict = {True: "PASS", False: "FAIL", None: "not measured"}
+    return "\n".join(lines + [f"| {n} | {v} | {verdict[ok]} |" for n, ok, v in goals]) + "\n"
+
+
+# --- figures -------------------------------------------------------------------------------------------------
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -56,37 +187,64 @@ def _figure(width: float, height: float):
 
 
 def _dtype_name(dtype) -> str:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-        return dtype
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise ValueError(f"unsupported dtype {dtype}: choose from {', '.join(DTYPES)}")
+    names = {d: n for n, d in DTYPES.items()}
+    if dtype in DTYPES or dtype in names:
+        return names.get(dtype, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
 
 
-def data_label(df) -> str:
-    """Where a results table's numbers come from: 'GPU: <name>', or the CPU / interpreter notes."""
-    if df is None or len(df) == 0:
-        return "no measurements"
-    device = str(df.iloc[0]["device"])
-    note = " ".join(str(n) for n in set(df["note"]))
-    if device != "cpu" and CPU_NOTE not in note:
-        label = f"GPU: {device}"
-    else:
-        label = CPU_NOTE
-    if "interpreter" in note:
-        label += "; " + INTERPRET_NOTE
-    return label
+def _fig_width(n: int) -> float:
+    return max(8.0, min(40.0, 2.5 + 0.28 * n))
 
 
 def yolo_shapes(batch: int = 16, group: bool = True) -> list[Shape]:
     """The YOLO widths at the 80/40/20 maps of a 640 input (GAM_NOTES.md), rate 4, at one batch size."""
-    return [Shape(batch, c, s, s, 4, group) for c, s in common.yolo_pairs()]
+    return [Shape(batch, c, s, s, 4, group) for c, s in bench.yolo_pairs()]
 
 
-# --- 1. bytes and launches, op by op -------------------------------------------------------------------
+def floors_figure(df, dtype: str):
+    """Bars per shape: each component's and kernel's time as a fraction of its floor, per provider."""
+    d = latest_run(df)
+    d = d[~d["kind"].isin(["gam", "model"]) & (d["dtype"] == dtype) & d["roofline_frac"].notna()]
+    if d.empty:
+        return None
+    kinds = list(dict.fromkeys(d["kind"]))
+    fig = _figure(_fig_width(3 * len(d)), 3.0 * len(kinds) + 1.5)
+    for ax, kind in zip(fig.subplots(len(kinds), 1, squeeze=False)[:, 0], kinds):
+        frac = _pivot(_sort_shapes(d[d["kind"] == kind]), "roofline_frac")
+        width = 0.8 / len(frac.columns)
+        for i, p in enumerate(frac.columns):
+            ax.bar([x + (i - (len(frac.columns) - 1) / 2) * width for x in range(len(frac))], frac[p], width=width,
+                   color=_PROVIDER_COLOURS.get(p, "#2ca02c"), label=p)
+        ax.axhline(0.85, color="black", linestyle="--", linewidth=0.8, label="85% of the floor")
+        ax.set_xticks(range(len(frac)))
+        ax.set_xticklabels(list(frac.index), fontsize=8)
+        ax.set_ylabel("floor / time")
+        ax.set_title(kind, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Components and kernels alone against their floors (bytes / copy bandwidth; convolutions: FLOPs "
+                 f"/ matmul rate where longer), {dtype}\n{data_label(d)}", fontsize=10)
+    return fig
+
+
+def draw(csv_path: str, out_dir: Optional[str] = None) -> list[str]:
+    """Write the PNGs of every figure the CSV has data for; return their paths."""
+    out_dir = out_dir or os.path.dirname(os.path.abspath(csv_path))
+    df = latest_run(load(csv_path))
+    paths = []
+    for dtype in sorted(set(df["dtype"])):
+        figs = {f"floors_{dtype}.png": floors_figure(df, dtype)}
+        if ((df["kind"] == "gam") & (df["dtype"] == dtype)).any():
+            figs[f"speedup_{dtype}.png"] = speedup_figure(csv_path, dtype)
+        for name, fig in figs.items():
+            if fig is not None:
+                paths.append(os.path.join(out_dir, name))
+                fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+# --- bytes and launches, op by op -------------------------------------------------------------------------
 def _op_label(name: str) -> str:
     return name.replace("aten::", "").replace("gam_triton::", "gam_triton ")
 
@@ -100,7 +258,7 @@ def traffic_figure(shape: Shape, dtype="bf16", train_device: Optional[str] = Non
     """
     name = _dtype_name(dtype)
     dt = DTYPES[name]
-    if train_device is None and torch.cuda.is_available() and not common.interpreting():
+    if train_device is None and torch.cuda.is_available() and not bench.interpreting():
         train_device = "cuda"
     counted = {"eval": {"eager": traffic.eager_traffic(shape, dt, "forward"),
                         "gam_triton": traffic.gam_triton_traffic(shape, dt, "forward")},
@@ -133,7 +291,7 @@ def traffic_figure(shape: Shape, dtype="bf16", train_device: Optional[str] = Non
                 ax.text(i, bottom, f"{bottom:.1f} MB" if what == "bytes" else f"{bottom:.0f}", ha="center",
                         va="bottom", fontsize=8)
             if what == "bytes":
-                ideal = common.gam_bytes(shape, dt, "train" if mode == "train" else "forward") / 1e6
+                ideal = bench.gam_bytes(shape, dt, "train" if mode == "train" else "forward") / 1e6
                 ax.axhline(ideal, color="black", linestyle="--", linewidth=0.8,
                            label=f"ideal: one perfect kernel ({ideal:.1f} MB)")
             ax.set_xticks(range(len(providers)))
@@ -173,7 +331,7 @@ def _colours(n: int) -> list:
     return [cmap(i % 20) for i in range(n)]
 
 
-# --- 2. roofline ---------------------------------------------------------------------------------------
+# --- roofline -----------------------------------------------------------------------------------------------
 def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
     """FLOPs and compulsory bytes of each kernel gam_triton launches (eval) and of the whole block.
 
@@ -185,8 +343,8 @@ def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
     dt = DTYPES[name]
     n = shape.batch * shape.pixels
     conv = 2 * n * shape.hidden * (shape.channels // shape.groups) * 49
-    flops = {"gam_triton::channel_gate": components.channel_gate_flops(shape),
-             "gam_triton::final_gate": components.final_gate_flops(shape),
+    flops = {"gam_triton::channel_gate": bench.component_work("channel_gate", shape, dt)[1],
+             "gam_triton::final_gate": bench.component_work("final_gate", shape, dt)[1],
              "aten::relu_": n * shape.hidden, "aten::convolution": conv}
     names = {"aten::convolution": ["conv1 7x7 (BN1 folded)", "conv2 7x7"], "aten::relu_": ["ReLU (z1)"],
              "gam_triton::channel_gate": ["channel gate kernel"], "gam_triton::final_gate": ["final gate kernel"]}
@@ -200,9 +358,9 @@ def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
         seen[op.name] = k + 1
         label = names[op.name][min(k, len(names[op.name]) - 1)]
         points.append(dict(name=label, kind="kernel", flops=flops[op.name], bytes=op.bytes_read + op.bytes_written))
-    total = common.gam_flops(shape, "forward")
+    total = bench.gam_flops(shape, "forward")
     e = traffic.eager_traffic(shape, dt, "forward")
-    ideal = common.gam_bytes(shape, dt, "forward")
+    ideal = bench.gam_bytes(shape, dt, "forward")
     points += [dict(name="whole block, ideal bytes", kind="block", flops=total, bytes=ideal),
                dict(name="whole block, gam_triton's traffic", kind="block", flops=total, bytes=g.bytes),
                dict(name="whole block, eager's traffic", kind="block", flops=total, bytes=e.bytes)]
@@ -277,7 +435,7 @@ def _short(source: str, provider: str) -> str:
 def _measured_points(csv: Optional[str], dtype: str):
     if not csv or not os.path.isfile(csv):
         return None
-    df = results.latest_run(results.load(csv))
+    df = latest_run(load(csv))
     if df.empty:
         return None
     if (df["dtype"] == dtype).any():
@@ -289,40 +447,33 @@ def _measured_points(csv: Optional[str], dtype: str):
     return df, data_label(df)
 
 
-# --- 3. speedups from the newest results ---------------------------------------------------------------
+# --- speedups from the newest results ------------------------------------------------------------------------
 def newest_results(results_dir: str = RESULTS_DIR) -> Optional[str]:
-    """The results.csv of the newest committed GPU run under ``results_dir`` (``cpu*`` folders are not
-    GPU results), by the dates in the files; None when there is none."""
+    """The results.csv of the newest GPU run under ``results_dir`` (any depth; CPU rows are no GPU results), by
+    the dates in the files; None when there is none."""
     best, best_date = None, ""
-    for path in sorted(glob.glob(os.path.join(results_dir, "*", "results.csv"))):
-        if os.path.basename(os.path.dirname(path)).startswith("cpu"):
-            continue
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results.csv"), recursive=True)):
         try:
-            df = results.load(path)
+            df = load(path)
         except Exception:  # an unreadable CSV is skipped: the figure says what it used
             continue
-        if df.empty or (df["device"] == "cpu").all():
+        if df.empty or (df["device"] == "cpu").all() or "REHEARSAL" in " ".join(set(df["note"])):
             continue
-        date = str(df["date"].astype(str).max())
-        if best is None or date > best_date:
-            best, best_date = path, date
+        if best is None or str(df["date"].max()) > best_date:
+            best, best_date = path, str(df["date"].max())
     return best
 
 
-def quick_cpu_sweep(out_dir: str, channels: int = 16, size: int = 4, modes: Sequence[str] = ("forward",),
-                    budget_s: float = 0.05) -> str:
-    """A tiny CPU sweep of the whole block (one grouped shape, batch 1, eager / compile / gam_triton) into
+def quick_cpu_sweep(out_dir: str, channels: int = 16, size: int = 4, budget_s: float = 0.05) -> str:
+    """A tiny sweep of the whole block in eval (one grouped shape, batch 1, eager / compile / gam_triton) into
     ``out_dir``; returns its results.csv. CPU figures (interpreter figures for gam_triton under
-    TRITON_INTERPRET=1). About 10-20 s, most of it torch.compile. On a GPU machine it runs on the GPU (bf16)
-    and its rows say so: a toy shape, not the sweep (``make gpu-suite``)."""
-    import sweep
-
+    TRITON_INTERPRET=1); about 10-20 s, most of it torch.compile. On a GPU it runs there (bf16): a toy shape."""
     argv = ["--quick", "--channels", str(channels), "--sizes", str(size), "--batches", "1", "--group", "grouped",
-            "--kinds", "gam", "--modes", ",".join(modes), "--providers", "eager,compile,gam_triton",
-            "--budget-s", str(budget_s), "--no-plot",
-            "--out", out_dir]
+            "--kinds", "gam", "--modes", "forward", "--providers", "eager,compile,gam_triton",
+            "--dtypes", "bf16" if torch.cuda.is_available() and not bench.interpreting() else "fp32",
+            "--budget-s", str(budget_s), "--no-plot", "--out", out_dir]
     with contextlib.redirect_stdout(io.StringIO()):
-        return sweep.run(argv)
+        return bench.run(argv)
 
 
 def results_or_quick_sweep(out_dir: str, results_dir: str = RESULTS_DIR) -> str:
@@ -333,9 +484,7 @@ def results_or_quick_sweep(out_dir: str, results_dir: str = RESULTS_DIR) -> str:
 def speedup_figure(csv: str, dtype: Optional[str] = None):
     """Bars per shape: gam_triton's speedup over eager, torch.compile (and max-autotune where measured),
     one panel per mode, geomeans in the legend, from the newest run in ``csv``."""
-    import plot
-
-    df = results.latest_run(results.load(csv))
+    df = latest_run(load(csv))
     df = df[df["kind"] == "gam"]
     if df.empty:
         raise ValueError(f"{csv}: no measured whole-block rows to draw")
@@ -344,11 +493,11 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
     df = df[df["dtype"] == dtype]
     modes = [m for m in ("forward", "train") if (df["mode"] == m).any()]
     n_shapes = df[["batch", "channels", "height", "width", "group"]].drop_duplicates().shape[0]
-    fig = _figure(plot._fig_width(2 * n_shapes), 3.6 * len(modes) + 1.2)
+    fig = _figure(_fig_width(2 * n_shapes), 3.6 * len(modes) + 1.2)
     axes = fig.subplots(len(modes), 1, squeeze=False)[:, 0]
     label = data_label(df)
     for ax, mode in zip(axes, modes):
-        ms = plot._pivot(plot._sort_shapes(df[df["mode"] == mode]), "ms")
+        ms = _pivot(_sort_shapes(df[df["mode"] == mode]), "ms")
         bases = [b for b in ("eager", "compile", "compile-max-autotune") if b in ms.columns]
         if "gam_triton" not in ms.columns or not bases:
             ax.text(0.5, 0.5, "no gam_triton row with a baseline", ha="center", transform=ax.transAxes)
@@ -357,11 +506,11 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
         for i, b in enumerate(bases):
             sp = ms[b] / ms["gam_triton"]
             ax.bar([x + (i - (len(bases) - 1) / 2) * width for x in range(len(sp))], sp, width=width,
-                   color=_PROVIDER_COLOURS[b], label=f"over {b} (geomean x{results.geomean(sp):.2f})")
+                   color=_PROVIDER_COLOURS[b], label=f"over {b} (geomean x{geomean(sp):.2f})")
         ax.axhline(1.0, color="black", linewidth=0.8)
         if label.startswith("GPU"):
-            ax.axhline(plot.GOALS[mode], color="#d62728", linestyle="--", linewidth=0.8,
-                       label=f"goal over eager: x{plot.GOALS[mode]}")
+            ax.axhline(GOALS[mode], color="#d62728", linestyle="--", linewidth=0.8,
+                       label=f"goal over eager: x{GOALS[mode]}")
         ax.set_xticks(range(len(ms.index)))
         ax.set_xticklabels(list(ms.index), rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("speedup of gam_triton (x)")
@@ -377,7 +526,8 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
     return fig
 
 
-# --- 4. the autotuner --------------------------------------------------------------------------------------
+
+# --- the autotuner ------------------------------------------------------------------------------------------
 def _meta(shape, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
@@ -385,13 +535,13 @@ def _meta(shape, dtype: torch.dtype, channels_last: bool = False) -> torch.Tenso
 
 def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bool = True) -> dict:
     """The tuner's key string of each kernel the GAM module launches in eval for ``shape`` (YOLO form: shuffle
-    in 4), from the ops' own key functions: x1 is channels_last for a channels_last input, or for fp16/bf16
-    on CUDA; the convolutions keep x1's layout; the output keeps the input's."""
+    in 4), from the ops' own key functions, x1's layout from the module's own rule."""
+    from gam_triton.module import x1_channels_last
     from gam_triton.ops import channel_gate, elementwise
     from gam_triton.ops._runtime import dot_precision
 
     dt = DTYPES[_dtype_name(dtype)]
-    x1_cl = channels_last or (cuda and dt != torch.float32)
+    x1_cl = x1_channels_last(channels_last, cuda, dt)
     b, c, cr, h, w = shape.batch, shape.channels, shape.hidden, shape.height, shape.width
     x, w1 = _meta((b, c, h, w), dt, channels_last), _meta((cr, c), dt)
     x1, z1 = _meta((b, c, h, w), dt, x1_cl), _meta((b, cr, h, w), dt, x1_cl)
@@ -587,7 +737,7 @@ def _compile_panel(subfig, table, report: str) -> None:
                     "(compiled ahead of time: no GPU run)", fontsize=10)
 
 
-# --- 5. what the block computes ------------------------------------------------------------------------------
+# --- what the block computes --------------------------------------------------------------------------------
 def synthetic_input(channels: int = 16, size: int = 48, seed: int = 0) -> torch.Tensor:
     """A 1 x C x size x size image with structure: each channel mixes a disc, a square, a ring, two
     gradients and stripes with random weights (plus a little noise)."""
@@ -659,3 +809,27 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
                  f"out = x * channel gate * spatial map to {max(before.residual, after.residual):.1e}",
                  fontsize=10)
     return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ap = argparse.ArgumentParser(prog="perf/report.py", description="PNGs and summary.md of a bench results folder.")
+    ap.add_argument("folder", help="a folder holding results.csv (written by perf/bench.py)")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.folder, "results.csv")
+    if not os.path.isfile(path):
+        ap.error(f"no results.csv in {args.folder}")
+    paths = draw(path, args.folder)
+    text = summary(load(path))
+    with open(os.path.join(args.folder, "summary.md"), "w") as f:
+        f.write(text)
+    print(text + f"{len(paths)} figure(s) in {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
