@@ -5,25 +5,19 @@
     python perf/bench.py --quick --budget 200 --out DIR      # stop starting new shapes after 200 s
     python perf/bench.py --rehearse --out DIR # any machine: every kind on tiny shapes (NOT figures)
 
-What is timed (:data:`KINDS`: a builder, the providers it has, its modes) for every shape, dtype and mode:
+Kinds (:data:`KINDS`, data: a builder, its providers, its modes): ``gam``, the whole block (``YoloGAM``, grouped
+"g" or plain "p") in ``forward`` (eval, no grad) and ``train`` (forward + backward); ``channel_gate`` and
+``final_gate``, the fused components alone; the kernels of issue 22 alone (:data:`KERNELS`, from the ops' own
+objects, against their byte or FLOP floor); ``model``, the detector of ``perf/model.py`` (``no_gam``: without its
+GAMs). Block providers (:data:`BLOCK`): ``eager``, ``compile``, ``compile-max-autotune`` (full GPU sweep, eval, or
+when named), ``gam_triton`` (``GAM.from_module``), ``gam_triton-tconv`` (GAM_TRITON_CONV=triton, eval only).
 
-* ``gam``: the whole block (``gam_triton.reference.YoloGAM``, grouped "g" or plain "p") in ``forward`` (eval,
-  no grad) and ``train`` (forward + backward) mode;
-* ``channel_gate``, ``final_gate``: the fused components alone (forward), against the copy bandwidth;
-* the kernels of issue 22 alone, each against its byte (or FLOP) floor, built from the ops' own objects:
-  ``bn2_stats``, ``bn1_bwd_reduce``, ``bn2_bwd_reduce``, ``channel_gate_bwd``, ``conv1``, ``conv2``;
-* ``model``: the YOLOv8n-sized detector of ``perf/model.py`` (``no_gam``: its GAMs removed, for their share).
-
-Providers (:data:`BLOCK`, data): ``eager``, ``compile`` (``torch.compile``), ``compile-max-autotune`` (only when
-named, or in the full GPU sweep's eval rows), ``gam_triton`` (``GAM.from_module``) and ``gam_triton-tconv``
-(GAM_TRITON_CONV=triton, eval only). The first call of each is untimed (``compile_s``); the providers of one
-shape are then timed in interleaved rounds (:func:`bench_interleaved`: ``triton.testing.do_bench`` medians on a
-GPU), speedups are medians of per-round ratios and a row whose rounds disagree is flagged ``noisy``.
-
-Writes into ``--out`` (default ``perf/results/<gpu name>/``, ``perf/results/cpu/`` without a GPU):
-``results.csv`` (:data:`COLUMNS`, a row appended as it is measured; rows already there are skipped, so a
-run resumes) and ``env.json``; then ``perf/report.py`` draws the PNGs and ``summary.md``. Without a GPU every
-figure is a CPU figure, under ``TRITON_INTERPRET=1`` gam_triton's are interpreter times (``note`` column).
+The first call of each provider is untimed (``compile_s``); the providers of one shape are then timed in
+interleaved rounds (:func:`bench_interleaved`; ``triton.testing.do_bench`` on a GPU): speedups are medians of
+per-round ratios, a row whose rounds disagree is flagged ``noisy``. Writes ``results.csv`` (:data:`COLUMNS`, rows
+appended as measured; rows already there are skipped, so a run resumes) and ``env.json`` into ``--out`` (default
+``perf/results/<gpu name>/``, or ``perf/results/cpu/``), then ``perf/report.py`` draws. Without a GPU every figure
+is a CPU figure, under ``TRITON_INTERPRET=1`` gam_triton's are interpreter times (the ``note`` column says so).
 """
 from __future__ import annotations
 
@@ -32,7 +26,7 @@ import contextlib
 import csv
 import datetime
 import gc
-import itertools
+import importlib
 import json
 import math
 import os
@@ -40,8 +34,8 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -65,15 +59,8 @@ KEY_COLUMNS = COLUMNS[:13]
 
 
 # --- the machine -------------------------------------------------------------------------------------------
-def sanitize(name: str) -> str:
-    """A folder-safe device name: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA-H100-80GB-HBM3'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "unknown"
-
-
 def interpreting() -> bool:
-    from gam_triton.ops._runtime import INTERPRET
-
-    return INTERPRET
+    return importlib.import_module("gam_triton.ops._runtime").INTERPRET
 
 
 @dataclass(frozen=True)
@@ -86,8 +73,8 @@ class Machine:
     note: str
 
     @property
-    def results_dir(self) -> str:
-        return os.path.join(PERF_DIR, "results", sanitize(self.device) if self.is_gpu else "cpu")
+    def results_dir(self) -> str:  # 'NVIDIA H100 80GB HBM3' -> perf/results/NVIDIA-H100-80GB-HBM3
+        return os.path.join(PERF_DIR, "results", re.sub(r"[^A-Za-z0-9._-]+", "-", self.device).strip("-"))
 
 
 def machine(rehearse: bool = False) -> Machine:
@@ -114,14 +101,10 @@ class Shape:
     group: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch", "channels", "height", "width", "rate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Shape: {name} must be >= 1, got {getattr(self, name)}")
-        if self.channels % 4 or self.hidden < 1:
-            raise ValueError(f"Shape: the YOLO form needs channels ({self.channels}) divisible by 4 and by rate")
-        if self.group and (self.channels % self.rate or self.hidden % self.rate):
-            raise ValueError(f"Shape: grouped convolutions need channels ({self.channels}) and channels // rate "
-                             f"({self.hidden}) divisible by rate ({self.rate})")
+        if min(self.batch, self.channels, self.height, self.width, self.rate) < 1 or self.channels % 4 or \
+                self.hidden < 1 or (self.group and (self.channels % self.rate or self.hidden % self.rate)):
+            raise ValueError(f"Shape {self}: sizes >= 1, channels divisible by 4 (the shuffle) and by rate, and "
+                             "for grouped convolutions channels // rate too")
 
     hidden = property(lambda self: self.channels // self.rate)
     groups = property(lambda self: self.rate if self.group else 1)
@@ -142,13 +125,10 @@ QUICK_CPU_PAIRS = ((64, 40), (128, 20))
 KERNEL_SHAPES = ((256, 40), (64, 80))
 
 
-def yolo_pairs() -> list[tuple[int, int]]:
-    return [(c, s) for s, cs in YOLO_CHANNELS_AT.items() for c in cs]
+yolo_pairs = lambda: [(c, s) for s, cs in YOLO_CHANNELS_AT.items() for c in cs]  # noqa: E731
 
 
-# --- work: FLOPs and compulsory bytes ----------------------------------------------------------------------
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+_elt = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
 
 
 def gam_flops(shape: Shape, mode: str, kernel_size: int = 7) -> int:
@@ -167,20 +147,9 @@ def gam_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
 
 
 # --- timing ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Timing:
-    ms: float
-    ms_p20: float
-    ms_p80: float
-    reps: int
-
-
-@dataclass(frozen=True)
-class Interleaved:
-    """Per provider its Timing and the median of each round (``rounds[name][r]``, ms)."""
-
-    timings: dict
-    rounds: dict
+Timing = NamedTuple("Timing", [("ms", float), ("ms_p20", float), ("ms_p80", float), ("reps", int)])
+#: Per provider its Timing, and the median of each of its rounds (``rounds[name][r]``, ms).
+Interleaved = NamedTuple("Interleaved", [("timings", dict), ("rounds", dict)])
 
 
 ROUNDS, MIN_ROUNDS, GPU_ROUNDS = 5, 3, 3
@@ -204,14 +173,11 @@ def _clear(grads: Sequence[torch.Tensor]) -> None:
 
 def bench_interleaved(fns: dict, on_gpu: bool, budget_s: float = 0.5, max_reps: int = 200,
                       rounds: int = ROUNDS) -> Interleaved:
-    """Time callables of one shape in rounds, each round taking every one in turn (the order rotates), so that a
-    busy neighbour slowing a round slows every provider in it. ``fns``: name -> (fn, grads set to None before
-    each call); each has already run once.
-
-    GPU: ``GPU_ROUNDS`` rounds of ``triton.testing.do_bench`` (L2 flushed between calls); Timing = medians over
-    rounds of its median / p20 / p80. CPU: one warm-up call each, then ``rounds`` rounds (fewer, down to
-    ``MIN_ROUNDS``, when the calls are too slow for ``budget_s`` seconds each) of equal wall-clock slots
-    (``budget_s / rounds``, at least one call); Timing = quantiles over all its calls."""
+    """Time callables of one shape in rounds, each taking every one in turn (the order rotates): a busy neighbour
+    slows every provider of a round alike. ``fns``: name -> (fn, grads set to None before each call), run once.
+    GPU: ``GPU_ROUNDS`` rounds of ``triton.testing.do_bench`` (L2 flushed before each call), Timing = medians over
+    rounds. CPU: a warm-up call each, then ``rounds`` rounds (down to ``MIN_ROUNDS`` for slow calls) of equal
+    wall-clock slots (``budget_s / rounds``, at least one call), Timing = quantiles over all calls."""
     names = list(fns)
     per_round: dict = {n: [] for n in names}
     order = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
@@ -269,102 +235,57 @@ def spread(values: Sequence[float]) -> float:
     return _quantile(v, 0.8) / _quantile(v, 0.2) if len(v) > 1 else math.nan
 
 
-def timed_first_call(fn: Callable[[], object], on_gpu: bool) -> float:
-    """Seconds of the first call (compilation, JIT, tuning), kept out of the timings."""
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
 def peak_memory_mb(fn: Callable[[], object], grads: Sequence[torch.Tensor] = ()) -> float:
     """GPU memory one call allocates beyond what was allocated before it."""
     _clear(grads)
-    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
-    torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def copy_bandwidth_gbps(on_gpu: bool) -> float:
-    """GB/s (read + written) of a large copy on this device: the byte floor's ceiling."""
-    nbytes = 512 * 2**20 if on_gpu else 64 * 2**20
-    src = torch.empty(nbytes // 4, device="cuda" if on_gpu else "cpu").uniform_()
-    dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    fn()
-    return 2 * nbytes / (bench_interleaved({"copy": (fn, [])}, on_gpu, 0.3).timings["copy"].ms * 1e-3) / 1e9
-
-
-def matmul_tflops(on_gpu: bool, dtype: torch.dtype) -> float:
-    """TFLOP/s of a large matmul in ``dtype`` on this device: the FLOP floor's ceiling."""
-    n = 8192 if on_gpu else 512
-    a = torch.randn(n, n, device="cuda" if on_gpu else "cpu").to(dtype)
-    fn = lambda: a @ a  # noqa: E731
-    fn()
-    return 2 * n**3 / (bench_interleaved({"mm": (fn, [])}, on_gpu, 0.3).timings["mm"].ms * 1e-3) / 1e12
+def ceilings(on_gpu: bool, dtype: torch.dtype) -> tuple[float, float]:
+    """(GB/s of a large copy, read + written; TFLOP/s of a large matmul in ``dtype``) on this device: the floors'
+    ceilings, measured in the same run."""
+    big = 2**27 if on_gpu else 2**24
+    src, n = torch.empty(big, device="cuda" if on_gpu else "cpu").uniform_(), 8192 if on_gpu else 512
+    dst, a = torch.empty_like(src), src[:n * n].view(n, n).to(dtype)
+    ms = bench_interleaved({"copy": (lambda: dst.copy_(src), []), "mm": (lambda: a @ a, [])}, on_gpu, 0.3).timings
+    return 8 * big / ms["copy"].ms / 1e6, 2 * n**3 / ms["mm"].ms / 1e9
 
 
 # --- what one row times ------------------------------------------------------------------------------------
-@dataclass
-class Case:
-    """One timed call (``step``), the gradients to clear between calls, and the work it does."""
-
-    step: Callable[[], object]
-    bytes: int
-    flops: int
-    grads: list = field(default_factory=list)
-    floor_ms: Optional[float] = None   # the kernels alone: their byte or FLOP floor on this device
+#: One timed call (``step``), the work it does, and the gradients to set to None between calls.
+Case = NamedTuple("Case", [("step", Callable), ("bytes", int), ("flops", int), ("grads", list)])
+Case.__new__.__defaults__ = ([],)
 
 
 @contextlib.contextmanager
-def conv_mode(mode: Optional[str]):
-    """GAM_TRITON_CONV set to ``mode`` for the duration (None: left alone)."""
-    old = os.environ.get("GAM_TRITON_CONV")
-    if mode is not None:
-        os.environ["GAM_TRITON_CONV"] = mode
+def conv_mode(mode: str):
+    """GAM_TRITON_CONV set to ``mode`` for the duration."""
+    old, os.environ["GAM_TRITON_CONV"] = os.environ.get("GAM_TRITON_CONV"), mode
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("GAM_TRITON_CONV", None)
-        else:
-            os.environ["GAM_TRITON_CONV"] = old
+        os.environ.pop("GAM_TRITON_CONV") if old is None else os.environ.update(GAM_TRITON_CONV=old)
 
 
-def _forced(model, mode: str):
-    def call(x):
-        with conv_mode(mode):
-            return model(x)
-    return call
-
-
-def _compiled(mode: Optional[str]):
-    return lambda m: torch.compile(m, mode=mode)
-
-
-def _gam(m):
+def _gam(m, conv: Optional[str] = None):
     from gam_triton import GAM
 
-    return GAM.from_module(m)
+    gam = GAM.from_module(m)
+
+    def forced(x):
+        with conv_mode(conv):
+            return gam(x)
+    return gam if conv is None else forced
 
 
 #: The providers of the whole block and the components: what each makes of the eager module or function.
-BLOCK = {"eager": lambda m: m, "compile": _compiled(None), "compile-max-autotune": _compiled("max-autotune"),
-         "gam_triton": _gam, "gam_triton-tconv": lambda m: _forced(_gam(m), "triton")}
+BLOCK = {"eager": lambda m: m, "compile": torch.compile, "compile-max-autotune":
+         lambda m: torch.compile(m, mode="max-autotune"), "gam_triton": _gam, "gam_triton-tconv": lambda m:
+         _gam(m, "triton")}
 EVAL_ONLY = ("gam_triton-tconv",)
-
-
-def _rotation(nbytes: int, device: str, cap: int = 16) -> int:
-    """Input sets to cycle through so that consecutive GPU calls do not find theirs in L2 (CPU: 1)."""
-    if device == "cpu" or nbytes <= 0:
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20) or 50 * 2**20
-    return 1 if nbytes >= 2 * l2 else max(1, min(cap, math.ceil(2 * l2 / nbytes)))
 
 
 def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
@@ -375,18 +296,13 @@ def gam_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device:
     ref = YoloGAM(shape.channels, shape.channels, group=shape.group, rate=shape.rate).to(device, dtype).train(train)
     if train and provider in EVAL_ONLY:
         raise ValueError(f"{provider} is an eval (forward) provider: training keeps cuDNN")
-    model = BLOCK[provider](ref)
-    nbytes = gam_bytes(shape, dtype, mode)
-    size = (shape.batch, shape.channels, shape.height, shape.width)
-    sets = [(torch.randn(size, device=device, dtype=dtype).requires_grad_(train),
-             torch.randn(size, device=device, dtype=dtype)) for _ in range(_rotation(nbytes, device))]
-    nxt = itertools.cycle(sets).__next__
+    model, work = BLOCK[provider](ref), (gam_bytes(shape, dtype, mode), gam_flops(shape, mode))
+    x, g = (torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device, dtype=dtype)
+            for _ in range(2))  # one input: do_bench flushes the L2 cache before every call
     if train:
-        def step():
-            x, g = nxt()
-            model(x).backward(g)
-        return Case(step, nbytes, gam_flops(shape, mode), [x for x, _ in sets] + list(ref.parameters()))
-    return Case(lambda: model(nxt()[0]), nbytes, gam_flops(shape, mode))
+        x.requires_grad_()
+        return Case(lambda: model(x).backward(g), *work, [x, *ref.parameters()])
+    return Case(lambda: model(x), *work)
 
 
 def channel_gate_eager(x, w1, b1, w2, b2):
@@ -437,19 +353,17 @@ def component_case(kind: str):
         from gam_triton.ops.elementwise import final_gate
         from gam_triton.reference import bn_scale_shift
 
-        nbytes, flops = component_work(kind, shape, dtype)
-        sets = [component_args(kind, shape, dtype, device, i) for i in range(_rotation(nbytes, device))]
+        args = component_args(kind, shape, dtype, device)
         eager = channel_gate_eager if kind == "channel_gate" else final_gate_eager
         if provider == "gam_triton" and kind == "channel_gate":
             fn = lambda *a: channel_gate(*a, False, out_channels_last=False)  # noqa: E731
         elif provider == "gam_triton":  # BN2 folded outside the timed call: the kernel alone against its roofline
             with torch.no_grad():
-                sets = [(x1, y2, *bn_scale_shift(bn, y2)) for x1, y2, bn in sets]
+                args = (*args[:2], *bn_scale_shift(args[2], args[1]))
             fn = lambda x1, y2, s, t: final_gate(x1, y2, s, t, 4, out_channels_last=False)  # noqa: E731
         else:
             fn = BLOCK[provider](eager)
-        nxt = itertools.cycle(sets).__next__
-        return Case(lambda: fn(*nxt()), nbytes, flops)
+        return Case(lambda: fn(*args), *component_work(kind, shape, dtype))
     return build
 
 
@@ -514,41 +428,15 @@ def kernel_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider
 KERNELS = ("bn2_stats", "bn1_bwd_reduce", "bn2_bwd_reduce", "channel_gate_bwd", "conv1", "conv2")
 
 
-def model_case(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> Case:
-    """The detector (``perf/model.py``) at batch x 3 x height x width: eval in ``dtype``; train: one step of fp32
-    weights (under autocast for fp16/bf16) on a stand-in loss."""
-    import gam_triton
-    import model as detector
-
-    torch.manual_seed(0)
-    net = detector.Detector()
-    net = {"eager": net, "gam_triton": gam_triton.convert(net), "no_gam": detector.without_gam(net)}[provider]
-    train = mode == "train"
-    net = net.to(device).train(train) if train else net.to(device, dtype).eval()
-    x = torch.randn(shape.batch, 3, shape.height, shape.width, device=device, dtype=torch.float32 if train else dtype)
-    amp = torch.autocast(device, dtype=dtype, enabled=train and dtype != torch.float32)
-    if not train:
-        return Case(lambda: net(x), 0, 0)
-
-    def step():
-        with amp:
-            outs = net(x)
-        sum(o.float().square().mean() for o in outs).backward()
-    return Case(step, 0, 0, list(net.parameters()))
-
-
-@dataclass(frozen=True)
-class Kind:
-    build: Callable
-    providers: tuple
-    modes: tuple = ("forward",)
+Kind = NamedTuple("Kind", [("build", Callable), ("providers", tuple), ("modes", tuple)])
+FWD = ("forward",)
 
 
 KINDS = {"gam": Kind(gam_case, tuple(BLOCK), MODES),
-         "channel_gate": Kind(component_case("channel_gate"), ("eager", "compile", "gam_triton")),
-         "final_gate": Kind(component_case("final_gate"), ("eager", "compile", "gam_triton")),
-         **{k: Kind(lambda *a, k=k: kernel_case(k, *a), ("gam_triton",)) for k in KERNELS},
-         "model": Kind(model_case, ("eager", "gam_triton", "no_gam"), MODES)}
+         "channel_gate": Kind(component_case("channel_gate"), ("eager", "compile", "gam_triton"), FWD),
+         "final_gate": Kind(component_case("final_gate"), ("eager", "compile", "gam_triton"), FWD),
+         **{k: Kind(lambda *a, k=k: kernel_case(k, *a), ("gam_triton",), FWD) for k in KERNELS},
+         "model": Kind(lambda *a: importlib.import_module("model").case(*a), ("eager", "gam_triton", "no_gam"), MODES)}
 PROVIDERS = tuple(dict.fromkeys(p for k in KINDS.values() for p in k.providers))
 
 
@@ -572,28 +460,14 @@ class Spec:
         return f"{self.dtype} {self.mode:<7} {self.kind:<16} {self.shape.label():<20} {self.provider:<20}"
 
 
-def _group_of(s: Spec) -> tuple:
-    return (s.kind, s.shape, s.dtype, s.mode)
-
-
 def plan(args, on_gpu: bool) -> list[Spec]:
-    """Every row to measure, the providers of one shape together, the most valuable first.
-
-    GPU, full (default): every YOLO shape at batches 1/16/32, both forms, bf16/fp16/fp32, every kind but the kernels
-    alone and the model. GPU, ``--quick``: the kernels alone at :data:`KERNEL_SHAPES`, then the headline shapes at
-    B16 (grouped and plain), the components and the detector at B16 640x640, bf16 then fp16 and fp32. CPU: the
-    quick CPU sweep (fp32, two small shapes, eager / compile / gam_triton). ``--rehearse``: every kind on tiny
-    shapes. ``compile-max-autotune`` runs on the block's eval rows of the full GPU sweep only, unless named.
-    """
+    """Every row to measure, the providers of one shape together, the most valuable first. GPU: every YOLO shape at
+    B1/16/32 (``--quick``: the kernels alone, then the headline shapes at B16, the components and the detector),
+    bf16, fp16, fp32. CPU: the quick CPU sweep (fp32, two small shapes). ``--rehearse``: every kind, tiny."""
     quick = args.quick or args.rehearse or not on_gpu
-    if args.rehearse:
-        pairs, batches, kernel_pairs, model_at = ((16, 4),), (2,), ((16, 4),), (2, 32)
-    elif not on_gpu:
-        pairs, batches, kernel_pairs, model_at = QUICK_CPU_PAIRS, (2,), (), None
-    elif quick:
-        pairs, batches, kernel_pairs, model_at = HEADLINE_PAIRS, (16,), KERNEL_SHAPES, (16, 640)
-    else:
-        pairs, batches, kernel_pairs, model_at = yolo_pairs(), FULL_BATCHES, (), None
+    pairs, batches, kernel_pairs, model_at = (((16, 4),), (2,), ((16, 4),), (2, 32)) if args.rehearse else (
+        (QUICK_CPU_PAIRS, (2,), (), None) if not on_gpu else (HEADLINE_PAIRS, (16,), KERNEL_SHAPES, (16, 640))
+        if quick else (yolo_pairs(), FULL_BATCHES, (), None))
     if args.channels or args.sizes:
         if not (args.channels and args.sizes):
             raise SystemExit("perf/bench.py: error: --channels and --sizes go together")
@@ -640,10 +514,6 @@ def plan(args, on_gpu: bool) -> list[Spec]:
 
 
 # --- measuring the providers of one shape --------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\r", " ")[:300]
-
-
 def fill_row(row: dict, provider: str, case: Case, res: Interleaved, copy_gbps: float, mm_tflops: float) -> None:
     """A row's timing columns from one provider of an interleaved measurement."""
     t = res.timings[provider]
@@ -655,26 +525,23 @@ def fill_row(row: dict, provider: str, case: Case, res: Interleaved, copy_gbps: 
             flop_floor = case.flops / (mm_tflops * 1e12) if row["kind"] in KERNELS and mm_tflops > 0 else 0
             floor = max(case.bytes / (copy_gbps * 1e9), flop_floor)
             row["roofline_frac"] = floor / sec
-    mine = res.rounds[provider]
-    if "eager" in res.rounds and provider != "eager":
-        row.update(zip(("vs_eager", "vs_eager_p20", "vs_eager_p80"), ratio_stats(res.rounds["eager"], mine)))
-        row["spread"] = spread([e / m for e, m in zip(res.rounds["eager"], mine) if m > 0])
-    else:
-        row["spread"] = spread(mine)
+    mine, eager = res.rounds[provider], res.rounds.get("eager") if provider != "eager" else None
+    if eager:
+        row.update(zip(("vs_eager", "vs_eager_p20", "vs_eager_p80"), ratio_stats(eager, mine)))
     if "compile" in res.rounds and provider != "compile":
         row["vs_compile"] = ratio_stats(res.rounds["compile"], mine)[0]
-    sp = row["spread"]
+    sp = row["spread"] = spread([e / m for e, m in zip(eager, mine) if m > 0] if eager else mine)
     row["noisy"] = "" if sp != sp else str(bool(sp > NOISY_SPREAD))
 
 
-def measure_group(specs: Sequence[Spec], mach: Machine, ceilings: tuple, budget_s: float,
+def measure_group(specs: Sequence[Spec], mach: Machine, ceils: tuple, budget_s: float,
                   rounds: int = ROUNDS) -> list[dict]:
     """Build every provider of one shape, run each once untimed (``compile_s``), time them in interleaved rounds,
     return their rows (``specs`` order); a provider that fails gets its ``error`` and the others go on."""
     import torch._dynamo
 
     device = "cuda" if mach.is_gpu else "cpu"
-    rows = {s.provider: dict(s.fields(mach), note=mach.note, date=mach.date, copy_gbps=ceilings[0]) for s in specs}
+    rows = {s.provider: dict(s.fields(mach), note=mach.note, date=mach.date, copy_gbps=ceils[0]) for s in specs}
     cases: dict = {}
     torch._dynamo.reset()  # once per shape: each shape compiles afresh, its providers stay compiled while timed
     try:
@@ -682,20 +549,23 @@ def measure_group(specs: Sequence[Spec], mach: Machine, ceilings: tuple, budget_
             for s in specs:
                 try:
                     case = KINDS[s.kind].build(s.shape, DTYPES[s.dtype], s.mode, s.provider, device)
-                    rows[s.provider]["compile_s"] = timed_first_call(case.step, mach.is_gpu)
+                    t0 = time.perf_counter()
+                    case.step()  # the first call (compilation, JIT, tuning), kept out of the timings
+                    torch.cuda.synchronize() if mach.is_gpu else None
+                    rows[s.provider]["compile_s"] = time.perf_counter() - t0
                     cases[s.provider] = case
                 except Exception as e:  # one provider failing (compile error, OOM) must not stop the others
-                    rows[s.provider]["error"] = _one_line(e)
+                    rows[s.provider]["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             if cases:
                 res = bench_interleaved({p: (c.step, c.grads) for p, c in cases.items()}, mach.is_gpu, budget_s,
                                         rounds=rounds)
                 for p, case in cases.items():
-                    fill_row(rows[p], p, case, res, *ceilings)
+                    fill_row(rows[p], p, case, res, *ceils)
                     if mach.is_gpu:
                         rows[p]["peak_mem_mb"] = peak_memory_mb(case.step, case.grads)
     except Exception as e:
         for p in cases:
-            rows[p].setdefault("error", _one_line(e))
+            rows[p].setdefault("error", " ".join(f"{type(e).__name__}: {e}".split())[:300])
     finally:
         cases.clear()
         gc.collect()
@@ -704,66 +574,39 @@ def measure_group(specs: Sequence[Spec], mach: Machine, ceilings: tuple, budget_
     return [rows[s.provider] for s in specs]
 
 
-# --- the CSV -----------------------------------------------------------------------------------------------
 def row_key(row: dict) -> tuple:
     return tuple(str(row.get(c, "")) for c in KEY_COLUMNS)
 
 
 def done_keys(path: str) -> set:
     """Keys of the rows already measured in ``path`` (failed rows are measured again)."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, newline="") as f:
-        return {row_key(r) for r in csv.DictReader(f) if not r.get("error")}
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.6g}"
-    return "" if v is None else str(v)
+    with open(path, newline="") if os.path.exists(path) else contextlib.nullcontext([]) as f:
+        return {row_key(r) for r in (csv.DictReader(f) if f else []) if not r.get("error")}
 
 
 def write_row(path: str, row: dict) -> None:
-    """Append one row (the header first in a new file), flushed to disk: an interrupted run keeps it."""
+    """Append one row (the header first in a new file), flushed: an interrupted run keeps it."""
     fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+    fmt = lambda v: ("" if v != v else f"{v:.6g}") if isinstance(v, float) else "" if v is None else str(v)  # noqa
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if fresh:
-            w.writeheader()
-        w.writerow({c: _fmt(row.get(c)) for c in COLUMNS})
-        f.flush()
-        os.fsync(f.fileno())
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader() if fresh else None
+        w.writerow({c: fmt(row.get(c)) for c in COLUMNS})
 
 
 # --- the run -----------------------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return v
-
-
-def _names(choices: Sequence[str], what: str):
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or repr(text)}: choose from "
-                                             f"{', '.join(choices)}")
-        return list(dict.fromkeys(items))
+def _arg(kind):
+    """An argparse type: comma-separated ints >= 1 (``int``), seconds > 0 (``float``), or names from a list."""
+    def parse(text: str):
+        try:
+            values = [kind(t) if kind in (int, float) else t for t in text.replace(" ", "").split(",") if t]
+        except ValueError:
+            values = []
+        bad = [v for v in values if (v not in kind if isinstance(kind, (list, tuple)) else v <= 0)]
+        if bad or not values or (kind is float and len(values) > 1):
+            want = f"names from {', '.join(kind)}" if isinstance(kind, (list, tuple)) else f"{kind.__name__} > 0"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return values[0] if kind is float else list(dict.fromkeys(values))
     return parse
 
 
@@ -772,31 +615,28 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="GPU: the headline shapes and the kernels alone")
     p.add_argument("--rehearse", action="store_true", help="every kind on tiny shapes on the CPU (not figures)")
-    p.add_argument("--budget", type=_seconds, help="start no new shape after this many seconds (skipped: listed)")
+    p.add_argument("--budget", type=_arg(float), help="start no new shape after this many seconds (skipped: listed)")
     p.add_argument("--out", help="output folder (default perf/results/<gpu name>/ or perf/results/cpu/)")
-    p.add_argument("--dtypes", type=_names(list(DTYPES), "dtype"))
-    p.add_argument("--modes", type=_names(MODES, "mode"), default=list(MODES))
-    p.add_argument("--kinds", type=_names(list(KINDS), "kind"))
-    p.add_argument("--providers", type=_names(PROVIDERS, "provider"))
-    p.add_argument("--batches", type=_ints)
-    p.add_argument("--channels", type=_ints, help="channel widths (with --sizes)")
-    p.add_argument("--sizes", type=_ints, help="square map sizes (with --channels)")
+    p.add_argument("--dtypes", type=_arg(list(DTYPES)))
+    p.add_argument("--modes", type=_arg(MODES), default=list(MODES))
+    p.add_argument("--kinds", type=_arg(list(KINDS)))
+    p.add_argument("--providers", type=_arg(PROVIDERS))
+    p.add_argument("--batches", type=_arg(int))
+    p.add_argument("--channels", type=_arg(int), help="channel widths (with --sizes)")
+    p.add_argument("--sizes", type=_arg(int), help="square map sizes (with --channels)")
     p.add_argument("--group", choices=["both", "grouped", "plain"], default="both")
-    p.add_argument("--budget-s", type=_seconds, default=0.5, help="CPU: seconds of calls per provider and shape")
+    p.add_argument("--budget-s", type=_arg(float), default=0.5, help="CPU: seconds of calls per provider and shape")
     p.add_argument("--no-plot", action="store_true", help="the CSV only (no PNGs, no summary.md)")
-    p.add_argument("--dry-run", action="store_true", help="print the rows that would be measured and stop")
     return p
 
 
 def _line(row: dict) -> str:
     if row.get("error"):
         return f"FAILED  {row['error'][:120]}"
-    text = f"{row['ms']:9.3f} ms"
-    if row.get("vs_eager", math.nan) == row.get("vs_eager", math.nan) and "vs_eager" in row:
-        text += f"  x{row['vs_eager']:.2f} vs eager ({row['vs_eager_p20']:.2f}-{row['vs_eager_p80']:.2f})"
-    if "roofline_frac" in row:
-        text += f"  {row['roofline_frac']:.0%} of its floor"
-    return text + ("  NOISY" if row.get("noisy") == "True" else "") + f"  (first call {row['compile_s']:.1f} s)"
+    vs = f"  x{row['vs_eager']:.2f} vs eager ({row['vs_eager_p20']:.2f}-{row['vs_eager_p80']:.2f})" \
+        if row.get("vs_eager", math.nan) == row.get("vs_eager", math.nan) and "vs_eager" in row else ""
+    floor = f"  {row['roofline_frac']:.0%} of its floor" if "roofline_frac" in row else ""
+    return f"{row['ms']:9.3f} ms{vs}{floor}{'  NOISY' * (row.get('noisy') == 'True')}  (first {row['compile_s']:.1f} s)"
 
 
 def run(argv: Optional[Sequence[str]] = None) -> str:
@@ -804,52 +644,43 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     args = parser().parse_args(argv)
     start = time.monotonic()
     mach = machine(args.rehearse)
-    if mach.is_gpu:
-        torch.backends.cudnn.benchmark = True  # as the YOLO trainers run; the same for every provider
-    else:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1  # background compile workers would compete with the timed calls
+    torch.backends.cudnn.benchmark = mach.is_gpu  # as the YOLO trainers run; the same for every provider
+    if not mach.is_gpu:  # no background compile workers competing with the timed calls
+        importlib.import_module("torch._inductor.config").compile_threads = 1
     out = args.out or mach.results_dir
     path = os.path.join(out, "results.csv")
     specs = plan(args, mach.is_gpu)
     done = done_keys(path)
     todo = {row_key(s.fields(mach)) for s in specs} - done
-    print(f"perf/bench.py on {mach.device} | torch {mach.torch} | triton {mach.triton} | {mach.date}")
-    print((f"NOTE: {mach.note}.\n" if mach.note else "") +
-          f"{len(specs)} rows planned, {len(specs) - len(todo)} already in {path}, {len(todo)} to measure")
+    print(f"perf/bench.py on {mach.device} | torch {mach.torch} | triton {mach.triton} | {mach.date}\nNOTE: "
+          f"{mach.note or '-'}.\n{len(specs)} rows planned, {len(specs) - len(todo)} in {path}, {len(todo)} to measure")
     groups: dict = {}
     for s in specs:  # a shape with a row to measure is timed with all its providers (the ratios' references)
-        groups.setdefault(_group_of(s), []).append(s)
+        groups.setdefault((s.kind, s.shape, s.dtype, s.mode), []).append(s)
     groups = {k: g for k, g in groups.items() if any(row_key(s.fields(mach)) in todo for s in g)}
-    if args.dry_run:
-        for g in groups.values():
-            print("\n".join("  " + s.label() for s in g))
-        return path
     os.makedirs(out, exist_ok=True)
-    ceilings = (copy_bandwidth_gbps(mach.is_gpu), matmul_tflops(mach.is_gpu, DTYPES[specs[0].dtype])) \
-        if groups else (math.nan, math.nan)
-    print(f"copy bandwidth {ceilings[0]:.1f} GB/s, matmul {ceilings[1]:.1f} TFLOP/s; providers of a shape are timed "
+    ceils = ceilings(mach.is_gpu, DTYPES[specs[0].dtype]) if groups else (math.nan, math.nan)
+    print(f"copy bandwidth {ceils[0]:.1f} GB/s, matmul {ceils[1]:.1f} TFLOP/s; providers of a shape are timed "
           f"in interleaved rounds, 'vs eager' is the median of the per-round ratios (p20-p80)")
     skipped, costs, n = [], {}, 0
+    env = dict(mach.__dict__, argv=list(sys.argv[1:] if argv is None else argv), python=platform.python_version(),
+               copy_gbps=ceils[0], matmul_tflops=ceils[1], skipped_for_budget=skipped, threads=torch.get_num_threads(),
+               cudnn=torch.backends.cudnn.version() if mach.is_gpu else None)
+    write_env = lambda: json.dump(env, open(os.path.join(out, "env.json"), "w"), indent=2)  # noqa: E731, SIM115
+    write_env()  # now, and again at the end: a run stopped by a timeout keeps it
     for key, group in groups.items():
-        guess = max(costs.get(key[0], [0.0])) if key[0] in costs else 0.0
-        if args.budget and time.monotonic() - start + guess > args.budget:
+        if args.budget and time.monotonic() - start + costs.get(key[0], 0.0) > args.budget:  # the kind's worst so far
             skipped += [s.label().strip() for s in group]
             continue
         t0 = time.monotonic()
-        for spec, row in zip(group, measure_group(group, mach, ceilings, args.budget_s,
+        for spec, row in zip(group, measure_group(group, mach, ceils, args.budget_s,
                                                   1 if args.rehearse else ROUNDS)):
             if row_key(row) in todo:
                 write_row(path, row)
                 n += 1
                 print(f"[{n}/{len(todo)}] {spec.label()} {_line(row)}  [{time.monotonic() - start:.0f} s]", flush=True)
-        costs.setdefault(key[0], []).append(time.monotonic() - t0)
-    env = dict(mach.__dict__, argv=list(sys.argv[1:] if argv is None else argv), python=platform.python_version(),
-               copy_gbps=ceilings[0], matmul_tflops=ceilings[1], skipped_for_budget=skipped,
-               cudnn=torch.backends.cudnn.version() if mach.is_gpu else None, threads=torch.get_num_threads())
-    with open(os.path.join(out, "env.json"), "w") as f:
-        json.dump(env, f, indent=2)
+        costs[key[0]] = max(costs.get(key[0], 0.0), time.monotonic() - t0)
+    write_env()
     if skipped:
         print(f"{len(skipped)} row(s) skipped: the --budget of {args.budget:.0f} s ran out (listed in env.json)")
     if not args.no_plot and os.path.exists(path):
@@ -859,13 +690,5 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(argv)
-    except BrokenPipeError:  # piped into `head`
-        sys.stderr.close()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

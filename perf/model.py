@@ -114,3 +114,27 @@ def without_gam(model: Detector) -> Detector:
     for name in GAM_NAMES:
         setattr(bare, name, nn.Identity())
     return bare
+
+
+def case(shape, dtype: torch.dtype, mode: str, provider: str, device: str):
+    """``perf/bench.py``'s ``model`` rows: the detector at batch x 3 x height x width, eval in ``dtype``; train: one
+    step of fp32 weights (under autocast for fp16/bf16) on a stand-in loss. Providers: eager, gam_triton
+    (``gam_triton.convert``), no_gam (:func:`without_gam`)."""
+    import gam_triton
+    from bench import Case
+
+    torch.manual_seed(0)
+    net = Detector()
+    net = {"eager": net, "gam_triton": gam_triton.convert(net), "no_gam": without_gam(net)}[provider]
+    train = mode == "train"
+    net = net.to(device).train() if train else net.to(device, dtype).eval()
+    x = torch.randn(shape.batch, 3, shape.height, shape.width, device=device, dtype=torch.float32 if train else dtype)
+    amp = torch.autocast(device, dtype=dtype, enabled=train and dtype != torch.float32)
+    if not train:
+        return Case(lambda: net(x), 0, 0)
+
+    def step():
+        with amp:
+            outs = net(x)
+        sum(o.float().square().mean() for o in outs).backward()
+    return Case(step, 0, 0, list(net.parameters()))

@@ -2,24 +2,18 @@
 
     python perf/report.py DIR            # DIR/results.csv -> DIR/speedup_<dtype>.png, floors_<dtype>.png, summary.md
 
-Every figure says where its numbers come from: **computed** (the traffic model, ``perf/traffic.py``), **CPU
-figures** (never GPU performance), **interpreter** (never a performance figure), **rehearsal**, or **GPU** (the
-card is named). CPU rows are summarised as CPU figures and no goal is judged on them.
-
-* :func:`summary` - geomean speedups of the whole block, each fused component and kernel against its floor, the
-  detector's GAM share, and the goals of issue 4 (judged on GPU rows only);
-* :func:`speedup_figure` - gam_triton's speedup over eager and torch.compile per shape (also the notebook's);
-* :func:`floors_figure` - the components and kernels alone as fractions of their byte (or FLOP) floors;
-* :func:`traffic_figure` - eager's bytes and launches op by op beside gam_triton's (``perf/traffic.py``);
-* :func:`roofline_figure` - each kernel and the block under the H100 / H200 ceilings, measured points on top;
-* :func:`autotune_figure` - the tile each shape gets (heuristic, or tuned from the tuning cache) and, where a
-  compile report exists (``make compile-check``), registers / spills / warps per SM per architecture;
-* :func:`attention_figure` - the channel gate and spatial map of a block before and after conversion.
+Every figure says where its numbers come from: **computed** (``perf/traffic.py``), **CPU figures** (never GPU
+performance), **interpreter** or **rehearsal** (never performance figures), or **GPU** (the card is named). Goals
+are judged on GPU rows only. PNGs: :func:`speedup_figure` (the whole block against eager and torch.compile) and
+:func:`floors_figure` (components and kernels alone against their floors). The notebook's figures:
+:func:`traffic_figure`, :func:`roofline_figure`, :func:`speedup_figure`, :func:`autotune_figure` (tiles, tuning
+cache, compile report of ``make compile-check``) and :func:`attention_figure`.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import io
 import json
 import math
@@ -43,7 +37,6 @@ _PROVIDER_COLOURS = {"eager": "#7f7f7f", "compile": "#1f77b4", "compile-max-auto
                      "gam_triton": "#d62728", "gam_triton-tconv": "#ff7f0e"}
 
 
-# --- reading results.csv -----------------------------------------------------------------------------------
 def load(path):
     """results.csv as a DataFrame of the measured rows (failed rows dropped, the newest row of a key kept)."""
     import pandas as pd
@@ -62,9 +55,8 @@ def latest_run(df):
     """The rows of the newest (device, torch, triton): speedups must not mix versions."""
     if df.empty:
         return df
-    runs = df.groupby(["device", "torch", "triton"], dropna=False)["date"].max().sort_values()
-    device, torch_v, triton_v = runs.index[-1]
-    return df[(df["device"] == device) & (df["torch"] == torch_v) & (df["triton"] == triton_v)].reset_index(drop=True)
+    newest = df.groupby(["device", "torch", "triton"], dropna=False)["date"].max().sort_values().index[-1]
+    return df[(df[["device", "torch", "triton"]] == list(newest)).all(axis=1)].reset_index(drop=True)
 
 
 def shape_label(row) -> str:
@@ -74,16 +66,15 @@ def shape_label(row) -> str:
 
 
 def geomean(values) -> float:
-    vals = [v for v in values if v == v and v > 0]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else math.nan
+    vals = [math.log(v) for v in values if v == v and v > 0]
+    return math.exp(sum(vals) / len(vals)) if vals else math.nan
 
 
 def data_label(df) -> str:
     """Where a results table's numbers come from: 'GPU: <name>', or the rehearsal / CPU / interpreter notes."""
     if df is None or len(df) == 0:
         return "no measurements"
-    note = " ".join(str(n) for n in set(df["note"]))
-    device = str(df.iloc[0]["device"])
+    note, device = " ".join(str(n) for n in set(df["note"])), str(df.iloc[0]["device"])
     label = f"GPU: {device}" if device != "cpu" and CPU_NOTE not in note else CPU_NOTE
     label = ("REHEARSAL, not figures; " if "REHEARSAL" in note else "") + label
     return label + ("; " + INTERPRET_NOTE if "interpreter" in note else "")
@@ -102,35 +93,28 @@ def _pivot(df, value: str):
 
 
 def speedups(df, kind: str, dtype: str, mode: str, base: str, provider: str = "gam_triton"):
-    """Per shape, ``provider``'s speedup over ``base``: the median of the per-round ratios (``vs_<base>``) where
-    measured, else ms(base) / ms(provider)."""
-    d = df[(df["kind"] == kind) & (df["dtype"] == dtype) & (df["mode"] == mode)]
-    cols = ["batch", "channels", "height", "width", "rate", "group"]
+    """Per shape, ``provider``'s speedup over ``base``: the per-round ratios' median (``vs_<base>``), else ms / ms."""
+    d, cols = df[(df["kind"] == kind) & (df["dtype"] == dtype) & (df["mode"] == mode)], bench.KEY_COLUMNS[6:12]
     a, pr = d[d["provider"] == base].set_index(cols)["ms"], d[d["provider"] == provider].set_index(cols)
     both = a.index.intersection(pr.index)
     sp = a.loc[both] / pr.loc[both, "ms"]
     return pr.loc[both, f"vs_{base}"].where(pr.loc[both, f"vs_{base}"].notna(), sp) if f"vs_{base}" in pr else sp
 
 
-# --- summary.md ----------------------------------------------------------------------------------------------
 def _x(v, pattern: str = "x{:.2f}") -> str:
     return "n/a" if v != v else pattern.format(v)
 
 
 def summary(df) -> str:
-    """Markdown: the block's geomean speedups, the components and kernels against their floors, the detector, and
-    the goals (issue 4) judged on GPU rows only."""
+    """Markdown: the block's speedups, components and kernels against their floors, the detector, the goals."""
     df = latest_run(df)
     if df.empty:
         return "# Sweep summary\n\nNo measured rows.\n"
-    first = df.iloc[0]
-    label = data_label(df)
+    first, label, noisy = df.iloc[0], data_label(df), int((df["noisy"] == "True").sum())
     lines = ["# Sweep summary", "", f"{first['device']} | torch {first['torch']} | triton {first['triton']} | "
-             f"{first['date']}", ""] + ([f"**{first['note']}.**", ""] if first["note"] else [])
-    noisy = int((df["noisy"] == "True").sum())
-    if noisy:
-        lines += [f"**{noisy} of {len(df)} rows flagged noisy** (their rounds disagree by more than x1.5: the "
-                  "machine was busy); their figures are not readable, rerun them.", ""]
+             f"{first['date']}", ""] + ([f"**{first['note']}.**", ""] if first["note"] else []) + ([
+                 f"**{noisy} of {len(df)} rows flagged noisy** (their rounds disagree by more than x1.5: the machine "
+                 "was busy); their figures are not readable, rerun them.", ""] if noisy else [])
     lines += ["## Whole GAM block (YOLO form): geomean speedup of gam_triton", "",
               "| dtype | mode | shapes | vs eager | vs compile | vs compile-max-autotune |", "|" + "---|" * 6]
     goals = []
@@ -142,12 +126,11 @@ def summary(df) -> str:
             g = {b: geomean(s) for b, s in sp.items()}
             lines.append(f"| {dtype} | {mode} | {max(len(s) for s in sp.values())} | {_x(g['eager'])} | "
                          f"{_x(g['compile'])} | {_x(g['compile-max-autotune'])} |")
-            goals.append((f"GAM {mode} {dtype}: >= x{GOALS[mode]} eager geomean" + (" (aim x2)" if mode == "forward"
-                          else ""), None if g["eager"] != g["eager"] else g["eager"] >= GOALS[mode], _x(g["eager"])))
-            if mode == "forward":
-                m = g["compile-max-autotune"]
-                goals.append((f"GAM forward {dtype}: ahead of torch.compile max-autotune", None if m != m else m > 1,
-                               _x(m)))
+            e, m = g["eager"], g["compile-max-autotune"]
+            goals.append((f"GAM {mode} {dtype}: >= x{GOALS[mode]} eager geomean" + " (aim x2)" * (mode == "forward"),
+                          None if e != e else e >= GOALS[mode], _x(e)))
+            goals += [(f"GAM forward {dtype}: ahead of torch.compile max-autotune", None if m != m else m > 1, _x(m))
+                      ] if mode == "forward" else []
     lines += ["", "## Components and kernels alone: gam_triton's fraction of the floor", "",
               "Floor: compulsory bytes / the copy bandwidth measured in the same run (the convolutions: FLOPs / the "
               "measured matmul rate where that is longer).", "",
@@ -161,16 +144,12 @@ def summary(df) -> str:
         if kind == "channel_gate" and dtype == "bf16" and len(big):
             gate = (bool(big.min() >= 0.85), _x(big.min(), "min {:.0%}"))
     goals.insert(0, ("channel gate bf16, C >= 128: >= 85% of copy bandwidth (every shape)", *(gate or (None, "n/a"))))
-    model = df[df["kind"] == "model"]
-    if len(model):
-        lines += ["", "## The detector (perf/model.py): GAM share of its time", "",
-                  "| mode | dtype | provider | ms | vs eager | GAM share |", "|---|---|---|---|---|---|"]
-        for (mode, dtype), d in model.groupby(["mode", "dtype"]):
-            bare = d[d["provider"] == "no_gam"]["ms"]
-            for _, r in d[d["provider"] != "no_gam"].iterrows():
-                share = 1 - bare.iloc[0] / r["ms"] if len(bare) else math.nan
-                lines.append(f"| {mode} | {dtype} | {r['provider']} | {r['ms']:.3f} | {_x(r['vs_eager'])} | "
-                             f"{_x(share, '{:.0%}')} |")
+    lines += ["", "## The detector (perf/model.py): GAM share of its time", "",
+              "| mode | dtype | provider | ms | vs eager | GAM share |", "|" + "---|" * 6]
+    for (mode, dtype), d in df[df["kind"] == "model"].groupby(["mode", "dtype"]):
+        bare = d[d["provider"] == "no_gam"]["ms"].tolist() or [math.nan]
+        lines += [f"| {mode} | {dtype} | {r['provider']} | {r['ms']:.3f} | {_x(r['vs_eager'])} | "
+                  f"{_x(1 - bare[0] / r['ms'], '{:.0%}')} |" for _, r in d[d["provider"] != "no_gam"].iterrows()]
     lines += ["", "## Goals (issue 4; judged on a GPU only)", ""]
     if not label.startswith("GPU"):
         return "\n".join(lines + [f"Not judged: these are {label}. Run the sweep on a GPU (`make gpu-check`)."]) + "\n"
@@ -179,11 +158,8 @@ def summary(df) -> str:
     return "\n".join(lines + [f"| {n} | {v} | {verdict[ok]} |" for n, ok, v in goals]) + "\n"
 
 
-# --- figures -------------------------------------------------------------------------------------------------
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
+    return importlib.import_module("matplotlib.figure").Figure(figsize=(width, height), layout="constrained")
 
 
 def _dtype_name(dtype) -> str:
@@ -193,8 +169,7 @@ def _dtype_name(dtype) -> str:
     raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
 
 
-def _fig_width(n: int) -> float:
-    return max(8.0, min(40.0, 2.5 + 0.28 * n))
+_fig_width = lambda n: max(8.0, min(40.0, 2.5 + 0.28 * n))  # noqa: E731
 
 
 def yolo_shapes(batch: int = 16, group: bool = True) -> list[Shape]:
@@ -217,10 +192,8 @@ def floors_figure(df, dtype: str):
             ax.bar([x + (i - (len(frac.columns) - 1) / 2) * width for x in range(len(frac))], frac[p], width=width,
                    color=_PROVIDER_COLOURS.get(p, "#2ca02c"), label=p)
         ax.axhline(0.85, color="black", linestyle="--", linewidth=0.8, label="85% of the floor")
-        ax.set_xticks(range(len(frac)))
-        ax.set_xticklabels(list(frac.index), fontsize=8)
-        ax.set_ylabel("floor / time")
-        ax.set_title(kind, fontsize=10)
+        ax.set_xticks(range(len(frac)), list(frac.index), fontsize=8)
+        ax.set(ylabel="floor / time", title=kind)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Components and kernels alone against their floors (bytes / copy bandwidth; convolutions: FLOPs "
@@ -244,34 +217,22 @@ def draw(csv_path: str, out_dir: Optional[str] = None) -> list[str]:
     return paths
 
 
-# --- bytes and launches, op by op -------------------------------------------------------------------------
-def _op_label(name: str) -> str:
-    return name.replace("aten::", "").replace("gam_triton::", "gam_triton ")
-
-
 def traffic_figure(shape: Shape, dtype="bf16", train_device: Optional[str] = None):
-    """Stacked bars: bytes (MB) and launches per op, eager beside gam_triton, eval and train.
-
-    Counted by ``perf/traffic.py`` on meta tensors (any shape is instant). gam_triton's train traffic is
-    counted where its kernels run: ``train_device`` "cuda" (default on a GPU) or "cpu" under
-    TRITON_INTERPRET=1 (slow: tiny shapes only); otherwise that bar says it was not counted.
-    """
+    """Stacked bars: bytes (MB) and launches per op, eager beside gam_triton, eval and train, counted by
+    ``perf/traffic.py`` on meta tensors; gam_triton's train traffic where its kernels run (``train_device``
+    "cuda", the default on a GPU, or "cpu" under TRITON_INTERPRET=1), else that bar says it was not counted."""
     name = _dtype_name(dtype)
-    dt = DTYPES[name]
-    if train_device is None and torch.cuda.is_available() and not bench.interpreting():
-        train_device = "cuda"
+    dt, on_gpu = DTYPES[name], torch.cuda.is_available() and not bench.interpreting()
+    train_device = train_device or ("cuda" if on_gpu else None)
     counted = {"eval": {"eager": traffic.eager_traffic(shape, dt, "forward"),
                         "gam_triton": traffic.gam_triton_traffic(shape, dt, "forward")},
                "train": {"eager": traffic.eager_traffic(shape, dt, "train")}}
     if train_device is not None:
         counted["train"]["gam_triton"] = traffic.gam_triton_traffic(shape, dt, "train", train_device)
     ops = list(dict.fromkeys(op for mode in counted.values() for t in mode.values() for op in t.by_op()))
-    cmap = _colours(len(ops))
-    colour = {op: cmap[i] for i, op in enumerate(ops)}
-
-    fig = _figure(13, 8)
+    colour = dict(zip(ops, _colours(len(ops))))
+    fig, providers = _figure(13, 8), ["eager", "gam_triton"]
     axes = fig.subplots(2, 2)
-    providers = ["eager", "gam_triton"]
     for col, mode in enumerate(("eval", "train")):
         for row, (what, unit) in enumerate((("bytes", "MB moved (compulsory, per op)"),
                                             ("launches", "kernel launches"))):
@@ -286,7 +247,7 @@ def traffic_figure(shape: Shape, dtype="bf16", train_device: Optional[str] = Non
                 for op, (n, b) in t.by_op().items():
                     v = b / 1e6 if what == "bytes" else n
                     ax.bar(i, v, bottom=bottom, color=colour[op], edgecolor="white", linewidth=0.5, width=0.6,
-                           label=_op_label(op))
+                           label=op.replace("aten::", "").replace("gam_triton::", "gam_triton "))
                     bottom += v
                 ax.text(i, bottom, f"{bottom:.1f} MB" if what == "bytes" else f"{bottom:.0f}", ha="center",
                         va="bottom", fontsize=8)
@@ -294,20 +255,16 @@ def traffic_figure(shape: Shape, dtype="bf16", train_device: Optional[str] = Non
                 ideal = bench.gam_bytes(shape, dt, "train" if mode == "train" else "forward") / 1e6
                 ax.axhline(ideal, color="black", linestyle="--", linewidth=0.8,
                            label=f"ideal: one perfect kernel ({ideal:.1f} MB)")
-            ax.set_xticks(range(len(providers)))
-            ax.set_xticklabels(providers)
-            ax.set_xlim(-0.6, len(providers) - 0.4)
-            ax.set_ylabel(unit)
+            ax.set_xticks(range(len(providers)), providers)
+            ax.set(xlim=(-0.6, len(providers) - 0.4), ylabel=unit)
             ax.grid(True, axis="y", alpha=0.3)
             ax.set_title(f"{mode} ({'forward, no grad' if mode == 'eval' else 'forward + backward'}): {what}",
                          fontsize=10)
-    handles = {}
+    handles: dict = {}
     for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
+        handles.update({lab: h for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in handles})
     _side_legend(fig, list(handles.values()), list(handles.keys()), title="op")
-    floors = ", ".join(f"{gpu} {t.floor_us(bw):.0f} us" for gpu, bw in GPU_BANDWIDTH.items()
-                       for t in [counted["eval"]["gam_triton"]])
+    floors = ", ".join(f"{g} {counted['eval']['gam_triton'].floor_us(bw):.0f} us" for g, bw in GPU_BANDWIDTH.items())
     fig.suptitle(f"Where eager's bytes and launches go, op by op, beside gam_triton's: {shape.label()}, {name}, "
                  f"rate {shape.rate}\n{COMPUTED_NOTE}; gam_triton eval floor (bytes / bandwidth): {floors}",
                  fontsize=10)
@@ -327,21 +284,13 @@ def _side_legend(fig, handles, labels, title: Optional[str] = None) -> None:
 def _colours(n: int) -> list:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
-    return [cmap(i % 20) for i in range(n)]
+    return [colormaps["tab20"](i % 20) for i in range(n)]
 
 
-# --- roofline -----------------------------------------------------------------------------------------------
 def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
-    """FLOPs and compulsory bytes of each kernel gam_triton launches (eval) and of the whole block.
-
-    Bytes per kernel are those ``perf/traffic.py`` counts; FLOPs: channel MLP 4*N*C*C/r, each 7x7
-    convolution 2*N*(C/r)*(C/g)*49, final gate 5 per element, ReLU 1 per element. The whole block is
-    placed three times: at its ideal bytes (one perfect kernel), gam_triton's and eager's traffic.
-    """
-    name = _dtype_name(dtype)
-    dt = DTYPES[name]
-    n = shape.batch * shape.pixels
+    """FLOPs and bytes (``perf/traffic.py``'s) of each kernel gam_triton launches in eval, and of the whole block at
+    its ideal bytes, gam_triton's and eager's traffic."""
+    dt, n = DTYPES[_dtype_name(dtype)], shape.batch * shape.pixels
     conv = 2 * n * shape.hidden * (shape.channels // shape.groups) * 49
     flops = {"gam_triton::channel_gate": bench.component_work("channel_gate", shape, dt)[1],
              "gam_triton::final_gate": bench.component_work("final_gate", shape, dt)[1],
@@ -349,8 +298,7 @@ def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
     names = {"aten::convolution": ["conv1 7x7 (BN1 folded)", "conv2 7x7"], "aten::relu_": ["ReLU (z1)"],
              "gam_triton::channel_gate": ["channel gate kernel"], "gam_triton::final_gate": ["final gate kernel"]}
     seen: dict[str, int] = {}
-    points = []
-    g = traffic.gam_triton_traffic(shape, dt, "forward")
+    points, g = [], traffic.gam_triton_traffic(shape, dt, "forward")
     for op in g.ops:
         if not op.launches or op.name not in flops:
             continue
@@ -358,15 +306,11 @@ def kernel_points(shape: Shape, dtype="bf16") -> list[dict]:
         seen[op.name] = k + 1
         label = names[op.name][min(k, len(names[op.name]) - 1)]
         points.append(dict(name=label, kind="kernel", flops=flops[op.name], bytes=op.bytes_read + op.bytes_written))
-    total = bench.gam_flops(shape, "forward")
-    e = traffic.eager_traffic(shape, dt, "forward")
-    ideal = bench.gam_bytes(shape, dt, "forward")
-    points += [dict(name="whole block, ideal bytes", kind="block", flops=total, bytes=ideal),
-               dict(name="whole block, gam_triton's traffic", kind="block", flops=total, bytes=g.bytes),
-               dict(name="whole block, eager's traffic", kind="block", flops=total, bytes=e.bytes)]
-    for p in points:
-        p["intensity"] = p["flops"] / p["bytes"]
-    return points
+    total, e = bench.gam_flops(shape, "forward"), traffic.eager_traffic(shape, dt, "forward")
+    points += [dict(name=f"whole block, {w}", kind="block", flops=total, bytes=b) for w, b in (
+        ("ideal bytes", bench.gam_bytes(shape, dt, "forward")), ("gam_triton's traffic", g.bytes),
+        ("eager's traffic", e.bytes))]
+    return [dict(p, intensity=p["flops"] / p["bytes"]) for p in points]
 
 
 def _roof(intensity, gpu: str) -> float:
@@ -374,23 +318,17 @@ def _roof(intensity, gpu: str) -> float:
 
 
 def roofline_figure(shapes: Sequence[Shape], dtype="bf16", csv: Optional[str] = None):
-    """Arithmetic intensity (FLOP/byte) against TFLOP/s: H100 and H200 roofs, each kernel and the whole
-    block of ``shapes`` placed on the H100 roof (computed), and the measured rows of ``csv`` on top
-    (GPU rows as such; CPU rows labelled CPU figures, with the CPU's measured copy bandwidth as their roof).
-    """
+    """FLOP/byte against TFLOP/s: the H100 and H200 roofs, each kernel and the block of ``shapes`` on the H100 roof
+    (computed), the measured rows of ``csv`` on top (CPU rows as CPU figures, under the CPU's copy bandwidth)."""
     import numpy as np
 
-    name = _dtype_name(dtype)
-    fig = _figure(11, 6.5)
+    name, fig, xs = _dtype_name(dtype), _figure(11, 6.5), np.logspace(-1, 3.5, 200)
     ax = fig.subplots()
-    xs = np.logspace(-1, 3.5, 200)
     for gpu, style in (("H100", "-"), ("H200", "--")):
         ax.plot(xs, [_roof(x, gpu) for x in xs], color="black", linestyle=style, linewidth=1.2,
                 label=f"{gpu} roof: {GPU_BANDWIDTH[gpu] / 1e12:.1f} TB/s, {GPU_PEAK_FLOPS[gpu] / 1e12:.0f} "
                       "bf16 TFLOP/s (GAM_NOTES)")
-    markers = dict(kernel="o", block="s")
-    colours: dict[str, object] = {}
-    palette = _colours(20)
+    markers, colours, palette = dict(kernel="o", block="s"), {}, _colours(20)
     for shape in shapes:
         for p in kernel_points(shape, name):
             c = colours.setdefault(p["name"], palette[len(colours) * 2 % 20])
@@ -412,10 +350,8 @@ def roofline_figure(shapes: Sequence[Shape], dtype="bf16", csv: Optional[str] = 
             if bw:
                 ax.plot(xs, bw * 1e9 * xs / 1e12, color="grey", linestyle=":",
                         label=f"CPU copy bandwidth {bw:.0f} GB/s (measured; CPU figures)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity: FLOP per byte of compulsory traffic")
-    ax.set_ylabel("TFLOP/s")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity: FLOP per byte of compulsory traffic",
+           ylabel="TFLOP/s")
     ax.grid(True, which="both", alpha=0.25)
     _side_legend(fig, *ax.get_legend_handles_labels())
     shapes_text = ", ".join(s.label() for s in shapes)
@@ -425,29 +361,19 @@ def roofline_figure(shapes: Sequence[Shape], dtype="bf16", csv: Optional[str] = 
 
 
 def _short(source: str, provider: str) -> str:
-    if source.startswith("GPU"):
-        return source
-    if provider == "gam_triton" and "interpreter" in source:
-        return "interpreter: not performance"
-    return "CPU figures"
+    return source if source.startswith("GPU") else "interpreter: not performance" if (
+        provider == "gam_triton" and "interpreter" in source) else "CPU figures"
 
 
 def _measured_points(csv: Optional[str], dtype: str):
     if not csv or not os.path.isfile(csv):
         return None
     df = latest_run(load(csv))
-    if df.empty:
-        return None
-    if (df["dtype"] == dtype).any():
-        df = df[df["dtype"] == dtype]
+    df = df[df["dtype"] == dtype] if (df["dtype"] == dtype).any() else df
     df = df[(df["tflops"] > 0) & (df["gbps"] > 0)]
-    if df.empty:
-        return None
-    df = df.assign(intensity=df["tflops"] * 1e3 / df["gbps"])
-    return df, data_label(df)
+    return None if df.empty else (df.assign(intensity=df["tflops"] * 1e3 / df["gbps"]), data_label(df))
 
 
-# --- speedups from the newest results ------------------------------------------------------------------------
 def newest_results(results_dir: str = RESULTS_DIR) -> Optional[str]:
     """The results.csv of the newest GPU run under ``results_dir`` (any depth; CPU rows are no GPU results), by
     the dates in the files; None when there is none."""
@@ -457,17 +383,15 @@ def newest_results(results_dir: str = RESULTS_DIR) -> Optional[str]:
             df = load(path)
         except Exception:  # an unreadable CSV is skipped: the figure says what it used
             continue
-        if df.empty or (df["device"] == "cpu").all() or "REHEARSAL" in " ".join(set(df["note"])):
-            continue
-        if best is None or str(df["date"].max()) > best_date:
+        gpu = not df.empty and not (df["device"] == "cpu").all() and "REHEARSAL" not in " ".join(set(df["note"]))
+        if gpu and (best is None or str(df["date"].max()) > best_date):
             best, best_date = path, str(df["date"].max())
     return best
 
 
 def quick_cpu_sweep(out_dir: str, channels: int = 16, size: int = 4, budget_s: float = 0.05) -> str:
-    """A tiny sweep of the whole block in eval (one grouped shape, batch 1, eager / compile / gam_triton) into
-    ``out_dir``; returns its results.csv. CPU figures (interpreter figures for gam_triton under
-    TRITON_INTERPRET=1); about 10-20 s, most of it torch.compile. On a GPU it runs there (bf16): a toy shape."""
+    """A tiny eval sweep of the block (B1 C16 4x4, eager / compile / gam_triton) into ``out_dir``: its results.csv.
+    CPU figures (interpreter ones under TRITON_INTERPRET=1), 10-20 s; on a GPU it runs there (bf16): a toy shape."""
     argv = ["--quick", "--channels", str(channels), "--sizes", str(size), "--batches", "1", "--group", "grouped",
             "--kinds", "gam", "--modes", "forward", "--providers", "eager,compile,gam_triton",
             "--dtypes", "bf16" if torch.cuda.is_available() and not bench.interpreting() else "fp32",
@@ -482,14 +406,12 @@ def results_or_quick_sweep(out_dir: str, results_dir: str = RESULTS_DIR) -> str:
 
 
 def speedup_figure(csv: str, dtype: Optional[str] = None):
-    """Bars per shape: gam_triton's speedup over eager, torch.compile (and max-autotune where measured),
-    one panel per mode, geomeans in the legend, from the newest run in ``csv``."""
+    """Bars per shape: gam_triton's speedup over eager, torch.compile (and max-autotune), one panel per mode."""
     df = latest_run(load(csv))
     df = df[df["kind"] == "gam"]
     if df.empty:
         raise ValueError(f"{csv}: no measured whole-block rows to draw")
-    dtypes = sorted(set(df["dtype"]))
-    dtype = dtype or ("bf16" if "bf16" in dtypes else dtypes[0])
+    dtype = dtype or ("bf16" if "bf16" in set(df["dtype"]) else sorted(set(df["dtype"]))[0])
     df = df[df["dtype"] == dtype]
     modes = [m for m in ("forward", "train") if (df["mode"] == m).any()]
     n_shapes = df[["batch", "channels", "height", "width", "group"]].drop_duplicates().shape[0]
@@ -511,8 +433,7 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
         if label.startswith("GPU"):
             ax.axhline(GOALS[mode], color="#d62728", linestyle="--", linewidth=0.8,
                        label=f"goal over eager: x{GOALS[mode]}")
-        ax.set_xticks(range(len(ms.index)))
-        ax.set_xticklabels(list(ms.index), rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(ms.index)), list(ms.index), rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("speedup of gam_triton (x)")
         ax.set_title(f"{mode} ({'eval, no grad' if mode == 'forward' else 'forward + backward'})", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
@@ -521,21 +442,12 @@ def speedup_figure(csv: str, dtype: Optional[str] = None):
     first = df.iloc[0]
     fig.suptitle(f"gam_triton's speedup over eager PyTorch and torch.compile, whole GAM block (YOLO form), "
                  f"{dtype}\n{first['device']} | torch {first['torch']} | triton {first['triton']}\n"
-                 + label.replace("; ", "\n"),
-                 fontsize=10)
+                 + label.replace("; ", "\n"), fontsize=10)
     return fig
 
 
-
-# --- the autotuner ------------------------------------------------------------------------------------------
-def _meta(shape, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-
-
 def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bool = True) -> dict:
-    """The tuner's key string of each kernel the GAM module launches in eval for ``shape`` (YOLO form: shuffle
-    in 4), from the ops' own key functions, x1's layout from the module's own rule."""
+    """The tuner's key of each kernel the block launches in eval (YOLO form), from the ops' own key functions."""
     from gam_triton.module import x1_channels_last
     from gam_triton.ops import channel_gate, elementwise
     from gam_triton.ops._runtime import dot_precision
@@ -543,8 +455,10 @@ def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bo
     dt = DTYPES[_dtype_name(dtype)]
     x1_cl = x1_channels_last(channels_last, cuda, dt)
     b, c, cr, h, w = shape.batch, shape.channels, shape.hidden, shape.height, shape.width
-    x, w1 = _meta((b, c, h, w), dt, channels_last), _meta((cr, c), dt)
-    x1, z1 = _meta((b, c, h, w), dt, x1_cl), _meta((b, cr, h, w), dt, x1_cl)
+    meta = lambda size, cl=False: torch.empty(size, dtype=dt, device="meta").contiguous(  # noqa: E731
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    x, w1 = meta((b, c, h, w), channels_last), meta((cr, c))
+    x1, z1 = meta((b, c, h, w), x1_cl), meta((b, cr, h, w), x1_cl)
     keys = {"channel_gate": channel_gate.key(x, w1, x1_cl, dot_precision(dt)),
             "bn_relu": elementwise.bn_relu_key(z1),
             "final_gate": elementwise.final_gate_key(x1, x1, 4, channels_last)}
@@ -552,30 +466,24 @@ def kernel_keys(shape: Shape, dtype="bf16", channels_last: bool = True, cuda: bo
 
 
 def tuning_cache(directory: Optional[str] = None) -> tuple[Optional[str], dict]:
-    """(GPU name, {op: {key: entry}}) of the first GPU tuning cache file in ``directory`` (default the
-    tuner's, ``$GAM_TRITON_CACHE_DIR`` or ``~/.cache/gam_triton``); (None, {}) when there is none. Entries
-    whose choice does not decode are left out."""
+    """(GPU name, {op: {key: entry}}) of the first GPU tuning cache in ``directory`` (default: the tuner's)."""
     from gam_triton.ops import _autotune
 
     for path in sorted(glob.glob(os.path.join(directory or _autotune.cache_dir(), "*.json"))):
-        if os.path.basename(path).startswith("cpu-interpreter"):
-            continue
-        try:
+        try:  # the interpreter's files, other formats and unreadable files are skipped
             with open(path) as f:
                 data = json.load(f)
-            if data.get("format") != _autotune.FORMAT:
-                continue
-            entries = {op: {k: v for k, v in keys.items() if _autotune.decode(v) is not None}
-                       for op, keys in data["entries"].items()}
+            if data.get("format") == _autotune.FORMAT and not os.path.basename(path).startswith("cpu-interpreter"):
+                return str(data.get("device", os.path.basename(path))), {
+                    op: {k: v for k, v in keys.items() if _autotune.decode(v) is not None}
+                    for op, keys in data["entries"].items()}
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
-            continue
-        return str(data.get("device", os.path.basename(path))), entries
+            pass
     return None, {}
 
 
 def _tile(cfg) -> str:
-    """A launch choice (a ``triton.Config``, or a dict of its fields) in short: P = pixels, C = channels,
-    R = C/r block, N/K = the convolutions' blocks, w = warps, s = stages; absent or zero blocks left out."""
+    """A launch choice (a Config or a dict of its fields) in short: P, C, R, N, K blocks, w warps, s stages."""
     d = cfg if isinstance(cfg, dict) else dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     short = {"BLOCK_P": "P", "BLOCK_C": "C", "BLOCK_R": "R", "BLOCK_N": "N", "BLOCK_K": "K"}
     blocks = " ".join(f"{s}{int(d[k])}" for k, s in short.items() if d.get(k) == d.get(k) and d.get(k))
@@ -584,18 +492,17 @@ def _tile(cfg) -> str:
 
 def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True,
                cache_dir: Optional[str] = None):
-    """DataFrame, one row per (shape, kernel): the GPU heuristic's tile and, where the tuning cache holds
-    one, the tuned tile (with its time against the heuristic's)."""
+    """DataFrame, one row per (shape, kernel): the GPU heuristic's tile, or the tuned one where the tuning cache
+    holds it (with its time against the heuristic's)."""
     import pandas as pd
 
+    from gam_triton.module import x1_channels_last
     from gam_triton.ops import _autotune, channel_gate, elementwise
 
-    dt = DTYPES[_dtype_name(dtype)]
-    device, cache = tuning_cache(cache_dir)
-    rows = []
+    dt, (device, cache), rows = DTYPES[_dtype_name(dtype)], tuning_cache(cache_dir), []
     for s in shapes:
         keys = kernel_keys(s, dtype, channels_last)
-        x1_cl = channels_last or dt != torch.float32
+        x1_cl = x1_channels_last(channels_last, True, dt)
         heur = {"channel_gate": channel_gate.heuristic(s.channels, s.hidden, s.pixels, dt, target="gpu"),
                 "bn_relu": elementwise.heuristic(s.hidden, s.pixels, x1_cl, target="gpu"),
                 "final_gate": elementwise.heuristic(s.channels, s.pixels, x1_cl, target="gpu")}
@@ -614,32 +521,22 @@ def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True
     return pd.DataFrame(rows)
 
 
-_REPORT_ALIASES = {
-    "kernel": ("kernel", "name", "op"),
-    "arch": ("arch", "sm", "target", "gpu_arch", "cc"),
-    "registers": ("registers", "regs", "registers_per_thread", "num_regs", "n_regs"),
-    "spill_bytes": ("spill_bytes", "spills", "spill_store_bytes", "spill_stores", "n_spills"),
-    "shared_bytes": ("shared_bytes", "shared_memory", "smem_bytes", "shared_mem_bytes", "smem", "shared"),
-    "warps_per_sm": ("warps_per_sm", "active_warps_per_sm", "occupancy_warps_per_sm", "max_warps_per_sm"),
-}
+#: Column names the compile report may use for what the figure reads (first match wins).
+_ALIASES = {"kernel": "name op", "arch": "sm target gpu_arch cc", "registers": "regs registers_per_thread num_regs",
+            "spill_bytes": "spills spill_store_bytes n_spills", "shared_bytes": "shared_memory smem_bytes smem shared",
+            "warps_per_sm": "active_warps_per_sm occupancy_warps_per_sm"}
 
 
 def read_compile_report(path: str = COMPILE_REPORT):
-    """The compile report as a DataFrame with normalised column names (kernel, arch, the Config fields,
-    registers, spill_bytes, shared_bytes, warps_per_sm), or None when the file does not exist."""
+    """The compile report as a DataFrame with the names of :data:`_ALIASES`, or None when there is none."""
     import pandas as pd
 
     if not os.path.isfile(path):
         return None
     df = pd.read_csv(path)
     lower = {c.lower(): c for c in df.columns}
-    rename = {}
-    for want, aliases in _REPORT_ALIASES.items():
-        for a in aliases:
-            if a in lower:
-                rename[lower[a]] = want
-                break
-    df = df.rename(columns=rename)
+    df = df.rename(columns={hit: want for want, names in _ALIASES.items()
+                            for hit in [next((lower[a] for a in (want, *names.split()) if a in lower), None)] if hit})
     missing = [c for c in ("kernel", "arch", "registers") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: no column for {', '.join(missing)} (columns: {', '.join(map(str, df.columns))})")
@@ -648,14 +545,13 @@ def read_compile_report(path: str = COMPILE_REPORT):
 
 def autotune_figure(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True,
                     report: str = COMPILE_REPORT, cache_dir: Optional[str] = None):
-    """Top: the tile each shape gets per kernel (heuristic, or tuned where the tuning cache has it).
-    Bottom: registers, spills and warps per SM of those tiles per GPU architecture from the compile
-    report, or a 'no compile report yet' panel."""
-    table = tile_table(shapes, dtype, channels_last, cache_dir)
-    name = _dtype_name(dtype)
-    kernels = list(dict.fromkeys(table["kernel"]))
-    labels = list(dict.fromkeys(table["shape"]))
+    """Top: the tile each shape gets per kernel (heuristic, or tuned from the tuning cache). Bottom: registers,
+    spills and warps per SM of those tiles per architecture from the compile report (or 'no compile report yet')."""
+    from matplotlib.patches import Rectangle
+
+    table, name = tile_table(shapes, dtype, channels_last, cache_dir), _dtype_name(dtype)
     has_report = os.path.isfile(report)
+    kernels, labels = list(dict.fromkeys(table["kernel"])), list(dict.fromkeys(table["shape"]))
     fig = _figure(13, (4.2 if has_report else 1.6) + 0.45 * len(labels) + 1.0)
     top, bottom = fig.subfigures(2, 1, height_ratios=[0.45 * len(labels) + 1.0, 4.2 if has_report else 1.6])
     ax = top.subplots()
@@ -663,18 +559,14 @@ def autotune_figure(shapes: Sequence[Shape], dtype="bf16", channels_last: bool =
     for i, shape in enumerate(labels):
         for j, op in enumerate(kernels):
             r = table[(table["shape"] == shape) & (table["kernel"] == op)].iloc[0]
-            ax.add_patch(_rect(j - 0.5, i - 0.5, colours[r["source"]]))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=colours[r["source"]], edgecolor="white"))
             timed = r["source"] == "tuned" and r["speedup"] == r["speedup"]
             text = r["tile"] + (f"\ntuned x{r['speedup']:.2f}" if timed else f"\n{r['source']}")
             ax.text(j, i, text, ha="center", va="center", fontsize=7)
-    ax.set_xlim(-0.5, len(kernels) - 0.5)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
-    ax.set_xticks(range(len(kernels)))
-    ax.set_xticklabels(kernels)
+    ax.set(xlim=(-0.5, len(kernels) - 0.5), ylim=(len(labels) - 0.5, -0.5), ylabel="shape (YOLO form)")
+    ax.set_xticks(range(len(kernels)), kernels)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_ylabel("shape (YOLO form)")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
     device = table["device"].iloc[0] if len(table) else ""
     source = f"tuned entries from the tuning cache of {device} (GPU)" if device else \
         "no GPU tuning cache found: heuristic tiles (what an untuned GPU run launches)"
@@ -684,31 +576,22 @@ def autotune_figure(shapes: Sequence[Shape], dtype="bf16", channels_last: bool =
     return fig
 
 
-def _rect(x, y, colour):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="white")
-
-
 def _compile_panel(subfig, table, report: str) -> None:
     df = read_compile_report(report)
     if df is None:
-        ax = subfig.subplots()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"no compile report yet\n({os.path.relpath(report, os.path.dirname(PERF_DIR))} is "
-                "written by `make compile-check`: registers, spills, shared memory and warps per SM of each "
-                "kernel's tiles per GPU architecture)", ha="center", va="center", fontsize=10, wrap=True)
+        subfig.subplots().axis("off")
+        where = os.path.relpath(report, os.path.dirname(PERF_DIR))
+        subfig.axes[0].text(0.5, 0.5, f"no compile report yet\n({where} is written by `make compile-check`: registers, "
+                            "spills, shared memory and warps per SM of each kernel's tiles per GPU architecture)",
+                            ha="center", va="center", fontsize=10, wrap=True)
         subfig.suptitle("Compile report (ptxas): not available", fontsize=10)
         return
-    fields = [f for f in ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages") if f in df.columns]
+    tile = ("BLOCK_P", "BLOCK_C", "BLOCK_R", "num_warps", "num_stages")
+    fields = [f for f in tile if f in df.columns]
     if fields:  # keep the tiles in use when the report has them
-        used = table[["kernel", *fields]].drop_duplicates()
-        sel = df.merge(used, on=["kernel", *fields], how="inner")
+        sel = df.merge(table[["kernel", *fields]].drop_duplicates(), on=["kernel", *fields], how="inner")
         df = sel if not sel.empty else df
-        df = df.assign(config=[f"{r['kernel']} " + _tile({f: r[f] if f in fields else 0
-                                                            for f in ("BLOCK_P", "BLOCK_C", "BLOCK_R",
-                                                                      "num_warps", "num_stages")})
-                               for _, r in df.iterrows()])
+        df = df.assign(config=[f"{r['kernel']} " + _tile({f: r.get(f, 0) for f in tile}) for _, r in df.iterrows()])
     else:
         df = df.assign(config=df["kernel"].astype(str))
     configs = list(dict.fromkeys(df["config"]))[:16]
@@ -721,15 +604,14 @@ def _compile_panel(subfig, table, report: str) -> None:
     for ax, (m, lab) in zip(axes, metrics):
         for i, arch in enumerate(archs):
             d = df[df["arch"].astype(str) == arch].set_index("config")
-            vals = [float(d[m].iloc[0]) if c in d.index and d.loc[[c], m].notna().any() else 0.0 for c in configs]
+            vals = [float(d.loc[[c], m].iloc[0]) if c in d.index and d.loc[[c], m].notna().any() else 0.0
+                    for c in configs]
             ax.bar([x + (i - (len(archs) - 1) / 2) * width for x in range(len(configs))], vals, width=width,
                    label=arch)
         if m == "registers":
             ax.axhline(255, color="black", linestyle="--", linewidth=0.8, label="255: hardware limit")
-        ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=6)
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel(lab)
+        ax.set_xticks(range(len(configs)), configs, rotation=60, ha="right", fontsize=6)
+        ax.set(ylim=(0, None), ylabel=lab)
         ax.set_title(lab, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, title="arch")
@@ -737,10 +619,8 @@ def _compile_panel(subfig, table, report: str) -> None:
                     "(compiled ahead of time: no GPU run)", fontsize=10)
 
 
-# --- what the block computes --------------------------------------------------------------------------------
 def synthetic_input(channels: int = 16, size: int = 48, seed: int = 0) -> torch.Tensor:
-    """A 1 x C x size x size image with structure: each channel mixes a disc, a square, a ring, two
-    gradients and stripes with random weights (plus a little noise)."""
+    """A 1 x C x size x size image: each channel mixes a disc, a square, a ring, two gradients and stripes."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
@@ -759,25 +639,21 @@ def synthetic_input(channels: int = 16, size: int = 48, seed: int = 0) -> torch.
 
 
 def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = "cpu"):
-    """Input, channel gate, spatial map and output (channel means) of ``reference`` and of
-    ``GAM.from_module(reference)`` on ``x``, and their differences; the max |difference| in the title."""
+    """Input, channel gate, spatial map and output (channel means) of ``reference`` and of its conversion on ``x``,
+    and their differences."""
     from gam_triton import GAM
     from gam_triton.ops._runtime import use_triton
     from gam_triton.inspect import attention_maps
 
-    reference = reference.eval().to(device)
-    x = x.to(device)
-    converted = GAM.from_module(reference).eval()
-    before, after = attention_maps(reference, x), attention_maps(converted, x)
+    reference, x = reference.eval().to(device), x.to(device)
+    before, after = attention_maps(reference, x), attention_maps(GAM.from_module(reference).eval(), x)
     cols = [("input x", lambda m: x), ("channel gate", lambda m: m.channel_gate),
             ("spatial map", lambda m: m.spatial_map), ("output", lambda m: m.out)]
-    fig = _figure(13, 9)
+    fig, rows = _figure(13, 9), [("reference (eager PyTorch)", before), ("gam_triton (GAM.from_module)", after)]
     axes = fig.subplots(3, 4)
-    rows = [("reference (eager PyTorch)", before), ("gam_triton (GAM.from_module)", after)]
     for j, (title, get) in enumerate(cols):
         imgs = [get(m)[0].float().mean(0).cpu().numpy() for _, m in rows]
-        lo = min(float(i.min()) for i in imgs)
-        hi = max(float(i.max()) for i in imgs)
+        lo, hi = min(float(i.min()) for i in imgs), max(float(i.max()) for i in imgs)
         for i, ((row_name, _), img) in enumerate(zip(rows, imgs)):
             im = axes[i][j].imshow(img, cmap="viridis", vmin=lo, vmax=hi)
             axes[i][j].set_title(f"{title}\n{row_name}" if i == 0 or j == 0 else title, fontsize=8)
@@ -786,18 +662,15 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
             continue
         diff = (get(rows[0][1])[0].float() - get(rows[1][1])[0].float()).abs().amax(0).cpu().numpy()
         im = axes[2][j].imshow(diff, cmap="magma", vmin=0.0, vmax=max(float(diff.max()), 1e-12))
-        axes[2][j].set_title(f"|before - after| of the {title}\n(max over channels; max {float(diff.max()):.1e})",
-                             fontsize=8)
+        axes[2][j].set_title(f"|before - after| of the {title}\n(max over channels; max {diff.max():.1e})", fontsize=8)
         fig.colorbar(im, ax=axes[2][j], shrink=0.7)
     axes[2][0].axis("off")
     axes[2][0].text(0.5, 0.5, "before: the reference module's\nown layers and forward\n\nafter: gam_triton's GAM\n"
                     "built by GAM.from_module\n(same weights)", ha="center", va="center", fontsize=9,
                     transform=axes[2][0].transAxes)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for i, lab in enumerate(["before conversion", "after conversion"]):
-        axes[i][0].set_ylabel(lab)
+        ax.set(xticks=[], yticks=[])
+    axes[0][0].set_ylabel("before conversion"), axes[1][0].set_ylabel("after conversion")
     err = (before.out.float() - after.out.float()).abs().max().item()
     path = ("Triton kernels (GPU)" if x.is_cuda and use_triton(x) else
             "Triton kernels in the interpreter" if use_triton(x) else "gam_triton's PyTorch path")
@@ -806,28 +679,20 @@ def attention_figure(reference: torch.nn.Module, x: torch.Tensor, device: str = 
     fig.suptitle(f"What the block computes: {type(reference).__name__} ({form}), input {tuple(x.shape)}\n"
                  "images are means over the channels; weights as given (random: an untrained block)\n"
                  f"max |out gam_triton - out reference| = {err:.2e} (gam_triton ran {path})\n"
-                 f"out = x * channel gate * spatial map to {max(before.residual, after.residual):.1e}",
-                 fontsize=10)
+                 f"out = x * channel gate * spatial map to {max(before.residual, after.residual):.1e}", fontsize=10)
     return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    ap = argparse.ArgumentParser(prog="perf/report.py", description="PNGs and summary.md of a bench results folder.")
-    ap.add_argument("folder", help="a folder holding results.csv (written by perf/bench.py)")
-    args = ap.parse_args(argv)
-    path = os.path.join(args.folder, "results.csv")
+    """``perf/report.py DIR``: DIR/results.csv -> the PNGs and summary.md in DIR."""
+    folder = (argv or sys.argv[1:] or [""])[0]
+    path = os.path.join(folder, "results.csv")
     if not os.path.isfile(path):
-        ap.error(f"no results.csv in {args.folder}")
-    paths = draw(path, args.folder)
-    text = summary(load(path))
-    with open(os.path.join(args.folder, "summary.md"), "w") as f:
+        sys.exit(f"usage: perf/report.py DIR (a folder holding results.csv of perf/bench.py); none in {folder!r}")
+    paths, text = draw(path, folder), summary(load(path))
+    with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(text)
-    print(text + f"{len(paths)} figure(s) in {args.folder}")
+    print(text + f"{len(paths)} figure(s) in {folder}")
     return 0
 
 

@@ -4,26 +4,20 @@
     python perf/traffic.py --batch 1 --dtype fp32 --out traffic.md
     python perf/traffic.py --device cuda --mode train   # on a GPU: gam_triton's kernels counted as they run
 
-Counting (:class:`TrafficCounter`, a ``TorchDispatchMode``): every aten op a module dispatches is
-recorded with the bytes of its tensor inputs (read) and outputs (written), each tensor once per op and
-only the elements it spans (a stride-0 broadcast counts once). Views (permute, view, transpose, expand,
-detach, ...) and allocations (empty) are free: 0 bytes, 0 launches; every other op is one launch.
-These are compulsory bytes per op: a convolution that re-reads its input from DRAM moves more.
+Counting (:class:`TrafficCounter`, a ``TorchDispatchMode``): each aten op a module dispatches counts the bytes of
+its tensor inputs (read) and outputs (written), each tensor once and only the elements it spans (stride 0 counts
+once); views and allocations are free, every other op is one launch: compulsory bytes per op.
 
-* eager: the reference ``YoloGAM`` runs on ``meta`` tensors (shapes, no compute: any size is instant).
-* gam_triton: a ``gam_triton::*`` op is not one launch but what runs inside it: the counter runs the op's
-  body itself (:func:`op_bodies`: each op's ``run.impl``, found on the ops' own ``run`` objects) with counting on, so its aten ops (cuDNN convolutions, the
-  train block's GEMMs) count as dispatched, and each kernel launch is counted at the library's one launch
-  seam, ``gam_triton.ops._runtime.launch``, as one launch reading and writing the arguments
-  :data:`KERNEL_IO` names for that kernel (the traffic its docstring states). Where the kernels run (CUDA,
-  or CPU tensors under ``TRITON_INTERPRET=1``) they run; on ``meta`` tensors (any machine, any size: shapes
-  only) the module is sent down its Triton path (``_runtime.use_triton`` answers True) and the seam only
-  counts. Tests check both agree. A train step starts from gradients set to None (``zero_grad``), for eager
-  and gam_triton alike.
+* eager: the reference ``YoloGAM`` on ``meta`` tensors (shapes only: any size is instant).
+* gam_triton: a ``gam_triton::*`` op counts what runs inside it: its body (:func:`op_bodies`, each op's
+  ``run.impl``) runs under the counter, so its aten ops (cuDNN convolutions, GEMMs) count as dispatched, and each
+  kernel launch is counted at the one launch seam, ``gam_triton.ops._runtime.launch``, reading and writing the
+  arguments :data:`KERNEL_IO` names (its docstring's traffic). Where the kernels run (CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``) they run; on ``meta`` tensors the module takes its Triton path and the seam only counts
+  (tests check both agree). A train step starts from gradients set to None, for both.
 
-The time floor is bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): a bound for a
-memory-bound block, not a prediction; these are computed values, never measurements. Reads nothing,
-writes only ``--out`` when given.
+Floors are bytes / bandwidth (H100 ~3.0 TB/s, H200 ~4.3 TB/s, GAM_NOTES.md): computed bounds, never
+measurements. Reads nothing, writes only ``--out``.
 """
 from __future__ import annotations
 
@@ -44,7 +38,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-from bench import DTYPES, GPU_BANDWIDTH, Shape, gam_bytes, gam_flops, yolo_pairs  # noqa: E402
+from bench import DTYPES, GPU_BANDWIDTH, Shape, conv_mode, gam_bytes, gam_flops, yolo_pairs  # noqa: E402
 
 #: Ops that move no data and launch nothing (beyond those whose schema says they are views).
 FREE_OPS = {
@@ -116,22 +110,10 @@ class Traffic:
     """What a call moved: per-op records and their totals."""
 
     ops: list[OpRecord] = field(default_factory=list)
-
-    @property
-    def launches(self) -> int:
-        return sum(o.launches for o in self.ops)
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(o.bytes_read for o in self.ops)
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(o.bytes_written for o in self.ops)
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
+    launches = property(lambda self: sum(o.launches for o in self.ops))
+    bytes_read = property(lambda self: sum(o.bytes_read for o in self.ops))
+    bytes_written = property(lambda self: sum(o.bytes_written for o in self.ops))
+    bytes = property(lambda self: self.bytes_read + self.bytes_written)
 
     def floor_us(self, bandwidth: float) -> float:
         """Microseconds to move ``bytes`` at ``bandwidth`` bytes/s."""
@@ -293,20 +275,6 @@ def _triton_path_on_meta() -> Iterator[None]:
         tuner.reset()
 
 
-@contextlib.contextmanager
-def _conv_mode(conv: str) -> Iterator[None]:
-    """GAM_TRITON_CONV set to ``conv`` for the duration (the path being counted)."""
-    old = os.environ.get("GAM_TRITON_CONV")
-    os.environ["GAM_TRITON_CONV"] = conv
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("GAM_TRITON_CONV", None)
-        else:
-            os.environ["GAM_TRITON_CONV"] = old
-
-
 def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", device: str = "meta",
                        conv: str = "cudnn") -> Traffic:
     """Traffic of gam_triton's GAM: its kernels as launches, the rest (cuDNN convs, ...) as dispatched.
@@ -319,7 +287,7 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
     _, gam = _modules(shape, dtype, device, train)
     fn = _call(gam, shape, dtype, device, train)
     meta = device == "meta"
-    with _conv_mode(conv), (_triton_path_on_meta() if meta else contextlib.nullcontext()):
+    with conv_mode(conv), (_triton_path_on_meta() if meta else contextlib.nullcontext()):
         with TrafficCounter() as warm, _counting_launches(warm, not meta):
             fn()  # the first call folds BN1 into conv1 and caches BN2's affine; steady state is what counts
         with TrafficCounter() as counter, _counting_launches(counter, not meta):
@@ -327,119 +295,71 @@ def gam_triton_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", 
     return counter.traffic
 
 
-def train_step_table(shape: Shape, dtype_name: str) -> str:
-    """Markdown: one training step (forward + backward, gradients set to None first) per op, eager against
-    gam_triton, both counted on meta tensors at the full shape."""
-    dtype = DTYPES[dtype_name]
-    e = eager_traffic(shape, dtype, "train").by_op()
-    g = gam_triton_traffic(shape, dtype, "train").by_op()
-    lines = [f"| op ({shape.label()}, {dtype_name}, train step) | eager launches | eager MB | gam_triton launches | "
-             "gam_triton MB |", "|---|---|---|---|---|"]
-    lines += _op_rows(e, g)
-    et, gt = sum(v[1] for v in e.values()), sum(v[1] for v in g.values())
-    el, gl = sum(v[0] for v in e.values()), sum(v[0] for v in g.values())
-    lines.append(f"| **total** | {el} | {_mb(et)} | {gl} | {_mb(gt)} |")
-    bw = GPU_BANDWIDTH["H100"]
-    lines.append(f"| floor H100 (bytes / 3.0 TB/s), us | | {et / bw * 1e6:.0f} | | {gt / bw * 1e6:.0f} |")
-    return "\n".join(lines)
-
-
-def _op_rows(eager: dict, ours: dict) -> list[str]:
-    """Markdown rows "| op | eager launches | eager MB | gam_triton launches | gam_triton MB |" over the op
-    names of both ``by_op()`` tables (name -> (launches, bytes)), eager's first."""
-    rows = []
-    for name in dict.fromkeys(list(eager) + list(ours)):
-        el, eb = eager.get(name, (0, 0))
-        gl, gb = ours.get(name, (0, 0))
-        rows.append(f"| {name} | {el} | {_mb(eb)} | {gl} | {_mb(gb)} |")
-    return rows
-
-
-# --- the tables ----------------------------------------------------------------------------------------------
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def _table(head: str, rows: list) -> str:
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1)] + rows)
+
+
 def gam_table(shapes: Sequence[Shape], dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
-    """Markdown: eager vs gam_triton bytes, launches and time floors, one row per shape."""
-    dtype = DTYPES[dtype_name]
-    head = ("| shape | GFLOP | ideal MB | eager MB | eager launches | gam_triton MB | gam_triton launches | "
-            "eager / gam_triton bytes | floor H100 eager us | floor H100 gam_triton us | "
-            "floor H200 gam_triton us |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    """Markdown: eager vs gam_triton bytes, launches and H100 floors per shape (eval: also the fused spatial branch,
+    GAM_TRITON_CONV=triton)."""
+    dtype, bw, rows = DTYPES[dtype_name], GPU_BANDWIDTH["H100"], []
     for s in shapes:
         e, g = eager_traffic(s, dtype, mode, device), gam_triton_traffic(s, dtype, mode, device)
-        ideal = gam_bytes(s, dtype, mode)
-        lines.append(
-            f"| {s.label()} | {gam_flops(s, mode) / 1e9:.1f} | {_mb(ideal)} | {_mb(e.bytes)} | {e.launches} | "
-            f"{_mb(g.bytes)} | {g.launches} | "
-            f"{e.bytes / g.bytes:.2f} | {e.floor_us(GPU_BANDWIDTH['H100']):.0f} | "
-            f"{g.floor_us(GPU_BANDWIDTH['H100']):.0f} | {g.floor_us(GPU_BANDWIDTH['H200']):.0f} |")
-    return "\n".join(lines)
-
-
-def fused_table(shapes: Sequence[Shape], dtype_name: str, device: str = "meta") -> str:
-    """Markdown: the eval block with the fused spatial branch (GAM_TRITON_CONV=triton) against today's."""
-    dtype = DTYPES[dtype_name]
-    lines = ["| shape | today MB | today launches | fused MB | fused launches | fused / today bytes | "
-             "floor H100 today us | floor H100 fused us |", "|---|---|---|---|---|---|---|---|"]
-    for s in shapes:
-        t = gam_triton_traffic(s, dtype, "forward", device, conv="cudnn")
-        f = gam_triton_traffic(s, dtype, "forward", device, conv="triton")
-        bw = GPU_BANDWIDTH["H100"]
-        lines.append(f"| {s.label()} | {_mb(t.bytes)} | {t.launches} | {_mb(f.bytes)} | {f.launches} | "
-                     f"{f.bytes / t.bytes:.2f} | {t.floor_us(bw):.0f} | {f.floor_us(bw):.0f} |")
-    return "\n".join(lines)
+        row = (f"| {s.label()} | {gam_flops(s, mode) / 1e9:.1f} | {_mb(gam_bytes(s, dtype, mode))} | {_mb(e.bytes)} | "
+               f"{e.launches} | {_mb(g.bytes)} | {g.launches} | {e.floor_us(bw):.0f} | {g.floor_us(bw):.0f} |")
+        if mode == "forward":
+            f = gam_triton_traffic(s, dtype, mode, device, conv="triton")
+            row += f" {_mb(f.bytes)} | {f.launches} | {f.floor_us(bw):.0f} |"
+        rows.append(row)
+    head = ("| shape | GFLOP | ideal MB | eager MB | eager launches | gam_triton MB | gam_triton launches | "
+            "floor H100 eager us | floor H100 gam_triton us |")
+    return _table(head + (" fused MB | fused launches | floor H100 fused us |" if mode == "forward" else ""), rows)
 
 
 def component_table(shapes: Sequence[Shape], dtype_name: str) -> str:
     """Markdown: the fused components alone, eager's ops against the one kernel (eval forward)."""
     import bench
 
-    dtype = DTYPES[dtype_name]
-    lines = ["| component | shape | eager MB | eager launches | kernel MB | kernel launches | "
-             "floor H100 eager us | floor H100 kernel us |", "|---|---|---|---|---|---|---|---|"]
+    dtype, bw, rows = DTYPES[dtype_name], GPU_BANDWIDTH["H100"], []
     for s in shapes:
         for name, eager_fn in (("channel_gate", bench.channel_gate_eager), ("final_gate", bench.final_gate_eager)):
             args, kernel_bytes = bench.component_args(name, s, dtype, "meta"), bench.component_work(name, s, dtype)[0]
             with torch.no_grad():
                 e = count(lambda: eager_fn(*args))  # noqa: B023 - called at once, in this iteration
-            bw = GPU_BANDWIDTH["H100"]
-            lines.append(f"| {name.replace('_', ' ')} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | {_mb(kernel_bytes)} | 1 | "
-                         f"{e.floor_us(bw):.0f} | {kernel_bytes / bw * 1e6:.0f} |")
-    return "\n".join(lines)
+            rows.append(f"| {name.replace('_', ' ')} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | "
+                        f"{_mb(kernel_bytes)} | 1 | {e.floor_us(bw):.0f} | {kernel_bytes / bw * 1e6:.0f} |")
+    return _table("| component | shape | eager MB | eager launches | kernel MB | kernel launches | floor H100 eager us "
+                  "| floor H100 kernel us |", rows)
 
 
 def op_breakdown(shape: Shape, dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
     """Markdown: launches and MB per op name, eager and gam_triton, for one shape."""
-    dtype = DTYPES[dtype_name]
-    e = eager_traffic(shape, dtype, mode, device).by_op()
-    g = gam_triton_traffic(shape, dtype, mode, device).by_op()
-    lines = [f"| op ({shape.label()}, {dtype_name}) | eager launches | eager MB | gam_triton launches | "
-             "gam_triton MB |", "|---|---|---|---|---|"]
-    lines += _op_rows(e, g)
-    return "\n".join(lines)
+    e = eager_traffic(shape, DTYPES[dtype_name], mode, device).by_op()
+    g = gam_triton_traffic(shape, DTYPES[dtype_name], mode, device).by_op()
+    rows = [f"| {n} | {e.get(n, (0, 0))[0]} | {_mb(e.get(n, (0, 0))[1])} | {g.get(n, (0, 0))[0]} | "
+            f"{_mb(g.get(n, (0, 0))[1])} |" for n in dict.fromkeys(list(e) + list(g))]
+    rows.append(f"| **total** | {sum(v[0] for v in e.values())} | {_mb(sum(v[1] for v in e.values()))} | "
+                f"{sum(v[0] for v in g.values())} | {_mb(sum(v[1] for v in g.values()))} |")
+    return _table(f"| op ({shape.label()}, {dtype_name}, {mode}) | eager launches | eager MB | gam_triton launches | "
+                  "gam_triton MB |", rows)
 
 
 def report(batch: int, dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
     """The markdown tables for the YOLO shapes at one batch size, dtype and mode."""
     shapes = [Shape(batch, c, s, s, 4, g) for c, s in yolo_pairs() for g in (True, False)]
-    plain = [s for s in shapes if not s.group]
-    what = "eval forward" if mode == "forward" else "train forward + backward"
+    what = "eval forward" if mode == "forward" else "train forward + backward (gradients set to None first)"
     parts = [
-        f"Computed by `python perf/traffic.py --batch {batch} --dtype {dtype_name} --mode {mode}` "
-        f"({what}, rate 4, counted on {device} tensors): computed values, not measured times. "
-        "GFLOP = channel MLP + the two 7x7 convolutions (train: 3x forward); ideal = read x and the "
-        "weights, write out (one perfect kernel); floor = bytes / bandwidth (H100 3.0 TB/s, H200 4.3 TB/s).",
-        "### Whole block",
-        gam_table(shapes, dtype_name, mode, device),
-        "### Per op, one shape",
-        op_breakdown(Shape(batch, 256, 40, 40, 4, True), dtype_name, mode, device),
-    ]
+        f"Computed by `python perf/traffic.py --batch {batch} --dtype {dtype_name} --mode {mode}` ({what}, rate 4, "
+        f"counted on {device} tensors): computed values, not measured times. GFLOP = channel MLP + the two 7x7 "
+        "convolutions (train: 3x forward); ideal = read x and the weights, write out (one perfect kernel); floor = "
+        "bytes / bandwidth (H100 3.0 TB/s).", "### Whole block", gam_table(shapes, dtype_name, mode, device),
+        "### Per op, one shape", op_breakdown(Shape(batch, 256, 40, 40, 4, True), dtype_name, mode, device)]
     if mode == "forward":
-        parts += ["### Fused components alone", component_table(plain, dtype_name)]
-        parts += ["### Fused spatial branch (eval, GAM_TRITON_CONV=triton) against today's",
-                  fused_table(shapes, dtype_name, device)]
+        parts += ["### Fused components alone", component_table([s for s in shapes if not s.group], dtype_name)]
     return "\n\n".join(parts) + "\n"
 
 
