@@ -385,7 +385,7 @@ def kernel_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider
         ch = cr if kind.startswith("bn1") else c
         y, gy, x1 = t4(ch), t4(ch), t4(ch)
         counts = torch.zeros(batchnorm.counter_slots(ch), dtype=torch.int32, device=device)
-        running = (vec(ch, 0.0), vec(ch), torch.zeros((), dtype=torch.long, device=device))
+        running = (vec(ch, 0.0).to(dtype), vec(ch).to(dtype), torch.zeros((), dtype=torch.long, device=device))
         weight, bias = vec(ch).to(dtype), vec(ch, -0.5).to(dtype)
         st = batchnorm.stats(y, weight, bias, running, 1e-3, 0.03, False, counts)
         mode_ = 0 if kind.startswith("bn1") else 1

@@ -17,8 +17,8 @@ if [ "$REHEARSE" = 1 ]; then
     LABEL="REHEARSAL on the CPU (TRITON_INTERPRET=1, tiny shapes): it checks that every step runs; NOT performance figures"
     K="not compile and not train and not conv and not half and not autocast and not block and not bwd"
 else
-    unset TRITON_INTERPRET; T=(140 60 210 40); SHAPES=("128 80" "256 40" "512 20"); BATCH=16; DTYPE=bf16; K=""
-    BENCH=(--quick --budget 190); LABEL="GPU run ($(date -u +%FT%TZ))"
+    unset TRITON_INTERPRET; T=(140 60 200 40); SHAPES=("128 80" "256 40" "512 20"); BATCH=16; DTYPE=bf16; K=""
+    BENCH=(--quick --budget 180); LABEL="GPU run ($(date -u +%FT%TZ))"
 fi
 OUT=${OUT:-$($PY -c "import sys; sys.path.insert(0, 'perf'); import bench; print(bench.machine().results_dir)")/$(date -u +%Y%m%dT%H%MZ)}
 mkdir -p "$OUT" && echo "# $LABEL" > "$OUT/steps.txt"
@@ -29,9 +29,13 @@ step() {  # step NAME SECONDS COMMAND...: its output in NAME.txt (the label firs
     local rc=$?; echo "$name: exit $rc$([ $rc = 124 ] && echo " (timed out after $t s)")" | tee -a "$OUT/steps.txt"
 }
 { echo "# $LABEL"; nvidia-smi 2>&1 | head -15; $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|gam)"; } > "$OUT/env.txt"
-step tests "${T[0]}" $PY -m pytest -q -p no:cacheprovider -m "gpu or gpu_check" ${K:+-k "$K"} tests
+# the marked tests on the heuristic choices (tuning every test shape would take the step), then the tuner's own
+X=$([ "$REHEARSE" = 0 ] && $PY -c "import xdist" 2>/dev/null && echo "-n 4"); export PY K X
+step tests "${T[0]}" bash -c 'GAM_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $X -m "gpu or gpu_check" \
+    -k "not runs_on${K:+ and ($K)}" tests; rc=$?; $PY -m pytest -q -p no:cacheprovider -k runs_on tests/test_gpu.py; \
+    r2=$?; exit $(( rc ? rc : r2 ))'
 export GAM_TRITON_CACHE_DIR="$OUT/tuning"   # the tuned choices travel with the results; the bench runs on them
-export PY BATCH DTYPE
+export BATCH DTYPE
 step tune "${T[1]}" bash -c 'for s in "$@"; do set -- $s; echo "== C$1 $2x$2"; $PY -m gam_triton.tune --channels $1 \
     --sizes $2 --batch $BATCH --dtype $DTYPE --layout channels_last --group --no-sigmoid --shuffle 4 --train || exit
     done' _ "${SHAPES[@]}"
