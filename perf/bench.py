@@ -476,9 +476,10 @@ def plan(args, on_gpu: bool) -> list[Spec]:
     dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if on_gpu else ["fp32"])
     # the rehearsal leaves out the convolutions alone (interpreted, seconds a call; tests/test_perf.py runs them)
     alone = [k for k in KERNELS if not (args.rehearse and k.startswith("conv"))] + ["model"]
-    default_kinds = ["gam", "channel_gate", "final_gate"] + (alone if args.rehearse or (on_gpu and quick) else [])
-    kinds = args.kinds or default_kinds
-    groups = {"both": (True, False), "grouped": (True,), "plain": (False,)}[args.group]
+    kinds = args.kinds or (["gam", *alone[-1:], "channel_gate", "final_gate", *alone[:-1]] if args.rehearse or (
+        on_gpu and quick) else ["gam", "channel_gate", "final_gate"])  # the kernels alone go first all the same
+    group = args.group or ("grouped" if on_gpu and quick and not args.rehearse else "both")  # a lease: the YOLO form
+    groups = {"both": (True, False), "grouped": (True,), "plain": (False,)}[group]
     try:
         shapes = [Shape(b, c, s, s, 4, g) for c, s in pairs for b in batches for g in groups]
         kshapes = [Shape(batches[-1], c, s, s, 4, True) for c, s in kernel_pairs]
@@ -624,7 +625,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=_arg(int))
     p.add_argument("--channels", type=_arg(int), help="channel widths (with --sizes)")
     p.add_argument("--sizes", type=_arg(int), help="square map sizes (with --channels)")
-    p.add_argument("--group", choices=["both", "grouped", "plain"], default="both")
+    p.add_argument("--group", choices=["both", "grouped", "plain"], help="default: grouped for --quick on a GPU")
     p.add_argument("--budget-s", type=_arg(float), default=0.5, help="CPU: seconds of calls per provider and shape")
     p.add_argument("--no-plot", action="store_true", help="the CSV only (no PNGs, no summary.md)")
     return p

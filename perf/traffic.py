@@ -122,10 +122,9 @@ class Traffic:
     def by_op(self) -> dict[str, tuple[int, int]]:
         """{op name: (launches, bytes)} for the ops that launch."""
         out: dict[str, tuple[int, int]] = {}
-        for o in self.ops:
-            if o.launches:
-                n, b = out.get(o.name, (0, 0))
-                out[o.name] = (n + o.launches, b + o.bytes_read + o.bytes_written)
+        for o in (o for o in self.ops if o.launches):
+            n, b = out.get(o.name, (0, 0))
+            out[o.name] = (n + o.launches, b + o.bytes_read + o.bytes_written)
         return out
 
 
@@ -258,20 +257,15 @@ def eager_traffic(shape: Shape, dtype: torch.dtype, mode: str = "forward", devic
 def _triton_path_on_meta() -> Iterator[None]:
     """The GAM module sent down its Triton path on meta tensors (``_runtime.use_triton`` answers True), the
     tuner off for the duration (heuristic tiles, no cache file touched)."""
-    rt = _runtime()
-    tuner = importlib.import_module("gam_triton.ops._autotune")
-    real, old = rt.use_triton, os.environ.get("GAM_TRITON_AUTOTUNE")
-    rt.use_triton = lambda x: True
+    rt, tuner = _runtime(), importlib.import_module("gam_triton.ops._autotune")
+    real, old, rt.use_triton = rt.use_triton, os.environ.get("GAM_TRITON_AUTOTUNE"), lambda x: True
     os.environ["GAM_TRITON_AUTOTUNE"] = "0"
     tuner.reset()
     try:
         yield
     finally:
         rt.use_triton = real
-        if old is None:
-            os.environ.pop("GAM_TRITON_AUTOTUNE", None)
-        else:
-            os.environ["GAM_TRITON_AUTOTUNE"] = old
+        os.environ.pop("GAM_TRITON_AUTOTUNE") if old is None else os.environ.update(GAM_TRITON_AUTOTUNE=old)
         tuner.reset()
 
 
@@ -320,22 +314,6 @@ def gam_table(shapes: Sequence[Shape], dtype_name: str, mode: str = "forward", d
     return _table(head + (" fused MB | fused launches | floor H100 fused us |" if mode == "forward" else ""), rows)
 
 
-def component_table(shapes: Sequence[Shape], dtype_name: str) -> str:
-    """Markdown: the fused components alone, eager's ops against the one kernel (eval forward)."""
-    import bench
-
-    dtype, bw, rows = DTYPES[dtype_name], GPU_BANDWIDTH["H100"], []
-    for s in shapes:
-        for name, eager_fn in (("channel_gate", bench.channel_gate_eager), ("final_gate", bench.final_gate_eager)):
-            args, kernel_bytes = bench.component_args(name, s, dtype, "meta"), bench.component_work(name, s, dtype)[0]
-            with torch.no_grad():
-                e = count(lambda: eager_fn(*args))  # noqa: B023 - called at once, in this iteration
-            rows.append(f"| {name.replace('_', ' ')} | {s.label()[:-2]} | {_mb(e.bytes)} | {e.launches} | "
-                        f"{_mb(kernel_bytes)} | 1 | {e.floor_us(bw):.0f} | {kernel_bytes / bw * 1e6:.0f} |")
-    return _table("| component | shape | eager MB | eager launches | kernel MB | kernel launches | floor H100 eager us "
-                  "| floor H100 kernel us |", rows)
-
-
 def op_breakdown(shape: Shape, dtype_name: str, mode: str = "forward", device: str = "meta") -> str:
     """Markdown: launches and MB per op name, eager and gam_triton, for one shape."""
     e = eager_traffic(shape, DTYPES[dtype_name], mode, device).by_op()
@@ -358,8 +336,6 @@ def report(batch: int, dtype_name: str, mode: str = "forward", device: str = "me
         "convolutions (train: 3x forward); ideal = read x and the weights, write out (one perfect kernel); floor = "
         "bytes / bandwidth (H100 3.0 TB/s).", "### Whole block", gam_table(shapes, dtype_name, mode, device),
         "### Per op, one shape", op_breakdown(Shape(batch, 256, 40, 40, 4, True), dtype_name, mode, device)]
-    if mode == "forward":
-        parts += ["### Fused components alone", component_table([s for s in shapes if not s.group], dtype_name)]
     return "\n\n".join(parts) + "\n"
 
 
