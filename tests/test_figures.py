@@ -28,37 +28,27 @@ def _bars(ax, x: float) -> list:
 
 
 def _texts(fig) -> str:
-    parts = []
-    for sub in [fig, *getattr(fig, "subfigs", [])]:
-        if sub._suptitle is not None:
-            parts.append(sub._suptitle.get_text())
+    """Every title, text and legend entry of ``fig``."""
+    parts = [sub._suptitle.get_text() for sub in [fig, *getattr(fig, "subfigs", [])] if sub._suptitle is not None]
     for ax in fig.get_axes():
         parts += [t.get_text() for t in ax.texts] + [ax.get_title()]
-        leg = ax.get_legend()
-        if leg:
-            parts += [t.get_text() for t in leg.get_texts()]
-    for leg in fig.legends:
-        parts += [t.get_text() for t in leg.get_texts()]
-    return "\n".join(parts)
+    legends = [ax.get_legend() for ax in fig.get_axes() if ax.get_legend()] + list(fig.legends)
+    return "\n".join(parts + [t.get_text() for leg in legends for t in leg.get_texts()])
 
 
 def _results_csv(path, device=H100, note="", date="2026-11-25T10:00:00+00:00"):
-    rows = []
-    for (b, c, h, g) in [(1, 128, 80, "True"), (16, 256, 40, "False")]:
-        for mode in ("forward", "train"):
-            for prov, ms in [("eager", 2.0), ("compile", 1.5), ("compile-max-autotune", 1.2), ("gam_triton", 1.0)]:
-                rows.append(dict(device=device, torch="2.11.0", triton="3.6.0", dtype="bf16", mode=mode, kind="gam",
-                                 batch=b, channels=c, height=h, width=h, rate=4, group=g, provider=prov, ms=ms,
-                                 gbps=100 / ms, tflops=10 / ms, copy_gbps=3000, note=note, date=date))
-    rows.append(dict(device=device, torch="2.11.0", triton="3.6.0", dtype="bf16", mode="forward",
-                     kind="channel_gate", batch=16, channels=256, height=40, width=40, rate=4, group="",
-                     provider="gam_triton", ms=0.01, gbps=2600, tflops=160, copy_gbps=3000, note=note, date=date))
+    rows = [dict(mode=mode, kind="gam", batch=b, channels=c, height=h, group=g, provider=prov, ms=ms, gbps=100 / ms,
+                 tflops=10 / ms) for b, c, h, g in [(1, 128, 80, "True"), (16, 256, 40, "False")]
+            for mode in ("forward", "train")
+            for prov, ms in [("eager", 2.0), ("compile", 1.5), ("compile-max-autotune", 1.2), ("gam_triton", 1.0)]]
+    rows.append(dict(mode="forward", kind="channel_gate", batch=16, channels=256, height=40, group="",
+                     provider="gam_triton", ms=0.01, gbps=2600, tflops=160))
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    pd.DataFrame(rows).assign(device=device, torch="2.11.0", triton="3.6.0", dtype="bf16", width=lambda d: d["height"],
+                              rate=4, copy_gbps=3000, note=note, date=date).to_csv(path, index=False)
     return str(path)
 
 
-# --- traffic -----------------------------------------------------------------------------------------------
 def test_traffic_figure_stacks_the_counted_bytes_and_launches(device):
     fig = report.traffic_figure(TINY, "fp32")
     axes = fig.get_axes()
@@ -79,7 +69,6 @@ def test_traffic_figure_stacks_the_counted_bytes_and_launches(device):
     assert "gam_triton channel_gate" in labels and "convolution" in labels
 
 
-# --- roofline ------------------------------------------------------------------------------------------------
 def test_roofline_places_kernels_and_block_under_the_roofs_then_the_measured_points(tmp_path):
     pts = {p["name"]: p for p in report.kernel_points(TINY, "bf16")}
     assert pts["channel gate kernel"]["flops"] == 4 * TINY.batch * TINY.pixels * TINY.channels * TINY.hidden
@@ -102,7 +91,6 @@ def test_roofline_places_kernels_and_block_under_the_roofs_then_the_measured_poi
     assert "measured: gam gam_triton (interpreter: not performance)" in text
 
 
-# --- speedup and the results it reads -------------------------------------------------------------------------
 def test_speedup_figure_draws_the_ratios_of_the_csv(tmp_path):
     csv = _results_csv(tmp_path / "gpu" / "results.csv")
     fig = report.speedup_figure(csv)
@@ -133,7 +121,6 @@ def test_newest_results_prefers_the_newest_gpu_run_and_ignores_cpu(tmp_path, mon
     assert report.results_or_quick_sweep("elsewhere", str(tmp_path)) == new and calls == ["somewhere"]
 
 
-# --- autotuner ------------------------------------------------------------------------------------------------
 def test_autotune_figure_shows_heuristic_or_tuned_tiles_and_the_compile_report(tmp_path):
     from gam_triton.ops import channel_gate
 

@@ -63,8 +63,8 @@ def test_each_kernel_alone_runs_and_its_bytes_are_counted_at_the_seam(kind):
     case = bench.kernel_case(kind, shape, torch.float32, "forward", "gam_triton", KERNELS_RUN_ON)
     with torch.no_grad():
         case.step()
-    elt = 4 * shape.batch * shape.pixels
-    assert case.bytes >= elt * (shape.hidden if kind.startswith("bn1") or kind == "conv1" else shape.channels)
+    ch = shape.hidden if kind.startswith("bn1") or kind == "conv1" else shape.channels
+    assert case.bytes >= 4 * shape.batch * shape.pixels * ch
     assert (case.flops > 0) == kind.startswith("conv")
 
 
@@ -100,9 +100,7 @@ class FakeClock:
 
     def __init__(self, busy):
         self.t, self.busy = 0.0, busy
-
-    def perf_counter(self):
-        return self.t
+        self.perf_counter = lambda: self.t
 
     def work(self, seconds):
         def fn():
