@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
-# make gpu-check: a short GPU lease's evidence, each step an existing command under its own timeout (8 minutes in
-# all), into one folder (default perf/results/<gpu name>/<date>/) packed as <folder>.tar.gz at the end:
-#   tests (pytest -m "gpu or gpu_check", kernels compiled for real), tune (python -m gam_triton.tune, the headline
-#   shapes), bench (perf/bench.py --quick --budget), report (perf/report.py). steps.txt: each step's exit status.
-#   bash perf/gpu_check.sh [--rehearse] [--out DIR]    PY=python3 by default
-# --rehearse: every step on the CPU (TRITON_INTERPRET=1, tiny shapes, about a minute); every file says so.
-set -u
-cd "$(dirname "$0")/.."
-PY=${PY:-python3}; REHEARSE=0; OUT=""
+# make gpu-check: a short GPU lease's evidence, four existing commands each under its own timeout (8 minutes in all):
+# tests (pytest -m "gpu or gpu_check", kernels compiled for real), tune (python -m gam_triton.tune, the headline
+# shapes), bench (perf/bench.py --quick --budget), report (perf/report.py); into one folder (default
+# perf/results/<gpu name>/<date>/, steps.txt: each step's exit status), packed as <folder>.tar.gz at the end.
+#   bash perf/gpu_check.sh [--rehearse] [--out DIR]   (PY=python3 by default; --rehearse: every step on the CPU)
+set -u; cd "$(dirname "$0")/.."; PY=${PY:-python3}; REHEARSE=0; OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in --rehearse) REHEARSE=1 ;; --out) OUT=${2:?--out needs a folder}; shift ;;
-        *) echo "gpu_check.sh: unknown argument $1 (--rehearse, --out DIR)" >&2; exit 2 ;; esac; shift
-done
+        *) echo "gpu_check.sh: unknown argument $1 (--rehearse, --out DIR)" >&2; exit 2 ;; esac; shift; done
 if [ "$REHEARSE" = 1 ]; then
-    export TRITON_INTERPRET=1; T=(150 40 90 40); SHAPES=("16 4"); BATCH=2; DTYPE=fp32; BENCH=(--rehearse --budget 60)
-    LABEL="REHEARSAL on the CPU (TRITON_INTERPRET=1, tiny shapes): it checks that every step runs; NOT performance figures"
+    export TRITON_INTERPRET=1; T=(600 300 600 300); SHAPES=("16 4"); BATCH=2; DTYPE=fp32  # timeouts: hangs only
+    BENCH=(--rehearse --budget 150)  # about 30 s of it on a quiet machine; a busy one is not cut short
+    LABEL="REHEARSAL on the CPU (TRITON_INTERPRET=1, tiny shapes): it checks every step runs; NOT performance figures"
     K="not compile and not train and not conv and not half and not autocast and not block and not bwd"
 else
     unset TRITON_INTERPRET; T=(140 60 200 40); SHAPES=("128 80" "256 40" "512 20"); BATCH=16; DTYPE=bf16; K=""
     BENCH=(--quick --budget 180); LABEL="GPU run ($(date -u +%FT%TZ))"
 fi
-OUT=${OUT:-$($PY -c "import sys; sys.path.insert(0, 'perf'); import bench; print(bench.machine().results_dir)")/$(date -u +%Y%m%dT%H%MZ)}
+[ -n "$OUT" ] || OUT=$($PY -c "import sys, time; sys.path.insert(0, 'perf'); import bench
+print(bench.machine().results_dir + time.strftime('/%Y%m%dT%H%MZ', time.gmtime()))")
 mkdir -p "$OUT" && echo "# $LABEL" > "$OUT/steps.txt"
 step() {  # step NAME SECONDS COMMAND...: its output in NAME.txt (the label first), its exit status in steps.txt
     local name=$1 t=$2; shift 2
@@ -28,14 +26,12 @@ step() {  # step NAME SECONDS COMMAND...: its output in NAME.txt (the label firs
     timeout -k 10 "$t" "$@" >> "$OUT/$name.txt" 2>&1
     local rc=$?; echo "$name: exit $rc$([ $rc = 124 ] && echo " (timed out after $t s)")" | tee -a "$OUT/steps.txt"
 }
-{ echo "# $LABEL"; nvidia-smi 2>&1 | head -15; $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|gam)"; } > "$OUT/env.txt"
-# the marked tests on the heuristic choices (tuning every test shape would take the step), then the tuner's own
-X=$([ "$REHEARSE" = 0 ] && $PY -c "import xdist" 2>/dev/null && echo "-n 4"); export PY K X
+{ echo "# $LABEL"; nvidia-smi | head -12; $PY -m pip list 2>/dev/null | grep -E "^(torch|triton)"; } >"$OUT/env.txt"
+X=$([ "$REHEARSE" = 0 ] && $PY -c "import xdist" 2>/dev/null && echo "-n 4"); export PY K X BATCH DTYPE
 step tests "${T[0]}" bash -c 'GAM_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $X -m "gpu or gpu_check" \
     -k "not runs_on${K:+ and ($K)}" tests; rc=$?; $PY -m pytest -q -p no:cacheprovider -k runs_on tests/test_gpu.py; \
-    r2=$?; exit $(( rc ? rc : r2 ))'
+    r2=$?; exit $(( rc ? rc : r2 ))'  # heuristic choices (tuning every test shape takes long), then the tuner
 export GAM_TRITON_CACHE_DIR="$OUT/tuning"   # the tuned choices travel with the results; the bench runs on them
-export BATCH DTYPE
 step tune "${T[1]}" bash -c 'for s in "$@"; do set -- $s; echo "== C$1 $2x$2"; $PY -m gam_triton.tune --channels $1 \
     --sizes $2 --batch $BATCH --dtype $DTYPE --layout channels_last --group --no-sigmoid --shuffle 4 --train || exit
     done' _ "${SHAPES[@]}"
