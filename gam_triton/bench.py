@@ -75,7 +75,8 @@ AMP = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WARMUP_CALLS, MIN_REPS, MAX_REPS = 3, 5, 1000
 COLUMNS = ("figures", "scope", "name", "input", "mode", "no_gam_ms", "eager_ms", "gam_triton_ms", "speedup",
            "eager_share_pct", "gam_triton_share_pct", "eager_peak_mb", "gam_triton_peak_mb", "no_gam_img_per_s",
-           "eager_img_per_s", "gam_triton_img_per_s", "max_abs_diff", "timer", "device", "batch", "imgsz", "amp", "torch", "triton")
+           "eager_img_per_s", "gam_triton_img_per_s", "max_abs_diff", "timer", "device", "batch", "imgsz", "amp",
+           "torch", "triton")
 
 
 class BenchError(Exception):
