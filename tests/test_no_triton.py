@@ -101,7 +101,8 @@ def _in_subprocess_imports() -> None:
 
 def _in_subprocess_pytorch_path() -> None:
     """Every form, eval and train, forward and backward, against its float64 reference; running statistics; fp32
-    and bf16; channels_last; GAM.from_module, state dicts both ways, convert / revert, deploy, save / load."""
+    and bf16; channels_last; GAM.from_module, state dicts both ways, convert / revert, deploy (TorchScript, ONNX,
+    torch.export), save / load."""
     import io
 
     import gam_triton
@@ -149,6 +150,15 @@ def _in_subprocess_pytorch_path() -> None:
         _close(torch.export.export(conv, (x,)).module()(x), want, "torch.export")
         with plain_graph():
             _close(torch.export.export(conv, (x,)).module()(x), want, "torch.export under plain_graph")
+        buf = io.BytesIO()
+        torch.onnx.export(conv, (x,), buf, dynamo=False, opset_version=17, input_names=["input"])
+        try:
+            import onnxruntime
+        except ImportError:
+            print("onnxruntime not installed: the ONNX graph is exported, not run")
+        else:
+            sess = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+            _close(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want, "ONNX in onnxruntime")
         buf = io.BytesIO()
         torch.save(conv, buf)
         buf.seek(0)
