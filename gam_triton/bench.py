@@ -24,9 +24,10 @@ scalar loss (the sum of the means of the outputs) and its backward, no optimizer
 
 Per GAM block (input shape, dtype and layout captured with a forward pre-hook during one eval forward): eager
 and gam_triton times for eval and for a train step of the block alone (its input requiring a gradient, as
-inside the model), speedup, the block's share of its variant's whole-model time, and peak memory. For the
-whole model: the three variants, images per second, and the GAM blocks' share in context
-((model - no GAM) / model).
+inside the model), speedup, the block's share of its variant's whole-model time (the block timed alone over
+the model timed whole), and peak memory. For the whole model: the three variants, images per second, the GAM
+blocks' share in context ((model - no GAM) / model), and the largest difference between eager's and
+gam_triton's eval outputs (``max_abs_diff``, measured before any train step moves the BatchNorm statistics).
 
 Timing: ``triton.testing.do_bench`` on CUDA (median, L2 flushed); on the CPU, and on CUDA without Triton, the
 median of ``time.perf_counter`` repeats (synchronised on CUDA) for ``--rep-ms`` per figure, at least 5 repeats.
@@ -265,14 +266,18 @@ def train_step(model: nn.Module, x: torch.Tensor, amp) -> Optional[Callable[[], 
     if not leaves:
         return None
 
-    def run() -> None:
+    def reset() -> None:
         for t in leaves:
             t.grad = None
+
+    def run() -> None:
+        reset()
         with autocast(x.device, amp):
             loss = _scalar(model(x))
         if loss is not None and loss.requires_grad:
             loss.backward()
 
+    run.reset = reset  # peak_mb: the gradients of the previous call are not part of the baseline
     return run
 
 
@@ -307,6 +312,7 @@ def peak_mb(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     """Peak CUDA memory of one call above what was allocated before it, MiB; None off CUDA."""
     if device.type != "cuda":
         return None
+    getattr(fn, "reset", lambda: None)()
     _sync(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
