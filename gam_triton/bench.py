@@ -437,7 +437,8 @@ def write_csv(rows: list, path: str) -> None:
 
 
 def write_png(rows: list, path: str, title: str) -> None:
-    """Per mode: eager and gam_triton time of each block and of the whole model (log scale), speedups marked."""
+    """Per mode: eager and gam_triton time of each block and of the whole model (and of the model without its
+    GAM blocks), log scale, speedups marked."""
     import matplotlib
     import matplotlib.ticker
 
@@ -451,9 +452,11 @@ def write_png(rows: list, path: str, title: str) -> None:
         sel = [r for r in rows if r["mode"] == mode]
         labels = [f"{r['name']}\n{r['input']}" for r in sel]
         pos = range(len(sel))
-        for off, key, color in ((-0.2, "eager_ms", "tab:gray"), (0.2, "gam_triton_ms", "tab:blue")):
-            ax.barh([p + off for p in pos], [r.get(key) or 0 for r in sel], height=0.38, color=color,
-                    label=key.replace("_ms", ""))
+        for off, key, color in ((-0.28, "no_gam_ms", "tab:olive"), (0, "eager_ms", "tab:gray"),
+                                (0.28, "gam_triton_ms", "tab:blue")):
+            if any(r.get(key) for r in sel):
+                ax.barh([p + off for p in pos], [r.get(key) or 0 for r in sel], height=0.27, color=color,
+                        label={"no_gam_ms": "model without GAM"}.get(key, key[:-3]))
         for p, r in zip(pos, sel):
             if r.get("speedup"):
                 ax.annotate(f"x{r['speedup']:.2f}", (max(r.get("eager_ms") or 0, r.get("gam_triton_ms") or 0), p),
