@@ -19,7 +19,8 @@ gam_triton block reverted to its plain PyTorch form, :func:`gam_triton.revert`),
 (:func:`gam_triton.convert` of eager: the blocks are the ones ``convert`` finds) and *no GAM* (every GAM block
 replaced by ``nn.Identity``: what the model costs without them). Eval is a forward under ``torch.no_grad`` (on
 an ultralytics model after its ``fuse()``, as its ``predict`` does); one train step is a train-mode forward, a
-scalar loss (the sum of the means of the outputs) and its backward, no optimizer step. ``--amp`` runs both under
+scalar loss (the sum of the means of the outputs) and its backward with every parameter trained (a checkpoint's
+EMA comes frozen), no optimizer step. ``--amp`` runs both under
 ``torch.autocast``.
 
 Per GAM block (input shape, dtype and layout captured with a forward pre-hook during one eval forward): eager
@@ -396,7 +397,7 @@ def _pct(part, total) -> Optional[float]:
 def run(args: argparse.Namespace) -> list:
     """Measure ``args.model``; returns the rows (dicts keyed by :data:`COLUMNS`)."""
     device, amp = torch.device(args.device), AMP[args.amp]
-    model = load_model(args.model)
+    model = load_model(args.model).requires_grad_(True)  # a checkpoint's EMA is frozen: train every parameter
     ch = args.channels or (model.yaml.get("ch") if isinstance(getattr(model, "yaml", None), dict) else None) or 3
     eager = revert(model).to(device)
     converted = convert(copy.deepcopy(eager))

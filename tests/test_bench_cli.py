@@ -107,13 +107,13 @@ def test_cli_on_a_module_path_factory(tmp_path):
 
 
 def test_cli_on_an_ultralytics_style_checkpoint_of_a_converted_half_model(tmp_path):
-    """A dict with "ema" None and "model" holding a converted fp16 model: loaded in fp32, gam_triton blocks
-    reverted for the eager figures."""
+    """A dict with "ema" None and "model" holding a converted fp16 model with frozen parameters (as ultralytics
+    saves one): loaded in fp32, trained whole, gam_triton blocks reverted for the eager figures."""
     sys.path.insert(0, str(tmp_path))
     try:
         _factory(tmp_path)
         import tiny_gam_net  # noqa: F401  (pickled by reference: the subprocess imports it from PYTHONPATH)
-        model = gam_triton.convert(tiny_gam_net.make_model()).half()
+        model = gam_triton.convert(tiny_gam_net.make_model()).half().requires_grad_(False)  # as ultralytics saves
     finally:
         sys.path.remove(str(tmp_path))
     torch.save({"epoch": 3, "ema": None, "model": model}, tmp_path / "last.pt")
