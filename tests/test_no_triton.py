@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -95,8 +96,14 @@ def _in_subprocess_imports() -> None:
                 f"{name} needs Triton or fails: {e!r}")
             print(f"{name}: skipped, {e.name} is not installed")
     from gam_triton import tune
+    from gam_triton.ops import _autotune
 
     assert tune.main(["--channels", "16", "--sizes", "8"]) == 2  # refuses, saying Triton is missing
+    with tempfile.TemporaryDirectory() as d:  # the cache file without fcntl (Windows): written unlocked, read back
+        cache = _autotune._Cache(os.path.join(d, "c.json"), "cpu")
+        cache.store("spatial", "k", {"path": "cudnn", "source": "heuristic"})
+        assert cache.read() == {"spatial": {"k": {"path": "cudnn", "source": "heuristic"}}}
+        assert _autotune.decode({"path": "cudnn"}) == "cudnn" and _autotune.TRITON_VERSION == "none"
 
 
 def _in_subprocess_pytorch_path() -> None:
