@@ -51,6 +51,7 @@ import csv
 import importlib
 import importlib.util
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -114,7 +115,9 @@ def _yaml_modules(path: str) -> set:
     import yaml  # PyYAML: an ultralytics dependency
 
     with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise BenchError(f"{path} is not an ultralytics model yaml (a mapping with backbone and head)")
     rows = [r for k in ("backbone", "head") for r in (cfg.get(k) or []) if isinstance(r, (list, tuple))]
     return {str(r[2]).rsplit(".", 1)[-1] for r in rows if len(r) >= 3}
 
@@ -148,6 +151,8 @@ def _from_checkpoint(path: str) -> nn.Module:
     except AttributeError as e:  # a class the checkpoint names is not in its module (a fork's class)
         raise BenchError(f"{path}: a class of the checkpoint is missing here ({e}); run with the code that "
                          "defined it importable (a fork: its own ultralytics)") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise BenchError(f"{path} cannot be read by torch.load: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict):
         for k in ("ema", "model"):
             if isinstance(obj.get(k), nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -166,6 +167,17 @@ def test_bad_model_spec_raises_a_clear_error(tmp_path, monkeypatch, spec, messag
     monkeypatch.chdir(tmp_path)
     with pytest.raises(bench.BenchError, match=message):
         bench.load_model(spec)
+
+
+def test_files_that_are_not_models_say_so(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(bench.BenchError, match="cannot be read by torch.load"):
+        bench.load_model(str(tmp_path / "junk.pt"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    missing = importlib.util.find_spec("ultralytics") is None
+    with pytest.raises(bench.BenchError, match="needs ultralytics, which is not installed: pip install" if missing
+                       else "not an ultralytics model yaml"):
+        bench.load_model(str(tmp_path / "list.yaml"))
 
 
 def test_checkpoint_whose_classes_are_missing_names_them(tmp_path, monkeypatch):
