@@ -40,7 +40,9 @@ performance figures at all.
 
 Output: ``DIR/<model>_<device>_b<batch>_<imgsz>.csv`` (one row per block and mode, then the whole model per
 mode; columns in :data:`COLUMNS`) and ``.png`` (eager against gam_triton per row, eval and train), and a summary
-on stdout. Exit status 2 with a message naming what is missing for a MODEL that cannot be loaded.
+on stdout. Exit status 2 with a message naming what is missing for a MODEL that cannot be loaded; 1 when a
+measurement raised (e.g. BatchNorm in train mode on a 1x1 map at a tiny ``--imgsz``): it is named on stderr and
+its cells are left empty.
 """
 from __future__ import annotations
 
@@ -327,12 +329,20 @@ def peak_mb(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def measure(fn: Optional[Callable[[], None]], device: torch.device, rep_ms: float) -> tuple:
-    """(ms, peak MiB) of ``fn``; (None, None) when there is nothing to run."""
+def measure(fn: Optional[Callable[[], None]], device: torch.device, rep_ms: float, what: str = "",
+            failures: Optional[list] = None) -> tuple:
+    """(ms, peak MiB) of ``fn``; (None, None) when there is nothing to run, or when it raises and ``failures``
+    is given (the error is appended to it, named by ``what``: the other figures still count)."""
     if fn is None:
         return None, None
-    ms = time_ms(fn, device, rep_ms)
-    return ms, peak_mb(fn, device)
+    try:
+        ms = time_ms(fn, device, rep_ms)
+        return ms, peak_mb(fn, device)
+    except Exception as e:  # noqa: BLE001 - reported by main, exit status 1
+        if failures is None:
+            raise
+        failures.append(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+        return None, None
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -369,16 +379,18 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor, amp) -> Optional[f
     return max(diffs) if diffs and len(ta) == len(tb) else None
 
 
-def _whole(variants: dict, x: torch.Tensor, amp, rep_ms: float) -> dict:
+def _whole(variants: dict, x: torch.Tensor, amp, rep_ms: float, failures: list) -> dict:
     """{mode: {variant: (ms, peak MiB)}} of the whole model."""
     out = {}
     for mode in ("eval", "train"):
         out[mode] = {name: measure(eval_step(for_eval(m), x, amp) if mode == "eval" else train_step(m, x, amp),
-                                   x.device, rep_ms) for name, m in variants.items()}
+                                   x.device, rep_ms, f"whole model, {name}, {mode}", failures)
+                     for name, m in variants.items()}
     return out
 
 
-def _block_row(row: dict, p: str, s: Seen, mode: str, variants: dict, whole: dict, amp, rep_ms: float) -> dict:
+def _block_row(row: dict, p: str, s: Seen, mode: str, variants: dict, whole: dict, amp, rep_ms: float,
+               failures: list) -> dict:
     """Fill ``row`` with eager against gam_triton for the block at ``p`` alone, on a random input like ``s``."""
     row["input"] = "x".join(map(str, s.shape)) + f" {str(s.dtype).replace('torch.', '')}" + (
         " channels_last" if s.channels_last else "")
@@ -388,7 +400,7 @@ def _block_row(row: dict, p: str, s: Seen, mode: str, variants: dict, whole: dic
         xb = torch.randn(s.shape, dtype=s.dtype, device=device)
         xb = xb.contiguous(memory_format=torch.channels_last) if s.channels_last else xb
         step = eval_step(blk.eval(), xb, amp) if mode == "eval" else train_step(blk, xb.requires_grad_(), amp)
-        ms, mb = measure(step, device, rep_ms)
+        ms, mb = measure(step, device, rep_ms, f"block {p}, {name}, {mode}", failures)
         total = whole[mode][name][0]
         row.update({f"{name}_ms": ms, f"{name}_peak_mb": mb, f"{name}_share_pct": _pct(ms, total)})
     row["speedup"] = _ratio(row["eager_ms"], row["gam_triton_ms"])
@@ -399,8 +411,8 @@ def _pct(part, total) -> Optional[float]:
     return 100 * part / total if part is not None and total else None
 
 
-def run(args: argparse.Namespace) -> list:
-    """Measure ``args.model``; returns the rows (dicts keyed by :data:`COLUMNS`)."""
+def run(args: argparse.Namespace) -> tuple[list, list]:
+    """Measure ``args.model``: (rows, dicts keyed by :data:`COLUMNS`; the measurements that raised)."""
     device, amp = torch.device(args.device), AMP[args.amp]
     model = load_model(args.model).requires_grad_(True)  # a checkpoint's EMA is frozen: train every parameter
     ch = args.channels or (model.yaml.get("ch") if isinstance(getattr(model, "yaml", None), dict) else None) or 3
@@ -414,12 +426,14 @@ def run(args: argparse.Namespace) -> list:
     common = dict(figures=figures_label(device), timer=timer_name(device), device=str(device), batch=args.batch,
                   imgsz=args.imgsz, amp=args.amp, torch=torch.__version__,
                   triton=triton.__version__ if HAS_TRITON else "not installed")
-    whole = dict(_whole(variants, x, amp, args.rep_ms), device=device)
+    failures: list = []
+    whole = dict(_whole(variants, x, amp, args.rep_ms, failures), device=device)
     rows = []
     for p in paths:
         for mode in ("eval", "train"):
             row = dict(common, scope="block", name=p, mode=mode, input="not called in the forward")
-            rows.append(_block_row(row, p, seen[p], mode, variants, whole, amp, args.rep_ms) if p in seen else row)
+            rows.append(_block_row(row, p, seen[p], mode, variants, whole, amp, args.rep_ms, failures)
+                        if p in seen else row)
     for mode in ("eval", "train"):
         r = whole[mode]
         row = dict(common, scope="model", name="(whole model)", mode=mode, input="x".join(map(str, x.shape)) +
@@ -431,7 +445,7 @@ def run(args: argparse.Namespace) -> list:
                             if ms and "no_gam" in r and r["no_gam"][0] else None})
         row["speedup"] = _ratio(row.get("eager_ms"), row.get("gam_triton_ms"))
         rows.append(row)
-    return rows
+    return rows, failures
 
 
 def write_csv(rows: list, path: str) -> None:
@@ -485,7 +499,7 @@ def summary(rows: list) -> str:
     lines = [rows[0]["figures"] if rows else "", f"{'':40} {'mode':5} {'eager ms':>9} {'gam_triton':>10} "
              f"{'speedup':>7} {'share %':>8} {'peak MiB (eager/gam_triton)':>28}"]
     for r in rows:
-        peak = "n/a" if r.get("eager_peak_mb") is None else f"{r['eager_peak_mb']:.1f}/{r['gam_triton_peak_mb']:.1f}"
+        peak = "n/a" if r["device"] == "cpu" else f"{_fmt(r.get('eager_peak_mb'))}/{_fmt(r.get('gam_triton_peak_mb'))}"
         lines.append(f"{(r['name'] + ' ' + r['input'])[:40]:40} {r['mode']:5} {_fmt(r.get('eager_ms')):>9} "
                      f"{_fmt(r.get('gam_triton_ms')):>10} {_fmt(r.get('speedup')):>7} "
                      f"{_fmt(r.get('eager_share_pct')):>8} {peak:>28}")
@@ -536,7 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("gam_triton.bench: TRITON_INTERPRET=1: the kernels run in Triton's interpreter; the figures are "
               "not performance figures (unset it for the PyTorch path's CPU figures)", file=sys.stderr)
     try:
-        rows = run(args)
+        rows, failures = run(args)
     except BenchError as e:
         print(f"gam_triton.bench: error: {e}", file=sys.stderr)
         return 2
@@ -550,7 +564,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not n:
         print("no GAM block found (as gam_triton.convert finds them): the model is measured as it is")
     print(f"wrote {base}.csv and {base}.png")
-    return 0
+    for f in failures:
+        print(f"gam_triton.bench: failed, left empty: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -202,6 +202,17 @@ def test_timer_and_labels_on_the_cpu():
     assert bench.figures_label(cpu).startswith("CPU figures")
 
 
+def test_a_measurement_that_raises_is_recorded_and_the_others_go_on():
+    def broken():
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    failures = []
+    assert bench.measure(broken, torch.device("cpu"), 1, "whole model, eager, train", failures) == (None, None)
+    assert failures == ["whole model, eager, train: ValueError: Expected more than 1 value per channel when training"]
+    with pytest.raises(ValueError):
+        bench.measure(broken, torch.device("cpu"), 1)
+
+
 def test_train_step_reaches_every_parameter_and_leaves_no_gradient_behind_between_calls():
     m = nn.Sequential(nn.Conv2d(3, 16, 1), YoloGAM(16, 16, group=True))
     step = bench.train_step(m, torch.randn(1, 3, 5, 5), None)
