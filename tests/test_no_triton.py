@@ -175,7 +175,7 @@ def _in_subprocess_pytorch_path() -> None:
 
 def _in_subprocess_load(path: str) -> None:
     """A checkpoint written where Triton runs (a converted model, its state dict, input and expected output)
-    loads and gives the expected outputs here."""
+    loads and gives the expected outputs here; ``python -m gam_triton.bench`` runs here too."""
     import gam_triton
 
     ck = torch.load(path, weights_only=False)
@@ -189,6 +189,16 @@ def _in_subprocess_load(path: str) -> None:
         _close(fresh.eval()(ck["x"]), ck["want"], "state dict loaded into a fresh converted model")
     model.train()
     model(ck["x"].requires_grad_()).sum().backward()  # trains here too
+
+    import csv
+
+    from gam_triton import bench
+
+    out = os.path.join(os.path.dirname(path), "bench")  # the benchmark CLI runs too, with the CPU timer
+    assert bench.main(["test_no_triton:_model", "--imgsz", "8", "--rep-ms", "1", "--device", "cpu", "--out", out]) == 0
+    with open(os.path.join(out, "_model_cpu_b1_8.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {(r["triton"], r["timer"]) for r in rows} == {("not installed", "perf_counter median")}
 
 
 # --- the tests -------------------------------------------------------------------------------------------
