@@ -9,7 +9,10 @@
 The channel-MLP gate and the final attention multiply run as Triton kernels on CUDA tensors (and on CPU
 tensors under ``TRITON_INTERPRET=1``); the 7x7 convolutions run on cuDNN, or in eval mode as two Triton
 convolutions with fused epilogues where faster (``GAM_TRITON_CONV``, see :mod:`gam_triton.ops.conv`).
-Elsewhere a PyTorch path with BatchNorm folded and no permute copies runs.
+Elsewhere a PyTorch path with BatchNorm folded and no permute copies runs; that is also all there is where Triton
+is not installed (macOS, Windows, CPU-only: ``gam_triton.ops._runtime.HAS_TRITON`` is false), and everything
+else (conversion, training, deploy, checkpoints) works the same there. ``python -m gam_triton.bench MODEL``
+measures eager against gam_triton on your own model.
 """
 from .convert import convert, revert
 from .module import GAM

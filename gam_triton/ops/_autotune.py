@@ -6,12 +6,15 @@ ops call ``select(op, key(...), heuristic, candidates, bench)`` under their tens
 skipped, out-of-memory and CUDA errors, capture and tracing) is stated in :func:`select`; the file
 (``$GAM_TRITON_CACHE_DIR/<gpu>__triton-<version>__kernels-<source hash>.json``, plain JSON decoded
 strictly, merged under ``flock`` and replaced atomically) in :class:`_Cache`.
+
+Imports without Triton (``_runtime.HAS_TRITON`` false: macOS, Windows, CPU-only installs): nothing is tuned
+there (no op selects a launch), but the module and its pure-Python parts (keys, the cache file) still load.
+Without ``fcntl`` (Windows) a store is not locked: still atomic, but concurrent stores may lose an entry.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl  # the ops run where Triton does: Linux
 import hashlib
 import json
 import logging
@@ -25,15 +28,24 @@ import warnings
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-import triton
-from triton.testing import do_bench
 
 from .. import kernels
 from . import _runtime
-from ._runtime import is_channels_last, next_pow2
+from ._runtime import HAS_TRITON, is_channels_last, next_pow2
+
+try:  # POSIX only: the cache file's lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+if HAS_TRITON:
+    import triton
+    from triton.testing import do_bench
+
+TRITON_VERSION = triton.__version__ if HAS_TRITON else "none"
+Choice = Union["triton.Config", str]
 
 log = logging.getLogger(__name__)
-Choice = Union[triton.Config, str]
 WORK_CAP = 1 << 17          # bucketed batch x pixels past which a bigger batch shares the key (GPU full)
 WARMUP_MS, REP_MS, TIE = 5, 25, 1.02
 FORMAT = 2                  # of the cache file; files of another format are ignored, then rewritten
@@ -102,6 +114,8 @@ def decode(entry) -> Optional[Choice]:
     cfg = entry.get("config")
     if not isinstance(cfg, dict) or not {"num_warps", "num_stages"} <= set(cfg) or not all(
             k.isidentifier() and type(v) is int and 0 <= v <= 1 << 16 for k, v in cfg.items()):
+        return None
+    if not HAS_TRITON:  # pragma: no cover - nothing selects a launch without Triton
         return None
     kw = {k: v for k, v in cfg.items() if k not in _OPTIONS}
     return triton.Config(kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg.get("maxnreg"))
@@ -201,13 +215,14 @@ class _Cache:
             os.makedirs(folder, exist_ok=True)
             with open(self.path + ".lock", "a") as lock:
                 with contextlib.suppress(OSError):  # a filesystem without flock: still atomic, maybe lossy
-                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                    if fcntl is not None:
+                        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 disk = self.read()  # with what other processes wrote meanwhile
                 disk.setdefault(op, {})[k] = entry
                 fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump({"format": FORMAT, "device": self.device, "triton": triton.__version__,
+                        json.dump({"format": FORMAT, "device": self.device, "triton": TRITON_VERSION,
                                    "entries": {o: dict(sorted(t.items())) for o, t in sorted(disk.items())}}, f,
                                   indent=1)
                         f.flush()
@@ -234,7 +249,7 @@ class _State:
     def cache(self, device: str) -> _Cache:
         if device not in self.caches:
             safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._-")[:100] or "unknown"
-                    for s in (device, triton.__version__)]
+                    for s in (device, TRITON_VERSION)]
             name = f"{safe[0]}__triton-{safe[1]}__kernels-{self.kernels}.json"
             self.caches[device] = _Cache(os.path.join(self.directory, name), device)
         return self.caches[device]
