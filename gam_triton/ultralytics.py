@@ -67,16 +67,16 @@ SOURCE = "_gam_triton_source"
 
 
 # --- registration: yaml names -> gam_triton blocks -------------------------------------------------------------
-def _parse_model_frame() -> Optional[dict]:
-    """The locals of ultralytics' (or a fork's) ``parse_model`` while it constructs a layer, if it does."""
+def _parse_model_frame(cls: type) -> Optional[dict]:
+    """The locals of ultralytics' (or a fork's) ``parse_model`` while it constructs a ``cls`` yaml row (not a
+    container row whose own constructor builds a GAM: that one gets the channels it is given)."""
     frame = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return None
         if frame.f_code.co_name == "parse_model":
             loc = frame.f_locals
-            if "ch" in loc and "f" in loc:
-                return loc
+            return loc if "ch" in loc and "f" in loc and loc.get("m") is cls else None
         frame = frame.f_back
     return None
 
@@ -86,10 +86,11 @@ def _where(loc: dict, name: str) -> str:
     return f"model yaml layer {loc.get('i', '?')} ({name}, from {loc['f']!r}, args {args!r})"
 
 
-def _channels(name: str, c1, c2) -> tuple[int, Optional[dict]]:
+def _channels(cls: type, c1) -> tuple[int, Optional[dict]]:
     """The block's channel count: the input's, from parse_model's ``ch[f]`` while it builds the layer (the
     yaml's numbers are for another scale), else ``c1``."""
-    loc = _parse_model_frame()
+    name = cls.__name__
+    loc = _parse_model_frame(cls)
     if loc is None:
         if c1 is None:
             raise TypeError(f"{name}: give the channel count, {name}(c1, c2=None, ...), outside a model yaml")
@@ -111,7 +112,7 @@ class _Registered(GAM):
     def __init__(self, c1: Optional[int] = None, c2: Optional[int] = None, group: Optional[bool] = None,
                  rate: int = 4) -> None:
         name = type(self).__name__
-        c, loc = _channels(name, c1, c2)
+        c, loc = _channels(type(self), c1)  # c2: the output has the input's channels, whatever the yaml says
         group = self._FORM["group"] if group is None else group
         try:
             super().__init__(c, rate=rate, group=group, channel_sigmoid=self._FORM["channel_sigmoid"],

@@ -83,6 +83,24 @@ def test_a_row_whose_channels_cannot_work_names_the_layer(row, match, tmp_path):
         tasks.DetectionModel(str(uc.model_yaml(tmp_path, "n", {**uc.REGISTERED, "gam10": row})), verbose=False)
 
 
+class _Wrap(torch.nn.Module):
+    """A container row (a ``C2f_GAM``-like block) whose constructor builds a GAM with its own channel count."""
+
+    def __init__(self, c=48):
+        super().__init__()
+        self.gam = gu.GAM_Attention(c, c)
+
+    def forward(self, x):
+        return x
+
+
+def test_a_gam_built_inside_a_container_row_takes_the_count_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.setattr(tasks, "Wrap", _Wrap, raising=False)
+    rows = {**uc.REGISTERED, "gam10": "[-1, 1, Wrap, [48]]"}
+    model = tasks.DetectionModel(str(uc.model_yaml(tmp_path, "n", rows)), verbose=False)
+    assert model.model[10].gam.in_channels == 48 and model.model[17].in_channels == 64
+
+
 def test_registration_keeps_a_forks_own_class(monkeypatch):
     monkeypatch.setattr(tasks, "GAM_Attention", ultralytics_fork.GAM_Attention)
     assert gu.register()["GAM_Attention"] is ultralytics_fork.GAM_Attention

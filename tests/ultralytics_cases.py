@@ -3,11 +3,15 @@ offline settings, and the arguments of a one-epoch CPU training."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no downloads, no update checks
+# Before ultralytics is imported: no downloads or update checks, and its settings file and DDP launch files in a
+# folder of this test session, not the user's ~/.config/Ultralytics.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="gam_triton_ultralytics_"))
 
 #: YOLOv8 with three GAM rows: after SPPF (layer 10), after the P3 C2f (17) and after the P4 C2f (21); the
 #: other rows are ultralytics' yolov8.yaml with the indices moved. ``{gam10}`` etc. are the module and args.
