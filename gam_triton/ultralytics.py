@@ -112,11 +112,11 @@ class _Registered(GAM):
     def __init__(self, c1: Optional[int] = None, c2: Optional[int] = None, group: Optional[bool] = None,
                  rate: int = 4) -> None:
         name = type(self).__name__
-        c, loc = _channels(type(self), c1)  # c2: the output has the input's channels, whatever the yaml says
+        c, loc = _channels(type(self), c1)
         group = self._FORM["group"] if group is None else group
-        try:
-            super().__init__(c, rate=rate, group=group, channel_sigmoid=self._FORM["channel_sigmoid"],
-                             shuffle_groups=self._FORM["shuffle_groups"])
+        try:  # in a yaml the output has the input's channels, whatever c2 says (it is written for one scale)
+            super().__init__(c, c2 if loc is None else None, rate=rate, group=group,
+                             channel_sigmoid=self._FORM["channel_sigmoid"], shuffle_groups=self._FORM["shuffle_groups"])
         except (TypeError, ValueError) as e:
             if loc is None:
                 raise

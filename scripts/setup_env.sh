@@ -29,7 +29,7 @@ EOF
 }
 
 torch_pin() {  # torch_pin PYTHON -> torch==<its torch>: what pip must keep (ultralytics' torchvision asks for a torch)
-    echo "torch==$("$1" -c 'import torch; print(torch.__version__)')"
+    echo "torch==$("$1" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 }
 
 build_tools_ok() {  # setuptools >= 64 (and wheel below setuptools 70.1) for an install without build isolation
