@@ -11,15 +11,17 @@ Forward (per pixel p; see ``shared/GAM_NOTES.md``)::
     out = x1 * shuffle(sigmoid(BN2(conv2(z1))))   conv2 + the final gate kernel (BN2 and shuffle folded in)
 
 :meth:`GAM._plan` is the one place that decides how a call runs (:class:`Plan`); :meth:`GAM.forward` follows
-it down one of five paths: the plain graph (deployment capture, or a BatchNorm that is not nn.BatchNorm2d on
-batch statistics, e.g. SyncBatchNorm), the PyTorch path (CPU without the interpreter, float64), the fused
-train block (both BatchNorms on batch statistics), the fused eval branch (both on running statistics, no
-autocast: Triton convolutions or cuDNN, ``GAM_TRITON_CONV``), and the generic Triton path for everything
-else (mixed BatchNorm modes, autocast in eval): cuDNN convolutions between the kernels, gradients from the
-ops' registered formulas.
+it down one of six paths: the layer path (an inner layer carries a hook, or a global module hook is registered:
+each layer is called as in the public forms, so thop, Grad-CAM or feature hooks fire), the plain graph
+(deployment capture, or a BatchNorm that is not nn.BatchNorm2d on batch statistics, e.g. SyncBatchNorm), the
+PyTorch path (CPU without the interpreter, float64), the fused train block (both BatchNorms on batch
+statistics), the fused eval branch (both on running statistics, no autocast: Triton convolutions or cuDNN,
+``GAM_TRITON_CONV``), and the generic Triton path for everything else (mixed BatchNorm modes, autocast in
+eval): cuDNN convolutions between the kernels, gradients from the ops' registered formulas.
 """
 from __future__ import annotations
 
+import logging
 import numbers
 import warnings
 from typing import NamedTuple, Optional
@@ -27,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from . import reference
 from .deploy import deploying
@@ -42,6 +45,13 @@ def x1_channels_last(in_channels_last: bool, is_cuda: bool, dtype: torch.dtype,
     for fp16/bf16 or autocast on CUDA (cuDNN runs those fastest NHWC)."""
     return in_channels_last or (is_cuda and (dtype != torch.float32 or amp is not None))
 
+log = logging.getLogger("gam_triton")
+
+#: The hook tables of nn.Module that make a layer's call observable (the with_kwargs/always_called tables are
+#: keyed by the entries of these); torch's global module hooks (``register_module_forward_hook`` & co.) too.
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_layers_notice_given = False  # the layer path says once per process that it runs, and why
+
 
 def _batch_stats(bn: nn.Module) -> bool:
     """True when ``bn`` normalises with the batch's statistics, as nn.BatchNorm2d decides (the rule of
@@ -49,8 +59,12 @@ def _batch_stats(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None or bn.running_var is None
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 class Plan(NamedTuple):
-    """How one Triton-path call runs, decided once by :meth:`GAM._plan`."""
+    """How one call runs, decided once by :meth:`GAM._plan`: the path, and for the Triton paths their settings."""
 
     amp: Optional[torch.dtype]  #: autocast dtype (the MLP's dots and the convolutions run in it), or None
     x1_cl: bool                 #: x1 written channels_last (the convolutions' fast layout on CUDA)
@@ -59,6 +73,11 @@ class Plan(NamedTuple):
     stats2: bool                #: BatchNorm2 on batch statistics
     fused_eval: bool            #: both on running statistics, no autocast: the fused eval branch
     conv: str                   #: its convolutions: "auto", "triton" or "cudnn" (GAM_TRITON_CONV, if they can)
+    path: str = "triton"        #: "layers" (hooks), "plain" (capture, foreign BatchNorm), "torch" or "triton"
+
+
+_LAYERS, _PLAIN, _TORCH = (Plan(None, False, False, False, False, False, "cudnn", p)
+                           for p in ("layers", "plain", "torch"))
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -175,7 +194,10 @@ class GAM(nn.Module):
         ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s own Parameter and buffer objects
         instead of copies. The plain attributes ``module`` carries (e.g. ultralytics' ``f``/``i``/``type``/
         ``np``) are copied; its hooks are not: ``module`` still exists and keeps them, and a copy would make
-        each hook fire for two blocks (``convert``, which replaces the block, moves them).
+        each hook fire for two blocks (``convert``, which replaces the block, moves them). With ``share``, the
+        hooks on ``module``'s six layers and two branches move to their counterparts here (the same hook
+        tables, so a handle the user holds still removes its hook); while any is there, the block runs the
+        layer path (:meth:`_plan`), which calls them.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
@@ -190,6 +212,16 @@ class GAM(nn.Module):
                 if type(m) is nn.ReLU:  # no counterpart in every layout: the branch's flag
                     m.training = theirs.training
             mine.training = theirs.training
+        if share:
+            pairs = zip((*gam._layers(), gam.channel_attention, gam.spatial_attention),
+                        (*found.layers, module.channel_attention, module.spatial_attention))
+            for mine, theirs in pairs:
+                for name in _HOOK_TABLES + ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                            "_forward_pre_hooks_with_kwargs"):
+                    if getattr(theirs, name, None):
+                        object.__setattr__(mine, name, getattr(theirs, name))
+                if getattr(theirs, "_is_full_backward_hook", None) is not None:
+                    mine._is_full_backward_hook = theirs._is_full_backward_hook
         table = reference.key_table(found.names)
         if table:  # this block's own names, renamed before the default seed and wrapper tables see them
             handle = gam._register_load_state_dict_pre_hook(reference.KeyMap(table))
@@ -315,13 +347,57 @@ class GAM(nn.Module):
         layers = self.spatial_attention._modules  # indexing the Sequential costs microseconds per call
         return any(type(layers[k]) is not nn.BatchNorm2d and _batch_stats(layers[k]) for k in ("1", "4"))
 
+    def _hooked_layer(self) -> Optional[str]:
+        """Where a hook would miss a call of the fused paths: the first inner module (a branch or one of its
+        layers) carrying a forward, forward-pre or backward hook, or "every module" while a global module hook
+        is registered; None when there is none."""
+        g = _torch_module  # plain attribute reads: this runs on every call (about a microsecond)
+        if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or \
+                g._global_backward_pre_hooks:
+            return "every module (a global module hook)"
+        for branch in self._modules.values():
+            if branch._forward_hooks or branch._forward_pre_hooks or branch._backward_hooks or \
+                    branch._backward_pre_hooks:
+                return self._first_hooked()
+            for m in branch._modules.values():
+                if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                    return self._first_hooked()
+        return None
+
+    def _first_hooked(self) -> str:
+        for name, branch in self._modules.items():
+            for child, m in (("", branch), *branch._modules.items()):
+                if _has_hooks(m):
+                    return f"{name}.{child}" if child else name
+        return "?"
+
     def _plan(self, x: torch.Tensor) -> Plan:
-        """How a call on ``x`` runs on the Triton path: autocast, layouts, BatchNorm modes, the convolutions.
+        """How a call on ``x`` runs: the path, then on the Triton path autocast, layouts, BatchNorm modes and
+        the convolutions.
+
+        Paths, first match: "layers" while an inner layer carries a hook (thop/``get_flops``, Grad-CAM, feature
+        visualisation; said once per process): every layer is called, as in the public forms, so each hook fires
+        and BatchNorm moves its statistics itself; "plain" under a deployment capture or with a BatchNorm on
+        batch statistics that is not nn.BatchNorm2d (SyncBatchNorm); "torch" where the kernels do not run
+        (CPU without the interpreter, float64); else "triton".
 
         x1 is written channels_last for fp16/bf16 and autocast on CUDA (cuDNN runs those fastest NHWC); the
         output keeps x's layout. The Triton convolutions need both BatchNorms on running statistics, no
         autocast and no gradient; ``GAM_TRITON_CONV`` is read here, once per call, and only then.
         """
+        hooked = self._hooked_layer()
+        if hooked is not None:
+            global _layers_notice_given
+            if not _layers_notice_given and not torch.compiler.is_compiling():
+                _layers_notice_given = True
+                log.warning("gam_triton.GAM: %s carries hooks: while an inner layer of a GAM has hooks, the block "
+                            "calls its layers one by one (PyTorch, as the public forms do) so that they fire, "
+                            "instead of the fused kernels (said once per process)", hooked)
+            return _LAYERS
+        if deploying() or self._foreign_batchnorm():
+            return _PLAIN
+        if not _runtime.use_triton(x):
+            return _TORCH
         in_cl = _runtime.is_channels_last(x)
         amp = _runtime.autocast_dtype(x.device.type)
         x1_cl = x1_channels_last(in_cl, x.is_cuda, x.dtype, amp)
@@ -404,17 +480,22 @@ class GAM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if deploying() or self._foreign_batchnorm():  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
+        if torch.jit.is_tracing():
             with warnings.catch_warnings():  # the channel count is fixed by the weights: a constant in a trace
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 self._check_input(x)
+        else:
+            self._check_input(x)
+        p = self._plan(x)
+        if p.path == "layers":  # hooks on inner layers: call them
+            return reference.layer_forward(self.channel_attention, self.spatial_attention, self.channel_sigmoid,
+                                           self.shuffle_groups, x)
+        if p.path == "plain":  # TorchScript / ONNX graph, or e.g. SyncBatchNorm
             return reference.plain_forward(self._layers(), self.channel_sigmoid, self.shuffle_groups, x)
-        self._check_input(x)
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        if not _runtime.use_triton(x):
+        if p.path == "torch":
             return self._forward_torch(x)
-        p = self._plan(x)
         lin = self._linear(p.amp)
         shuffle = self.shuffle_groups or 0
         conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))

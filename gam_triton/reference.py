@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "channel_shuffle", "shuffle", "unshuffle",
-           "gate_multiply", "uses_batch_stats", "bn_scale_shift", "fold_conv_bn", "plain_forward",
+           "gate_multiply", "uses_batch_stats", "bn_scale_shift", "fold_conv_bn", "plain_forward", "layer_forward",
            "SEQUENTIAL_PATHS", "SEED_NAMES", "WRAPPED_NAMES", "KEY_PREFIXES", "rename_keys", "rename_seed_keys",
            "KeyMap", "key_table", "Structure", "layers", "structure", "looks_like_gam", "PROBE_SHAPES",
            "detect_form", "HOOK_TABLES", "carry_over"]
@@ -172,17 +172,26 @@ class PlainGAM(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x_permute = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        x_att_permute = self.channel_attention(x_permute).view(b, h, w, c)
-        x_channel_att = x_att_permute.permute(0, 3, 1, 2)
-        if self.channel_sigmoid:
-            x_channel_att = x_channel_att.sigmoid()
-        x = x * x_channel_att
-        x_spatial_att = self.spatial_attention(x).sigmoid()
-        if self.shuffle_groups:
-            x_spatial_att = channel_shuffle(x_spatial_att, self.shuffle_groups)
-        return x * x_spatial_att
+        return layer_forward(self.channel_attention, self.spatial_attention, self.channel_sigmoid,
+                             self.shuffle_groups, x)
+
+
+def layer_forward(channel_attention: nn.Module, spatial_attention: nn.Module, channel_sigmoid: bool,
+                  shuffle_groups: Optional[int], x: torch.Tensor) -> torch.Tensor:
+    """GAM's function calling its two branches as modules, as forms 1 and 2 do (``PlainGAM``'s forward, and
+    :class:`gam_triton.GAM`'s while hooks sit on its inner layers): every layer's hooks fire, thop counts each
+    layer, BatchNorm normalises and moves its statistics itself."""
+    b, c, h, w = x.shape
+    x_permute = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    x_att_permute = channel_attention(x_permute).view(b, h, w, c)
+    x_channel_att = x_att_permute.permute(0, 3, 1, 2)
+    if channel_sigmoid:
+        x_channel_att = x_channel_att.sigmoid()
+    x = x * x_channel_att
+    x_spatial_att = spatial_attention(x).sigmoid()
+    if shuffle_groups:
+        x_spatial_att = channel_shuffle(x_spatial_att, shuffle_groups)
+    return x * x_spatial_att
 
 
 # --- shuffle and the gated multiply --------------------------------------------------------------------------

@@ -10,20 +10,26 @@
 #  - TRITON=3.4.0 (say) pins that Triton before the project is installed (the project asks for triton>=3.4).
 #  - Otherwise torch==2.13.0 is installed first (a CPU build where the machine has one on disk), so the
 #    project's torch range does not pull a multi-GB CUDA build onto a machine without a GPU; then the project,
-#    editable, with its test extra. Where that fails (no registry reachable), it says exactly what is missing.
+#    editable, with its test and ultralytics extras, the installed torch pinned in the same command (ultralytics
+#    pulls torchvision, whose wheel asks for a torch). Where that fails (no registry reachable), it says exactly
+#    what is missing.
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 # What the project needs to run and test (import names = pip names), and the test extra's optional packages.
 CORE="torch pandas matplotlib pytest"
 [ "$(uname -s)" = "Linux" ] && CORE="torch triton pandas matplotlib pytest"
-EXTRAS="hypothesis nbformat nbclient ipykernel onnx onnxruntime onnxscript"
+EXTRAS="hypothesis nbformat nbclient ipykernel onnx onnxruntime onnxscript ultralytics cloudpickle"
 
 missing() {  # missing PYTHON NAME... -> the names PYTHON cannot find
     "$1" - "${@:2}" <<'EOF'
 import importlib.util, sys
 print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 EOF
+}
+
+torch_pin() {  # torch_pin PYTHON -> torch==<its torch>: what pip must keep (ultralytics' torchvision asks for a torch)
+    echo "torch==$("$1" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 }
 
 build_tools_ok() {  # setuptools >= 64 (and wheel below setuptools 70.1) for an install without build isolation
@@ -79,13 +85,15 @@ if [ -z "$need_core" ] && build_tools_ok "$PY"; then
     need_extras=$(missing "$PY" $EXTRAS)
     if [ -n "$need_extras" ]; then
         # shellcheck disable=SC2086
-        if ! "$PY" -m pip install -q --retries 1 --timeout 10 $need_extras >/dev/null 2>&1; then
+        if ! "$PY" -m pip install -q --retries 1 --timeout 10 $need_extras "$(torch_pin "$PY")" >/dev/null 2>&1; then
             echo "setup_env: no package registry reachable: optional test packages missing: $need_extras" \
                  "(the tests that need them skip)" >&2
         fi
     fi
 else
-    if ! "$PY" -m pip install -q -e ".[test]"; then
+    extras="test,ultralytics"
+    [ -n "${TRITON:-}" ] && extras="test"  # other Tritons' venvs (make test-triton-versions): kernel tests only
+    if ! "$PY" -m pip install -q -e ".[$extras]" "$(torch_pin "$PY")"; then
         what="$need_core"
         build_tools_ok "$PY" || what="$what setuptools>=64 (for an install without build isolation)"
         echo "setup_env: could not install the project (no package registry reachable?)." \
