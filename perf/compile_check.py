@@ -237,10 +237,15 @@ def _bn_apply(case: Case, cfg, prec: str):
 
 
 def _conv_dims(case: Case) -> tuple[int, int, int, str]:
-    """(groups, cin_g, cout_g, x1's layout) of a convolution case: "g4:..." grouped (groups = r), "g1:..." plain."""
+    """(groups, cin_g, cout_g, x1's layout) of a convolution case: "g4:..." grouped (groups = r), "g1:..." plain;
+    as packed (``conv.pack_weight`` merges groups of fewer than 16 channels: ``conv.merged_groups``)."""
+    from gam_triton.ops import conv as op
+
     head, lay = case.layout.split(":")
     g, c, cr = (case.rate if head == "g4" else 1), case.channels, case.channels // case.rate
-    return (g, c // g, cr // g, lay) if case.kernel == "conv_bn_relu" else (g, cr // g, c // g, lay)
+    g, cin_g, cout_g = (g, c // g, cr // g) if case.kernel == "conv_bn_relu" else (g, cr // g, c // g)
+    s = op.merged_groups(g, cin_g, cout_g)
+    return g // s, cin_g * s, cout_g * s, lay
 
 
 def _conv1(case: Case, cfg, prec: str):
