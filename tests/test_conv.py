@@ -163,6 +163,35 @@ def test_pack_weight_merges_narrow_groups_into_the_same_convolution(groups, cin_
     torch.testing.assert_close(got, F.conv2d(x, w, padding=1, groups=groups), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("c,groups,z1_per_group", [(48, 4, 16), (192, 4, 16), (320, 4, 32), (64, 4, 16),
+                                                   (20, 1, 16), (256, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_pack_spatial_pads_z1_per_group_with_zeros(c, groups, z1_per_group, dtype):
+    """conv1 packed with zero columns and biases, conv2 with zero rows: z1's pad channels are 0 and the branch
+    computes conv2(relu(conv1(x))) exactly (in float64); in fp16 z1 has ``z1_per_group`` channels per (merged)
+    group, in fp32 no padding."""
+    cr = c // 4
+    w1 = _rand((cr, c // groups, 3, 3), dtype, "cpu", seed=1)
+    b1 = _rand((cr,), dtype, "cpu", seed=2)
+    w2 = _rand((c, cr // groups, 3, 3), dtype, "cpu", seed=3)
+    x = _rand((2, c, 4, 5), torch.float64, "cpu", seed=4)
+    wp1, bp1, wp2 = (t.double() for t in conv.pack_spatial(w1, b1, w2, groups))
+    w1, b1, w2 = w1.double(), b1.double(), w2.double()
+    if dtype == torch.float32:
+        z1_per_group = wp1.shape[3] * wp1.shape[2] // c
+        assert wp1.shape[3] == cr
+    g1, g2 = c // wp1.shape[2], wp1.shape[3] // wp2.shape[2]
+    assert g1 == g2 and wp1.shape[3] == g1 * z1_per_group and bp1.shape == (wp1.shape[3],)
+    z1 = torch.relu(F.conv2d(x, conv.unpack_weight(wp1), bp1, padding=1, groups=g1))
+    want_z1 = torch.relu(F.conv2d(x, w1, b1, padding=1, groups=groups))
+    pad = torch.ones(wp1.shape[3], dtype=torch.bool)
+    pad.view(g1, -1)[:, : cr // g1] = False
+    assert torch.equal(z1[:, pad], torch.zeros_like(z1[:, pad]))
+    torch.testing.assert_close(z1[:, ~pad], want_z1, rtol=1e-12, atol=1e-12)
+    got = F.conv2d(z1, conv.unpack_weight(wp2), padding=1, groups=g2)
+    torch.testing.assert_close(got, F.conv2d(want_z1, w2, padding=1, groups=groups), rtol=1e-12, atol=1e-12)
+
+
 # --- the GAM module under GAM_TRITON_CONV=triton ---------------------------------------------------------------
 class OpLog(TorchDispatchMode):
     """The names of the ops dispatched (custom ops appear as themselves; their insides are not seen)."""

@@ -43,7 +43,7 @@ if HAS_TRITON:
     from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
 
 __all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "checked",
-           "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight", "merged_groups",
+           "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight", "pack_spatial", "merged_groups",
            "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
 
 #: Values of GAM_TRITON_CONV.
@@ -68,18 +68,44 @@ def merged_groups(groups: int, cin_g: int, cout_g: int) -> int:
     return min((s for s in range(1, groups + 1) if groups % s == 0), key=cost)
 
 
-def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def _up16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def pack_weight(weight: torch.Tensor, groups: int = 1, pad_cout: bool = False, pad_cin: bool = False) -> torch.Tensor:
     """Conv weight [COUT, CIN/G, K, K] of a convolution in ``groups`` groups -> the kernels' layout
-    [K, K, S*CIN/G, COUT] (contiguous), S = :func:`merged_groups`: each run of S groups becomes one group with a
-    block-diagonal weight (zeros between the merged groups: the same function, G / S groups). The kernels take
+    [K, K, CIN_P, G' * COUT_P] (contiguous): each run of S = :func:`merged_groups` groups becomes one group with a
+    block-diagonal weight (zeros between the merged groups), G' = G / S; its in- and out-channels (S * CIN/G,
+    S * COUT/G) are padded with zero weights to a multiple of 16 when ``pad_cin`` / ``pad_cout`` (the padded
+    channel layout of GAM's z1: :func:`pack_spatial`). Unpadded, the same function as ``weight``. The kernels take
     the group count from the input's channels and this layout."""
     cout, cin_g, k, _ = weight.shape
     s = merged_groups(groups, cin_g, cout // groups)
+    g2, ci, co = groups // s, s * cin_g, s * (cout // groups)
     if s > 1:
-        w = weight.reshape(groups // s, s, cout // groups, 1, cin_g, k, k)
+        w = weight.reshape(g2, s, cout // groups, 1, cin_g, k, k)
         diag = torch.eye(s, dtype=torch.bool, device=weight.device).view(1, s, 1, s, 1, 1, 1)
-        weight = torch.where(diag, w, w.new_zeros(())).reshape(cout, s * cin_g, k, k)
+        weight = torch.where(diag, w, w.new_zeros(())).reshape(cout, ci, k, k)
+    cip, cop = _up16(ci) if pad_cin else ci, _up16(co) if pad_cout else co
+    if (cip, cop) != (ci, co):
+        weight = F.pad(weight.reshape(g2, co, ci, k, k), (0, 0, 0, 0, 0, cip - ci, 0, cop - co))
+        weight = weight.reshape(g2 * cop, cip, k, k)
     return weight.permute(2, 3, 1, 0).contiguous()
+
+
+def pack_spatial(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: int) -> tuple:
+    """(conv1's packed weight, its bias, conv2's packed weight) for the Triton path of the spatial branch: groups
+    merged (:func:`merged_groups`) and z1's channels per merged group padded to a multiple of 16, with zero
+    weights and biases (z1's pad channels are relu(0) = 0, and conv2 weighs them 0): both K loops then load
+    16-byte vectors. z1 costs the padding in bytes (C192 g4: 16 channels per group instead of 12), no MMAs:
+    the dots pad N (conv1) and K (conv2) to 16 anyway. fp16/bf16 only: fp32 elements load as 4-byte words
+    anyway (and a padded fp32 conv2, C640 g4 tf32x3, spilled 12 B on sm_100)."""
+    pad = w1.element_size() < 4
+    wp1 = pack_weight(w1, groups, pad_cout=pad)
+    g2 = w1.shape[1] * groups // wp1.shape[2]
+    co, cop = w1.shape[0] // g2, wp1.shape[3] // g2
+    bp1 = F.pad(b1.reshape(g2, co), (0, cop - co)).reshape(-1).contiguous()
+    return wp1, bp1, pack_weight(w2, groups, pad_cin=pad)
 
 
 def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
@@ -322,8 +348,8 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
                 scale2: torch.Tensor, shift2: torch.Tensor, packed: Optional[tuple], groups: int, shuffle: int,
                 out_channels_last: bool, mode: str) -> torch.Tensor:
     """The eval spatial branch and final gate on trusted arguments (the module's call): ``b1`` present,
-    ``scale2``/``shift2`` contiguous fp32, ``packed`` = (pack_weight(w1, groups), pack_weight(w2, groups)) or None when
-    the Triton path may not run (``mode`` "cudnn", or :func:`triton_ok` false)."""
+    ``scale2``/``shift2`` contiguous fp32, ``packed`` = :func:`pack_spatial` (w1, b1, w2, groups) or None when the
+    Triton path may not run (``mode`` "cudnn", or :func:`triton_ok` false)."""
     k = w1.shape[2]
 
     def cudnn() -> torch.Tensor:
@@ -332,8 +358,8 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
         return run_final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last)
 
     def triton_path() -> torch.Tensor:
-        z1 = run_conv1(x1, packed[0], b1)
-        return run_conv2(z1, packed[1], b2, scale2, shift2, x1, shuffle, out_channels_last)
+        z1 = run_conv1(x1, packed[0], packed[1])  # z1's channels padded per group (pack_spatial)
+        return run_conv2(z1, packed[2], b2, scale2, shift2, x1, shuffle, out_channels_last)
 
     if packed is None or mode == "cudnn" or x1.numel() == 0:
         return cudnn()
@@ -443,8 +469,8 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     """GAM's eval spatial branch and final gate: x1 * shuffle(sigmoid(BN2(conv2(relu(conv1(x1)))))).
 
     ``w1``, ``b1``: conv1 with BatchNorm1 folded in; ``w2``, ``b2``: conv2; ``scale2``, ``shift2``: BatchNorm2
-    as a per-channel affine. ``packed``: (pack_weight(w1, groups), pack_weight(w2, groups)) if at hand (else
-    packed here); ``mode``: one of :data:`MODES` (default: GAM_TRITON_CONV). Checked first; PyTorch where Triton
+    as a per-channel affine. ``packed``: :func:`pack_spatial` (w1, b1, w2, groups) if at hand (else packed
+    here); ``mode``: one of :data:`MODES` (default: GAM_TRITON_CONV). Checked first; PyTorch where Triton
     cannot run.
     """
     check_bchw("x1", x1)
@@ -466,7 +492,7 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         y2 = F.conv2d(z1, w2, b2, padding=w2.shape[2] // 2, groups=groups)
         return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=out_cl)
     if triton_ok(x1, w1, b1, w2, b2, scale2, shift2) and mode != "cudnn":
-        packed = packed if packed is not None else (pack_weight(w1, groups), pack_weight(w2, groups))
+        packed = packed if packed is not None else pack_spatial(w1, b1, w2, groups)
     else:
         packed = None
     return spatial_run(x1, w1, b1.contiguous(), w2, None if b2 is None else b2.contiguous(), scale2, shift2, packed,
