@@ -464,7 +464,7 @@ class GAM(nn.Module):
         def make() -> tuple:
             scale2, shift2 = bn_scale_shift(bn2, w1)
             b2 = None if conv2.bias is None else conv2.bias.contiguous()
-            pk = (conv.pack_weight(w1), conv.pack_weight(conv2.weight)) if packed else None
+            pk = conv.pack_spatial(w1, b1, conv2.weight, conv2.groups) if packed else None
             return (w1, b1.contiguous(), conv2.weight, b2, scale2.contiguous(), shift2.contiguous(), pk)
 
         tensors = [w1, b1, conv2.weight, conv2.bias, *self._bn_tensors(bn2)]

@@ -10,10 +10,10 @@ taps outside the map are masked to 0, so BLOCK_N = 16 serves COUT_G = 4 (tl.dot 
 Offsets: the image term is int64; offsets within one image are int32 unless I64 (set by the launcher when
 an image of any operand spans 2**31 elements or more), which saves registers.
 
-Weights are packed once as W[kh, kw, ci, co] (contiguous, co over all groups: co = g * COUT_G + n), so a
-weight tile is a coalesced [BLOCK_K, BLOCK_N] load. Dots run in the weights' dtype with fp32 accumulation
-(fp16/bf16 on tensor cores; fp32 with INPUT_PRECISION); DOT_F32 upcasts both operands (the interpreter's
-bf16 dot is wrong).
+Weights are packed once as W[kh, kw, ci, co] (contiguous; co = g * COUT_G + n), groups of fewer than 16 channels
+merged into block-diagonal ones where that costs no MMAs (``gam_triton.ops.conv.pack_weight``): CIN_G and COUT_G
+then carry the divisibility-by-16 hint and both K-loop operands load as 16-byte cp.async vectors. Dots run in the
+weights' dtype, fp32 accumulation (fp32: INPUT_PRECISION); DOT_F32 upcasts both (the interpreter's bf16 dot).
 
 * :func:`conv_bn_relu_kernel` - z1 = relu(conv(x1, W1) + b1), BatchNorm1 folded into W1 and b1; z1 written
   once. Reads x1 (B*C*HW elements, plus the halo re-read from L1/L2), W1; writes z1 (B*C/r*HW elements).
@@ -22,8 +22,8 @@ bf16 dot is wrong).
   the YOLO shuffle's src(c) = (c % G) * CPG + c // G, CPG = C / SHUFFLE_G) and the gate multiply; y2 never
   exists in memory. Reads z1 (+ halo), W2, x1 (B*C*HW elements), writes out (B*C*HW elements).
 
-FLOPs of each: 2 * B*H*W * COUT * CIN_G * K*K (tensor-core FLOPs are higher by BLOCK_N / COUT_G when the
-channel tile is padded).
+FLOPs of each: 2 * B*H*W * COUT * CIN_G * K*K (of the unmerged groups; tensor-core FLOPs are higher by the
+merge factor, and by BLOCK_N / COUT_G when the channel tile is padded).
 """
 import triton
 import triton.language as tl

@@ -237,10 +237,17 @@ def _bn_apply(case: Case, cfg, prec: str):
 
 
 def _conv_dims(case: Case) -> tuple[int, int, int, str]:
-    """(groups, cin_g, cout_g, x1's layout) of a convolution case: "g4:..." grouped (groups = r), "g1:..." plain."""
+    """(groups, cin_g, cout_g, x1's layout) of a convolution case: "g4:..." grouped (groups = r), "g1:..." plain;
+    as the module packs them (``conv.pack_spatial``: merged groups, z1's channels per group padded to 16)."""
+    from gam_triton.ops import conv as op
+
     head, lay = case.layout.split(":")
     g, c, cr = (case.rate if head == "g4" else 1), case.channels, case.channels // case.rate
-    return (g, c // g, cr // g, lay) if case.kernel == "conv_bn_relu" else (g, cr // g, c // g, lay)
+    pk = op.pack_spatial(_meta((cr, c // g, 1, 1), case.dtype), _meta((cr,), case.dtype),
+                         _meta((c, cr // g, 1, 1), case.dtype), g)
+    wp, cin = (pk[0], c) if case.kernel == "conv_bn_relu" else (pk[2], pk[0].shape[3])
+    groups = cin // wp.shape[2]
+    return groups, wp.shape[2], wp.shape[3] // groups, lay
 
 
 def _conv1(case: Case, cfg, prec: str):

@@ -54,6 +54,8 @@ CONV1_CASES = [  # (B, CIN, COUT, groups, K, H, W)
     (2, 20, 5, 1, 3, 4, 3),     # plain, C/r = 5 (padded to 16 columns), batch 2
     (1, 24, 6, 1, 5, 1, 1),     # a 1x1 map: every tap but the centre is padding
     (1, 40, 36, 1, 1, 2, 3),    # 1x1 kernel
+    (1, 32, 8, 4, 3, 2, 3),     # 8 in / 2 out per group: packed in pairs (2 block-diagonal groups)
+    (1, 32, 32, 2, 3, 3, 2),    # 16 per group: not merged, 2 groups
 ]
 
 
@@ -116,6 +118,8 @@ GATE_CASES = [  # (B, CIN, C, groups, K, shuffle, H, W)
     (1, 12, 48, 4, 7, 4, 2, 3),   # GAM grouped conv2 at C = 48 (3 in, 12 out channels per group), shuffled
     (1, 5, 20, 1, 3, 0, 3, 5),    # plain, no shuffle
     (2, 8, 24, 1, 3, 4, 1, 2),    # plain with the shuffle, batch 2
+    (1, 8, 32, 4, 3, 4, 3, 2),    # 2 in / 8 out per group: packed in pairs, shuffled
+    (2, 32, 32, 2, 3, 4, 2, 2),   # 16 per group: not merged, 2 groups
 ]
 
 
@@ -139,6 +143,53 @@ def test_conv_gate_kernel(case, dtype, x1_cl, out_cl, device):
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     assert_close(out, want, dtype, what=f"conv_gate {case}")
+
+
+# --- the packed layout: groups of fewer than 16 channels merged into block-diagonal ones -------------------------
+@pytest.mark.parametrize("groups,cin_g,cout_g,merged", [
+    (4, 16, 4, 4), (4, 4, 16, 4),     # YOLO C64 conv1 / conv2: dense (same MMA count as padding N or K to 16)
+    (4, 32, 8, 2), (4, 8, 32, 2),     # YOLO C128: pairs
+    (4, 64, 16, 1), (4, 16, 64, 1),   # YOLO C256: as is
+    (1, 64, 16, 1), (4, 48, 12, 1), (4, 12, 3, 4), (8, 2, 2, 8), (2, 3, 5, 2),
+])
+def test_pack_weight_merges_narrow_groups_into_the_same_convolution(groups, cin_g, cout_g, merged):
+    """The packed weight with G / S block-diagonal groups computes the grouped convolution exactly (float64)."""
+    w = _rand((cout_g * groups, cin_g, 3, 3), torch.float64, "cpu")
+    x = _rand((2, cin_g * groups, 4, 5), torch.float64, "cpu", seed=1)
+    assert conv.merged_groups(groups, cin_g, cout_g) == merged
+    wp = conv.pack_weight(w, groups)
+    assert tuple(wp.shape) == (3, 3, merged * cin_g, cout_g * groups) and wp.is_contiguous()
+    got = F.conv2d(x, conv.unpack_weight(wp), padding=1, groups=groups // merged)
+    torch.testing.assert_close(got, F.conv2d(x, w, padding=1, groups=groups), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c,groups,z1_per_group", [(48, 4, 16), (192, 4, 16), (320, 4, 32), (64, 4, 16),
+                                                   (20, 1, 16), (256, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_pack_spatial_pads_z1_per_group_with_zeros(c, groups, z1_per_group, dtype):
+    """conv1 packed with zero columns and biases, conv2 with zero rows: z1's pad channels are 0 and the branch
+    computes conv2(relu(conv1(x))) exactly (in float64); in fp16 z1 has ``z1_per_group`` channels per (merged)
+    group, in fp32 no padding."""
+    cr = c // 4
+    w1 = _rand((cr, c // groups, 3, 3), dtype, "cpu", seed=1)
+    b1 = _rand((cr,), dtype, "cpu", seed=2)
+    w2 = _rand((c, cr // groups, 3, 3), dtype, "cpu", seed=3)
+    x = _rand((2, c, 4, 5), torch.float64, "cpu", seed=4)
+    wp1, bp1, wp2 = (t.double() for t in conv.pack_spatial(w1, b1, w2, groups))
+    w1, b1, w2 = w1.double(), b1.double(), w2.double()
+    if dtype == torch.float32:
+        z1_per_group = wp1.shape[3] * wp1.shape[2] // c
+        assert wp1.shape[3] == cr
+    g1, g2 = c // wp1.shape[2], wp1.shape[3] // wp2.shape[2]
+    assert g1 == g2 and wp1.shape[3] == g1 * z1_per_group and bp1.shape == (wp1.shape[3],)
+    z1 = torch.relu(F.conv2d(x, conv.unpack_weight(wp1), bp1, padding=1, groups=g1))
+    want_z1 = torch.relu(F.conv2d(x, w1, b1, padding=1, groups=groups))
+    pad = torch.ones(wp1.shape[3], dtype=torch.bool)
+    pad.view(g1, -1)[:, : cr // g1] = False
+    assert torch.equal(z1[:, pad], torch.zeros_like(z1[:, pad]))
+    torch.testing.assert_close(z1[:, ~pad], want_z1, rtol=1e-12, atol=1e-12)
+    got = F.conv2d(z1, conv.unpack_weight(wp2), padding=1, groups=g2)
+    torch.testing.assert_close(got, F.conv2d(want_z1, w2, padding=1, groups=groups), rtol=1e-12, atol=1e-12)
 
 
 # --- the GAM module under GAM_TRITON_CONV=triton ---------------------------------------------------------------

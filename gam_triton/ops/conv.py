@@ -3,7 +3,8 @@
     z1  = relu(conv1(x1) + b1)                                  BatchNorm1 folded into conv1's weight and bias
     out = x1 * shuffle(sigmoid(scale2 * (conv2(z1) + b2) + shift2))
 
-Kernels: ``kernels/conv.py``. Weights are taken packed, [K, K, CIN/G, COUT] (:func:`pack_weight`).
+Kernels: ``kernels/conv.py``. Weights are taken packed, [K, K, S*CIN/G, COUT] (:func:`pack_weight`: groups with
+fewer than 16 channels merged S at a time into block-diagonal ones, so the K loop's loads are 16-byte vectors).
 
 * :func:`conv_bn_relu` - conv1 + bias + ReLU in one kernel, z1 written once (channels_last).
 * :func:`conv_gate` - conv2 with the final gate in its epilogue (BN2, sigmoid, channel shuffle, multiply by
@@ -42,7 +43,7 @@ if HAS_TRITON:
     from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
 
 __all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "checked",
-           "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight",
+           "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight", "pack_spatial", "merged_groups",
            "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
 
 #: Values of GAM_TRITON_CONV.
@@ -51,13 +52,65 @@ MODES = ("auto", "triton", "cudnn")
 SMEM_BUDGET = 96 * 1024
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Conv weight [COUT, CIN/G, K, K] -> the kernels' layout [K, K, CIN/G, COUT] (contiguous)."""
+def merged_groups(groups: int, cin_g: int, cout_g: int) -> int:
+    """How many neighbouring groups of a grouped convolution :func:`pack_weight` merges into one: the divisor S of
+    ``groups`` with the least tensor-core work, (groups / S) x pad16(S * cin_g) x pad16(S * cout_g) (tl.dot pads
+    its dims to 16); on a tie, one that makes S * cin_g and S * cout_g multiples of 16 (16-byte vector loads in
+    the K loop instead of 2-byte ones: the masks' bounds get the divisibility hint), then the smallest.
+
+    YOLO form (groups = rate = 4): conv1 at C64 (16 in / 4 out per group) and conv2 (4 / 16) run dense (S = 4),
+    C128's (32 / 8, 8 / 32) in pairs (S = 2), at the padded form's MMA count; 16 or more per group: S = 1."""
+    def cost(s: int) -> tuple:
+        up = lambda n: -(-n // 16) * 16  # noqa: E731
+        work = (groups // s) * up(s * cin_g) * up(s * cout_g)
+        return work, (s * cin_g) % 16 != 0 or (s * cout_g) % 16 != 0, s
+
+    return min((s for s in range(1, groups + 1) if groups % s == 0), key=cost)
+
+
+def _up16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def pack_weight(weight: torch.Tensor, groups: int = 1, pad_cout: bool = False, pad_cin: bool = False) -> torch.Tensor:
+    """Conv weight [COUT, CIN/G, K, K] of a convolution in ``groups`` groups -> the kernels' layout
+    [K, K, CIN_P, G' * COUT_P] (contiguous): each run of S = :func:`merged_groups` groups becomes one group with a
+    block-diagonal weight (zeros between the merged groups), G' = G / S; its in- and out-channels (S * CIN/G,
+    S * COUT/G) are padded with zero weights to a multiple of 16 when ``pad_cin`` / ``pad_cout`` (the padded
+    channel layout of GAM's z1: :func:`pack_spatial`). Unpadded, the same function as ``weight``. The kernels take
+    the group count from the input's channels and this layout."""
+    cout, cin_g, k, _ = weight.shape
+    s = merged_groups(groups, cin_g, cout // groups)
+    g2, ci, co = groups // s, s * cin_g, s * (cout // groups)
+    if s > 1:
+        w = weight.reshape(g2, s, cout // groups, 1, cin_g, k, k)
+        diag = torch.eye(s, dtype=torch.bool, device=weight.device).view(1, s, 1, s, 1, 1, 1)
+        weight = torch.where(diag, w, w.new_zeros(())).reshape(cout, ci, k, k)
+    cip, cop = _up16(ci) if pad_cin else ci, _up16(co) if pad_cout else co
+    if (cip, cop) != (ci, co):
+        weight = F.pad(weight.reshape(g2, co, ci, k, k), (0, 0, 0, 0, 0, cip - ci, 0, cop - co))
+        weight = weight.reshape(g2 * cop, cip, k, k)
     return weight.permute(2, 3, 1, 0).contiguous()
 
 
+def pack_spatial(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: int) -> tuple:
+    """(conv1's packed weight, its bias, conv2's packed weight) for the Triton path of the spatial branch: groups
+    merged (:func:`merged_groups`) and z1's channels per merged group padded to a multiple of 16, with zero
+    weights and biases (z1's pad channels are relu(0) = 0, and conv2 weighs them 0): both K loops then load
+    16-byte vectors. z1 costs the padding in bytes (C192 g4: 16 channels per group instead of 12), no MMAs:
+    the dots pad N (conv1) and K (conv2) to 16 anyway. fp16/bf16 only: fp32 elements load as 4-byte words
+    anyway (and a padded fp32 conv2, C640 g4 tf32x3, spilled 12 B on sm_100)."""
+    pad = w1.element_size() < 4
+    wp1 = pack_weight(w1, groups, pad_cout=pad)
+    g2 = w1.shape[1] * groups // wp1.shape[2]
+    co, cop = w1.shape[0] // g2, wp1.shape[3] // g2
+    bp1 = F.pad(b1.reshape(g2, co), (0, cop - co)).reshape(-1).contiguous()
+    return wp1, bp1, pack_weight(w2, groups, pad_cin=pad)
+
+
 def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_weight`, as a view (what F.conv2d takes)."""
+    """Inverse of :func:`pack_weight`, as a view (what F.conv2d takes, with the packed layout's groups:
+    input channels // packed.shape[2])."""
     return packed.permute(3, 2, 0, 1)
 
 
@@ -295,8 +348,8 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
                 scale2: torch.Tensor, shift2: torch.Tensor, packed: Optional[tuple], groups: int, shuffle: int,
                 out_channels_last: bool, mode: str) -> torch.Tensor:
     """The eval spatial branch and final gate on trusted arguments (the module's call): ``b1`` present,
-    ``scale2``/``shift2`` contiguous fp32, ``packed`` = (pack_weight(w1), pack_weight(w2)) or None when
-    the Triton path may not run (``mode`` "cudnn", or :func:`triton_ok` false)."""
+    ``scale2``/``shift2`` contiguous fp32, ``packed`` = :func:`pack_spatial` (w1, b1, w2, groups) or None when the
+    Triton path may not run (``mode`` "cudnn", or :func:`triton_ok` false)."""
     k = w1.shape[2]
 
     def cudnn() -> torch.Tensor:
@@ -305,8 +358,8 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
         return run_final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last)
 
     def triton_path() -> torch.Tensor:
-        z1 = run_conv1(x1, packed[0], b1)
-        return run_conv2(z1, packed[1], b2, scale2, shift2, x1, shuffle, out_channels_last)
+        z1 = run_conv1(x1, packed[0], packed[1])  # z1's channels padded per group (pack_spatial)
+        return run_conv2(z1, packed[2], b2, scale2, shift2, x1, shuffle, out_channels_last)
 
     if packed is None or mode == "cudnn" or x1.numel() == 0:
         return cudnn()
@@ -379,7 +432,7 @@ def conv_bn_relu(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         z = torch.relu(F.conv2d(x1, weight, bias, padding=weight.shape[2] // 2, groups=groups))
         return z.contiguous(memory_format=torch.channels_last)
     b = bias if bias is not None else weight.new_zeros(weight.shape[0])
-    return run_conv1(x1, pack_weight(weight), b.contiguous())
+    return run_conv1(x1, pack_weight(weight, groups), b.contiguous())
 
 
 def conv_gate(z1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
@@ -397,7 +450,7 @@ def conv_gate(z1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not triton_ok(z1, weight, bias, x1, scale, shift):
         y2 = F.conv2d(z1, weight, bias, padding=weight.shape[2] // 2, groups=groups)
         return final_gate(x1, y2, scale, shift, shuffle, out_channels_last=out_cl)
-    return run_conv2(z1, pack_weight(weight), None if bias is None else bias.contiguous(), scale, shift, x1,
+    return run_conv2(z1, pack_weight(weight, groups), None if bias is None else bias.contiguous(), scale, shift, x1,
                      shuffle, out_cl)
 
 
@@ -416,8 +469,9 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     """GAM's eval spatial branch and final gate: x1 * shuffle(sigmoid(BN2(conv2(relu(conv1(x1)))))).
 
     ``w1``, ``b1``: conv1 with BatchNorm1 folded in; ``w2``, ``b2``: conv2; ``scale2``, ``shift2``: BatchNorm2
-    as a per-channel affine. ``packed``: (pack_weight(w1), pack_weight(w2)) if at hand (else packed here);
-    ``mode``: one of :data:`MODES` (default: GAM_TRITON_CONV). Checked first; PyTorch where Triton cannot run.
+    as a per-channel affine. ``packed``: :func:`pack_spatial` (w1, b1, w2, groups) if at hand (else packed
+    here); ``mode``: one of :data:`MODES` (default: GAM_TRITON_CONV). Checked first; PyTorch where Triton
+    cannot run.
     """
     check_bchw("x1", x1)
     c = x1.shape[1]
@@ -438,7 +492,7 @@ def spatial_eval(x1: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         y2 = F.conv2d(z1, w2, b2, padding=w2.shape[2] // 2, groups=groups)
         return final_gate(x1, y2, scale2, shift2, shuffle, out_channels_last=out_cl)
     if triton_ok(x1, w1, b1, w2, b2, scale2, shift2) and mode != "cudnn":
-        packed = packed if packed is not None else (pack_weight(w1), pack_weight(w2))
+        packed = packed if packed is not None else pack_spatial(w1, b1, w2, groups)
     else:
         packed = None
     return spatial_run(x1, w1, b1.contiguous(), w2, None if b2 is None else b2.contiguous(), scale2, shift2, packed,
