@@ -220,6 +220,23 @@ def has_cuda() -> bool:
     return _CUDA[0]
 
 
+#: The SM count launch grids are sized for where no GPU is present (the interpreter, the compile check): H100/H200.
+DEFAULT_SMS = 132
+_SMS: dict = {}
+
+
+def sm_count(device=None) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (default: the current one), asked once per device;
+    :data:`DEFAULT_SMS` without a GPU (the interpreter) and for a non-CUDA device (meta tensors, CPU)."""
+    if not has_cuda() or (device is not None and torch.device(device).type != "cuda"):
+        return DEFAULT_SMS
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def can_benchmark() -> bool:
     """Kernels can be timed here (the tuner's and the spatial path choice's question; tests answer it)."""
     return has_cuda()
