@@ -121,8 +121,8 @@ def bn_stats_kernel(
     c_mask = offs_c < C
     # Welford per accumulator element over this program's tiles (cnt: per tile row; only the grid's last tile
     # has invalid rows), then Chan over the rows.
-    mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_P], dtype=tl.float32)
     q = pid_n
     while q < T:
@@ -133,16 +133,16 @@ def bn_stats_kernel(
                     other=0.0).to(tl.float32)
         cnt += n_mask.to(tl.float32)
         r = tl.where(n_mask, 1.0 / tl.maximum(cnt, 1.0), 0.0)
-        delta = y - mean
-        mean += delta * r[:, None]
-        m2 += tl.where(n_mask[:, None], delta * (y - mean), 0.0)
+        delta = y - acc_mean
+        acc_mean += delta * r[:, None]
+        acc_m2 += tl.where(n_mask[:, None], delta * (y - acc_mean), 0.0)
         q += P
     n_p = tl.sum(cnt, 0)
-    mean_p = tl.sum(cnt[:, None] * mean, 0) / n_p
-    dm = mean - mean_p[None, :]
+    mean_p = tl.sum(cnt[:, None] * acc_mean, 0) / n_p
+    dm = acc_mean - mean_p[None, :]
     base = part_ptr + pid_n.to(tl.int64) * 2 * C
     tl.store(base + offs_c, mean_p, mask=c_mask)
-    tl.store(base + C + offs_c, tl.sum(m2 + cnt[:, None] * dm * dm, 0), mask=c_mask)
+    tl.store(base + C + offs_c, tl.sum(acc_m2 + cnt[:, None] * dm * dm, 0), mask=c_mask)
     # the tree: the last program of this group combines the group (rows GROUP*g ..), then the last group all
     G = tl.cdiv(P, GROUP)
     g = pid_n // GROUP

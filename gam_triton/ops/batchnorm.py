@@ -4,7 +4,9 @@ launches (per-channel reductions, then the elementwise pass), with the ReLU mask
 and final gate (BN2) folded in. Used by the fused train block only (:mod:`gam_triton.ops.train_block`).
 
 The three kernels run on persistent grids sized to the device (:func:`programs`: one wave at full occupancy,
-from the SM count; :data:`_runtime.DEFAULT_SMS` without a GPU), each program looping over its pixel tiles.
+from the SM count; :data:`_runtime.DEFAULT_SMS` without a GPU), each program looping over its pixel tiles; a
+reduction's programs get enough tiles that the busiest (the last one, which also combines the partials)
+loads at most 4x the median.
 Reductions are deterministic: per-program fp32 partials and integer counters, combined by a two-level tree of
 fixed shape (at most two serial steps of 32 rows: see ``kernels/batchnorm.py``), no float atomics. For a given
 SM count the sums are bitwise reproducible; GPUs with different SM counts partition the pixels differently and
@@ -41,9 +43,6 @@ WARPS_PER_SM = 64
 #: per thread).
 MIN_WAVES = 0.6
 MIN_PER_THREAD = 4
-#: Elements per channel the last program of a reduction loads besides its tiles: 2 x (GROUP + GROUP) partials
-#: of the two tree levels and up to 8 per-channel vectors.
-TREE_LOADS = 4 * GROUP + 8
 
 
 def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather: bool = False,
@@ -75,6 +74,12 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
                          maxnreg=128 if _runtime.TRITON < (3, 6) else None)
 
 
+def _tree_loads(p: int) -> int:
+    """Elements per channel the last program of a reduction over ``p`` programs loads besides its tiles: the
+    partials of both tree levels (2 rows each: mean and M2, or the two sums) and up to 8 per-channel vectors."""
+    return 2 * (min(p, GROUP) + -(-p // GROUP)) + 8
+
+
 def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = None, block_p: int = 16,
              tensors: int = 0) -> int:
     """P, the programs per channel block of a persistent grid (P, n_cblocks) over ``n_tiles`` pixel tiles: one
@@ -82,15 +87,19 @@ def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = 
     at most one program per tile and at most :data:`MAX_PROGRAMS` (two one-step levels of finalisation). Where
     registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM) rounds: 1, or >= 4/3.
 
-    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): each program gets at
-    least k = ceil((1 + TREE_LOADS / (block_p * tensors)) / 3) tiles, so that the busiest program (k + 1 tiles
-    and the tree's 2 x (GROUP + GROUP) partial rows) loads at most 4x the median one (k tiles)."""
+    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the largest such P with
+    k = floor(T / P) tiles per program for the smallest k at which the busiest program (ceil(T / P) tiles and
+    the tree's partials) loads at most 4x what a program with k tiles does."""
     slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // num_warps)
-    p = min(n_tiles, MAX_PROGRAMS, slots // max(1, n_cblocks))
-    if tensors:
-        k = -(-(block_p * tensors + TREE_LOADS) // (3 * block_p * tensors))
-        p = min(p, n_tiles // k)
-    return max(1, p)
+    p0 = max(1, min(n_tiles, MAX_PROGRAMS, slots // max(1, n_cblocks)))
+    if not tensors:
+        return p0
+    per_tile = block_p * tensors
+    for k in range(max(1, n_tiles // p0), n_tiles + 1):
+        p = max(1, min(p0, n_tiles // k))
+        if -(-n_tiles // p) * per_tile + _tree_loads(p) <= 4 * (n_tiles // p) * per_tile:
+            return p
+    return 1
 def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
     return heuristic(y.shape[1], y.shape[0] * y.shape[2] * y.shape[3], is_channels_last(y), gather=gather)
 

@@ -29,7 +29,7 @@ if HAS_TRITON:
     from ..kernels.elementwise import bn_relu_kernel, final_gate_kernel
 
 __all__ = ["final_gate", "bn_relu", "final_gate_torch", "bn_relu_torch", "heuristic", "candidates",
-           "final_gate_key", "bn_relu_key", "final_gate_launch_args", "bn_relu_launch_args"]
+           "final_gate_key", "bn_relu_key", "programs", "final_gate_launch_args", "bn_relu_launch_args"]
 
 
 # --- launch choices ------------------------------------------------------------------------------------------
@@ -39,9 +39,17 @@ def odd(C: int, HW: int, channels_last: bool) -> bool:
     return bool((C if channels_last else HW) % 16)
 
 
-def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET) -> "triton.Config":
+#: A grid below this fraction of one full-occupancy wave (64 warps per SM) gets a smaller tile, down to
+#: MIN_PER_THREAD elements per thread; WARPS_PER_SM: resident warps per SM at full occupancy (sm_80/90/100).
+MIN_WAVES, MIN_PER_THREAD, WARPS_PER_SM = 0.6, 4, 64
+
+
+def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch: int = 1,
+              sms: Optional[int] = None) -> "triton.Config":
     """A 4K-element tile, longer along the contiguous dimension; 1K elements (8 per thread) on odd maps
-    (16-32 per thread took 140-230 registers there; 8 keep them near 64). Interpreter: few large programs."""
+    (16-32 per thread took 140-230 registers there; 8 keep them near 64); pixels halved (down to 4 elements
+    per thread) while the ``batch`` x tiles would fill less than :data:`MIN_WAVES` of one full-occupancy wave
+    of ``sms`` SMs (default: this device's). Interpreter: few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(256, max(16, next_pow2(HW))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
@@ -52,7 +60,20 @@ def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET) -> "tr
     else:
         bp = max(16, min(256 if elements > 1024 else 64, next_pow2(HW)))
         bc = max(16, min(elements // bp, next_pow2(C)))
+    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // 4)
+    while bp > 16 and bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and \
+            max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < MIN_WAVES * slots:
+        bp //= 2
     return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=4, num_stages=1)
+
+
+def programs(batch: int, HW: int, C: int, cfg: "triton.Config", device) -> tuple[int, int]:
+    """The persistent grid (P, channel blocks) of a launch over ``batch`` images: at most one program per
+    (image, pixel block) tile, together at most one wave at full occupancy on ``device`` (64 warps per SM)."""
+    n_cb = cdiv(C, cfg.kwargs["BLOCK_C"])
+    tiles = batch * cdiv(HW, cfg.kwargs["BLOCK_P"])
+    slots = _runtime.sm_count(device) * (WARPS_PER_SM // cfg.num_warps)
+    return max(1, min(tiles, slots // n_cb)), n_cb
 
 
 def candidates(C: int, HW: int, channels_last: bool) -> list:
@@ -66,8 +87,9 @@ def candidates(C: int, HW: int, channels_last: bool) -> list:
 
 
 def _select(op: str, k: tuple, t: torch.Tensor, go) -> "triton.Config":
-    c, hw, cl = t.shape[1], t.shape[2] * t.shape[3], is_channels_last(t)
-    return _autotune.select(op, k, lambda: heuristic(c, hw, cl), lambda: candidates(c, hw, cl), _autotune.timed(go))
+    b, c, hw, cl = t.shape[0], t.shape[1], t.shape[2] * t.shape[3], is_channels_last(t)
+    return _autotune.select(op, k, lambda: heuristic(c, hw, cl, batch=b), lambda: candidates(c, hw, cl),
+                            _autotune.timed(go))
 
 
 # --- final gate ----------------------------------------------------------------------------------------------
@@ -77,8 +99,8 @@ def final_gate_launch_args(x1, y2, scale, shift, groups: int, out, cfg: "triton.
     x1, sxb, sxc, sxp = bchw_view(x1)
     y2, syb, syc, syp = bchw_view(y2)
     _, sob, soc, sop = bchw_view(out)
-    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"]))
-    args = (x1, y2, scale, shift, out, h * w, c, c // groups if groups else c, sxb, sxc, sxp, syb, syc, syp,
+    grid = programs(bsz, h * w, c, cfg, x1.device)
+    args = (x1, y2, scale, shift, out, bsz, h * w, c, c // groups if groups else c, sxb, sxc, sxp, syb, syc, syp,
             sob, soc, sop)
     return final_gate_kernel, grid, args, dict(SHUFFLE_G=groups, **_runtime.config_kwargs(cfg))
 
@@ -165,8 +187,8 @@ def bn_relu_launch_args(y, scale, shift, z, cfg: "triton.Config") -> tuple:
     bsz, c, h, w = y.shape
     y, syb, syc, syp = bchw_view(y)
     _, szb, szc, szp = bchw_view(z)
-    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"]))
-    return bn_relu_kernel, grid, (y, scale, shift, z, h * w, c, syb, syc, syp, szb, szc, szp), \
+    grid = programs(bsz, h * w, c, cfg, y.device)
+    return bn_relu_kernel, grid, (y, scale, shift, z, bsz, h * w, c, syb, syc, syp, szb, szc, szp), \
         _runtime.config_kwargs(cfg)
 
 
