@@ -5,7 +5,7 @@ serves NCHW-contiguous and channels_last tensors (and any mix of them among its 
 (image, pixel block) pairs t = b * cdiv(HW, BLOCK_P) + pixel block, T = B * cdiv(HW, BLOCK_P) of them per
 channel block. The grid is persistent, (P, cdiv(C, BLOCK_C)) with P <= T sized to the device by the op:
 program p takes the tiles p, p + P, ... (the batch is not bound by the 65535 limit of the second and third
-grid dimensions). Per-channel vectors are loaded once per program. Offsets are 64-bit (one image may hold
+grid dimensions). Offsets are 64-bit (one image may hold
 more than 2**31 elements). scale and shift are per-channel fp32 vectors (a BatchNorm2d as an affine: eval
 running or batch statistics).
 
@@ -56,11 +56,11 @@ def final_gate_kernel(
         src = (offs_c % SHUFFLE_G) * CPG + offs_c // SHUFFLE_G
     else:
         src = offs_c
-    scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
     T = B * tl.cdiv(HW, BLOCK_P)
     t = tl.program_id(0)
     while t < T:
+        scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)  # per tile (cached): fewer live registers
+        shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
         pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
         y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
                     mask=mask, other=0.0).to(tl.float32)
@@ -83,11 +83,11 @@ def bn_relu_kernel(
     """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of z. Grid: (P, cdiv(C, BLOCK_C))."""
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
     T = B * tl.cdiv(HW, BLOCK_P)
     t = tl.program_id(0)
     while t < T:
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)  # per tile (cached): fewer live registers
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
         pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
         y = tl.load(tile_ptrs(y_ptr, pid_b, offs_p, offs_c, stride_yb, stride_yc, stride_yp),
                     mask=mask, other=0.0).to(tl.float32)

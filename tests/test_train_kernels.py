@@ -385,3 +385,52 @@ def test_reductions_have_a_bounded_serial_tail_and_balanced_programs(batch):
                     own = sorted(((t - q - 1) // p + 1) * bp * tensors for q in range(p))
                     busiest = own[-1] + 2 * (min(p, bn.GROUP) + groups) + 8
                     assert busiest <= 4 * statistics.median(own), (label, busiest, statistics.median(own))
+
+
+def _occupancies(num_warps: int) -> set:
+    """CTAs per SM a kernel of num_warps can get (64 warps, 65536 registers per SM, registers in steps of 8)."""
+    top = 64 // num_warps
+    return {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}
+
+
+@pytest.mark.skipif(not _runtime_has_triton(), reason="builds the kernels' launches: needs triton")
+def test_memory_bound_grids_are_whole_waves_at_the_headline_shapes():
+    """B16 YOLO headline shapes, bf16 channels_last and fp32 NCHW, 132 SMs (meta tensors: nothing runs): every
+    launch of bn_stats, bn_bwd_reduce, bn_bwd_apply, bn_relu and final_gate has a grid whose waves (grid / (132
+    x CTAs per SM)) are >= 0.6 and never in (1, 1.15] for every CTAs-per-SM its registers could give, up to
+    rounding of the grid to the channel blocks; and whole_waves itself keeps that for any grid."""
+    from gam_triton.ops import _runtime
+    from gam_triton.ops import batchnorm as bn
+    from gam_triton.ops import elementwise as ew
+
+    for w in (4, 8):
+        for g in range(132, 132 * 64 // w + 1, 7):
+            m = _runtime.whole_waves(g, 1, w, 132) / 132
+            assert not any(1 < m / o <= 1.15 for o in _occupancies(w)), (w, g, m)
+    for c, s in ((64, 80), (128, 80), (256, 40), (512, 20)):
+        n = 16 * s * s
+        for dt, cl in ((torch.bfloat16, True), (torch.float32, False)):
+            launches = []
+            for mode, ch in ((0, c // 4), (1, c)):
+                y = _meta((16, ch, s, s), dt, cl)
+                st, coef = _meta((4, ch), torch.float32, False), _meta((2, ch), torch.float32, False)
+                counts = torch.empty(bn.counter_slots(ch), dtype=torch.int32, device="meta")
+                cfg = bn.heuristic(ch, n, cl, target="gpu", sms=132)
+                gcfg = bn.heuristic(ch, n, cl, target="gpu", gather=mode == 1, sms=132)
+                launches += [bn.stats_launch_args(y, None, None, (st, st, st), 1e-5, 0.1, False, counts, st, cfg),
+                             bn.reduce_launch_args(mode, y, y if mode else None, y, st, coef, None, None, 4 * mode,
+                                                   counts, gcfg),
+                             bn.apply_launch_args(mode, y, y if mode else None, y, st, coef, y, y if mode else None,
+                                                  4 * mode, gcfg)]
+            y1, y2 = _meta((16, c // 4, s, s), dt, cl), _meta((16, c, s, s), dt, cl)
+            v1, v2 = _meta((c // 4,), torch.float32, False), _meta((c,), torch.float32, False)
+            launches += [ew.bn_relu_launch_args(y1, v1, v1, y1, ew.heuristic(c // 4, s * s, cl, "gpu", batch=16)),
+                         ew.final_gate_launch_args(y2, y2, v2, v2, 4, y2, ew.heuristic(c, s * s, cl, "gpu", batch=16))]
+            for kernel, grid, _args, kwargs in launches:
+                w = kwargs["num_warps"]
+                ctas = grid[0] * grid[1]
+                label = f"{kernel.fn.__name__} C{c} {s}x{s} {dt} grid {grid} w{w}"
+                for occ in _occupancies(w):
+                    waves, slack = ctas / (132 * occ), grid[1] / (132 * occ)
+                    assert waves >= 0.6 or occ < 64 // w, label  # a full-occupancy wave fills >= 0.6 of one
+                    assert not 1 + slack < waves <= 1.15, (label, occ, waves)

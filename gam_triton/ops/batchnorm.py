@@ -39,10 +39,8 @@ GROUP = 32
 MAX_PROGRAMS = GROUP * GROUP
 #: Resident warps per SM at full occupancy (sm_80 / sm_90 / sm_100).
 WARPS_PER_SM = 64
-#: A grid below this fraction of one full-occupancy wave gets a smaller tile (down to MIN_PER_THREAD elements
-#: per thread).
-MIN_WAVES = 0.6
-MIN_PER_THREAD = 4
+#: Fewer tiles than one full-occupancy wave of CTAs: a smaller tile, down to MIN_PER_THREAD elements per thread.
+MIN_PER_THREAD = 2
 
 
 def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather: bool = False,
@@ -50,9 +48,12 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
     """A tile over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three
     64-bit pointer tiles, which spill beyond), longer along the contiguous dimension; half the pixels where the
     tile gathers through the shuffle (``gather``: the BN2 backward; its reduction spilled 8 B at 64 registers
-    in half precision channels_last on sm_80, Triton 3.6); pixels halved again (down to 4 elements per
-    thread) while the tiles would fill less than :data:`MIN_WAVES` of one full-occupancy wave of ``sms`` SMs
-    (default: this device's, :func:`_runtime.sm_count`); interpreter: few large programs."""
+    in half precision channels_last on sm_80, Triton 3.6); halved again (channels first: more channel blocks
+    keep a reduction's programs balanced where more programs per block would not; down to
+    :data:`MIN_PER_THREAD` elements per thread) while
+    there are fewer tiles than CTAs in one full-occupancy wave of ``sms`` SMs (default: this device's,
+    :func:`_runtime.sm_count`), so that the persistent grid (:func:`programs`) is that wave; interpreter:
+    few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(1024, max(16, next_pow2(N))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
@@ -66,8 +67,13 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
     if gather:
         bp = max(16, bp // 2)
     slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // warps)
-    while bp > 16 and bp * bc // 2 >= MIN_PER_THREAD * 32 * warps and cdiv(N, bp) * cdiv(C, bc) < MIN_WAVES * slots:
-        bp //= 2
+    while bp * bc // 2 >= MIN_PER_THREAD * 32 * warps and cdiv(N, bp) * cdiv(C, bc) < slots:
+        if bc > 16:
+            bc //= 2
+        elif bp > 16:
+            bp //= 2
+        else:
+            break
     # Before Triton 3.6, maxnreg 128: without it ptxas held 40-56 registers and spilled 8-16 B (the statistics in
     # fp32, BN1's backward reduction, channels_last, Triton 3.4; 4 warps spilled too); with it 38-77, none.
     return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=warps, num_stages=1,
@@ -85,21 +91,24 @@ def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = 
     """P, the programs per channel block of a persistent grid (P, n_cblocks) over ``n_tiles`` pixel tiles: one
     wave at full occupancy (``sms`` x 64 warps, default this device's SM count) shared by the channel blocks,
     at most one program per tile and at most :data:`MAX_PROGRAMS` (two one-step levels of finalisation). Where
-    registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM) rounds: 1, or >= 4/3.
+    registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM) rounds: 1, or >= 4/3; a
+    smaller grid is rounded to whole waves (:func:`_runtime.whole_waves`).
 
-    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the largest such P with
-    k = floor(T / P) tiles per program for the smallest k at which the busiest program (ceil(T / P) tiles and
-    the tree's partials) loads at most 4x what a program with k tiles does."""
-    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // num_warps)
-    p0 = max(1, min(n_tiles, MAX_PROGRAMS, slots // max(1, n_cblocks)))
-    if not tensors:
-        return p0
-    per_tile = block_p * tensors
+    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the first P of p0,
+    T // 2, T // 3, ... (P <= p0) at which the busiest program (ceil(T / P) tiles and the tree's partials)
+    loads at most 4x the median program."""
+    sms = _runtime.sm_count() if sms is None else sms
+    p0 = max(1, min(n_tiles, MAX_PROGRAMS, sms * (WARPS_PER_SM // num_warps) // max(1, n_cblocks)))
     for k in range(max(1, n_tiles // p0), n_tiles + 1):
-        p = max(1, min(p0, n_tiles // k))
-        if -(-n_tiles // p) * per_tile + _tree_loads(p) <= 4 * (n_tiles // p) * per_tile:
+        p = p0 if k == n_tiles // p0 else max(1, min(p0, n_tiles // k))
+        p = _runtime.whole_waves(p, n_cblocks, num_warps, sms)
+        tiles, extra = n_tiles // p, n_tiles % p  # ``extra`` programs hold tiles + 1
+        median = tiles + 1 if 2 * extra > p else tiles
+        if not tensors or (tiles + (extra > 0)) * block_p * tensors + _tree_loads(p) <= 4 * median * block_p * tensors:
             return p
     return 1
+
+
 def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
     return heuristic(y.shape[1], y.shape[0] * y.shape[2] * y.shape[3], is_channels_last(y), gather=gather)
 

@@ -39,17 +39,18 @@ def odd(C: int, HW: int, channels_last: bool) -> bool:
     return bool((C if channels_last else HW) % 16)
 
 
-#: A grid below this fraction of one full-occupancy wave (64 warps per SM) gets a smaller tile, down to
-#: MIN_PER_THREAD elements per thread; WARPS_PER_SM: resident warps per SM at full occupancy (sm_80/90/100).
-MIN_WAVES, MIN_PER_THREAD, WARPS_PER_SM = 0.6, 4, 64
+#: Fewer tiles than CTAs in one full-occupancy wave (WARPS_PER_SM resident warps per SM, sm_80/90/100): a
+#: smaller tile, down to MIN_PER_THREAD elements per thread.
+MIN_PER_THREAD, WARPS_PER_SM = 2, 64
 
 
 def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch: int = 1,
               sms: Optional[int] = None) -> "triton.Config":
     """A 4K-element tile, longer along the contiguous dimension; 1K elements (8 per thread) on odd maps
-    (16-32 per thread took 140-230 registers there; 8 keep them near 64); pixels halved (down to 4 elements
-    per thread) while the ``batch`` x tiles would fill less than :data:`MIN_WAVES` of one full-occupancy wave
-    of ``sms`` SMs (default: this device's). Interpreter: few large programs."""
+    (16-32 per thread took 140-230 registers there; 8 keep them near 64); halved (pixels first where channels
+    are contiguous, channels first where pixels are; down to :data:`MIN_PER_THREAD` elements per thread) while
+    ``batch`` x the tiles are fewer than the CTAs of one full-occupancy wave of ``sms`` SMs (default: this
+    device's), so that the persistent grid (:func:`programs`) is that wave. Interpreter: few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(256, max(16, next_pow2(HW))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
@@ -61,19 +62,25 @@ def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch:
         bp = max(16, min(256 if elements > 1024 else 64, next_pow2(HW)))
         bc = max(16, min(elements // bp, next_pow2(C)))
     slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // 4)
-    while bp > 16 and bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and \
-            max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < MIN_WAVES * slots:
-        bp //= 2
+    while bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < slots:
+        if bp > 16 and (channels_last or bc == 16):
+            bp //= 2
+        elif bc > 16:
+            bc //= 2
+        else:
+            break
     return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=4, num_stages=1)
 
 
 def programs(batch: int, HW: int, C: int, cfg: "triton.Config", device) -> tuple[int, int]:
     """The persistent grid (P, channel blocks) of a launch over ``batch`` images: at most one program per
-    (image, pixel block) tile, together at most one wave at full occupancy on ``device`` (64 warps per SM)."""
+    (image, pixel block) tile, together at most one wave at full occupancy on ``device`` (64 warps per SM);
+    a smaller grid rounded to whole waves (:func:`_runtime.whole_waves`)."""
     n_cb = cdiv(C, cfg.kwargs["BLOCK_C"])
     tiles = batch * cdiv(HW, cfg.kwargs["BLOCK_P"])
-    slots = _runtime.sm_count(device) * (WARPS_PER_SM // cfg.num_warps)
-    return max(1, min(tiles, slots // n_cb)), n_cb
+    sms = _runtime.sm_count(device)
+    p = max(1, min(tiles, sms * (WARPS_PER_SM // cfg.num_warps) // n_cb))
+    return _runtime.whole_waves(p, n_cb, cfg.num_warps, sms), n_cb
 
 
 def candidates(C: int, HW: int, channels_last: bool) -> list:
