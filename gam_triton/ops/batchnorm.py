@@ -90,15 +90,16 @@ def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = 
              tensors: int = 0) -> int:
     """P, the programs per channel block of a persistent grid (P, n_cblocks) over ``n_tiles`` pixel tiles: one
     wave at full occupancy (``sms`` x 64 warps, default this device's SM count) shared by the channel blocks,
-    at most one program per tile and at most :data:`MAX_PROGRAMS` (two one-step levels of finalisation). Where
-    registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM) rounds: 1, or >= 4/3; a
-    smaller grid is rounded to whole waves (:func:`_runtime.whole_waves`).
+    at most one program per tile and, for a reduction, at most :data:`MAX_PROGRAMS` (two one-step levels of
+    finalisation). Where registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM)
+    rounds: 1, or >= 4/3; a smaller grid is rounded to whole waves (:func:`_runtime.whole_waves`).
 
     ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the first P of p0,
     T // 2, T // 3, ... (P <= p0) at which the busiest program (ceil(T / P) tiles and the tree's partials)
     loads at most 4x the median program."""
     sms = _runtime.sm_count() if sms is None else sms
-    p0 = max(1, min(n_tiles, MAX_PROGRAMS, sms * (WARPS_PER_SM // num_warps) // max(1, n_cblocks)))
+    cap = MAX_PROGRAMS if tensors else n_tiles
+    p0 = max(1, min(n_tiles, cap, sms * (WARPS_PER_SM // num_warps) // max(1, n_cblocks)))
     for k in range(max(1, n_tiles // p0), n_tiles + 1):
         p = p0 if k == n_tiles // p0 else max(1, min(p0, n_tiles // k))
         p = _runtime.whole_waves(p, n_cblocks, num_warps, sms)
