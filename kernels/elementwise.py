@@ -39,7 +39,7 @@ def tile_ptrs(ptr, pid_b, offs_p, offs_c, stride_b, stride_c, stride_p):
     return ptr + pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # the batch: a loop bound only, one binary for all
 def final_gate_kernel(
     x1_ptr, y2_ptr, scale_ptr, shift_ptr, out_ptr,
     B, HW, C, CPG,
@@ -72,7 +72,7 @@ def final_gate_kernel(
         t += tl.num_programs(0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def bn_relu_kernel(
     y_ptr, scale_ptr, shift_ptr, z_ptr,
     B, HW, C,
