@@ -46,20 +46,20 @@ MIN_PER_THREAD, WARPS_PER_SM = 2, 64
 
 def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch: int = 1,
               sms: Optional[int] = None) -> "triton.Config":
-    """A 4K-element tile, longer along the contiguous dimension; 1K elements (8 per thread) on odd maps
-    (16-32 per thread took 140-230 registers there; 8 keep them near 64); halved (pixels first where channels
+    """A 1K-element tile (8 per thread), longer along the contiguous dimension (16-32 per thread took 140-240
+    registers on odd maps and in the persistent loop; 8 keep them near 64); halved (pixels first where channels
     are contiguous, channels first where pixels are; down to :data:`MIN_PER_THREAD` elements per thread) while
     ``batch`` x the tiles are fewer than the CTAs of one full-occupancy wave of ``sms`` SMs (default: this
     device's), so that the persistent grid (:func:`programs`) is that wave. Interpreter: few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(256, max(16, next_pow2(HW))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
-    elements = 1024 if odd(C, HW, channels_last) else 4096
+    elements = 1024  # 8 per thread: in the persistent loop 4096 took 200-240 registers (spilled in fp32, 3.4)
     if channels_last:
-        bc = max(16, min(128, next_pow2(C)))
+        bc = max(16, min(64, next_pow2(C)))  # 16 x 128 took 120-134 registers, 8 B spilled in fp32 (3.4)
         bp = max(16, min(elements // bc, next_pow2(HW)))
     else:
-        bp = max(16, min(256 if elements > 1024 else 64, next_pow2(HW)))
+        bp = max(16, min(64, next_pow2(HW)))
         bc = max(16, min(elements // bp, next_pow2(C)))
     slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // 4)
     while bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < slots:
