@@ -1,10 +1,13 @@
 """GAM's elementwise kernels: the final gate and BatchNorm-apply + ReLU, over [b, c, p] tiles.
 
 A B x C x H x W tensor is addressed as [b, c, p] with p = h * W + w through three strides, so one kernel
-serves NCHW-contiguous and channels_last tensors (and any mix of them among its operands). The grid is
-(B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)), image-major, so the batch is not bound by the 65535 limit of the
-second and third grid dimensions. Offsets are 64-bit (one image may hold more than 2**31 elements). scale and
-shift are per-channel fp32 vectors (a BatchNorm2d as an affine: eval running or batch statistics).
+serves NCHW-contiguous and channels_last tensors (and any mix of them among its operands). The tiles are
+(image, pixel block) pairs t = b * cdiv(HW, BLOCK_P) + pixel block, T = B * cdiv(HW, BLOCK_P) of them per
+channel block. The grid is persistent, (P, cdiv(C, BLOCK_C)) with P <= T sized to the device by the op:
+program p takes the tiles p, p + P, ... (the batch is not bound by the 65535 limit of the second and third
+grid dimensions). Offsets are 64-bit (one image may hold
+more than 2**31 elements). scale and shift are per-channel fp32 vectors (a BatchNorm2d as an affine: eval
+running or batch statistics).
 
 * :func:`final_gate_kernel` - out = x1 * sigmoid(scale * y2 + shift), with SHUFFLE_G = G > 0 the spatial map
   shuffled in G groups first, as the YOLO form's ``channel_shuffle``: output channel c reads map channel
@@ -20,15 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_2d(HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(image, pixel offsets [BLOCK_P], channel offsets [BLOCK_C], in-bounds mask) of this program."""
+def tile_2d(t, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(image, pixel offsets [BLOCK_P], in-bounds mask) of tile t in this program's channel block."""
     n_pblocks = tl.cdiv(HW, BLOCK_P)
-    pid_b = (tl.program_id(0) // n_pblocks).to(tl.int64)
-    pid_p = tl.program_id(0) % n_pblocks
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pid_b = (t // n_pblocks).to(tl.int64)
+    offs_p = (t % n_pblocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_p[:, None] < HW) & (offs_c[None, :] < C)
-    return pid_b, offs_p, offs_c, mask
+    return pid_b, offs_p, mask
 
 
 @triton.jit
@@ -37,49 +39,59 @@ def tile_ptrs(ptr, pid_b, offs_p, offs_c, stride_b, stride_c, stride_p):
     return ptr + pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # the batch: a loop bound only, one binary for all
 def final_gate_kernel(
     x1_ptr, y2_ptr, scale_ptr, shift_ptr, out_ptr,
-    HW, C, CPG,
+    B, HW, C, CPG,
     stride_xb, stride_xc, stride_xp,
     stride_yb, stride_yc, stride_yp,
     stride_ob, stride_oc, stride_op,
     SHUFFLE_G: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One [BLOCK_P, BLOCK_C] tile of out. Grid: (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)). CPG = C // G."""
-    pid_b, offs_p, offs_c, mask = tile_2d(HW, C, BLOCK_P, BLOCK_C)
+    """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of out. Grid: (P, cdiv(C, BLOCK_C)). CPG = C // G."""
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     if SHUFFLE_G > 0:
         src = (offs_c % SHUFFLE_G) * CPG + offs_c // SHUFFLE_G
     else:
         src = offs_c
-    scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
-    y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
-                mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(tile_ptrs(x1_ptr, pid_b, offs_p, offs_c, stride_xb, stride_xc, stride_xp),
-                mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(y * scale[None, :] + shift[None, :])
-    tl.store(tile_ptrs(out_ptr, pid_b, offs_p, offs_c, stride_ob, stride_oc, stride_op),
-             (x * s).to(out_ptr.dtype.element_ty), mask=mask)
+    T = B * tl.cdiv(HW, BLOCK_P)
+    t = tl.program_id(0)
+    while t < T:
+        scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)  # per tile (cached): fewer live registers
+        shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
+        pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
+        y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
+                    mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(tile_ptrs(x1_ptr, pid_b, offs_p, offs_c, stride_xb, stride_xc, stride_xp),
+                    mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(y * scale[None, :] + shift[None, :])
+        tl.store(tile_ptrs(out_ptr, pid_b, offs_p, offs_c, stride_ob, stride_oc, stride_op),
+                 (x * s).to(out_ptr.dtype.element_ty), mask=mask)
+        t += tl.num_programs(0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def bn_relu_kernel(
     y_ptr, scale_ptr, shift_ptr, z_ptr,
-    HW, C,
+    B, HW, C,
     stride_yb, stride_yc, stride_yp,
     stride_zb, stride_zc, stride_zp,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One [BLOCK_P, BLOCK_C] tile of z. Grid: (B * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C))."""
-    pid_b, offs_p, offs_c, mask = tile_2d(HW, C, BLOCK_P, BLOCK_C)
+    """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of z. Grid: (P, cdiv(C, BLOCK_C))."""
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
-    y = tl.load(tile_ptrs(y_ptr, pid_b, offs_p, offs_c, stride_yb, stride_yc, stride_yp),
-                mask=mask, other=0.0).to(tl.float32)
-    z = tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
-    tl.store(tile_ptrs(z_ptr, pid_b, offs_p, offs_c, stride_zb, stride_zc, stride_zp),
-             z.to(z_ptr.dtype.element_ty), mask=mask)
+    T = B * tl.cdiv(HW, BLOCK_P)
+    t = tl.program_id(0)
+    while t < T:
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)  # per tile (cached): fewer live registers
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
+        pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
+        y = tl.load(tile_ptrs(y_ptr, pid_b, offs_p, offs_c, stride_yb, stride_yc, stride_yp),
+                    mask=mask, other=0.0).to(tl.float32)
+        z = tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
+        tl.store(tile_ptrs(z_ptr, pid_b, offs_p, offs_c, stride_zb, stride_zc, stride_zp),
+                 z.to(z_ptr.dtype.element_ty), mask=mask)
+        t += tl.num_programs(0)

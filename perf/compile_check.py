@@ -400,6 +400,7 @@ def specialise(kernel, args: tuple, kwargs: dict) -> dict:
     values.update({k: v for k, v in kwargs.items() if k in names})
     options = {k: v for k, v in kwargs.items() if k not in names}
     consts = {p.name for p in kernel.params if p.is_constexpr}
+    plain = {p.name for p in kernel.params if getattr(p, "do_not_specialize", False)}  # @jit(do_not_specialize)
     signature, constexprs, divisible = {}, {}, []
     for name in names:
         v = values[name]
@@ -407,6 +408,8 @@ def specialise(kernel, args: tuple, kwargs: dict) -> dict:
             signature[name], constexprs[name] = "constexpr", v
         elif isinstance(v, bool):
             signature[name] = "i1"
+        elif isinstance(v, int) and name in plain:
+            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
         elif isinstance(v, int):
             if v == 1:  # Triton specialises 1 into a constant
                 signature[name], constexprs[name] = "constexpr", 1

@@ -254,6 +254,32 @@ def test_final_gate_every_tiling(block_p, block_c, device):
     assert_close(out, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float32)
 
 
+@pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernels directly: needs the interpreter or a GPU")
+@pytest.mark.parametrize("programs", [1, 3, 5])
+def test_elementwise_persistent_grids_cover_every_tile(programs, device, monkeypatch):
+    """The persistent grid: P programs (fewer than the 2 x 3 x 2 (image, pixel block) tiles of a 2 x 40 x 5 x 7
+    map in 16 x 16 tiles, over 3 channel blocks) each loop over tiles p, p + P, ...: every element written
+    (outputs start as NaN under GAM_TRITON_POISON), final gate (shuffled, mixed layouts) and BN + ReLU."""
+    import triton
+
+    real = ew_mod.programs
+    monkeypatch.setattr(ew_mod, "programs", lambda *a: (programs, real(*a)[1]))
+    cfg = triton.Config(dict(BLOCK_P=16, BLOCK_C=16), num_warps=4, num_stages=1)
+    x1 = _x(2, 40, 5, 7, torch.float32, device, True)
+    y2 = _x(2, 40, 5, 7, torch.float32, device, False, seed=2)
+    scale, shift = torch.linspace(-1, 1, 40, device=device), torch.linspace(1, -1, 40, device=device)
+    out = new_output(x1.shape, x1, torch.float32, False)
+    kernel, grid, args, kwargs = ew_mod.final_gate_launch_args(x1, y2, scale, shift, 4, out, cfg)
+    assert grid == (programs, 3)
+    _runtime.launch(kernel, grid, args, kwargs)
+    assert_close(out, final_gate_f64(x1.cpu(), y2.cpu(), scale.cpu(), shift.cpu(), 4), torch.float32)
+    z = new_output(y2.shape, y2, torch.float32, False)
+    _runtime.launch(*ew_mod.bn_relu_launch_args(y2, scale, shift, z, cfg))
+    want = torch.relu(y2.cpu().double() * scale.cpu().double().view(1, -1, 1, 1)
+                      + shift.cpu().double().view(1, -1, 1, 1))
+    assert_close(z, want, torch.float32)
+
+
 @pytest.mark.skipif(not KERNELS_RUN, reason="the dispatch choice exists only where the kernels run")
 def test_eager_no_grad_calls_skip_the_dispatcher_but_autograd_and_modes_do_not(monkeypatch, device):
     """Plain no-grad calls run the launch function directly (less overhead at batch 1); calls that need

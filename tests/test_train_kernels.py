@@ -22,6 +22,12 @@ import bench  # noqa: E402
 import traffic  # noqa: E402
 
 
+def _runtime_has_triton() -> bool:
+    from gam_triton.ops._runtime import HAS_TRITON
+
+    return HAS_TRITON
+
+
 def _kernels_run(device) -> bool:
     return use_triton(torch.empty(1, device=device))
 
@@ -98,41 +104,63 @@ def test_steps_against_float64(form, c, cl, dtype, bhw, momentum, steps, device)
 
 
 @needs_kernels
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
-def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
-    """The last program's sums run to the runtime number of partials, 32 rows at a time (the BatchNorm statistics
-    and reductions, the channel gate's bias sums): 16-pixel tiles on a 2 x 20 x 20 map make 50 partials (two
-    chunks, the second part masked) where the interpreter's own tiles make one; BN2's backward in the GPU's
-    gathered half tile. One train step against float64, running statistics included."""
+@pytest.mark.parametrize("cl,programs", [(False, None), (True, None), (True, 7), (False, 37)],
+                         ids=["nchw", "nhwc", "nhwc-P7", "nchw-P37"])
+def test_partial_sums_over_many_programs_are_exact(cl, programs, device, monkeypatch):
+    """The reductions' partials over many programs: 16-pixel tiles on a 2 x 20 x 20 map make 50 tiles where the
+    interpreter's own tiles make one; the op's own grids (the reductions' programs loop over 2-4 tiles, BN2's
+    backward in two groups of the finalisation tree, the second short), or persistent grids of 7 programs
+    (each looping over 7-8 tiles, one group) and of 37 (1-2 tiles each, a group of 32 and one of 5); BN2's
+    backward in the GPU's gathered half tile; the channel gate's bias sums over its own partials. One train
+    step against float64, running statistics included, and a second identical step bitwise equal."""
     import triton
 
     from gam_triton.ops import _autotune, batchnorm, channel_gate
 
     monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")  # the heuristics below, not a choice remembered earlier
     _autotune.reset()
-    tiles = []
+    tiles, grids = [], []
 
     def bn_tile(C, N, channels_last, target=None, gather=False):
         tiles.append(gather)
         return triton.Config(dict(BLOCK_P=8 if gather else 16, BLOCK_C=16), num_warps=4, num_stages=1)
 
+    real_programs = batchnorm.programs
+
+    def bn_programs(n_tiles, n_cblocks, *args):
+        p = real_programs(n_tiles, n_cblocks, *args) if programs is None else min(n_tiles, programs)
+        grids.append((n_tiles, p))
+        return p
+
     monkeypatch.setattr(batchnorm, "heuristic", bn_tile)
+    monkeypatch.setattr(batchnorm, "programs", bn_programs)
     monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, target=None, x_dtype=None:
                         triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=16), num_warps=4, num_stages=2))
     try:
         ref = make_ref("yolo_grouped", 48).train()
         gam = GAM.from_module(ref).to(device).train()
+        twin = copy.deepcopy(gam)
         want_mod = f64(ref).train()
         x = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=5)
         gout = make_input(2, 48, 20, 20, torch.float32, device, cl, seed=6)
         _assert_fp32_step_matches(gam, want_mod, x, gout)
+        steps = [_step(twin, x, gout) for _ in range(2)]  # batch statistics: the running ones do not enter
     finally:
         _autotune.reset()
     assert True in tiles and False in tiles, "BN2's backward asks for the gathered tile, the rest for the plain one"
+    assert all(p <= t for t, p in grids), grids
+    if programs is None:  # the real grids: some reduction with two groups, BN1's elementwise pass one per tile
+        assert any(batchnorm.GROUP < p < t for t, p in grids) and (50, 50) in grids, grids
+    else:
+        assert {p for _, p in grids} == {programs}, grids
     ours = {_canonical(n): t for n, t in gam.named_buffers()}
     for name, buf in want_mod.named_buffers():
         if not name.endswith("num_batches_tracked"):
             assert_close(ours[_canonical(name)], buf, torch.float32, 1.0, f"buffer {name}")
+    (o1, gx1, gp1), (o2, gx2, gp2) = steps
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2)
+    for name in gp1:
+        assert torch.equal(gp1[name], gp2[name]), name
 
 
 @needs_kernels
@@ -310,3 +338,99 @@ def test_autocast_training_is_as_close_to_float64_as_eager_autocast(amp, device)
         assert gp[name].dtype == torch.float32, name
         n = max(g.abs().max().item(), 1.0)
         assert err(gp[name], g) / n <= 2 * err(ep[name], g) / n + atol, name
+
+
+def _meta(shape, dtype, channels_last):
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+@pytest.mark.skipif(not _runtime_has_triton(), reason="builds the kernels' launches: needs triton")
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_reductions_have_a_bounded_serial_tail_and_balanced_programs(batch):
+    """From the launches the module makes (GPU heuristics, 132 SMs, meta tensors: nothing runs) at every YOLO
+    sweep shape, both BatchNorms (BN1: C/4 channels, BN2: C), both layouts: at most MAX_PROGRAMS programs per
+    channel block, so the finalisation tree runs at most 2 serial steps of GROUP rows; and the loads of the
+    busiest program (its tiles plus the tree's partials, both levels) are at most 4x the median program's."""
+    import statistics
+
+    import triton
+
+    from gam_triton.ops import batchnorm as bn
+
+    for c, s in common.yolo_pairs():
+        for which, ch in (("bn1", c // 4), ("bn2", c)):
+            for dt, cl in ((torch.bfloat16, True), (torch.float32, False)):
+                y = _meta((batch, ch, s, s), dt, cl)
+                n = batch * s * s
+                st, coef, counts = _meta((4, ch), torch.float32, False), _meta((2, ch), torch.float32, False), \
+                    torch.empty(bn.counter_slots(ch), dtype=torch.int32, device="meta")
+                cfg = bn.heuristic(ch, n, cl, target="gpu", sms=132)
+                stats = bn.stats_launch_args(y, None, None, (st, st, st), 1e-5, 0.1, False, counts, st, cfg)
+                mode = 1 if which == "bn2" else 0
+                gcfg = bn.heuristic(ch, n, cl, target="gpu", gather=mode == 1, sms=132)
+                red = bn.reduce_launch_args(mode, y, y if mode else None, y, st, coef, None, None, 4 * mode, counts,
+                                            gcfg)
+                for (kernel, grid, args, kwargs), tensors in ((stats, 1), (red, 2 + mode)):
+                    p, n_cb = grid
+                    bp = kwargs["BLOCK_P"]
+                    t = triton.cdiv(n, bp)
+                    label = f"{kernel.fn.__name__} B{batch} C{ch} {s}x{s} {dt} grid {grid}"
+                    assert 1 <= p <= min(t, bn.MAX_PROGRAMS) and n_cb == triton.cdiv(ch, kwargs["BLOCK_C"]), label
+                    assert args[1 if tensors == 1 else 4].shape[0] == p + triton.cdiv(p, bn.GROUP), label
+                    groups = triton.cdiv(p, bn.GROUP)
+                    steps = triton.cdiv(min(p, bn.GROUP), bn.GROUP) + triton.cdiv(groups, bn.GROUP)
+                    assert steps <= 2, label
+                    # loaded elements per channel: tiles (t // p or t // p + 1 each) x pixels x tensors
+                    own = sorted(((t - q - 1) // p + 1) * bp * tensors for q in range(p))
+                    busiest = own[-1] + 2 * (min(p, bn.GROUP) + groups) + 8
+                    assert busiest <= 4 * statistics.median(own), (label, busiest, statistics.median(own))
+
+
+def _occupancies(num_warps: int) -> set:
+    """CTAs per SM a kernel of num_warps can get (64 warps, 65536 registers per SM, registers in steps of 8)."""
+    top = 64 // num_warps
+    return {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}
+
+
+@pytest.mark.skipif(not _runtime_has_triton(), reason="builds the kernels' launches: needs triton")
+def test_memory_bound_grids_are_whole_waves_at_the_headline_shapes():
+    """B16 YOLO headline shapes, bf16 channels_last and fp32 NCHW, 132 SMs (meta tensors: nothing runs): every
+    launch of bn_stats, bn_bwd_reduce, bn_bwd_apply, bn_relu and final_gate has a grid whose waves (grid / (132
+    x CTAs per SM)) are >= 0.6 and never in (1, 1.15] for every CTAs-per-SM its registers could give, up to
+    rounding of the grid to the channel blocks; and whole_waves itself keeps that for any grid."""
+    from gam_triton.ops import _runtime
+    from gam_triton.ops import batchnorm as bn
+    from gam_triton.ops import elementwise as ew
+
+    for w in (4, 8):
+        for g in range(132, 132 * 64 // w + 1, 7):
+            m = _runtime.whole_waves(g, 1, w, 132) / 132
+            assert not any(1 < m / o <= 1.15 for o in _occupancies(w)), (w, g, m)
+    for c, s in ((64, 80), (128, 80), (256, 40), (512, 20)):
+        n = 16 * s * s
+        for dt, cl in ((torch.bfloat16, True), (torch.float32, False)):
+            launches = []
+            for mode, ch in ((0, c // 4), (1, c)):
+                y = _meta((16, ch, s, s), dt, cl)
+                st, coef = _meta((4, ch), torch.float32, False), _meta((2, ch), torch.float32, False)
+                counts = torch.empty(bn.counter_slots(ch), dtype=torch.int32, device="meta")
+                cfg = bn.heuristic(ch, n, cl, target="gpu", sms=132)
+                gcfg = bn.heuristic(ch, n, cl, target="gpu", gather=mode == 1, sms=132)
+                launches += [bn.stats_launch_args(y, None, None, (st, st, st), 1e-5, 0.1, False, counts, st, cfg),
+                             bn.reduce_launch_args(mode, y, y if mode else None, y, st, coef, None, None, 4 * mode,
+                                                   counts, gcfg),
+                             bn.apply_launch_args(mode, y, y if mode else None, y, st, coef, y, y if mode else None,
+                                                  4 * mode, gcfg)]
+            y1, y2 = _meta((16, c // 4, s, s), dt, cl), _meta((16, c, s, s), dt, cl)
+            v1, v2 = _meta((c // 4,), torch.float32, False), _meta((c,), torch.float32, False)
+            launches += [ew.bn_relu_launch_args(y1, v1, v1, y1, ew.heuristic(c // 4, s * s, cl, "gpu", batch=16)),
+                         ew.final_gate_launch_args(y2, y2, v2, v2, 4, y2, ew.heuristic(c, s * s, cl, "gpu", batch=16))]
+            for kernel, grid, _args, kwargs in launches:
+                w = kwargs["num_warps"]
+                ctas = grid[0] * grid[1]
+                label = f"{kernel.fn.__name__} C{c} {s}x{s} {dt} grid {grid} w{w}"
+                for occ in _occupancies(w):
+                    waves, slack = ctas / (132 * occ), grid[1] / (132 * occ)
+                    assert waves >= 0.6 or occ < 64 // w, label  # a full-occupancy wave fills >= 0.6 of one
+                    assert not 1 + slack < waves <= 1.15, (label, occ, waves)

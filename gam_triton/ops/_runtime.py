@@ -220,6 +220,38 @@ def has_cuda() -> bool:
     return _CUDA[0]
 
 
+#: The SM count launch grids are sized for where no GPU is present (the interpreter, the compile check): H100/H200.
+DEFAULT_SMS = 132
+_SMS: dict = {}
+
+
+def sm_count(device=None) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (default: the current one), asked once per device;
+    :data:`DEFAULT_SMS` without a GPU (the interpreter) and for a non-CUDA device (meta tensors, CPU)."""
+    if not has_cuda() or (device is not None and torch.device(device).type != "cuda"):
+        return DEFAULT_SMS
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
+    """``programs`` (per channel block, of a grid (programs, n_cblocks)) rounded down so that the grid is m x
+    ``sms`` CTAs with m chosen so that m / (CTAs per SM) is never in (1, 1.15] whatever the registers allow
+    (CTAs per SM = min(64 / num_warps, 65536 / (32 num_warps regs)) for regs in steps of 8); unchanged for a
+    grid under ``sms`` CTAs or a full-occupancy wave (m = 64 / num_warps is always whole or >= 4/3)."""
+    m = programs * n_cblocks // sms
+    top = 64 // num_warps
+    if m < 1 or m >= top:
+        return programs
+    occs = {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}
+    while m > 1 and any(o < m <= 1.15 * o for o in occs):
+        m -= 1
+    return max(1, m * sms // n_cblocks)
+
+
 def can_benchmark() -> bool:
     """Kernels can be timed here (the tuner's and the spatial path choice's question; tests answer it)."""
     return has_cuda()

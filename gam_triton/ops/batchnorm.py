@@ -3,10 +3,17 @@ statistics (running statistics updated in the kernel, as ``nn.BatchNorm2d`` does
 launches (per-channel reductions, then the elementwise pass), with the ReLU mask (BN1) or the sigmoid, shuffle
 and final gate (BN2) folded in. Used by the fused train block only (:mod:`gam_triton.ops.train_block`).
 
-Reductions are deterministic: per-tile fp32 partials and integer counters ("the last program finalises", no
-float atomics). The counters must be zero at launch and are left zero. All three kernels launch with the
-heuristic tile: the reductions bump counters, so they are never timed, and the elementwise pass shares the
-reduction's tile (it is memory-bound, like the elementwise ops, whose tuning has yet to show a GPU gain).
+The three kernels run on persistent grids sized to the device (:func:`programs`: one wave at full occupancy,
+from the SM count; :data:`_runtime.DEFAULT_SMS` without a GPU), each program looping over its pixel tiles; a
+reduction's programs get enough tiles that the busiest (the last one, which also combines the partials)
+loads at most 4x the median.
+Reductions are deterministic: per-program fp32 partials and integer counters, combined by a two-level tree of
+fixed shape (at most two serial steps of 32 rows: see ``kernels/batchnorm.py``), no float atomics. For a given
+SM count the sums are bitwise reproducible; GPUs with different SM counts partition the pixels differently and
+may differ in the last bits. The counters must be zero at launch and are left zero. All three kernels launch
+with the heuristic tile: the reductions bump counters, so they are never timed, and the elementwise pass
+shares the reduction's tile (it is memory-bound, like the elementwise ops, whose tuning has yet to show a GPU
+gain).
 """
 from __future__ import annotations
 
@@ -23,15 +30,30 @@ if HAS_TRITON:
 
     from ..kernels.batchnorm import bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_kernel
 
-__all__ = ["stats", "backward", "counter_slots", "heuristic", "stats_launch_args", "reduce_launch_args",
-           "apply_launch_args"]
+__all__ = ["stats", "backward", "counter_slots", "heuristic", "programs", "stats_launch_args", "reduce_launch_args",
+           "apply_launch_args", "GROUP", "MAX_PROGRAMS"]
+
+#: Programs per group of the reductions' finalisation tree (``kernels.batchnorm.GROUP``: rows per step).
+GROUP = 32
+#: The most programs per channel block: GROUP groups of GROUP, so each level of the tree is one step.
+MAX_PROGRAMS = GROUP * GROUP
+#: Resident warps per SM at full occupancy (sm_80 / sm_90 / sm_100).
+WARPS_PER_SM = 64
+#: Fewer tiles than one full-occupancy wave of CTAs: a smaller tile, down to MIN_PER_THREAD elements per thread.
+MIN_PER_THREAD = 2
 
 
-def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather: bool = False) -> "triton.Config":
+def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather: bool = False,
+              sms: Optional[int] = None) -> "triton.Config":
     """A tile over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three
     64-bit pointer tiles, which spill beyond), longer along the contiguous dimension; half the pixels where the
     tile gathers through the shuffle (``gather``: the BN2 backward; its reduction spilled 8 B at 64 registers
-    in half precision channels_last on sm_80, Triton 3.6); interpreter: few large programs."""
+    in half precision channels_last on sm_80, Triton 3.6); halved again (channels first: more channel blocks
+    keep a reduction's programs balanced where more programs per block would not; down to
+    :data:`MIN_PER_THREAD` elements per thread) while
+    there are fewer tiles than CTAs in one full-occupancy wave of ``sms`` SMs (default: this device's,
+    :func:`_runtime.sm_count`), so that the persistent grid (:func:`programs`) is that wave; interpreter:
+    few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(1024, max(16, next_pow2(N))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
@@ -41,11 +63,51 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
     else:
         bp = max(16, min(128, next_pow2(N)))
         bc = max(16, min(2048 // bp, next_pow2(C)))
+    warps = 8 if bp * bc >= 2048 else 4
+    if gather:
+        bp = max(16, bp // 2)
+    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // warps)
+    while bp * bc // 2 >= MIN_PER_THREAD * 32 * warps and cdiv(N, bp) * cdiv(C, bc) < slots:
+        if bc > 16:
+            bc //= 2
+        elif bp > 16:
+            bp //= 2
+        else:
+            break
     # Before Triton 3.6, maxnreg 128: without it ptxas held 40-56 registers and spilled 8-16 B (the statistics in
     # fp32, BN1's backward reduction, channels_last, Triton 3.4; 4 warps spilled too); with it 38-77, none.
-    return triton.Config(dict(BLOCK_P=max(16, bp // 2) if gather else bp, BLOCK_C=bc),
-                         num_warps=8 if bp * bc >= 2048 else 4, num_stages=1,
+    return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=warps, num_stages=1,
                          maxnreg=128 if _runtime.TRITON < (3, 6) else None)
+
+
+def _tree_loads(p: int) -> int:
+    """Elements per channel the last program of a reduction over ``p`` programs loads besides its tiles: the
+    partials of both tree levels (2 rows each: mean and M2, or the two sums) and up to 8 per-channel vectors."""
+    return 2 * (min(p, GROUP) + -(-p // GROUP)) + 8
+
+
+def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = None, block_p: int = 16,
+             tensors: int = 0) -> int:
+    """P, the programs per channel block of a persistent grid (P, n_cblocks) over ``n_tiles`` pixel tiles: one
+    wave at full occupancy (``sms`` x 64 warps, default this device's SM count) shared by the channel blocks,
+    at most one program per tile and, for a reduction, at most :data:`MAX_PROGRAMS` (two one-step levels of
+    finalisation). Where registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM)
+    rounds: 1, or >= 4/3; a smaller grid is rounded to whole waves (:func:`_runtime.whole_waves`).
+
+    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the first P of p0,
+    T // 2, T // 3, ... (P <= p0) at which the busiest program (ceil(T / P) tiles and the tree's partials)
+    loads at most 4x the median program."""
+    sms = _runtime.sm_count() if sms is None else sms
+    cap = MAX_PROGRAMS if tensors else n_tiles
+    p0 = max(1, min(n_tiles, cap, sms * (WARPS_PER_SM // num_warps) // max(1, n_cblocks)))
+    for k in range(max(1, n_tiles // p0), n_tiles + 1):
+        p = p0 if k == n_tiles // p0 else max(1, min(p0, n_tiles // k))
+        p = _runtime.whole_waves(p, n_cblocks, num_warps, sms)
+        tiles, extra = n_tiles // p, n_tiles % p  # ``extra`` programs hold tiles + 1
+        median = tiles + 1 if 2 * extra > p else tiles
+        if not tensors or (tiles + (extra > 0)) * block_p * tensors + _tree_loads(p) <= 4 * median * block_p * tensors:
+            return p
+    return 1
 
 
 def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
@@ -53,22 +115,30 @@ def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
 
 
 def counter_slots(channels: int) -> int:
-    """Counters one reduction over ``channels`` channels may need: one per channel block (at least 16 channels
-    each, whatever the tile) and one."""
-    return -(-channels // 16) + 1
+    """Counters one reduction over ``channels`` channels may need: per channel block (at least 16 channels
+    each, whatever the tile) one for the tree's top and one per group (at most GROUP), and one."""
+    return -(-channels // 16) * (GROUP + 1) + 1
 
 
-def _geometry(c: int, n: int, cfg: "triton.Config") -> tuple[int, int]:
-    """(n_parts, n_cblocks): the grid of a reduction over n pixels and c channels."""
-    return cdiv(n, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"])
+def _geometry(c: int, n: int, cfg: "triton.Config", device, tensors: int = 0) -> tuple[int, int]:
+    """(P, n_cblocks): the persistent grid of a kernel over n pixels and c channels on ``device`` (``tensors``:
+    what a reduction reads per tile, :func:`programs`)."""
+    n_cb = cdiv(c, cfg.kwargs["BLOCK_C"])
+    bp = cfg.kwargs["BLOCK_P"]
+    return programs(cdiv(n, bp), n_cb, cfg.num_warps, _runtime.sm_count(device), bp, tensors), n_cb
+
+
+def _partials(p: int, c: int, device) -> torch.Tensor:
+    """The reductions' scratch: P program partials, then cdiv(P, GROUP) group partials, [rows, 2, C] fp32."""
+    return torch.empty(p + cdiv(p, GROUP), 2, c, dtype=torch.float32, device=device)
 
 
 def stats_launch_args(y, weight, bias, running: tuple, eps: float, momentum: float, update: bool, counts, out,
                       cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the statistics launch (its partials buffer allocated here: args[1])."""
     b, c, h, w = y.shape
-    n_parts, n_cb = _geometry(c, b * h * w, cfg)
-    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=1)
+    part = _partials(n_parts, c, y.device)
     yv, syb, syc, syp = bchw_view(y)
     args = (yv, part, counts, out, out if weight is None else weight, out if bias is None else bias,
             *(t if update else out for t in running), b * h * w, h * w, c, syb, syc, syp, float(eps),
@@ -101,8 +171,8 @@ def reduce_launch_args(mode: int, g, x1, y, st, coef, dweight, dbias, groups: in
                        cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the backward's reduction (its partials allocated here: args[4])."""
     b, c, h, w = y.shape
-    n_parts, n_cb = _geometry(c, b * h * w, cfg)
-    part = torch.empty(n_parts, 2, c, dtype=torch.float32, device=y.device)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=2 + mode)
+    part = _partials(n_parts, c, y.device)
     gv, xv, yv, strides = _views(g, x1, y)
     args = (gv, xv, yv, st, part, counts, coef, coef if dweight is None else dweight, coef if dbias is None else dbias,
             b * h * w, h * w, c, c // groups if groups else c, *strides)
@@ -119,7 +189,7 @@ def apply_launch_args(mode: int, g, x1, y, st, coef, dy, dx1, groups: int, cfg: 
     _, *se = (None, *sd) if dx1 is None else bchw_view(dx1)
     args = (gv, xv, yv, st, coef, dy, dy if dx1 is None else dx1, b * h * w, h * w, c, c // groups if groups else c,
             *strides, *sd, *se)
-    grid = (cdiv(b * h * w, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"]))
+    grid = _geometry(c, b * h * w, cfg, y.device)
     return bn_bwd_apply_kernel, grid, args, dict(MODE=mode, SHUFFLE_G=groups, **_runtime.config_kwargs(cfg))
 
 

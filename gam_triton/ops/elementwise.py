@@ -29,7 +29,7 @@ if HAS_TRITON:
     from ..kernels.elementwise import bn_relu_kernel, final_gate_kernel
 
 __all__ = ["final_gate", "bn_relu", "final_gate_torch", "bn_relu_torch", "heuristic", "candidates",
-           "final_gate_key", "bn_relu_key", "final_gate_launch_args", "bn_relu_launch_args"]
+           "final_gate_key", "bn_relu_key", "programs", "final_gate_launch_args", "bn_relu_launch_args"]
 
 
 # --- launch choices ------------------------------------------------------------------------------------------
@@ -39,20 +39,48 @@ def odd(C: int, HW: int, channels_last: bool) -> bool:
     return bool((C if channels_last else HW) % 16)
 
 
-def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET) -> "triton.Config":
-    """A 4K-element tile, longer along the contiguous dimension; 1K elements (8 per thread) on odd maps
-    (16-32 per thread took 140-230 registers there; 8 keep them near 64). Interpreter: few large programs."""
+#: Fewer tiles than CTAs in one full-occupancy wave (WARPS_PER_SM resident warps per SM, sm_80/90/100): a
+#: smaller tile, down to MIN_PER_THREAD elements per thread.
+MIN_PER_THREAD, WARPS_PER_SM = 2, 64
+
+
+def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch: int = 1,
+              sms: Optional[int] = None) -> "triton.Config":
+    """A 1K-element tile (8 per thread), longer along the contiguous dimension (16-32 per thread took 140-240
+    registers on odd maps and in the persistent loop; 8 keep them near 64); halved (pixels first where channels
+    are contiguous, channels first where pixels are; down to :data:`MIN_PER_THREAD` elements per thread) while
+    ``batch`` x the tiles are fewer than the CTAs of one full-occupancy wave of ``sms`` SMs (default: this
+    device's), so that the persistent grid (:func:`programs`) is that wave. Interpreter: few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(256, max(16, next_pow2(HW))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
-    elements = 1024 if odd(C, HW, channels_last) else 4096
+    elements = 1024  # 8 per thread: in the persistent loop 4096 took 200-240 registers (spilled in fp32, 3.4)
     if channels_last:
-        bc = max(16, min(128, next_pow2(C)))
+        bc = max(16, min(64, next_pow2(C)))  # 16 x 128 took 120-134 registers, 8 B spilled in fp32 (3.4)
         bp = max(16, min(elements // bc, next_pow2(HW)))
     else:
-        bp = max(16, min(256 if elements > 1024 else 64, next_pow2(HW)))
+        bp = max(16, min(64, next_pow2(HW)))
         bc = max(16, min(elements // bp, next_pow2(C)))
+    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // 4)
+    while bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < slots:
+        if bp > 16 and (channels_last or bc == 16):
+            bp //= 2
+        elif bc > 16:
+            bc //= 2
+        else:
+            break
     return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=4, num_stages=1)
+
+
+def programs(batch: int, HW: int, C: int, cfg: "triton.Config", device) -> tuple[int, int]:
+    """The persistent grid (P, channel blocks) of a launch over ``batch`` images: at most one program per
+    (image, pixel block) tile, together at most one wave at full occupancy on ``device`` (64 warps per SM);
+    a smaller grid rounded to whole waves (:func:`_runtime.whole_waves`)."""
+    n_cb = cdiv(C, cfg.kwargs["BLOCK_C"])
+    tiles = batch * cdiv(HW, cfg.kwargs["BLOCK_P"])
+    sms = _runtime.sm_count(device)
+    p = max(1, min(tiles, sms * (WARPS_PER_SM // cfg.num_warps) // n_cb))
+    return _runtime.whole_waves(p, n_cb, cfg.num_warps, sms), n_cb
 
 
 def candidates(C: int, HW: int, channels_last: bool) -> list:
@@ -66,8 +94,9 @@ def candidates(C: int, HW: int, channels_last: bool) -> list:
 
 
 def _select(op: str, k: tuple, t: torch.Tensor, go) -> "triton.Config":
-    c, hw, cl = t.shape[1], t.shape[2] * t.shape[3], is_channels_last(t)
-    return _autotune.select(op, k, lambda: heuristic(c, hw, cl), lambda: candidates(c, hw, cl), _autotune.timed(go))
+    b, c, hw, cl = t.shape[0], t.shape[1], t.shape[2] * t.shape[3], is_channels_last(t)
+    return _autotune.select(op, k, lambda: heuristic(c, hw, cl, batch=b), lambda: candidates(c, hw, cl),
+                            _autotune.timed(go))
 
 
 # --- final gate ----------------------------------------------------------------------------------------------
@@ -77,8 +106,8 @@ def final_gate_launch_args(x1, y2, scale, shift, groups: int, out, cfg: "triton.
     x1, sxb, sxc, sxp = bchw_view(x1)
     y2, syb, syc, syp = bchw_view(y2)
     _, sob, soc, sop = bchw_view(out)
-    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"]))
-    args = (x1, y2, scale, shift, out, h * w, c, c // groups if groups else c, sxb, sxc, sxp, syb, syc, syp,
+    grid = programs(bsz, h * w, c, cfg, x1.device)
+    args = (x1, y2, scale, shift, out, bsz, h * w, c, c // groups if groups else c, sxb, sxc, sxp, syb, syc, syp,
             sob, soc, sop)
     return final_gate_kernel, grid, args, dict(SHUFFLE_G=groups, **_runtime.config_kwargs(cfg))
 
@@ -165,8 +194,8 @@ def bn_relu_launch_args(y, scale, shift, z, cfg: "triton.Config") -> tuple:
     bsz, c, h, w = y.shape
     y, syb, syc, syp = bchw_view(y)
     _, szb, szc, szp = bchw_view(z)
-    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), cdiv(c, cfg.kwargs["BLOCK_C"]))
-    return bn_relu_kernel, grid, (y, scale, shift, z, h * w, c, syb, syc, syp, szb, szc, szp), \
+    grid = programs(bsz, h * w, c, cfg, y.device)
+    return bn_relu_kernel, grid, (y, scale, shift, z, bsz, h * w, c, syb, syc, syp, szb, szc, szp), \
         _runtime.config_kwargs(cfg)
 
 
