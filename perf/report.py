@@ -504,8 +504,8 @@ def tile_table(shapes: Sequence[Shape], dtype="bf16", channels_last: bool = True
         keys = kernel_keys(s, dtype, channels_last)
         x1_cl = x1_channels_last(channels_last, True, dt)
         heur = {"channel_gate": channel_gate.heuristic(s.channels, s.hidden, s.pixels, dt, target="gpu"),
-                "bn_relu": elementwise.heuristic(s.hidden, s.pixels, x1_cl, target="gpu"),
-                "final_gate": elementwise.heuristic(s.channels, s.pixels, x1_cl, target="gpu")}
+                "bn_relu": elementwise.heuristic(s.hidden, s.pixels, x1_cl, target="gpu", batch=s.batch),
+                "final_gate": elementwise.heuristic(s.channels, s.pixels, x1_cl, target="gpu", batch=s.batch)}
         for op, cfg in heur.items():
             entry = cache.get(op, {}).get(keys[op])
             row = dict(shape=s.label(), kernel=op, key=keys[op], **cfg.kwargs, num_warps=cfg.num_warps,

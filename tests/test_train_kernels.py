@@ -358,7 +358,7 @@ def test_reductions_have_a_bounded_serial_tail_and_balanced_programs(batch):
 
     from gam_triton.ops import batchnorm as bn
 
-    for c, s in common.yolo_pairs():
+    for c, s in bench.yolo_pairs():
         for which, ch in (("bn1", c // 4), ("bn2", c)):
             for dt, cl in ((torch.bfloat16, True), (torch.float32, False)):
                 y = _meta((batch, ch, s, s), dt, cl)
