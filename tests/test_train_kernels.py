@@ -101,9 +101,10 @@ def test_steps_against_float64(form, c, cl, dtype, bhw, momentum, steps, device)
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
     """The last program's sums run to the runtime number of partials, 32 rows at a time (the BatchNorm statistics
-    and reductions, the channel gate's bias sums): 16-pixel tiles on a 2 x 20 x 20 map make 50 partials (two
-    chunks, the second part masked) where the interpreter's own tiles make one; BN2's backward in the GPU's
-    gathered half tile. One train step against float64, running statistics included."""
+    and reductions), and so do the channel gate's bias sums (a tree: 7 groups of 8 programs, the last group
+    short): 16-pixel tiles on a 2 x 20 x 20 map make 50 partials (the BatchNorms: two chunks, the second part
+    masked) where the interpreter's own tiles make one; BN2's backward in the GPU's gathered half tile. One train
+    step against float64, running statistics included."""
     import triton
 
     from gam_triton.ops import _autotune, batchnorm, channel_gate
@@ -117,7 +118,7 @@ def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
         return triton.Config(dict(BLOCK_P=8 if gather else 16, BLOCK_C=16), num_warps=4, num_stages=1)
 
     monkeypatch.setattr(batchnorm, "heuristic", bn_tile)
-    monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, target=None, x_dtype=None:
+    monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, **kw:
                         triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=16), num_warps=4, num_stages=2))
     try:
         ref = make_ref("yolo_grouped", 48).train()
@@ -133,6 +134,37 @@ def test_partial_sums_over_many_programs_are_exact(cl, device, monkeypatch):
     for name, buf in want_mod.named_buffers():
         if not name.endswith("num_batches_tracked"):
             assert_close(ours[_canonical(name)], buf, torch.float32, 1.0, f"buffer {name}")
+
+
+def test_channel_gate_bias_sums_have_a_bounded_serial_tail():
+    """At every sweep shape (YOLO channels 64-640 at 80, 40, 20, rate 4; and C1024 at 20, the 224-input maps) and
+    batch 1-64, for every dtype class, the GPU heuristic's backward sums its bias partials in at most 16 serial
+    steps on the longest path (a group's sum, then the groups'), within the counters there are; the programs
+    that sum load at most 4x what the median program loads (its tile: x twice, dx1's two parts twice each, the
+    weights' chunks five times)."""
+    from triton import cdiv
+
+    from gam_triton.ops import _autotune, channel_gate
+
+    shapes = [(c, s) for s, cs in ((80, (64, 128, 192, 256, 320)), (40, (128, 256, 384, 512, 640)),
+                                   (20, (256, 512, 576, 640, 1024)), (14, (256, 512)), (7, (512, 1024))) for c in cs]
+    worst_steps, worst_ratio = 0, 0.0
+    for c, s in shapes:
+        cr = c // 4
+        for dt, xdt in ((torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float32, None)):
+            for b in range(1, 65):
+                cfg = channel_gate.bwd_heuristic(c, cr, s * s, dt, "gpu", xdt, batch=_autotune.pixels(b, s * s)[1])
+                kw = cfg.kwargs
+                n_parts = b * cdiv(s * s, kw["BLOCK_P"])
+                group, block_q, block_f = channel_gate.bias_tree(n_parts, c + cr, cfg.num_warps)
+                assert cdiv(n_parts, group) + 1 <= channel_gate.COUNTER_SLOTS
+                assert block_q * block_f <= 2048 * cfg.num_warps
+                worst_steps = max(worst_steps, channel_gate.bias_steps(n_parts, c + cr, cfg.num_warps))
+                tile = 6 * min(kw["BLOCK_P"], s * s) * c + 5 * cdiv(c, kw["BLOCK_C"]) * kw["BLOCK_C"] * kw["BLOCK_R"]
+                busiest = tile + (min(group, n_parts) + cdiv(n_parts, group)) * (c + cr)
+                worst_ratio = max(worst_ratio, busiest / tile)
+    assert worst_steps <= 16, worst_steps
+    assert worst_ratio <= 4, worst_ratio
 
 
 @needs_kernels

@@ -330,3 +330,20 @@ def launch(kernel, grid: tuple, args: tuple, kwargs: dict):
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+#: SMs assumed where there is no CUDA device (the interpreter, the compile check): an H100/H200.
+DEFAULT_SMS = 132
+_SM_COUNTS: dict = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (cached per device index); :data:`DEFAULT_SMS` where there is
+    no CUDA device (the interpreter, meta tensors in the compile check)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not has_cuda():
+        return DEFAULT_SMS
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
