@@ -231,8 +231,8 @@ def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: in
 
 
 def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
-    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread (with the
-    heuristic's maxnreg)."""
+    """Forward candidates whose [BLOCK_P, BLOCK_R] fp32 tiles (h, dh, and as much again for the chunk work) fit
+    128 registers per thread (with the heuristic's maxnreg)."""
     regs = _bwd_maxnreg(dtype, x_dtype, _block_r(CR))
     out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=regs)
            for c in candidates(C, CR, HW, dtype)
