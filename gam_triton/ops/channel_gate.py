@@ -63,9 +63,9 @@ BWD_CTAS = (1, 2)
 WAVES_MIN = 0.6
 #: ... and no lone partial wave up to this many waves.
 WAVES_TAIL = 1.15
-#: maxnreg of the backward under autocast (fp32 x, half weights; AUTOCAST_BWD_TILES): without it ptxas aims at an
-#: occupancy of its own and held 128 registers, spilling (32 x 32 x 32 w8: 24 B, Triton 3.9 sm_90; the earlier
-#: 16-pixel tiles 8-40 B from BLOCK_R 128).
+#: maxnreg of the half-precision-dot backward under autocast (fp32 x; AUTOCAST_BWD_TILES) and from BLOCK_R 64:
+#: without it ptxas aims at an occupancy of its own, holds 128 registers and spilled (32 x 32 x 32 w8 under autocast
+#: 24 B, Triton 3.9 sm_90; 64 x 32 x 64 w8 with the sigmoid 64 B on sm_100, where sm_90 took 199 registers).
 BWD_MAXNREG = 255
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
 #: group and one for the groups (the train block allocates them with the BatchNorms').
@@ -225,9 +225,10 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
 
 
 def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
-    """BWD_MAXNREG for the autocast backward (fp32 x, half-precision dots), else None."""
-    autocast = dtype != torch.float32 and x_dtype is not None and x_dtype.itemsize == 4
-    return BWD_MAXNREG if autocast else None
+    """BWD_MAXNREG for the half-precision-dot backward under autocast (fp32 x) and from BLOCK_R 64, else None."""
+    if dtype == torch.float32:
+        return None
+    return BWD_MAXNREG if (x_dtype is not None and x_dtype.itemsize == 4) or block_r >= 64 else None
 
 
 def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
