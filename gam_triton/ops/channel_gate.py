@@ -110,8 +110,8 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
         if _runtime.TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
             warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
-        block_p, warps = _fwd_waves(max(16, min(block_p, next_pow2(HW))), block_c, block_r, warps, HW, batch, sms, 4,
-                                    grow=False)  # fp32 tiles sit at the spill edge: never larger
+        # fp32 tiles sit at the spill edge (16 x 64 x 64 w8, halved for waves, spilled 16 B on sm_90): not fitted
+        block_p = max(16, min(block_p, next_pow2(HW)))
         return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
     # BLOCK_R fp32) lives in registers: the pixel block shrinks from C/r = 33 on (64 x 64 x 64 at 4 warps spilled
@@ -225,9 +225,10 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
 
 
 def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
-    """BWD_MAXNREG for the half-precision-dot backward under autocast (fp32 x) and from BLOCK_R 64, else None."""
+    """BWD_MAXNREG for the backward's half-precision dots under autocast (fp32 x) and from BLOCK_R 64, and for fp32
+    dots from BLOCK_R 128 (16 x 16 x 128 w8 TF32 spilled 40 B at ptxas's own 128 registers); else None."""
     if dtype == torch.float32:
-        return None
+        return BWD_MAXNREG if block_r >= 128 else None
     return BWD_MAXNREG if (x_dtype is not None and x_dtype.itemsize == 4) or block_r >= 64 else None
 
 
