@@ -1,4 +1,4 @@
-"""Channel gate of GAM, forward and backward: the per-pixel channel MLP and its gate, each in one kernel.
+"""Channel gate of GAM, forward and backward: the per-pixel channel MLP and its gate; the backward's bias sums.
 
 x (and every B x C x H x W operand) is viewed as B x C x HW through its strides, so NCHW-contiguous and
 channels_last tensors are read in place, without permute copies. Per pixel p of image b:
@@ -12,20 +12,20 @@ channels_last tensors are read in place, without permute copies. Per pixel p of 
   cached); writes x1 once (B*C*HW elements). h and a live only in registers. FLOPs: 4 * B*HW * C * CR.
 * :func:`channel_gate_bwd_kernel` - the backward, h and a recomputed from x, with dx1 = dx1_gate + dx1_conv
   (x1's two consumers, summed as they are read): da = dx1 * x (* g (1 - g) when SIGMOID),
-  dh = (W2^T da) * [W1 x + b1 > 0], dx = dx1 * g + W1^T dh. The weight gradients are GEMMs over the pixels
+  dh = (W2^T da) * [h > 0], dx = dx1 * g + W1^T dh. The weight gradients are GEMMs over the pixels
   (dW2 = da^T h, dW1 = dh^T x, cuBLAS) on the rows it writes: ``dah`` [B*HW, C + CR] = (da | dh) and ``h``
   [B*HW, CR] (row n = b * HW + p, the weights' dtype); split-K partials of the whole C x CR matrix per program
-  would not fit at C = 1024, C/r = 256. The bias gradients db2 = sum da, db1 = sum dh are reduced here: each
-  program stores its column sums (fp32, [n_programs, C + CR]) and bumps an integer counter (zero at launch,
-  left zero); the last program sums the partials in a fixed order (deterministic). Reads x in three passes
-  (from L2 after the first when C fits a few chunks), dx1_gate and dx1_conv twice, the weights (cached);
-  writes dx (B*C*HW), dah (B*HW*(C+CR)) and h (B*HW*CR). FLOPs: five dots, 10 * B*HW * C * CR.
+  would not fit at C = 1024, C/r = 256. Each program stores the column sums of its da | dh (fp32, a row of
+  [n_programs, C + CR]). Reads x in three passes (from L2 after the first when C fits a few chunks), dx1_gate
+  and dx1_conv twice, the weights (cached); writes dx (B*C*HW), dah (B*HW*(C+CR)), h (B*HW*CR), the partials.
+  FLOPs: five dots, 10 * B*HW * C * CR. The bias gradients db2 = sum da, db1 = sum dh: a two-level tree over
+  those rows in the kernel's last programs (counters, zero at launch and left zero), in a fixed order.
 """
 import triton
 import triton.language as tl
 
-#: Rows of bias partials the last program sums at a time ([PARTIAL_ROWS, BLOCK_F] fp32 tiles).
-PARTIAL_ROWS = tl.constexpr(32)
+# The forward's source lines keep their numbers: Triton's cache key (and so the compile facts keyed on it)
+# includes them.
 
 
 @triton.jit
@@ -130,11 +130,48 @@ def channel_gate_fwd_kernel(
                         stride_oc, stride_op, SIGMOID, DOT_F32, INPUT_PRECISION)
 
 
+# --- the backward's helpers: weight chunks loaded once per chunk and shared by two dots ------------------
+@triton.jit
+def _w1_chunk(w1_ptr, c0, C, CR, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """W1[:, c0:c0 + BLOCK_C] as a [BLOCK_R, BLOCK_C] tile (0 outside). int32 offsets formed in the loop: a
+    64-bit pointer tile would be hoisted out of the loops and held in registers throughout."""
+    offs_r = tl.arange(0, BLOCK_R)[:, None]
+    offs_c = c0 + tl.arange(0, BLOCK_C)[None, :]
+    return tl.load(w1_ptr + (offs_r * C + offs_c), mask=(offs_r < CR) & (offs_c < C), other=0.0)
+
+
+@triton.jit
+def _w2_chunk(w2_ptr, c0, C, CR, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """W2[c0:c0 + BLOCK_C, :] as a [BLOCK_C, BLOCK_R] tile (0 outside), as :func:`_w1_chunk`."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)[:, None]
+    offs_r = tl.arange(0, BLOCK_R)[None, :]
+    return tl.load(w2_ptr + (offs_c * CR + offs_r), mask=(offs_c < C) & (offs_r < CR), other=0.0)
+
+
+@triton.jit
+def _bwd_hidden(h, x, w1_ptr, c0, C, CR, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                  DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """h += x[:, chunk] @ W1[:, chunk]^T for the channel chunk at c0.  h: [BLOCK_P, BLOCK_R] fp32."""
+    w1c = _w1_chunk(w1_ptr, c0, C, CR, BLOCK_C, BLOCK_R)
+    return _dot(x.to(w1_ptr.dtype.element_ty), tl.trans(w1c), h, DOT_F32, INPUT_PRECISION)
+
+
+@triton.jit
+def _bwd_gate(h, w2c, b2_ptr, offs_c, C, SIGMOID: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """g = sigmoid(h @ w2c^T + b2[chunk]) (or the identity): [BLOCK_P, BLOCK_C] fp32; w2c: W2's rows of the
+    channel chunk offs_c (:func:`_w2_chunk`)."""
+    a = _dot(h, tl.trans(w2c), tl.zeros((h.shape[0], offs_c.shape[0]), dtype=tl.float32), DOT_F32, INPUT_PRECISION)
+    a += tl.load(b2_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    if SIGMOID:
+        a = tl.sigmoid(a)
+    return a
+
+
 @triton.jit
 def channel_gate_bwd_kernel(
-    x_ptr, ga_ptr, gb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dx_ptr, dah_ptr, h_ptr,
-    bpart_ptr, count_ptr, db1_ptr, db2_ptr,
-    HW, C, CR,
+    x_ptr, ga_ptr, gb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dx_ptr, dah_ptr, h_ptr, bpart_ptr,
+    count_ptr, db1_ptr, db2_ptr,
+    HW, C, CR, GROUP,
     stride_xb, stride_xc, stride_xp,
     stride_ab, stride_ac, stride_ap,
     stride_bb, stride_bc, stride_bp,
@@ -142,61 +179,66 @@ def channel_gate_bwd_kernel(
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
-    BLOCK_F: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """dx and the (da | dh), h rows for BLOCK_P pixels of one image. Grid: (B * cdiv(HW, BLOCK_P),).
+    """dx and the (da | dh), h rows for BLOCK_P pixels of one image; the bias gradients db1, db2.
 
-    ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own strides); dx in x's strides.
-    Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16, N_CHUNKS = cdiv(C, BLOCK_C).
-    Bias partials: the last program sums [PARTIAL_ROWS, BLOCK_F] tiles of them, in while loops to the runtime
-    sizes (one binary for every batch and map size; old interpreters cannot take a range over a runtime int).
+    Grid: (B * cdiv(HW, BLOCK_P),). ga / gb: x1's gradient from the final gate and from conv1 (any dtypes, own
+    strides); dx in x's strides. Same tiling rules as the forward: BLOCK_R >= CR, every block >= 16,
+    N_CHUNKS = cdiv(C, BLOCK_C). One tile per program: a persistent tile loop held 40-90 more registers (its
+    invariants live across it).
+
+    Bias sums, a two-level tree in a fixed order (deterministic): row ``pid`` of ``bpart`` ([grid + n_groups,
+    C + CR] fp32) gets the tile's column sums of da | dh; the programs form groups of GROUP consecutive ones, and
+    the last of a group to finish (counter ``count_ptr[1 + group]``) sums its group's rows into row grid + group;
+    the last group to finish (counter ``count_ptr[0]``) sums those into db2 | db1. Each sum runs [BLOCK_Q,
+    BLOCK_F] tiles, added elementwise and reduced once per column block (:func:`_sum_rows`). Counters: zero at
+    launch, left zero.
     """
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
     pid_b = (pid // n_pblocks).to(tl.int64)
-    pid_p = pid % n_pblocks
-    n_prog = tl.num_programs(0)
-    bpart = bpart_ptr + pid.to(tl.int64) * (C + CR)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = (pid % n_pblocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ld = C + CR
+    bpart = bpart_ptr + pid.to(tl.int64) * ld
     offs_r = tl.arange(0, BLOCK_R)
     p_mask = offs_p < HW
     r_mask = offs_r < CR
     rows = pid_b * HW + offs_p  # row of the [B*HW, .] scratch matrices
     x_base = x_ptr + pid_b * stride_xb
+    a_base = ga_ptr + pid_b * stride_ab
+    b_base = gb_ptr + pid_b * stride_bb
     wdt = w1_ptr.dtype.element_ty
 
-    # Pass 1: pre = x W1^T + b1, h = relu(pre) (rounded to the weights' dtype as nn.Linear's output).
-    pre = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    # Pass 1: h = relu(x W1^T + b1), rounded to the weights' dtype as nn.Linear's output; relu's gradient mask
+    # is h > 0 (what autograd's relu reads: its output), so the pre-activation is not kept.
+    h = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     for i in range(N_CHUNKS):
-        offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
-        x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp)
-        pre = _hidden_chunk(pre, x, w1_ptr, offs_c, offs_r, C, CR, DOT_F32, INPUT_PRECISION)
-    pre += tl.load(b1_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    h = tl.maximum(pre, 0.0).to(wdt)
+        x = _load_x(x_base, offs_p, i * BLOCK_C + tl.arange(0, BLOCK_C), HW, C, stride_xc, stride_xp)
+        h = _bwd_hidden(h, x, w1_ptr, i * BLOCK_C, C, CR, BLOCK_C, BLOCK_R, DOT_F32, INPUT_PRECISION)
+    h = tl.maximum(h + tl.load(b1_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :], 0.0).to(wdt)
     hr_mask = p_mask[:, None] & r_mask[None, :]
     tl.store(h_ptr + rows[:, None] * CR + offs_r[None, :], h, mask=hr_mask)
 
-    # Pass 2: da per channel chunk (stored), dh accumulated.
+    # Pass 2: da per channel chunk (stored, its column sums too), dh accumulated; W2's chunk loaded once for both
+    # dots.
     dh = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    ld = C + CR
     for i in range(N_CHUNKS):
         offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
-        m = p_mask[:, None] & c_mask[None, :]
         x = _load_x(x_base, offs_p, offs_c, HW, C, stride_xc, stride_xp).to(tl.float32)
-        g = _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
-        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
-        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        d1 = _load_x(a_base, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(b_base, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        w2c = _w2_chunk(w2_ptr, i * BLOCK_C, C, CR, BLOCK_C, BLOCK_R)  # [BLOCK_C, BLOCK_R]
+        g = _bwd_gate(h, w2c, b2_ptr, offs_c, C, SIGMOID, DOT_F32, INPUT_PRECISION)
         da = d1 * x
         if SIGMOID:
             da = da * g * (1.0 - g)
         tl.store(bpart + offs_c, tl.sum(da, 0), mask=c_mask)
         da = da.to(wdt)
-        tl.store(dah_ptr + rows[:, None] * ld + offs_c[None, :], da, mask=m)
-        w2 = tl.load(w2_ptr + offs_c[:, None] * CR + offs_r[None, :],
-                     mask=c_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
-        dh = _dot(da, w2, dh, DOT_F32, INPUT_PRECISION)
-    dh = tl.where(pre > 0, dh, 0.0)
+        tl.store(dah_ptr + rows[:, None] * ld + offs_c[None, :], da, mask=p_mask[:, None] & c_mask[None, :])
+        dh = _dot(da, w2c, dh, DOT_F32, INPUT_PRECISION)
+    dh = tl.where(h > 0, dh, 0.0)
     tl.store(bpart + C + offs_r, tl.sum(dh, 0), mask=r_mask)
     dh = dh.to(wdt)
     tl.store(dah_ptr + rows[:, None] * ld + C + offs_r[None, :], dh, mask=hr_mask)
@@ -205,34 +247,54 @@ def channel_gate_bwd_kernel(
     for i in range(N_CHUNKS):
         offs_c = i * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
-        g = _gate(h, w2_ptr, b2_ptr, offs_c, offs_r, C, CR, SIGMOID, DOT_F32, INPUT_PRECISION)
-        d1 = _load_x(ga_ptr + pid_b * stride_ab, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
-        d1 += _load_x(gb_ptr + pid_b * stride_bb, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
-        w1 = tl.load(w1_ptr + offs_r[:, None] * C + offs_c[None, :],
-                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_C]
-        dx = _dot(dh, w1, d1 * g, DOT_F32, INPUT_PRECISION)
-        m = p_mask[:, None] & c_mask[None, :]
+        d1 = _load_x(a_base, offs_p, offs_c, HW, C, stride_ac, stride_ap).to(tl.float32)
+        d1 += _load_x(b_base, offs_p, offs_c, HW, C, stride_bc, stride_bp).to(tl.float32)
+        g = _bwd_gate(h, _w2_chunk(w2_ptr, i * BLOCK_C, C, CR, BLOCK_C, BLOCK_R), b2_ptr, offs_c, C, SIGMOID, DOT_F32,
+                  INPUT_PRECISION)
+        w1c = _w1_chunk(w1_ptr, i * BLOCK_C, C, CR, BLOCK_C, BLOCK_R)  # [BLOCK_R, BLOCK_C]
+        dx = _dot(dh, w1c, d1 * g, DOT_F32, INPUT_PRECISION)
         tl.store(dx_ptr + pid_b * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :].to(tl.int64) * stride_dc,
-                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+                 dx.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
-    # Bias gradients: the last program to finish sums every program's column sums, in program order.
+    # Bias sums: the last program of each group sums the group's rows, the last group's summer sums the groups.
+    n_prog = tl.num_programs(0)
+    n_groups = tl.cdiv(n_prog, GROUP)
+    group = pid // GROUP
+    g0 = group * GROUP
     tl.debug_barrier()
-    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if done == n_prog - 1:
-        tl.store(count_ptr, 0)  # left zeroed for the next use
-        f0 = 0
-        while f0 < C + CR:
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            f_mask = offs_f < C + CR
-            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-            q0 = 0
-            while q0 < n_prog:
-                offs_q = q0 + tl.arange(0, PARTIAL_ROWS)
-                m = (offs_q < n_prog)[:, None] & f_mask[None, :]
-                v = tl.load(bpart_ptr + (offs_q.to(tl.int64) * (C + CR))[:, None] + offs_f[None, :], mask=m,
-                            other=0.0, cache_modifier=".cg")
-                acc += tl.sum(v, 0)
-                q0 += PARTIAL_ROWS
-            tl.store(db2_ptr + offs_f, acc.to(db2_ptr.dtype.element_ty), mask=offs_f < C)
-            tl.store(db1_ptr + (offs_f - C), acc.to(db1_ptr.dtype.element_ty), mask=f_mask & (offs_f >= C))
-            f0 += BLOCK_F
+    done = tl.atomic_add(count_ptr + 1 + group, 1, sem="acq_rel")
+    if done == tl.minimum(GROUP, n_prog - g0) - 1:
+        tl.store(count_ptr + 1 + group, 0)  # left zeroed for the next use
+        _sum_rows(bpart_ptr + g0.to(tl.int64) * ld, tl.minimum(GROUP, n_prog - g0), ld, C,
+                  bpart_ptr + (n_prog + group).to(tl.int64) * ld, bpart_ptr, BLOCK_Q, BLOCK_F, False)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if done == n_groups - 1:
+            tl.store(count_ptr, 0)
+            _sum_rows(bpart_ptr + n_prog.to(tl.int64) * ld, n_groups, ld, C, db2_ptr, db1_ptr, BLOCK_Q, BLOCK_F, True)
+
+
+@triton.jit
+def _sum_rows(src, n_rows, ld, C, dst, dst2, BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, SPLIT: tl.constexpr):
+    """Column sums of the n_rows x ld fp32 rows at src (row stride ld), in row order: [BLOCK_Q, BLOCK_F] tiles
+    added elementwise, reduced once per column block; cdiv(n_rows, BLOCK_Q) * cdiv(ld, BLOCK_F) serial steps. To
+    dst (fp32, ld) or, with SPLIT, columns [0, C) to dst and [C, ld) to dst2, in their dtypes."""
+    f0 = 0
+    while f0 < ld:
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_mask = offs_f < ld
+        acc = tl.zeros([BLOCK_Q, BLOCK_F], dtype=tl.float32)
+        q0 = 0
+        while q0 < n_rows:
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            m = (offs_q < n_rows)[:, None] & f_mask[None, :]
+            acc += tl.load(src + (offs_q.to(tl.int64) * ld)[:, None] + offs_f[None, :], mask=m, other=0.0,
+                           cache_modifier=".cg")
+            q0 += BLOCK_Q
+        s = tl.sum(acc, 0)
+        if SPLIT:
+            tl.store(dst + offs_f, s.to(dst.dtype.element_ty), mask=offs_f < C)
+            tl.store(dst2 + (offs_f - C), s.to(dst2.dtype.element_ty), mask=f_mask & (offs_f >= C))
+        else:
+            tl.store(dst + offs_f, s, mask=f_mask)
+        f0 += BLOCK_F

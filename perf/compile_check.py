@@ -280,7 +280,9 @@ def _heur_cg(case: Case, candidates: bool = False):
     args = (case.channels, case.channels // case.rate, case.hw, _dt(case.wdt))  # the dots' dtype: the weights'
     if candidates:
         return f(*args, x_dtype=_dt(case.dtype)) if case.kernel == "channel_gate_bwd" else f(*args)
-    return f(*args, target="gpu", x_dtype=_dt(case.dtype))
+    from gam_triton.ops import _autotune
+
+    return f(*args, target="gpu", x_dtype=_dt(case.dtype), batch=_autotune.pixels(case.batch, case.hw)[1])
 
 
 def _heur_ew(case: Case, candidates: bool = False):

@@ -241,6 +241,37 @@ def test_channel_gate_every_tiling(c, cr, block_c, block_p, cl, device):
 
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
+@pytest.mark.parametrize("c,cr,block_c,block_p,dtype,xdt", [
+    (20, 5, 16, 16, torch.float32, torch.float32), (48, 12, 16, 32, torch.bfloat16, torch.bfloat16),
+    (48, 12, 32, 16, torch.float16, torch.float32), (192, 48, 64, 64, torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_channel_gate_backward_every_tiling(c, cr, block_c, block_p, dtype, xdt, cl, device, monkeypatch):
+    """The fused backward (chunked passes, many pixel tiles, the bias sums' second launch) at forced tiles against
+    float64 gradients, half-precision and autocast-style dtypes, H != W, outputs poisoned; bitwise repeatable."""
+    import triton
+
+    cfg = triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=max(16, _runtime.next_pow2(cr))),
+                        num_warps=4, num_stages=2)
+    monkeypatch.setattr(cg_mod, "bwd_heuristic", lambda *a, **k: cfg)
+    monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(_runtime, "POISON", True)
+    w = _weights(c, cr, dtype, device)
+    x = _x(3, c, 5, 7, xdt, device, cl)
+    ga, gb = _x(3, c, 5, 7, xdt, device, cl, seed=2), _x(3, c, 5, 7, dtype, device, cl, seed=3)
+    counts = torch.zeros(cg_mod.COUNTER_SLOTS, dtype=torch.int32, device=device)
+    got = [cg_mod.backward(x, ga, gb, *w, True, counts) for _ in range(2)]
+    assert not counts.any(), "the counters are left zeroed"
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    want = reference_grads(x.cpu().double(), *(t.cpu().double() for t in w), True,
+                           ga.cpu().double() + gb.cpu().double())
+    for name, g, r in zip(("dx", "dw1", "db1", "dw2", "db2"), got[0], want):
+        n = max(r.abs().max().item(), 1.0)
+        assert_close(g.cpu() / n, r / n, dtype, 4.0, name)
+    assert got[0][0].dtype == xdt and got[0][2].dtype == dtype
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
 @pytest.mark.parametrize("block_p,block_c", [(16, 16), (64, 32)])
 def test_final_gate_every_tiling(block_p, block_c, device):
     import triton

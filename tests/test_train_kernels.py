@@ -111,7 +111,8 @@ def test_partial_sums_over_many_programs_are_exact(cl, programs, device, monkeyp
     interpreter's own tiles make one; the op's own grids (the reductions' programs loop over 2-4 tiles, BN2's
     backward in two groups of the finalisation tree, the second short), or persistent grids of 7 programs
     (each looping over 7-8 tiles, one group) and of 37 (1-2 tiles each, a group of 32 and one of 5); BN2's
-    backward in the GPU's gathered half tile; the channel gate's bias sums over its own partials. One train
+    backward in the GPU's gathered half tile; the channel gate's bias sums over its own partials (a tree: 7 groups
+    of 8 programs, the last group short). One train
     step against float64, running statistics included, and a second identical step bitwise equal."""
     import triton
 
@@ -134,7 +135,7 @@ def test_partial_sums_over_many_programs_are_exact(cl, programs, device, monkeyp
 
     monkeypatch.setattr(batchnorm, "heuristic", bn_tile)
     monkeypatch.setattr(batchnorm, "programs", bn_programs)
-    monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, target=None, x_dtype=None:
+    monkeypatch.setattr(channel_gate, "bwd_heuristic", lambda C, CR, HW, dtype, **kw:
                         triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=16), num_warps=4, num_stages=2))
     try:
         ref = make_ref("yolo_grouped", 48).train()
@@ -161,6 +162,37 @@ def test_partial_sums_over_many_programs_are_exact(cl, programs, device, monkeyp
     assert torch.equal(o1, o2) and torch.equal(gx1, gx2)
     for name in gp1:
         assert torch.equal(gp1[name], gp2[name]), name
+
+
+def test_channel_gate_bias_sums_have_a_bounded_serial_tail():
+    """At every sweep shape (YOLO channels 64-640 at 80, 40, 20, rate 4; and C1024 at 20, the 224-input maps) and
+    batch 1-64, for every dtype class, the GPU heuristic's backward sums its bias partials in at most 16 serial
+    steps on the longest path (a group's sum, then the groups'), within the counters there are; the programs
+    that sum load at most 4x what the median program loads (its tile: x twice, dx1's two parts twice each, the
+    weights' chunks five times)."""
+    from triton import cdiv
+
+    from gam_triton.ops import _autotune, channel_gate
+
+    shapes = [(c, s) for s, cs in ((80, (64, 128, 192, 256, 320)), (40, (128, 256, 384, 512, 640)),
+                                   (20, (256, 512, 576, 640, 1024)), (14, (256, 512)), (7, (512, 1024))) for c in cs]
+    worst_steps, worst_ratio = 0, 0.0
+    for c, s in shapes:
+        cr = c // 4
+        for dt, xdt in ((torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float32, None)):
+            for b in range(1, 65):
+                cfg = channel_gate.bwd_heuristic(c, cr, s * s, dt, "gpu", xdt, batch=_autotune.pixels(b, s * s)[1])
+                kw = cfg.kwargs
+                n_parts = b * cdiv(s * s, kw["BLOCK_P"])
+                group, block_q, block_f = channel_gate.bias_tree(n_parts, c + cr, cfg.num_warps)
+                assert cdiv(n_parts, group) + 1 <= channel_gate.COUNTER_SLOTS
+                assert block_q * block_f <= 2048 * cfg.num_warps
+                worst_steps = max(worst_steps, channel_gate.bias_steps(n_parts, c + cr, cfg.num_warps))
+                tile = 6 * min(kw["BLOCK_P"], s * s) * c + 5 * cdiv(c, kw["BLOCK_C"]) * kw["BLOCK_C"] * kw["BLOCK_R"]
+                busiest = tile + (min(group, n_parts) + cdiv(n_parts, group)) * (c + cr)
+                worst_ratio = max(worst_ratio, busiest / tile)
+    assert worst_steps <= 16, worst_steps
+    assert worst_ratio <= 4, worst_ratio
 
 
 @needs_kernels

@@ -18,6 +18,7 @@ accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Tri
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,7 +35,8 @@ if HAS_TRITON:
     from ..kernels.channel_gate import channel_gate_bwd_kernel, channel_gate_fwd_kernel
 
 __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heuristic", "candidates",
-           "bwd_heuristic", "bwd_candidates", "key", "bwd_key", "launch_args", "bwd_launch_args"]
+           "bwd_heuristic", "bwd_candidates", "key", "bwd_key", "launch_args", "bwd_launch_args", "bias_tree",
+           "bias_steps", "waves_ok", "COUNTER_SLOTS"]
 
 # --- launch choices ------------------------------------------------------------------------------------------
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
@@ -49,11 +51,28 @@ FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4
 #: channels) has no spill-free tile: :func:`fused`.
 FP32_BWD_TILES = {16: (16, 32, 8, 2), 32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1),
                   256: (16, 16, 8, 1)}
-#: maxnreg of the backward under autocast (fp32 x, half weights) from BLOCK_R 128: without it ptxas aims at an
-#: occupancy of its own, holds 128 or 168 registers and spilled 8-40 B (Triton 3.9, 16x16x128 and 16x16x256 w4);
-#: with it, 162-187 registers and no spill. Not wider: with it, 16x16x16 under autocast spilled 8 B at 255
-#: registers and the fp32 16x32x32 tile 112-120 B, where ptxas's own choice spilled nothing.
+#: Half-precision backward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R (BLOCK_C 64 only where C <= 64): 12 KB
+#: of activations per chunk step (Triton 3.9, sm_90: 117-141 registers up to BLOCK_R 64, 237 at 128, 249 at 256).
+BWD_TILES = {16: (64, 64, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8), 256: (32, 32, 8)}
+#: The same under autocast (fp32 x and dx1_gate, half weights): 125-158 registers on Triton 3.9, sm_90.
+AUTOCAST_BWD_TILES = {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 32, 8)}
+#: The backward's CTAs per SM at 8 warps (over 128 registers: one; up to 128: two): what its pixel block is fitted
+#: to (:func:`_fit_waves`); from BLOCK_R 128 one (168-249 registers on Triton 3.9 for sm_80/90/100).
+BWD_CTAS = (1, 2)
+#: Whole waves (:func:`waves_ok`): at least this share of one wave ...
+WAVES_MIN = 0.6
+#: ... and no lone partial wave up to this many waves.
+WAVES_TAIL = 1.15
+#: maxnreg of the half-precision-dot backward under autocast (fp32 x; AUTOCAST_BWD_TILES) and from BLOCK_R 64:
+#: without it ptxas aims at an occupancy of its own, holds 128 registers and spilled (32 x 32 x 32 w8 under autocast
+#: 24 B, Triton 3.9 sm_90; 64 x 32 x 64 w8 with the sigmoid 64 B on sm_100, where sm_90 took 199 registers).
 BWD_MAXNREG = 255
+#: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
+#: group and one for the groups (the train block allocates them with the BatchNorms').
+MAX_GROUPS = 127
+COUNTER_SLOTS = MAX_GROUPS + 1
+#: Serial steps the bias sums aim at, at most (:func:`bias_tree`).
+BIAS_MAX_STEPS = 16
 #: The kernels' INPUT_PRECISION for fp32 dots per answer of ``dot_precision``.
 FP32_DOTS = {"ieee": "tf32x3", "tf32": "tf32"}
 #: Above this BLOCK_R the backward's fp32 "ieee" dots stay FMA (3 live [BLOCK_P, BLOCK_R] tiles spilled).
@@ -75,11 +94,13 @@ def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> 
 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
-              x_dtype: Optional[torch.dtype] = None) -> "triton.Config":
+              x_dtype: Optional[torch.dtype] = None, batch: Optional[int] = None,
+              sms: int = _runtime.DEFAULT_SMS) -> "triton.Config":
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
     dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
     large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
-    the module's whole space (perf/compile_check.py, perf/NOTES.md "Triton versions")."""
+    the module's whole space (perf/compile_check.py, perf/NOTES.md "Triton versions"). With ``batch`` (the tuning
+    key's), the tile is then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`)."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
@@ -89,8 +110,9 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
         if _runtime.TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
             warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
-        return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))), BLOCK_C=block_c, BLOCK_R=block_r),
-                             num_warps=warps, num_stages=2)
+        # fp32 tiles sit at the spill edge (16 x 64 x 64 w8, halved for waves, spilled 16 B on sm_90): not fitted
+        block_p = max(16, min(block_p, next_pow2(HW)))
+        return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
     # BLOCK_R fp32) lives in registers: the pixel block shrinks from C/r = 33 on (64 x 64 x 64 at 4 warps spilled
     # 64 B on sm_80, Triton 3.4), and again for fp32 x under autocast, whose tile is twice a half one (64 x 128 x 32
@@ -100,8 +122,37 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     if x_dtype is not None and x_dtype.itemsize == 4:
         block_p = max(16, block_p // 2)
     block_p = max(16, min(block_p, next_pow2(HW)))
-    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r),
-                         num_warps=8 if block_p * block_c >= 8192 or block_r >= 256 else 4, num_stages=2)
+    warps = 8 if block_p * block_c >= 8192 or block_r >= 256 else 4
+    block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 2)
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
+
+
+def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: int) -> tuple:
+    """CTAs per SM a forward tile may get: from an estimate of its registers per thread (a fit to the Triton 3.9
+    sm_90 compile facts, 40 + 2.5 per h element + 0.8 per gate element a thread holds, half as many again for
+    fp32 dots; within about 20 %, more often over than under), the estimate and one more."""
+    thr = 32 * warps
+    regs = 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) // 10
+    regs = -(-regs * (3 if itemsize == 4 else 2) // 16) * 8  # fp32 x1.5, to the allocation granule of 8
+    k = max(1, min(64 // warps, 65536 // (thr * min(regs, 255))))
+    return tuple(sorted({k, min(64 // warps, k + 1)}))
+
+
+def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, batch: Optional[int], sms: int,
+               itemsize: int, grow: bool = True) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of a forward tile fitted to whole waves: the first of the pixel block as given, halved,
+    doubled (with ``grow``, up to 128 and the map) or quartered (down to 16), each at its warps and then at 8 (as
+    many warps per SM in half as many CTAs), whose grid runs in whole waves (:func:`waves_ok`) for every
+    CTAs-per-SM count :func:`_fwd_ctas` allows; the tile as given when none does or ``batch`` is None."""
+    if batch is None:
+        return block_p, warps
+    top = max(16, min(128, next_pow2(HW))) if grow else block_p
+    for p in dict.fromkeys(q for q in (block_p, block_p // 2, block_p * 2, block_p // 4) if 16 <= q <= top):
+        for w in dict.fromkeys((warps, 8)):
+            tiles = batch * cdiv(HW, p)
+            if all(waves_ok(tiles, sms * k) for k in _fwd_ctas(p, block_c, block_r, w, itemsize)):
+                return p, w
+    return block_p, warps
 
 
 def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
@@ -124,43 +175,66 @@ def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
     return _runtime.nearest(out, heuristic(C, CR, HW, dtype, "gpu"))
 
 
+def waves_ok(tiles: int, slots: int) -> bool:
+    """A grid of ``tiles`` CTAs on ``slots`` resident ones (SMs x CTAs per SM) runs in whole waves: at least
+    WAVES_MIN of one, and no lone partial wave just past a whole one ((1, WAVES_TAIL])."""
+    w = tiles / max(1, slots)
+    return w >= WAVES_MIN and not 1.0 < w <= WAVES_TAIL
+
+
+def _fit_waves(block_p: int, HW: int, batch: Optional[int], sms: int, ctas: tuple, floor: int = 16) -> int:
+    """The largest pixel block from ``block_p`` down (halving, at least ``floor``) whose grid runs in whole waves
+    (:func:`waves_ok`) for every CTAs-per-SM count in ``ctas``; ``block_p`` itself when none does, or when the
+    batch is unknown (None)."""
+    if batch is None:
+        return block_p
+    p = block_p
+    while p >= floor:
+        tiles = batch * cdiv(HW, p)
+        if all(waves_ok(tiles, sms * k) for k in ctas):
+            return p
+        p //= 2
+    return block_p
+
+
 def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
-                  x_dtype: Optional[torch.dtype] = None) -> "triton.Config":
-    """The backward keeps three BLOCK_P x BLOCK_R fp32 tiles (pre-activation, dh, h) and 64-bit pointer tiles
-    in registers: half precision 8 warps, 32 pixels up to C/r = 16 and 16 beyond, channel chunks shrinking as
-    C/r grows (32 x 64 tiles at C/r 32-64 spilled 8-40 B on Triton 3.6 and 3.9, 16 x 32 x 128 48 B); with fp32 x
-    (autocast) 4 warps and 16-pixel, 16-channel tiles (32 at C/r 64; 8 warps held at 128 registers and spilled
-    8-56 B on Triton 3.9) and from BLOCK_R 128 :data:`BWD_MAXNREG`; fp32 dots from FP32_BWD_TILES.
-    ``dtype``: the dots' (the weights'); ``x_dtype``: x's."""
+                  x_dtype: Optional[torch.dtype] = None, batch: Optional[int] = None,
+                  sms: int = _runtime.DEFAULT_SMS) -> "triton.Config":
+    """The backward holds two BLOCK_P x BLOCK_R tiles (h, dh) and its chunk tiles in registers. Half precision:
+    64 x 32 tiles at 8 warps up to C/r = 128 (64 x 64 where C <= 64), 32 x 32 for BLOCK_R 256: 117-249
+    registers, one or two CTAs per SM, 12 KB of x, dx1_gate and dx1_conv per chunk step, two stages (BWD_TILES).
+    fp32 x under autocast: 32 x 32 at 8 warps (64 x 32 at C/r 16, 16 x 32 at BLOCK_R 256; 10 bytes an element);
+    fp32 dots: FP32_BWD_TILES. With ``batch`` (the tuning key's) the pixel block halves until the grid runs in
+    whole waves on ``sms`` SMs at one or two CTAs per SM (:func:`waves_ok`). ``dtype``: the dots' (the
+    weights'); ``x_dtype``: x's."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return heuristic(C, CR, HW, dtype, target)
-    regs = _bwd_maxnreg(dtype, x_dtype, block_r)
     if dtype == torch.float32:
         block_p, block_c, warps, stages = FP32_BWD_TILES[min(block_r, 256)]
-        return triton.Config(dict(BLOCK_P=max(16, min(block_p, next_pow2(HW))),
-                                  BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
-                             num_warps=warps, num_stages=stages)
-    autocast = x_dtype is not None and x_dtype.itemsize == 4
-    if autocast:  # 32 x 64 x 16 and 16 x 32 x 32 w4 spilled 8-16 B at 80 or 128 registers on Triton 3.6
-        block_c, block_p, warps = (32 if block_r == 64 else 16), 16, 4
     else:
-        block_c = 16 if block_r >= 128 else 32 if block_r >= 32 else 64
-        block_p, warps = (32 if block_r <= 16 else 16), 8
-    block_c, block_p = max(16, min(block_c, next_pow2(C))), max(16, min(block_p, next_pow2(HW)))
-    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
-                         maxnreg=regs)
+        autocast = x_dtype is not None and x_dtype.itemsize == 4
+        block_p, block_c, warps = (AUTOCAST_BWD_TILES if autocast else BWD_TILES)[min(block_r, 256)]
+        stages = 2
+        if block_c == 64 and C > 64:
+            block_c = 32
+    block_p = max(16, min(block_p, next_pow2(HW)))
+    block_p = _fit_waves(block_p, HW, batch, sms, BWD_CTAS if block_r < 128 else BWD_CTAS[:1])
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
+                         num_warps=warps, num_stages=stages, maxnreg=_bwd_maxnreg(dtype, x_dtype, block_r))
 
 
 def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
-    """BWD_MAXNREG for the autocast backward (fp32 x, half-precision dots) from BLOCK_R 128, else None."""
-    autocast = dtype != torch.float32 and x_dtype is not None and x_dtype.itemsize == 4
-    return BWD_MAXNREG if autocast and block_r >= 128 else None
+    """BWD_MAXNREG for the backward's half-precision dots under autocast (fp32 x) and from BLOCK_R 64, and for fp32
+    dots from BLOCK_R 128 (16 x 16 x 128 w8 TF32 spilled 40 B at ptxas's own 128 registers); else None."""
+    if dtype == torch.float32:
+        return BWD_MAXNREG if block_r >= 128 else None
+    return BWD_MAXNREG if (x_dtype is not None and x_dtype.itemsize == 4) or block_r >= 64 else None
 
 
 def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
-    """Forward candidates whose three [BLOCK_P, BLOCK_R] fp32 tiles fit 128 registers per thread (with the
-    heuristic's maxnreg)."""
+    """Forward candidates whose [BLOCK_P, BLOCK_R] fp32 tiles (h, dh, and as much again for the chunk work) fit
+    128 registers per thread (with the heuristic's maxnreg)."""
     regs = _bwd_maxnreg(dtype, x_dtype, _block_r(CR))
     out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=regs)
            for c in candidates(C, CR, HW, dtype)
@@ -207,21 +281,43 @@ def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     return channel_gate_fwd_kernel, (bsz * cdiv(h * w, kw["BLOCK_P"]),), args, kwargs
 
 
+def bias_tree(n_parts: int, width: int, num_warps: int) -> tuple[int, int, int]:
+    """(GROUP, BLOCK_Q, BLOCK_F) of the backward's bias sums over ``n_parts`` partial rows of ``width`` columns:
+    groups of about sqrt(n_parts) programs (at most MAX_GROUPS of them: the counters), [BLOCK_Q, BLOCK_F] fp32
+    tiles (BLOCK_F up to 1024 columns) of 32 elements a thread, or 64 where 32 take more than BIAS_MAX_STEPS
+    serial steps (:func:`bias_steps`)."""
+    group = max(1, cdiv(n_parts, MAX_GROUPS), math.isqrt(max(0, n_parts - 1)) + 1)
+    block_f = min(1024, max(16, next_pow2(width)))
+    for per_thread in (32, 64):
+        block_q = max(1, per_thread * 32 * num_warps // block_f)
+        cols, n_groups = cdiv(width, block_f), cdiv(n_parts, group)
+        if (cdiv(min(group, n_parts), block_q) + cdiv(n_groups, block_q)) * cols <= BIAS_MAX_STEPS:
+            break
+    return group, block_q, block_f
+
+
+def bias_steps(n_parts: int, width: int, num_warps: int) -> int:
+    """Serial steps of the bias sums (:func:`bias_tree`) on the longest path: a group's sum, then the groups'."""
+    group, block_q, block_f = bias_tree(n_parts, width, num_warps)
+    return (cdiv(min(group, n_parts), block_q) + cdiv(cdiv(n_parts, group), block_q)) * cdiv(width, block_f)
+
+
 def bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid: bool, dx, dah, hid, counts, db1, db2,
                     cfg: "triton.Config", precision: str) -> tuple:
-    """(kernel, grid, args, kwargs) of the backward kernel (its bias partials allocated here: args[10])."""
+    """(kernel, grid, args, kwargs) of the backward kernel, one program per tile; the bias partials, args[10]
+    ([grid + groups, C + CR] fp32), are allocated here; ``counts``: COUNTER_SLOTS zeroed int32."""
     bsz, c, h, w = x.shape
     cr, kw = w1.shape[0], cfg.kwargs
     views = [bchw_view(t) for t in (x, ga, gb)]
     _, sdb, sdc, sdp = bchw_view(dx)
     n_prog = bsz * cdiv(h * w, kw["BLOCK_P"])
-    block_f = min(64, next_pow2(c + cr))
-    bpart = torch.empty(n_prog, c + cr, dtype=torch.float32, device=x.device)
+    group, block_q, block_f = bias_tree(n_prog, c + cr, cfg.num_warps)
+    bpart = torch.empty(n_prog + cdiv(n_prog, group), c + cr, dtype=torch.float32, device=x.device)
     args = (views[0][0], views[1][0], views[2][0], w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, h * w,
-            c, cr, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
+            c, cr, group, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision, kw["BLOCK_R"]),
-                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_F=block_f, **_runtime.config_kwargs(cfg))
+                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, BLOCK_F=block_f, **_runtime.config_kwargs(cfg))
     return channel_gate_bwd_kernel, (n_prog,), args, kwargs
 
 
@@ -239,7 +335,8 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
         return _runtime.launch(*launch_args(x, w1, b1, w2, b2, sigmoid, out, cfg, prec))
 
     go(_autotune.select("channel_gate", key(x, w1, out_channels_last, prec),
-                        lambda: heuristic(c, cr, hw, w1.dtype, x_dtype=x.dtype),
+                        lambda: heuristic(c, cr, hw, w1.dtype, x_dtype=x.dtype,
+                                          batch=_autotune.pixels(x.shape[0], hw)[1], sms=_runtime.sm_count(x.device)),
                         lambda: candidates(c, cr, hw, w1.dtype), _autotune.timed(go)))
     return out
 
@@ -248,8 +345,9 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
              w2: torch.Tensor, b2: torch.Tensor, sigmoid: bool, counts: torch.Tensor) -> tuple:
     """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb (the train block's).
 
-    One kernel (``counts``: one zeroed int32 counter), then the weight gradients as GEMMs (NCHW with B > 1:
-    dW1 as a bmm and a sum); where the kernel does not fuse (:func:`fused`), :func:`reference_grads`."""
+    One kernel (``counts``: COUNTER_SLOTS zeroed int32 counters, left zeroed; its bias sums' fixed order depends
+    on the shape and the tile, whose choice reads the SM count), then the weight gradients as GEMMs (NCHW with
+    B > 1: dW1 as a bmm and a sum); where the kernel does not fuse (:func:`fused`), :func:`reference_grads`."""
     bsz, c, h, w = x.shape
     hw, n, cr, wdt = h * w, bsz * h * w, w1.shape[0], w1.dtype
     dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
@@ -261,12 +359,15 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
     prec = dot_precision(wdt)
     k = bwd_key(x, w1, prec)
+    sms = _runtime.sm_count(x.device)
 
     def go(cfg):
         return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,
                                                 cfg, prec))
 
-    go(_autotune.select("channel_gate_bwd", k, lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype),
+    go(_autotune.select("channel_gate_bwd", k,
+                        lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype, batch=_autotune.pixels(bsz, hw)[1],
+                                              sms=sms),
                         lambda: bwd_candidates(c, cr, hw, wdt, x.dtype), _autotune.timed(go)))
     da, dh = dah[:, :c], dah[:, c:]
     dw2 = torch.mm(da.t(), hid)

@@ -54,7 +54,7 @@ def _fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, 
     y1 = F.conv2d(x1c, k1, kb1, padding=pad, groups=groups)
     n1, n2 = batchnorm.counter_slots(y1.shape[1]), batchnorm.counter_slots(x.shape[1])
     # the counters of every reduction of the forward and the backward (the kernels leave them zero)
-    counts = torch.zeros(n1 + n2 + 1, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(n1 + n2 + channel_gate.COUNTER_SLOTS, dtype=torch.int32, device=x.device)
     stats1 = batchnorm.stats(y1, g1, be1, (rm1, rv1, nbt1), eps1, mom1, update1, counts[:n1])
     z1 = elementwise.run_bn_relu.impl(y1, stats1[2], stats1[3])
     y2 = F.conv2d(z1, k2, kb2, padding=pad, groups=groups)
@@ -75,7 +75,7 @@ def _fwd_fake(x, w1, b1, w2, b2, k1, kb1, k2, kb2, g1, be1, g2, be2, rm1, rv1, n
     y2 = torch.empty((b, c, h, w), dtype=k2.dtype, device=x.device, memory_format=cl)
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, k2.dtype),
                            memory_format=torch.channels_last if out_cl else torch.contiguous_format)
-    slots = batchnorm.counter_slots(cr) + batchnorm.counter_slots(c) + 1
+    slots = batchnorm.counter_slots(cr) + batchnorm.counter_slots(c) + channel_gate.COUNTER_SLOTS
     return (out, x1, x1c, y1, torch.empty_like(y1), y2, x.new_empty((4, cr), dtype=torch.float32),
             x.new_empty((4, c), dtype=torch.float32), x.new_empty((slots,), dtype=torch.int32))
 
