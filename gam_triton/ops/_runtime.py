@@ -12,8 +12,8 @@
   an opaque ``custom_op`` with a fake under the interpreter) and returns the function the module and the other
   ops call: it runs the op on its first tensor's device (a model on cuda:1 while cuda:0 is current) and skips
   the dispatcher for a plain eager call that needs no autograd (:func:`call_directly`).
-* :func:`launch` - the one place a kernel is launched (``wrap_triton`` on a GPU): the seam a measuring tool
-  wraps (``perf/traffic.py``), always called as ``_runtime.launch``.
+* :func:`launch` - the one place a kernel is launched (``wrap_triton`` on a GPU), always called as
+  ``_runtime.launch``: the seam a caller may wrap to see every launch.
 """
 from __future__ import annotations
 

@@ -194,8 +194,7 @@ def bwd_key(x: torch.Tensor, w1: torch.Tensor, precision: str) -> tuple:
 # --- launches ------------------------------------------------------------------------------------------------
 def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                 sigmoid: bool, out: torch.Tensor, cfg: "triton.Config", precision: str) -> tuple:
-    """(kernel, grid, args, kwargs) of the forward launch writing ``out`` (what runs, and what
-    ``perf/compile_check.py`` compiles ahead of time on meta tensors)."""
+    """(kernel, grid, args, kwargs) of the forward launch writing ``out``."""
     bsz, c, h, w = x.shape
     xv, sxb, sxc, sxp = bchw_view(x)
     _, sob, soc, sop = bchw_view(out)
