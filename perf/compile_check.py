@@ -1,12 +1,14 @@
 """Compile check: every binary the GAM module launches, compiled ahead of time for sm_80/90/100, no GPU.
 
 Capture. The module (``gam_triton.GAM``) is driven over the space below on ``meta`` tensors, sent down its
-Triton path (``_runtime.use_triton`` answers True; the input claims ``is_cuda`` so the plan is the CUDA one),
+Triton path (``_runtime.use_triton`` answers True; ``GAM._plan``, the one place a call is decided, sees the input
+as a CUDA tensor),
 the tuner off (``GAM_TRITON_AUTOTUNE=0``: heuristics), and every launch is recorded at the library's one
-launch seam, ``gam_triton.ops._runtime.launch(kernel, grid, args, kwargs)``, instead of run. Autocast on meta:
-``_runtime.autocast_dtype`` answers the autocast dtype and a function mode casts ``F.conv2d``'s floating
-inputs to it (a function mode: autocast's rule for the one op the module runs outside its kernels under autocast). No per-op
-code: whatever kernels the ops launch, with whatever arguments, is what is compiled.
+launch seam, ``gam_triton.ops._runtime.launch(kernel, grid, args, kwargs)``, instead of run. What CUDA does that
+meta does not, for the one op the module runs outside its kernels (the convolutions, :func:`_cudnn_mode`): under
+autocast (``_runtime.autocast_dtype`` answers its dtype) their floating inputs are cast to it, and their outputs
+(gradients too) are channels_last when an input is (cuDNN's rule). No per-op code: whatever kernels the ops launch,
+with whatever arguments, is what is compiled.
 
 Space (:func:`space`). The sweep's YOLO shapes (C 64..1024 at 80/40/20 maps) and odd maps (14x14, 7x7); batches
 1, 16, 17 (1: sizes equal to 1 become constants; 16: divisible by 16; 17: neither; together they reach every
@@ -117,10 +119,11 @@ class Case:
 
 
 def space(subset: str = "full") -> Iterator[Case]:
+    """The cases of a subset (layer variants on the paper and YOLO forms only)."""
     shapes, batches, forms, tweaks = SUBSETS[subset]
     for c, s in shapes:
         for form in forms:
-            for tweak in tweaks:
+            for tweak in tweaks if form in ("paper", "yolo") else ("",):
                 for mode in TWEAKS[tweak]:
                     for dt, amp, tf32 in DTYPES:
                         if amp and mode == "auto":   # under autocast eval is one path (no Triton convolutions)
@@ -146,14 +149,21 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+_MODULES: dict = {}
+
+
 def _build(case: Case):
-    """A GAM of the case's form, tweak and dtype on meta (no memory), in the case's mode."""
+    """A GAM of the case's form, tweak and dtype on meta (no memory; kept for the next case), in the case's mode."""
     import torch
 
     from gam_triton import GAM
 
-    with torch.device("meta"):
-        m = GAM(case.channels, **FORMS[case.form]).to(_torch_dtype(case.dtype))
+    key = (case.channels, case.form, case.tweak, case.dtype)
+    if key in _MODULES:
+        m = _MODULES[key]
+    else:
+        with torch.device("meta"):
+            m = _MODULES[key] = GAM(case.channels, **FORMS[case.form]).to(_torch_dtype(case.dtype))
     conv1, bn1, conv2, bn2 = (m.spatial_attention[i] for i in (0, 1, 3, 4))
     for bn in (bn1, bn2):
         if case.tweak == "noaffine":
@@ -186,19 +196,30 @@ def _cuda_tensor_type():
     return OnCuda
 
 
-def _autocast_mode(amp):
+def _cudnn_mode(amp):
+    """What CUDA does to a convolution that meta does not: autocast's cast of its floating inputs to ``amp``, and
+    cuDNN's layout rule (outputs channels_last when an input is; meta's CPU rule may differ)."""
     import torch
     from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_map
 
-    class Autocast(TorchFunctionMode):
-        """Autocast's rule for a convolution (its floating inputs cast to the autocast dtype), on meta tensors."""
+    def cl(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
 
+    class CuDNN(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("conv2d", "convolution"):
+            name = getattr(func, "__name__", "")
+            if name not in ("conv2d", "convolution", "convolution_backward"):
+                return func(*args, **(kwargs or {}))
+            if amp is not None and name != "convolution_backward":
                 args = tuple(a.to(amp) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if any(cl(a) for a in args):
+                out = tree_map(lambda t: t.contiguous(memory_format=torch.channels_last)
+                               if isinstance(t, torch.Tensor) and t.dim() == 4 else t, out)
+            return out
 
-    return Autocast()
+    return CuDNN()
 
 
 @contextlib.contextmanager
@@ -226,6 +247,7 @@ def capture(case: Case) -> list[Launch]:
     """The launches the module makes for one case (one eval call, or one train step), none executed."""
     import torch
 
+    from gam_triton import GAM
     from gam_triton.ops import _autotune, _runtime
 
     out: list[Launch] = []
@@ -233,7 +255,8 @@ def capture(case: Case) -> list[Launch]:
     m = _build(case)
     fmt = torch.channels_last if case.layout == "cl" else torch.contiguous_format
     x = torch.empty((case.batch, case.channels, case.size, case.size), dtype=_torch_dtype(case.dtype),
-                    device="meta", memory_format=fmt).as_subclass(_cuda_tensor_type())
+                    device="meta", memory_format=fmt)
+    on_cuda, plan = _cuda_tensor_type(), GAM._plan
     train = case.mode not in ("eval", "auto")
     tf32 = "tf32" if case.tf32 else "ieee"
     with contextlib.ExitStack() as st:
@@ -241,12 +264,11 @@ def capture(case: Case) -> list[Launch]:
         st.enter_context(_patched(_runtime, "use_triton", lambda t: True))
         st.enter_context(_patched(_runtime, "launch", lambda k, g, a, kw: out.append(Launch(k, g, a, kw, case))))
         st.enter_context(_patched(_runtime, "autocast_dtype", lambda device_type: amp))
-        st.enter_context(_patched(torch.cuda, "device", lambda device: contextlib.nullcontext()))  # x "is_cuda"
+        st.enter_context(_patched(GAM, "_plan", lambda self, t: plan(self, t.as_subclass(on_cuda))))  # CUDA's plan
         for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv):
             st.enter_context(_patched(backend, "fp32_precision", tf32))
         _autotune.reset()
-        if amp is not None:
-            st.enter_context(_autocast_mode(amp))
+        st.enter_context(_cudnn_mode(amp))
         if train:
             x.requires_grad_(True)
             y = m(x)

@@ -50,8 +50,6 @@ def test_a_planted_spill_is_caught(tmp_path):
                SHRINK + "\n" + PLANT)
     assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-4000:]
     assert "spills" in res.stdout and "channel_gate_fwd sm_90a" in res.stdout, res.stdout[-4000:]
-    ok = _run(["--subset", "ci", "--archs", "90", "--check", "--no-loads", "--out", str(tmp_path)], SHRINK)
-    assert ok.returncode == 0 and "0 problem(s)" in ok.stdout, ok.stdout[-4000:] + ok.stderr[-4000:]
 
 
 def test_specialisation_rules_are_tritons():

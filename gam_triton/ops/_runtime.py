@@ -214,15 +214,10 @@ _CUDA: list = []
 
 
 def has_cuda() -> bool:
-    """A CUDA device and no interpreter (asked once)."""
+    """A CUDA device and no interpreter (asked once): kernels can be timed here."""
     if not _CUDA:
         _CUDA.append(not INTERPRET and torch.cuda.is_available())
     return _CUDA[0]
-
-
-def can_benchmark() -> bool:
-    """Kernels can be timed here (the tuner's and the spatial path choice's question; tests answer it)."""
-    return has_cuda()
 
 
 def capturing() -> bool:
