@@ -41,6 +41,9 @@ def cache_dir(tmp_path, monkeypatch):
     _autotune.reset()
 
 
+DEVICE_NAME = _runtime.device_name  # the real one, for the tests of device naming
+
+
 def pretend_gpu(monkeypatch, on: bool = True) -> None:
     """Kernels can be timed here (``_runtime.has_cuda``), on a GPU named like the CPU (same cache file)."""
     monkeypatch.setattr(_runtime, "has_cuda", lambda: on)
@@ -745,6 +748,7 @@ def test_real_cuda_graph_capture_works_after_a_warm_up(monkeypatch):
 def test_memory_and_cache_follow_the_current_devices_name_and_peek_reads_memory(gpu_mode, monkeypatch):
     current = [0]
     monkeypatch.setattr(_runtime, "has_cuda", lambda: True)
+    monkeypatch.setattr(_runtime, "device_name", DEVICE_NAME)
     monkeypatch.setattr(_runtime, "DEVICE_NAMES", {0: "Fake GPU 0", 1: "Fake GPU 1"})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     b0, b1 = Bench(), Bench(times={16: 1.0, 32: 3.0, 64: 2.0, 128: 4.0})  # device 1 prefers 16
