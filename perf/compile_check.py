@@ -11,11 +11,11 @@ autocast (``_runtime.autocast_dtype`` answers its dtype) their floating inputs a
 with whatever arguments, is what is compiled.
 
 Space (:func:`space`). The sweep's YOLO shapes (C 64..1024 at 80/40/20 maps) and odd maps (14x14, 7x7); batches
-1, 16, 17 (1: sizes equal to 1 become constants; 16: divisible by 16; 17: neither; together they reach every
-binary of batches 1..32, shown by comparison with the old exhaustive space); fp32 (TF32 on and off through
-torch's flags), fp16, bf16, autocast fp32->fp16/bf16; NCHW and channels_last input; forms (:data:`FORMS`: paper,
-YOLO, a fork with groups != rate) and layer variants (:data:`TWEAKS`); modes (:data:`MODES`): eval with the Triton
-convolutions (``GAM_TRITON_CONV=triton``), eval in auto mode (cuDNN here: nothing can be timed), train steps
+1, 16, 17 (1: sizes equal to 1 become constants; 16: divisible by 16; 17: neither; together they reach the
+binaries of batches 1..32, compared with the old exhaustive space); fp32 (TF32 on and off through torch's flags),
+fp16, bf16, autocast fp32->fp16/bf16; NCHW and channels_last input; forms (:data:`FORMS`: paper, YOLO, their
+crossings, a fork with groups != rate) and layer variants (:data:`TWEAKS`); modes (:data:`MODES`): eval with the
+Triton convolutions (``GAM_TRITON_CONV=triton``), eval in auto mode (cuDNN here: nothing can be timed), train steps
 (forward + backward) with both BatchNorms on batch statistics or one frozen. ``--subset`` picks a smaller space.
 
 Binaries. Launches are deduplicated by what Triton's JIT specialises (:func:`specialise`: kernel, constexprs,
@@ -78,8 +78,10 @@ SWEEP = [(c, 80) for c in (64, 128, 192, 256, 320)] + [(c, 40) for c in (128, 25
 ODD_MAPS = [(256, 14), (512, 14), (512, 7), (1024, 7)]
 BATCHES = (1, 16, 17)
 SWEEP_BATCH = 16                   # the batch the waves target is judged at
-#: GAM constructor forms: the paper's, the YOLO form (groups = rate, shuffle), a fork with groups != rate.
+#: GAM constructor forms: the paper's, the YOLO form (groups = rate, shuffle), their crossings (grouping and shuffle
+#: are independent constructor arguments), a fork with groups != rate.
 FORMS = {"paper": dict(), "yolo": dict(group=True, channel_sigmoid=False, shuffle_groups=4),
+         "plain_shuffle": dict(channel_sigmoid=False, shuffle_groups=4), "grouped_sigmoid": dict(group=True),
          "fork": dict(rate=8, groups=4, channel_sigmoid=False, shuffle_groups=4)}
 #: Layer variants a converted block may carry, and the modes they matter in.
 TWEAKS = {"": ("eval", "auto", "train", "bn1_frozen", "bn2_frozen"), "nobias": ("eval",),
@@ -114,8 +116,9 @@ class Case:
     def label(self) -> str:
         d = f"{self.dtype}>{self.amp}" if self.amp else self.dtype + ("" if self.tf32 or self.dtype != "fp32"
                                                                          else "/ieee")
-        return (f"B{self.batch} C{self.channels} {self.size}x{self.size} {self.form}{'+' + self.tweak if self.tweak else ''}"
-                f" {d} {self.layout} {self.mode}")
+        tweak = "+" + self.tweak if self.tweak else ""
+        return f"B{self.batch} C{self.channels} {self.size}x{self.size} {self.form}{tweak} {d} {self.layout} " \
+               f"{self.mode}"
 
 
 def space(subset: str = "full") -> Iterator[Case]:
@@ -550,17 +553,21 @@ def count_loads_here(jobs: list) -> list[dict]:
     return out
 
 
-def count_loads(launches: list[Launch]) -> list[dict]:
-    """:func:`count_loads_here` in a subprocess with the interpreter on (the launches' own arguments)."""
-    jobs = [(kernel_ref(l.kernel), tuple(l.grid), [_describe(a) for a in l.args], l.kwargs) for l in launches]
+def count_loads(launches: list[Launch], n_jobs: int = 2) -> list[dict]:
+    """:func:`count_loads_here` in ``n_jobs`` subprocesses with the interpreter on (the launches' own arguments)."""
+    jobs = [(kernel_ref(la.kernel), tuple(la.grid), [_describe(a) for a in la.args], la.kwargs) for la in launches]
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); import compile_check as c; "
             "sys.stdout.buffer.write(pickle.dumps(c.count_loads_here(pickle.loads(sys.stdin.buffer.read()))))")
-    res = subprocess.run([sys.executable, "-c", code, PERF_DIR], input=pickle.dumps(jobs), env=env, cwd=REPO_DIR,
-                         capture_output=True)
-    if res.returncode:
-        raise RuntimeError("interpreter load count failed: " + res.stderr.decode()[-2000:])
-    return pickle.loads(res.stdout)
+    chunks = [jobs[i::max(1, n_jobs)] for i in range(max(1, n_jobs))]
+    procs = [subprocess.Popen([sys.executable, "-c", code, PERF_DIR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, cwd=REPO_DIR) for _ in chunks]
+    results = [p.communicate(pickle.dumps(c)) for p, c in zip(procs, chunks)]
+    for p, (_out, err) in zip(procs, results):
+        if p.returncode:
+            raise RuntimeError("interpreter load count failed: " + err.decode()[-2000:])
+    parts = [pickle.loads(out) for out, _err in results]
+    return [parts[i % len(parts)][i // len(parts)] for i in range(len(jobs))]
 
 
 # --- the issue-22 targets, as data ---------------------------------------------------------------------------
@@ -580,9 +587,21 @@ TARGETS: dict[str, tuple[str, Callable, Callable]] = {
     "narrow": ("no global load narrower than 4 bytes inside a loop", lambda r: True, lambda r: r["narrow_loads"] == 0),
 }
 FIELDS = ("binary", "kernel", "arch", "launches", "example", "constexprs", "num_warps", "num_stages", "maxnreg",
-          "ok", "regs", "spill_bytes", "shared_bytes", "smem_ok", "ctas_per_sm", "tc", "half_dot", "waves_min", "waves_max",
+          "ok", "regs", "spill_bytes", "shared_bytes", "smem_ok", "ctas_per_sm", "tc", "half_dot", "waves_min",
+          "waves_max",
           "bad_wave_launches", "stage_bytes", "stages", "inflight_per_sm", "narrow_loads", "instr_per_mma",
           "serial_steps", "busiest_over_median", "error")
+
+
+def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
+    """(case, waves) of the launches at the sweep's shapes and batch whose waves at 132 SMs are in (1.0, 1.15] or
+    below 0.6."""
+    out = []
+    for la in launches:
+        w = n_ctas(la.grid) / (SMS * ctas) if ctas else 0.0
+        if la.case.batch == SWEEP_BATCH and (la.case.channels, la.case.size) in SWEEP and (1.0 < w <= 1.15 or w < 0.6):
+            out.append((la.case.label(), round(w, 2)))
+    return out
 
 
 def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict]:
@@ -592,8 +611,7 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
         for cc in archs:
             f, arch, opts = facts[(key, cc)], ARCHS[cc], spec["options"]
             ctas = arch.ctas_per_sm(f.get("regs", 0), f.get("smem", 0), opts.get("num_warps", 4)) if f["ok"] else 0
-            waves = [(l, n_ctas(l.grid) / (SMS * ctas)) for l in launches if ctas]
-            sweep = [w for l, w in waves if l.case.batch == SWEEP_BATCH and (l.case.channels, l.case.size) in SWEEP]
+            waves = [n_ctas(la.grid) / (SMS * ctas) for la in launches if ctas]
             ld = loads.get(key)
             rows.append(dict(
                 binary=i, kernel=kernel.fn.__name__.removesuffix("_kernel"), arch=_sm(cc), launches=len(launches),
@@ -602,10 +620,10 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
                 num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3),
                 maxnreg=opts.get("maxnreg", ""), ok=f["ok"], regs=f.get("regs", ""),
                 spill_bytes=f.get("spill", ""), shared_bytes=f.get("smem", 0),
-                smem_ok=f.get("smem", 0) <= arch.smem_per_block, ctas_per_sm=ctas, tc=f.get("tc", ""), half_dot=f.get("half_dot", False),
-                waves_min=round(min((w for _, w in waves), default=0), 2),
-                waves_max=round(max((w for _, w in waves), default=0), 2),
-                bad_wave_launches=sum(1 for w in sweep if 1.0 < w <= 1.15 or w < 0.6),
+                smem_ok=f.get("smem", 0) <= arch.smem_per_block, ctas_per_sm=ctas, tc=f.get("tc", ""),
+                half_dot=f.get("half_dot", False),
+                waves_min=round(min(waves, default=0), 2), waves_max=round(max(waves, default=0), 2),
+                bad_wave_launches=len(bad_waves(launches, ctas)),
                 stage_bytes=f.get("stage_bytes", 0), stages=f.get("stages", 1),
                 inflight_per_sm=ctas * f.get("stage_bytes", 0) * f.get("stages", 1),
                 narrow_loads=f.get("narrow_loads", 0), instr_per_mma=f.get("instr_per_mma") or "",
@@ -642,9 +660,7 @@ def target_failures(rows: list[dict], binaries: list) -> dict[str, list[str]]:
             if name == "waves":
                 launches = binaries[r["binary"]][1][2]
                 ctas = r["ctas_per_sm"]
-                ws = sorted({(l.case.label(), round(n_ctas(l.grid) / (SMS * ctas), 2)) for l in launches
-                             if l.case.batch == SWEEP_BATCH and (l.case.channels, l.case.size) in SWEEP
-                             and (1.0 < n_ctas(l.grid) / (SMS * ctas) <= 1.15 or n_ctas(l.grid) / (SMS * ctas) < 0.6)})
+                ws = sorted(set(bad_waves(launches, ctas)))
                 extra = f"; {len(ws)} launches, e.g. " + ", ".join(f"{c} {w}" for c, w in ws[:2])
             figure = {"waves": "", "serial": f"{r['serial_steps']} steps", "balance": f"{r['busiest_over_median']}x",
                       "inflight": f"{r['inflight_per_sm']} B/SM", "narrow": f"{r['narrow_loads']} loads"}[name]
@@ -732,9 +748,9 @@ def main(argv: Optional[list] = None) -> int:
         t1 = time.perf_counter()
         keys = {key for key, _ in binaries}
         cases = [Case(b, c, s, form, "", dt, None, True, lay, mode) for b, c, s, form, dt, lay, mode in LOAD_CASES]
-        launches = [l for case in cases for l in capture(case) if not l.kernel.fn.__name__.startswith(MIB)]
-        for l, res in zip(launches, count_loads(launches)):
-            key = compile_key(l.kernel, specialise(l.kernel, l.args, l.kwargs))
+        launches = [la for case in cases for la in capture(case) if not la.kernel.fn.__name__.startswith(MIB)]
+        for la, res in zip(launches, count_loads(launches, args.jobs)):
+            key = compile_key(la.kernel, specialise(la.kernel, la.args, la.kwargs))
             if key in keys and (key not in loads or res["serial"] > loads[key]["serial"]):
                 loads[key] = res
         print(f"compile_check: loads of {len(launches)} launches counted in the interpreter "
@@ -750,8 +766,8 @@ def main(argv: Optional[list] = None) -> int:
         w = csv.writer(f)
         w.writerow(["binary", "kernel", "case", "grid", "ctas"])
         for i, (_key, (k, _s, launches)) in enumerate(binaries):
-            w.writerows([i, k.fn.__name__, l.case.label(), "x".join(map(str, l.grid)), n_ctas(l.grid)]
-                        for l in launches)
+            w.writerows([i, k.fn.__name__, la.case.label(), "x".join(map(str, la.grid)), n_ctas(la.grid)]
+                        for la in launches)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(summary(rows, binaries, n_launches, time.perf_counter() - t0, args, bad, fails))
     missed = {t: fails[t] for t in targets if fails[t]}
