@@ -1,49 +1,42 @@
 """Compile check: every binary the GAM module launches, compiled ahead of time for sm_80/90/100, no GPU.
 
-Capture. The module (``gam_triton.GAM``) is driven over the space below on ``meta`` tensors, sent down its
-Triton path (``_runtime.use_triton`` answers True; ``GAM._plan``, the one place a call is decided, sees the input
-as a CUDA tensor),
-the tuner off (``GAM_TRITON_AUTOTUNE=0``: heuristics), and every launch is recorded at the library's one
-launch seam, ``gam_triton.ops._runtime.launch(kernel, grid, args, kwargs)``, instead of run. What CUDA does that
-meta does not, for the one op the module runs outside its kernels (the convolutions, :func:`_cudnn_mode`): under
-autocast (``_runtime.autocast_dtype`` answers its dtype) their floating inputs are cast to it, and their outputs
-(gradients too) are channels_last when an input is (cuDNN's rule). No per-op code: whatever kernels the ops launch,
-with whatever arguments, is what is compiled.
+Capture. ``gam_triton.GAM`` runs over the space below on ``meta`` tensors, sent down its Triton path
+(``_runtime.use_triton`` answers True; ``GAM._plan``, where a call is decided, sees a CUDA input), the tuner off
+(``GAM_TRITON_AUTOTUNE=0``: heuristics); every launch is recorded, not run, at the one launch seam
+``gam_triton.ops._runtime.launch(kernel, grid, args, kwargs)``. What CUDA does that meta does not, for the one op
+the module runs outside its kernels (:func:`_cudnn_mode`): autocast casts a convolution's inputs to its dtype
+(``_runtime.autocast_dtype`` answers it), and cuDNN makes its outputs and gradients channels_last when an input is.
+No per-op code: whatever the ops launch, with whatever arguments, is compiled.
 
-Space (:func:`space`). The sweep's YOLO shapes (C 64..1024 at 80/40/20 maps) and odd maps (14x14, 7x7); batches
-1, 16, 17 (1: sizes equal to 1 become constants; 16: divisible by 16; 17: neither; together they reach the
-binaries of batches 1..32, compared with the old exhaustive space); fp32 (TF32 on and off through torch's flags),
-fp16, bf16, autocast fp32->fp16/bf16; NCHW and channels_last input; forms (:data:`FORMS`: paper, YOLO, their
-crossings, a fork with groups != rate) and layer variants (:data:`TWEAKS`); modes (:data:`MODES`): eval with the
-Triton convolutions (``GAM_TRITON_CONV=triton``), eval in auto mode (cuDNN here: nothing can be timed), train steps
-(forward + backward) with both BatchNorms on batch statistics or one frozen. ``--subset`` picks a smaller space.
+Space (:func:`space`): the sweep's YOLO shapes (C 64..1024 at 80/40/20) and odd maps (14x14, 7x7); batches 1, 16,
+17 (sizes of 1 become constants; 16 is divisible by 16; 17 neither); fp32 (TF32 on and off through torch's flags),
+fp16, bf16, autocast fp32->fp16/bf16; NCHW and channels_last; forms (:data:`FORMS`) and layer variants
+(:data:`TWEAKS`); modes (:data:`MODES`): eval with the Triton convolutions (``GAM_TRITON_CONV=triton``), eval in
+auto mode (cuDNN here: nothing can be timed), train steps (forward + backward), one BatchNorm frozen or none.
 
-Binaries. Launches are deduplicated by what Triton's JIT specialises (:func:`specialise`: kernel, constexprs,
-options, signature dtypes, ints equal to 1 as constants, ints and pointers divisible by 16), and each distinct
-binary is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in worker
-processes. Per binary and arch: registers and spill bytes (``ptxas -v``), shared memory (metadata), CTAs per SM
-(:class:`Arch` limits), the tensor-core instruction in the PTX (mma.sync, wgmma, tcgen05), and the static
-figures of issue 22:
+Binaries: launches deduplicated by what Triton's JIT specialises (:func:`specialise`: kernel, constexprs, options,
+signature dtypes, ints equal to 1 as constants, ints and pointers divisible by 16); each distinct one compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in worker processes. Per binary and arch:
+registers and spill bytes (``ptxas -v``), shared memory (metadata), CTAs per SM (:class:`Arch`), the tensor-core
+instruction in the PTX (mma.sync, wgmma, tcgen05), and issue 22's static figures:
 
-* waves: per launch, CTAs / (132 SMs x CTAs per SM); reported per binary as min..max over its launches.
+* waves: per launch, CTAs / (132 SMs x CTAs per SM); per binary min..max over its launches.
 * bytes in flight per SM: CTAs per SM x bytes loaded per pipeline stage x stages. From the TTGIR: the global
-  loads (``tt.load``, ``ttg.async_copy_global_to_local``) of the loop that loads the most bytes per iteration
-  (the whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined).
-* in-loop narrow loads: PTX ``ld.global`` narrower than 4 bytes (b8/b16/u16/s16..., vector width counted)
-  between a label and a backward branch to it.
-* instructions per MMA: PTX instructions over tensor-core instructions in the loop holding the most of them.
-* serial finalisation steps and busiest/median loads: measured, not derived. The launches of
-  :data:`LOAD_CASES` (headline shapes) run in Triton's interpreter (a subprocess, ``TRITON_INTERPRET=1``, the
-  GPU heuristics' arguments, random data, zeroed integer tensors) with its load patched to count, per program,
-  the loads executed at each source line of the kernels. Busiest/median = the most loads any program executes
-  over the median program's. Serial steps = max over load sites of (the most any program executes there - the
-  median program's): the iterations of a loop only some programs run (the "last program finalises" tail).
+  loads (``tt.load``, ``ttg.async_copy_global_to_local``) of the loop loading the most bytes per iteration (the
+  whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined).
+* narrow loads in loops: PTX ``ld.global`` narrower than 4 bytes (vector width counted) between a label and a
+  backward branch to it. Instructions per MMA: PTX instructions per tensor-core instruction in the loop with most.
+* serial finalisation steps, busiest/median loads: measured. The launches of :data:`LOAD_CASES` (a headline shape)
+  run in Triton's interpreter (a subprocess; the GPU heuristics' arguments, random data, zeroed integers) with its
+  load patched to count, per program, the loads executed at each source line of the kernels. Busiest/median: the
+  most loads a program executes over the median program's. Serial steps: max over load sites of (the most any
+  program executes there - the median program's), i.e. the iterations of a tail only some programs run.
 
-Checks (``--check``, exit 1): always a spill, a compile failure, shared memory over the arch's limit, a dot in
-fp16/bf16 without tensor-core instructions; and each target of :data:`TARGETS` named in ``--targets`` (issue 22:
-memory-bound kernels are all but ``conv_*``). Writes ``report.md``, ``report.csv`` (a row per binary and arch) and
-``launches.csv`` (a row per launch) under ``--out`` (default perf/compile/, not committed). Nothing is read from
-or kept in the repository: every run compiles cold on the installed Triton. Compile facts, not timings.
+``--check`` exits 1 on a spill, a compile failure, shared memory over the arch's limit, a half-precision dot
+without tensor-core instructions, and a miss of each :data:`TARGETS` entry named in ``--targets`` (memory-bound:
+all kernels but ``conv_*``). Writes report.md, report.csv (per binary and arch) and launches.csv under ``--out``
+(default perf/compile/, not committed). Nothing is read from or kept in the repository: every run is cold.
+Compile facts and static figures, not timings.
 
     python perf/compile_check.py [--subset full|ci] [--archs 80,90,100] [--check] [--targets waves,...]
                                  [--loads|--no-loads] [--jobs 2] [--out perf/compile]
@@ -56,6 +49,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -64,8 +58,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+from unittest import mock
+
+import torch
 
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(PERF_DIR)
@@ -102,23 +100,14 @@ MIB = "conv_"                      # kernels named conv_* are compute-bound: the
 
 @dataclass(frozen=True)
 class Case:
-    batch: int
-    channels: int
-    size: int
-    form: str
-    tweak: str
-    dtype: str
-    amp: Optional[str]
-    tf32: bool
-    layout: str
-    mode: str
+    """One call of the module: the input, the module, the mode (amp: autocast's dtype; tf32: torch's fp32 flags)."""
+    batch: int; channels: int; size: int; form: str; tweak: str  # noqa: E702
+    dtype: str; amp: Optional[str]; tf32: bool; layout: str; mode: str  # noqa: E702
 
     def label(self) -> str:
-        d = f"{self.dtype}>{self.amp}" if self.amp else self.dtype + ("" if self.tf32 or self.dtype != "fp32"
-                                                                         else "/ieee")
-        tweak = "+" + self.tweak if self.tweak else ""
-        return f"B{self.batch} C{self.channels} {self.size}x{self.size} {self.form}{tweak} {d} {self.layout} " \
-               f"{self.mode}"
+        d = f"{self.dtype}>{self.amp}" if self.amp else self.dtype + ("/ieee" if not self.tf32 else "")
+        return f"B{self.batch} C{self.channels} {self.size}x{self.size} {self.form}{'+' * bool(self.tweak)}" \
+               f"{self.tweak} {d} {self.layout} {self.mode}"
 
 
 def space(subset: str = "full") -> Iterator[Case]:
@@ -137,19 +126,11 @@ def space(subset: str = "full") -> Iterator[Case]:
 
 
 # --- capture at the launch seam ------------------------------------------------------------------------------
-@dataclass
-class Launch:
-    kernel: object
-    grid: tuple
-    args: tuple
-    kwargs: dict
-    case: Case
+#: One launch as the seam saw it, and the case that made it.
+Launch = collections.namedtuple("Launch", "kernel grid args kwargs case")
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 _MODULES: dict = {}
@@ -157,8 +138,6 @@ _MODULES: dict = {}
 
 def _build(case: Case):
     """A GAM of the case's form, tweak and dtype on meta (no memory; kept for the next case), in the case's mode."""
-    import torch
-
     from gam_triton import GAM
 
     key = (case.channels, case.form, case.tweak, case.dtype)
@@ -166,7 +145,7 @@ def _build(case: Case):
         m = _MODULES[key]
     else:
         with torch.device("meta"):
-            m = _MODULES[key] = GAM(case.channels, **FORMS[case.form]).to(_torch_dtype(case.dtype))
+            m = _MODULES[key] = GAM(case.channels, **FORMS[case.form]).to(DT[case.dtype])
     conv1, bn1, conv2, bn2 = (m.spatial_attention[i] for i in (0, 1, 3, 4))
     for bn in (bn1, bn2):
         if case.tweak == "noaffine":
@@ -185,24 +164,15 @@ def _build(case: Case):
     return m
 
 
-def _cuda_tensor_type():
-    import torch
-
-    class OnCuda(torch.Tensor):
-        """A meta tensor that says it is on CUDA (the module's plan reads ``x.is_cuda``); ops see a plain one."""
-        __torch_function__ = torch._C._disabled_torch_function_impl
-
-        @property
-        def is_cuda(self) -> bool:
-            return True
-
-    return OnCuda
+class OnCuda(torch.Tensor):
+    """A meta tensor that says it is on CUDA (the module's plan reads ``x.is_cuda``); ops see a plain one."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    is_cuda = property(lambda self: True)
 
 
 def _cudnn_mode(amp):
     """What CUDA does to a convolution that meta does not: autocast's cast of its floating inputs to ``amp``, and
     cuDNN's layout rule (outputs channels_last when an input is; meta's CPU rule may differ)."""
-    import torch
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_map
 
@@ -225,60 +195,39 @@ def _cudnn_mode(amp):
     return CuDNN()
 
 
-@contextlib.contextmanager
-def _patched(obj, name: str, value) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-@contextlib.contextmanager
-def _env(**values) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 def capture(case: Case) -> list[Launch]:
     """The launches the module makes for one case (one eval call, or one train step), none executed."""
-    import torch
-
     from gam_triton import GAM
     from gam_triton.ops import _autotune, _runtime
 
     out: list[Launch] = []
-    amp = _torch_dtype(case.amp) if case.amp else None
+    amp = DT[case.amp] if case.amp else None
     m = _build(case)
     fmt = torch.channels_last if case.layout == "cl" else torch.contiguous_format
-    x = torch.empty((case.batch, case.channels, case.size, case.size), dtype=_torch_dtype(case.dtype),
+    x = torch.empty((case.batch, case.channels, case.size, case.size), dtype=DT[case.dtype],
                     device="meta", memory_format=fmt)
-    on_cuda, plan = _cuda_tensor_type(), GAM._plan
+    plan = GAM._plan
     train = case.mode not in ("eval", "auto")
     tf32 = "tf32" if case.tf32 else "ieee"
     with contextlib.ExitStack() as st:
-        st.enter_context(_env(GAM_TRITON_AUTOTUNE="0", GAM_TRITON_CONV="triton" if case.mode == "eval" else "auto"))
-        st.enter_context(_patched(_runtime, "use_triton", lambda t: True))
-        st.enter_context(_patched(_runtime, "launch", lambda k, g, a, kw: out.append(Launch(k, g, a, kw, case))))
-        st.enter_context(_patched(_runtime, "autocast_dtype", lambda device_type: amp))
-        st.enter_context(_patched(GAM, "_plan", lambda self, t: plan(self, t.as_subclass(on_cuda))))  # CUDA's plan
-        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv):
-            st.enter_context(_patched(backend, "fp32_precision", tf32))
+        def patch(obj, name, value):
+            st.enter_context(mock.patch.object(obj, name, value))
+
+        st.enter_context(mock.patch.dict(os.environ, GAM_TRITON_AUTOTUNE="0",
+                                         GAM_TRITON_CONV="triton" if case.mode == "eval" else "auto"))
+        patch(_runtime, "use_triton", lambda t: True)
+        patch(_runtime, "launch", lambda k, g, a, kw: out.append(Launch(k, g, a, kw, case)))
+        patch(_runtime, "autocast_dtype", lambda device_type: amp)
+        patch(GAM, "_plan", lambda self, t: plan(self, t.as_subclass(OnCuda)))  # CUDA's plan
+        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv):  # TF32 as torch's flags say
+            st.callback(setattr, backend, "fp32_precision", backend.fp32_precision)
+            backend.fp32_precision = tf32
         _autotune.reset()
         st.enter_context(_cudnn_mode(amp))
-        if train:
-            x.requires_grad_(True)
-            y = m(x)
-            y.backward(torch.empty_like(y))
-        else:
-            with torch.no_grad():
-                m(x)
+        with torch.set_grad_enabled(train):
+            y = m(x.requires_grad_(train))
+            if train:
+                y.backward(torch.empty_like(y))
     return out
 
 
@@ -328,17 +277,13 @@ def compile_key(kernel, spec: dict) -> str:
 
 
 def n_ctas(grid) -> int:
-    n = 1
-    for g in grid:
-        n *= int(g)
-    return n
+    return math.prod(int(g) for g in grid)
 
 
 # --- compiling and reading the binary (worker processes) -----------------------------------------------------
 @dataclass(frozen=True)
 class Arch:
     """Per-SM limits of one compute capability (CUDA programming guide, compute capabilities table)."""
-
     cc: int
     smem_per_sm: int = 233472
     smem_per_block: int = 232448
@@ -391,10 +336,7 @@ def ttgir_loads(ttgir: str, num_stages: int) -> tuple[int, int]:
                       r"(?:tensor<([\dx]+)x!tt\.ptr<(\w+)>|!tt\.ptr<(\w+)>)", s)
         if m:
             loop = next((r for r, is_loop in reversed(stack) if is_loop), None)
-            shape = [int(v) for v in m.group(2).split("x")] if m.group(2) else []
-            count = 1
-            for v in shape:
-                count *= v
+            count = math.prod(int(v) for v in m.group(2).split("x")) if m.group(2) else 1
             per_region[loop] += count * _BYTES.get(m.group(3) or m.group(4), 4)
             if m.group(1) == "ttg.async_copy_global_to_local":
                 asyncs.add(loop)
@@ -471,8 +413,6 @@ def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"    # a Triton cache hit would skip ptxas, and its log
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    import warnings
-
     warnings.filterwarnings("ignore")
 
 
@@ -482,14 +422,11 @@ def _worker(job):
 
 def compile_all(jobs: list, n_jobs: int, log=print) -> list[dict]:
     """``jobs``: [(ref, spec, cc)] compiled in ``n_jobs`` spawned processes; their facts in order."""
-    if n_jobs <= 1:
-        _worker_init()
-        return [_worker(j) for j in jobs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     out, t0 = [], time.perf_counter()
-    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(max(1, n_jobs), mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
         for n, res in enumerate(pool.map(_worker, jobs, chunksize=1), 1):
             out.append(res)
             if n % 100 == 0:
@@ -499,8 +436,6 @@ def compile_all(jobs: list, n_jobs: int, log=print) -> list[dict]:
 
 # --- loads per program, in the interpreter -------------------------------------------------------------------
 def _describe(a):
-    import torch
-
     if isinstance(a, torch.Tensor):
         span = sum((n - 1) * abs(s) for n, s in zip(a.shape, a.stride())) + 1 if a.numel() else 0
         return ("tensor", str(a.dtype).replace("torch.", ""), a.storage_offset() + span, a.storage_offset(),
@@ -509,8 +444,6 @@ def _describe(a):
 
 
 def _materialise(d):
-    import torch
-
     if d[0] != "tensor":
         return d[1]
     dtype = getattr(torch, d[1])
@@ -556,13 +489,17 @@ def count_loads_here(jobs: list) -> list[dict]:
 def count_loads(launches: list[Launch], n_jobs: int = 2) -> list[dict]:
     """:func:`count_loads_here` in ``n_jobs`` subprocesses with the interpreter on (the launches' own arguments)."""
     jobs = [(kernel_ref(la.kernel), tuple(la.grid), [_describe(a) for a in la.args], la.kwargs) for la in launches]
-    env = dict(os.environ, TRITON_INTERPRET="1")
     code = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); import compile_check as c; "
-            "sys.stdout.buffer.write(pickle.dumps(c.count_loads_here(pickle.loads(sys.stdin.buffer.read()))))")
-    chunks = [jobs[i::max(1, n_jobs)] for i in range(max(1, n_jobs))]
-    procs = [subprocess.Popen([sys.executable, "-c", code, PERF_DIR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, cwd=REPO_DIR) for _ in chunks]
-    results = [p.communicate(pickle.dumps(c)) for p, c in zip(procs, chunks)]
+            "sys.stdout.buffer.write(pickle.dumps(c.count_loads_here(pickle.load(open(sys.argv[2], 'rb')))))")
+    with tempfile.TemporaryDirectory() as d:
+        procs = []
+        for i in range(max(1, n_jobs)):
+            with open(os.path.join(d, str(i)), "wb") as f:
+                pickle.dump(jobs[i::max(1, n_jobs)], f)
+            procs.append(subprocess.Popen([sys.executable, "-c", code, PERF_DIR, f.name], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=dict(os.environ, TRITON_INTERPRET="1"),
+                                          cwd=REPO_DIR))
+        results = [p.communicate() for p in procs]
     for p, (_out, err) in zip(procs, results):
         if p.returncode:
             raise RuntimeError("interpreter load count failed: " + err.decode()[-2000:])
@@ -586,13 +523,6 @@ TARGETS: dict[str, tuple[str, Callable, Callable]] = {
     "inflight": ("memory-bound binaries: >= 20 KB in flight per SM", _mem, lambda r: r["inflight_per_sm"] >= 20480),
     "narrow": ("no global load narrower than 4 bytes inside a loop", lambda r: True, lambda r: r["narrow_loads"] == 0),
 }
-FIELDS = ("binary", "kernel", "arch", "launches", "example", "constexprs", "num_warps", "num_stages", "maxnreg",
-          "ok", "regs", "spill_bytes", "shared_bytes", "smem_ok", "ctas_per_sm", "tc", "half_dot", "waves_min",
-          "waves_max",
-          "bad_wave_launches", "stage_bytes", "stages", "inflight_per_sm", "narrow_loads", "instr_per_mma",
-          "serial_steps", "busiest_over_median", "error")
-
-
 def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
     """(case, waves) of the launches at the sweep's shapes and batch whose waves at 132 SMs are in (1.0, 1.15] or
     below 0.6."""
@@ -634,18 +564,14 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Always checked: a failed compile, a spill, shared memory over the limit, a half-precision dot without
-    tensor-core instructions."""
-    out = []
-    for r in rows:
-        half_dot = r["half_dot"]
-        why = ("does not compile: " + r["error"]) if not r["ok"] else f"spills {r['spill_bytes']} B" \
-            if r["spill_bytes"] else "needs more shared memory than the arch has" if not r["smem_ok"] else \
-            "a half-precision dot without tensor-core instructions" if half_dot and r["tc"] == "none" else ""
-        if why:
-            out.append(f"binary {r['binary']} {r['kernel']} {r['arch']} ({r['example']}; {r['constexprs']} "
-                       f"w{r['num_warps']} s{r['num_stages']}; regs {r['regs']}): {why}")
-    return out
+    """Always checked: a failed compile, a spill, shared memory over the limit, a half-precision dot (in the TTGIR)
+    without tensor-core instructions."""
+    whys = [(r, "does not compile: " + r["error"] if not r["ok"] else f"spills {r['spill_bytes']} B" if r["spill_bytes"]
+             else "needs more shared memory than the arch has" if not r["smem_ok"] else
+             "a half-precision dot without tensor-core instructions" if r["half_dot"] and r["tc"] == "none" else "")
+            for r in rows]
+    return [f"binary {r['binary']} {r['kernel']} {r['arch']} ({r['example']}; {r['constexprs']} w{r['num_warps']} "
+            f"s{r['num_stages']}; regs {r['regs']}): {why}" for r, why in whys if why]
 
 
 def target_failures(rows: list[dict], binaries: list) -> dict[str, list[str]]:
@@ -656,12 +582,8 @@ def target_failures(rows: list[dict], binaries: list) -> dict[str, list[str]]:
         for r in rows:
             if r["arch"] != "sm_90a" or not r["ok"] or not applies(r) or ok(r):
                 continue
-            extra = ""
-            if name == "waves":
-                launches = binaries[r["binary"]][1][2]
-                ctas = r["ctas_per_sm"]
-                ws = sorted(set(bad_waves(launches, ctas)))
-                extra = f"; {len(ws)} launches, e.g. " + ", ".join(f"{c} {w}" for c, w in ws[:2])
+            ws = sorted(set(bad_waves(binaries[r["binary"]][1][2], r["ctas_per_sm"]))) if name == "waves" else []
+            extra = f"; {len(ws)} launches, e.g. " + ", ".join(f"{c} {w}" for c, w in ws[:2]) if ws else ""
             figure = {"waves": "", "serial": f"{r['serial_steps']} steps", "balance": f"{r['busiest_over_median']}x",
                       "inflight": f"{r['inflight_per_sm']} B/SM", "narrow": f"{r['narrow_loads']} loads"}[name]
             bad.append(f"binary {r['binary']} {r['kernel']} ({r['example']}; {r['constexprs']}): {figure}{extra}")
@@ -671,34 +593,30 @@ def target_failures(rows: list[dict], binaries: list) -> dict[str, list[str]]:
 
 def summary(rows: list[dict], binaries: list, n_launches: int, seconds: float, args, bad: list,
             fails: dict) -> str:
-    import torch
     import triton
 
     lines = [f"# Compile check\n\n`perf/compile_check.py --subset {args.subset}`, Triton {triton.__version__}, torch "
              f"{torch.__version__}, {time.strftime('%Y-%m-%d')}: {n_launches} launches captured, {len(binaries)} "
              f"distinct binaries x {len(args.archs)} archs, {seconds:.0f} s. **Compile facts and static figures, "
              "not timings** (waves at 132 SMs; in flight = CTAs/SM x bytes per stage x stages).\n",
-             "| kernel | arch | binaries | launches | max regs | max spill B | max smem B | min CTAs/SM | tensor cores"
-             " | waves (sweep B16) | min in flight KB/SM | narrow loads in loops | instr/MMA | serial steps | "
-             "busiest/median |", "|" + "---|" * 15]
+             "| kernel | arch | binaries | launches | regs | spill B | smem B | CTAs/SM | tensor cores | waves | in "
+             "flight B/SM | narrow loads in loops | instr/MMA | serial steps | busiest/median |", "|" + "---|" * 15]
     groups: dict = collections.defaultdict(list)
     for r in rows:
         groups[(r["kernel"], r["arch"])].append(r)
 
-    def span(vals):
-        vals = [v for v in vals if v != ""]
-        return f"{min(vals)}-{max(vals)}" if vals else ""
+    def span(rs, col, lo=min, hi=max):
+        vals = [r[col] for r in rs if r[col] != ""]
+        return f"{lo(vals)}-{hi(vals)}" if vals else ""
 
     for (k, arch), rs in sorted(groups.items()):
         ok = [r for r in rs if r["ok"]]
-        lines.append(f"| {k} | {arch} | {len(rs)} | {sum(r['launches'] for r in rs)} | "
-                     f"{max((r['regs'] for r in ok), default=0)} | {max((r['spill_bytes'] for r in ok), default=0)} | "
-                     f"{max((r['shared_bytes'] for r in ok), default=0)} | "
-                     f"{min((r['ctas_per_sm'] for r in ok), default=0)} | {', '.join(sorted({r['tc'] for r in ok}))} | "
-                     f"{min((r['waves_min'] for r in ok), default=0)}-{max((r['waves_max'] for r in ok), default=0)} | "
-                     f"{min((r['inflight_per_sm'] for r in ok), default=0) / 1024:.1f} | "
-                     f"{sum(r['narrow_loads'] for r in ok)} | {span(r['instr_per_mma'] for r in ok)} | "
-                     f"{span(r['serial_steps'] for r in ok)} | {span(r['busiest_over_median'] for r in ok)} |")
+        cells = [k, arch, len(rs), sum(r["launches"] for r in rs), span(ok, "regs"), span(ok, "spill_bytes"),
+                 span(ok, "shared_bytes"), span(ok, "ctas_per_sm"), ", ".join(sorted({r["tc"] for r in ok})),
+                 f"{span(ok, 'waves_min', hi=min)}..{span(ok, 'waves_max', lo=max)}", span(ok, "inflight_per_sm"),
+                 sum(r["narrow_loads"] for r in ok), span(ok, "instr_per_mma"), span(ok, "serial_steps"),
+                 span(ok, "busiest_over_median")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", f"**Always checked (spill, compile, shared memory, tensor cores): {len(bad)} problem(s)**"]
     lines += [f"- {b}" for b in bad[:50]]
     lines += ["", "**Issue-22 targets (sm_90)**", "", "| target | what | binaries missing it |", "|---|---|---|"]
@@ -723,8 +641,6 @@ def main(argv: Optional[list] = None) -> int:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
                   {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     sys.path.insert(0, REPO_DIR)
-    import warnings
-
     warnings.filterwarnings("ignore")
     args.archs = [int(a) for a in args.archs.split(",")]
     targets = [t for t in args.targets.split(",") if t]
@@ -759,15 +675,13 @@ def main(argv: Optional[list] = None) -> int:
     bad, fails = problems(rows), target_failures(rows, binaries)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, list(rows[0]) if rows else ["binary"])
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(args.out, "launches.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["binary", "kernel", "case", "grid", "ctas"])
-        for i, (_key, (k, _s, launches)) in enumerate(binaries):
-            w.writerows([i, k.fn.__name__, la.case.label(), "x".join(map(str, la.grid)), n_ctas(la.grid)]
-                        for la in launches)
+        csv.writer(f).writerows([("binary", "kernel", "case", "grid", "ctas")] + [
+            (i, k.fn.__name__, la.case.label(), "x".join(map(str, la.grid)), n_ctas(la.grid))
+            for i, (_key, (k, _s, launches)) in enumerate(binaries) for la in launches])
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(summary(rows, binaries, n_launches, time.perf_counter() - t0, args, bad, fails))
     missed = {t: fails[t] for t in targets if fails[t]}
