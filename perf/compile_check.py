@@ -38,7 +38,7 @@ all kernels but ``conv_*``). Writes report.md, report.csv (per binary and arch) 
 (default perf/compile/, not committed). Nothing is read from or kept in the repository: every run is cold.
 Compile facts and static figures, not timings.
 
-    python perf/compile_check.py [--subset full|ci] [--archs 80,90,100] [--check] [--targets waves,...]
+    python perf/compile_check.py [--subset full|sweep|ci] [--archs 80,90,100] [--check] [--targets waves,...]
                                  [--loads|--no-loads] [--jobs 2] [--out perf/compile]
 """
 from __future__ import annotations
@@ -90,6 +90,7 @@ DTYPES = [("fp32", None, True), ("fp32", None, False), ("fp16", None, True), ("b
           ("fp32", "fp16", True), ("fp32", "bf16", True)]
 SUBSETS = {  # name: (shapes, batches, forms, tweaks)
     "full": (SWEEP + ODD_MAPS, BATCHES, tuple(FORMS), tuple(TWEAKS)),
+    "sweep": (SWEEP, (SWEEP_BATCH,), ("paper", "yolo"), ("",)),   # the sweep's shapes as the GPU check runs them
     "ci": ([(256, 40)], (16,), ("yolo",), ("",)),         # every dtype, layout and mode at one sweep shape
 }
 #: The interpreter runs these (batch, C, map, form, dtype, layout, mode) to count loads per program.
@@ -212,7 +213,6 @@ def capture(case: Case) -> list[Launch]:
     with contextlib.ExitStack() as st:
         def patch(obj, name, value):
             st.enter_context(mock.patch.object(obj, name, value))
-
         st.enter_context(mock.patch.dict(os.environ, GAM_TRITON_AUTOTUNE="0",
                                          GAM_TRITON_CONV="triton" if case.mode == "eval" else "auto"))
         patch(_runtime, "use_triton", lambda t: True)
