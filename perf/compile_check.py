@@ -551,7 +551,7 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
                 maxnreg=opts.get("maxnreg", ""), ok=f["ok"], regs=f.get("regs", ""),
                 spill_bytes=f.get("spill", ""), shared_bytes=f.get("smem", 0),
                 smem_ok=f.get("smem", 0) <= arch.smem_per_block, ctas_per_sm=ctas, tc=f.get("tc", ""),
-                half_dot=f.get("half_dot", False),
+                warps_per_sm=ctas * opts.get("num_warps", 4), half_dot=f.get("half_dot", False),
                 waves_min=round(min(waves, default=0), 2), waves_max=round(max(waves, default=0), 2),
                 bad_wave_launches=len(bad_waves(launches, ctas)),
                 stage_bytes=f.get("stage_bytes", 0), stages=f.get("stages", 1),

@@ -79,7 +79,7 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
     dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
     large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
-    the module's whole space (perf/compile_check.py, perf/NOTES.md "Triton versions")."""
+    the module's whole space (perf/NOTES.md "Triton versions")."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
