@@ -112,11 +112,11 @@ class Case:
 
 
 def space(subset: str = "full") -> Iterator[Case]:
-    """The cases of a subset (layer variants on the paper and YOLO forms only)."""
+    """The cases of a subset (layer variants on every form but the fork)."""
     shapes, batches, forms, tweaks = SUBSETS[subset]
     for c, s in shapes:
         for form in forms:
-            for tweak in tweaks if form in ("paper", "yolo") else ("",):
+            for tweak in tweaks if form != "fork" else ("",):
                 for mode in TWEAKS[tweak]:
                     for dt, amp, tf32 in DTYPES:
                         if amp and mode == "auto":   # under autocast eval is one path (no Triton convolutions)
