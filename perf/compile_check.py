@@ -127,7 +127,6 @@ def space(subset: str = "full") -> Iterator[Case]:
 
 
 # --- capture at the launch seam ------------------------------------------------------------------------------
-#: One launch as the seam saw it, and the case that made it.
 Launch = collections.namedtuple("Launch", "kernel grid args kwargs case")
 
 
@@ -605,15 +604,16 @@ def summary(rows: list[dict], binaries: list, n_launches: int, seconds: float, a
     for r in rows:
         groups[(r["kernel"], r["arch"])].append(r)
 
-    def span(rs, col, lo=min, hi=max):
+    def span(rs, col):
         vals = [r[col] for r in rs if r[col] != ""]
-        return f"{lo(vals)}-{hi(vals)}" if vals else ""
+        return f"{min(vals)}-{max(vals)}" if vals else ""
 
     for (k, arch), rs in sorted(groups.items()):
         ok = [r for r in rs if r["ok"]]
         cells = [k, arch, len(rs), sum(r["launches"] for r in rs), span(ok, "regs"), span(ok, "spill_bytes"),
                  span(ok, "shared_bytes"), span(ok, "ctas_per_sm"), ", ".join(sorted({r["tc"] for r in ok})),
-                 f"{span(ok, 'waves_min', hi=min)}..{span(ok, 'waves_max', lo=max)}", span(ok, "inflight_per_sm"),
+                 f"{min((r['waves_min'] for r in ok), default='')}..{max((r['waves_max'] for r in ok), default='')}",
+                 span(ok, "inflight_per_sm"),
                  sum(r["narrow_loads"] for r in ok), span(ok, "instr_per_mma"), span(ok, "serial_steps"),
                  span(ok, "busiest_over_median")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
