@@ -1,408 +1,249 @@
-"""Compile check: every kernel's heuristic launch choices compiled ahead of time for sm_80, sm_90 and sm_100, no GPU.
+"""Compile check: every binary the GAM module launches, compiled ahead of time for sm_80/90/100, no GPU.
 
-For each kernel (:data:`KERNELS`, one entry each), over the space of launches the module makes (:func:`space`:
-the sweep's YOLO shapes and odd maps, fp32 / fp16 / bf16 and autocast's mixed dtypes, every layout the module
-produces per dtype, every constexpr variant the GAM constructor allows, both fp32 dot precisions, batches 1 to
-32), the op's own heuristic is asked for its tile and the op's own ``*launch_args`` are called on meta tensors.
-The launch is specialised as Triton's JIT does (:func:`specialise`: an int equal to 1 becomes a constexpr, ints
-divisible by 16 and aligned pointers get the divisibility hint) and compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``; the ``ptxas -v`` log (the wheel's ptxas)
-gives registers and spill bytes, Triton's metadata the shared memory; resident warps per SM follow from the
-architecture's limits (:data:`ARCHS`). Compile facts, not timings: nothing here runs a kernel.
+Capture. ``gam_triton.GAM`` runs over the space below on ``meta`` tensors, sent down its Triton path
+(``_runtime.use_triton`` answers True; ``GAM._plan``, where a call is decided, sees a CUDA input), the tuner off
+(``GAM_TRITON_AUTOTUNE=0``: heuristics); every launch is recorded, not run, at the one launch seam
+``gam_triton.ops._runtime.launch(kernel, grid, args, kwargs)``. What CUDA does that meta does not, for the one op
+the module runs outside its kernels (:func:`_cudnn_mode`): autocast casts a convolution's inputs to its dtype
+(``_runtime.autocast_dtype`` answers it), and cuDNN makes its outputs and gradients channels_last when an input is.
+No per-op code: whatever the ops launch, with whatever arguments, is compiled.
 
-Coverage: launches whose compiled binary is the same (same kernel, constexprs, options, signature and
-specialisation: :func:`compile_key`) are one compile, and every distinct binary of the space is compiled: a spill
-anywhere in the space shows. No binary stands in for another: a constexpr loop bound of 4 can unroll into more
-live registers than one of 8, so trip counts are not merged; the loops whose bounds vary with the batch (the
-partial sums' finalisation) run to runtime bounds, so the batch mostly enters a binary through its
-divisibility by 16.
+Space (:func:`space`): the sweep's YOLO shapes (C 64..1024 at 80/40/20) and odd maps (14x14, 7x7); batches 1, 16,
+17 (sizes of 1 become constants; 16 is divisible by 16; 17 neither); fp32 (TF32 on and off through torch's flags),
+fp16, bf16, autocast fp32->fp16/bf16; NCHW and channels_last; forms (:data:`FORMS`) and layer variants
+(:data:`TWEAKS`); modes (:data:`MODES`): eval with the Triton convolutions (``GAM_TRITON_CONV=triton``), eval in
+auto mode (cuDNN here: nothing can be timed), train steps (forward + backward), one BatchNorm frozen or none.
 
-Facts are kept per compile (key: the kernel's source, the Triton version, the specialisation, the target) in
-``perf/compile/facts/triton-<version>.json``, committed: the CI test (``tests/test_compile_check.py``) looks the
-whole space up there, compiles what is missing (up to ``--max-compiles``; a changed heuristic or kernel makes
-new keys) and recompiles ``--verify`` entries it found to check that they are what a compile gives; a run
-(``make compile-check``) rewrites the file with the entries of the current space only.
+Binaries: launches deduplicated by what Triton's JIT specialises (:func:`specialise`: kernel, constexprs, options,
+signature dtypes, ints equal to 1 as constants, ints and pointers divisible by 16, ``do_not_specialize`` honoured);
+each distinct one compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in workers. Per
+binary and arch: registers and spill bytes (``ptxas -v``), shared memory (metadata), CTAs per SM (:class:`Arch`), the
+tensor-core instruction in the PTX (mma.sync, wgmma, tcgen05), and issue 22's static figures:
 
-Writes ``perf/compile/report.csv`` (a row per compile x arch) and ``report.md`` (outputs, not committed);
-``--check`` exits 1 when a heuristic choice spills, fails to compile or asks for more shared memory than an
-architecture has, or a dot in fp16/bf16 has no tensor-core instruction. ``--candidates`` compiles the tuner's
-candidates too (at the sweep's shapes, batch 16; for the notes: the tuner itself drops what spills on the
-user's GPU).
+* waves: per launch, CTAs / (132 SMs x CTAs per SM); per binary min..max over its launches.
+* bytes in flight per SM: CTAs per SM x bytes loaded per pipeline stage x stages. From the TTGIR: the global
+  loads (``tt.load``, ``ttg.async_copy_global_to_local``) of the loop loading the most bytes per iteration (the
+  whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined).
+* narrow loads in loops: PTX ``ld.global`` narrower than 4 bytes (vector width counted) between a label and a
+  backward branch to it. Instructions per MMA: PTX instructions per tensor-core instruction in the loop with most.
+* serial finalisation steps, busiest/median loads: measured. The launches of :data:`LOAD_CASES` (a headline shape)
+  run in Triton's interpreter (a subprocess; the GPU heuristics' arguments, random data, zeroed integers) with its
+  load patched to count, per program, the loads executed at each source line of the kernels. Busiest/median: the
+  most loads a program executes over the median program's. Serial steps: max over load sites of (the most any
+  program executes there - the median program's), i.e. the iterations of a tail only some programs run.
 
-    python perf/compile_check.py [--kernels channel_gate,...] [--archs 80,90,100]
-                                 [--batches 1,16] [--candidates] [--check] [--jobs 2] [--out perf/compile]
+``--check`` exits 1 on a spill, a compile failure, shared memory over the arch's limit, a half-precision dot without
+tensor-core instructions, and a miss of each :data:`TARGETS` entry named in ``--targets`` (memory-bound: all kernels
+but ``conv_*``). Writes report.md, report.csv (per binary and arch) and launches.csv under ``--out`` (default
+perf/compile/, not committed). Nothing is read from or kept in the repository: every run is cold. Compile facts and
+static figures, not timings.
+
+    python perf/compile_check.py [--subset full|sweep|ci] [--archs 80,90,100] [--check] [--targets waves,...]
+                                 [--loads|--no-loads] [--jobs 2] [--out perf/compile]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
-import hashlib
 import io
 import json
+import math
 import os
+import pickle
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Optional
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+from unittest import mock
+
+import torch
 
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(PERF_DIR)
-for _p in (REPO_DIR, PERF_DIR):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 DEFAULT_OUT = os.path.join(PERF_DIR, "compile")
 
-
-def _reexec_without_interpreter() -> None:
-    """Compiling for a GPU target needs real @triton.jit functions (TRITON_INTERPRET=1 replaces them)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = dict(os.environ)
-        env.pop("TRITON_INTERPRET")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-# --- the architectures ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    """Per-SM limits of one compute capability (CUDA programming guide, compute capabilities table)."""
-
-    cc: int
-    smem_per_sm: int = 233472        # bytes
-    smem_per_block: int = 232448     # the most one block may ask for (opt-in)
-
-    def warps_per_sm(self, regs: int, smem: int, num_warps: int) -> int:
-        """Resident warps: blocks limited by warps (64), blocks (32), registers (65536, 256 per warp granule)
-        and shared memory (+1 KB reserved per block)."""
-        regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
-        blocks = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps))
-        if smem:
-            blocks = min(blocks, self.smem_per_sm // (smem + 1024))
-        return max(0, blocks) * num_warps
-
-
-ARCHS = {80: Arch(80, 167936, 166912), 90: Arch(90), 100: Arch(100)}   # A100; H100/H200; B200
-#: Tensor-core instructions in the PTX: Ampere mma.sync, Hopper wgmma, Blackwell tcgen05.
-TC_PATTERNS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
-#: Kernels whose dots run in the weights' dtype: fp16/bf16 there must use tensor cores.
-DOT_KERNELS = ("channel_gate", "channel_gate_bwd", "conv_bn_relu", "conv_gate")
+# --- the space, as data --------------------------------------------------------------------------------------
+#: (channels, map) of the YOLO models at a 640 input (the sweep's shapes), and odd maps (224-input classifiers).
+SWEEP = [(c, 80) for c in (64, 128, 192, 256, 320)] + [(c, 40) for c in (128, 256, 384, 512, 640)] + \
+        [(c, 20) for c in (256, 512, 576, 640, 1024)]
+ODD_MAPS = [(256, 14), (512, 14), (512, 7), (1024, 7)]
+BATCHES = (1, 16, 17)
+SWEEP_BATCH = 16                   # the batch the waves target is judged at
+#: GAM constructor forms: the paper's, the YOLO form (groups = rate, shuffle), their crossings (grouping and shuffle
+#: are independent constructor arguments), a fork with groups != rate.
+FORMS = {"paper": dict(), "yolo": dict(group=True, channel_sigmoid=False, shuffle_groups=4),
+         "plain_shuffle": dict(channel_sigmoid=False, shuffle_groups=4), "grouped_sigmoid": dict(group=True),
+         "fork": dict(rate=8, groups=4, channel_sigmoid=False, shuffle_groups=4)}
+#: Layer variants a converted block may carry, and the modes they matter in.
+TWEAKS = {"": ("eval", "auto", "train", "bn1_frozen", "bn2_frozen"), "nobias": ("eval",),
+          "noaffine": ("train",), "cumulative": ("train",), "noupdate": ("train",)}
+MODES = ("eval", "auto", "train", "bn1_frozen", "bn2_frozen")
+#: (input dtype, autocast dtype or None, fp32 TF32 allowed)
+DTYPES = [("fp32", None, True), ("fp32", None, False), ("fp16", None, True), ("bf16", None, True),
+          ("fp32", "fp16", True), ("fp32", "bf16", True)]
+SUBSETS = {  # name: (shapes, batches, forms, tweaks)
+    "full": (SWEEP + ODD_MAPS, BATCHES, tuple(FORMS), tuple(TWEAKS)),
+    "sweep": (SWEEP, (SWEEP_BATCH,), ("paper", "yolo"), ("",)),   # the sweep's shapes as the GPU check runs them
+    "ci": ([(256, 40)], (16,), ("yolo",), ("",)),         # every dtype, layout and mode at one sweep shape
+}
+#: The interpreter runs these (batch, C, map, form, dtype, layout, mode) to count loads per program.
+LOAD_CASES = [(16, 64, 80, "yolo", "bf16", "cl", "train")]
+SMS = 132                          # H100 / H200
+MIB = "conv_"                      # kernels named conv_* are compute-bound: the issue-22 targets skip them
 
 
-# --- the cases --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One launch of a kernel: shape, batch, x's dtype and the weights' (autocast's when it differs), a layout
-    name (the kernel's entry says what it means), the fp32 dot precision, a variant (comma-separated flags)."""
-
-    kernel: str
-    channels: int
-    height: int
-    width: int
-    dtype: str
-    layout: str
-    precision: str = ""
-    variant: str = ""
-    batch: int = 16
-    wdtype: str = ""
-    origin: str = "sweep"
-    rate: int = 4
-
-    @property
-    def wdt(self) -> str:
-        return self.wdtype or self.dtype
-
-    @property
-    def hw(self) -> int:
-        return self.height * self.width
-
-    def flag(self, name: str) -> bool:
-        return name in self.variant.split(",")
+    """One call of the module: the input, the module, the mode (amp: autocast's dtype; tf32: torch's fp32 flags)."""
+    batch: int; channels: int; size: int; form: str; tweak: str  # noqa: E702
+    dtype: str; amp: Optional[str]; tf32: bool; layout: str; mode: str  # noqa: E702
 
     def label(self) -> str:
-        a, p = f"/{self.wdtype}" if self.wdtype else "", f" {self.precision}" if self.precision else ""
-        v = f" {self.variant}" if self.variant else ""
-        return f"C{self.channels} {self.height}x{self.width} B{self.batch} {self.dtype}{a}{p} {self.layout}{v}"
-
-
-def _dt(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _meta(shape, dtype: str, channels_last: bool = False):
-    """A meta tensor (no memory) with the strides a real allocation in that layout would have."""
-    import torch
-
-    return torch.empty(shape, dtype=_dt(dtype), device="meta",
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def _int_meta(n: int):
-    import torch
-
-    return torch.empty(n, dtype=torch.int32, device="meta")
-
-
-# --- one entry per kernel: the launch, its heuristic and candidates, the layouts and variants it runs at ------
-def _cg(case: Case, cfg, prec: str):
-    from gam_triton.ops import channel_gate as op
-
-    b, c, cr, h, w = case.batch, case.channels, case.channels // case.rate, case.height, case.width
-    x = _meta((b, c, h, w), case.dtype, case.layout == "cl")
-    out = _meta((b, c, h, w), case.dtype, case.layout != "nchw")          # x1 keeps x's dtype (autocast too)
-    w1, w2, b1, b2 = (_meta(s, case.wdt) for s in ((cr, c), (c, cr), (cr,), (c,)))
-    return op.launch_args(x, w1, b1, w2, b2, case.flag("sigmoid"), out, cfg, prec)
-
-
-def _cg_bwd(case: Case, cfg, prec: str):
-    from gam_triton.ops import channel_gate as op
-
-    b, c, cr, h, w = case.batch, case.channels, case.channels // case.rate, case.height, case.width
-    x = _meta((b, c, h, w), case.dtype, case.layout == "cl")
-    g_cl = case.layout != "nchw"              # x1's gradients take x1's layout
-    ga, gb = _meta((b, c, h, w), case.dtype, g_cl), _meta((b, c, h, w), case.wdt, g_cl)
-    w1, w2, b1, b2 = (_meta(s, case.wdt) for s in ((cr, c), (c, cr), (cr,), (c,)))
-    n = b * h * w
-    return op.bwd_launch_args(x, ga, gb, w1, b1, w2, b2, case.flag("sigmoid"), _meta((b, c, h, w), case.dtype,
-                              case.layout == "cl"), _meta((n, c + cr), case.wdt), _meta((n, cr), case.wdt),
-                              _int_meta(1), _meta((cr,), case.wdt), _meta((c,), case.wdt), cfg, prec)
-
-
-def _fg(case: Case, cfg, prec: str):
-    from gam_triton.ops import elementwise as op
-
-    shape = (case.batch, case.channels, case.height, case.width)
-    x1_cl, out_cl = case.layout != "nchw", case.layout == "cl"
-    x1, y2, out = _meta(shape, case.dtype, x1_cl), _meta(shape, case.wdt, x1_cl), _meta(shape, case.dtype, out_cl)
-    return op.final_gate_launch_args(x1, y2, _meta((case.channels,), "fp32"), _meta((case.channels,), "fp32"),
-                                     0 if case.flag("noshuffle") else 4, out, cfg)
-
-
-def _br(case: Case, cfg, prec: str):
-    from gam_triton.ops import elementwise as op
-
-    c, cl = case.channels // case.rate, case.layout == "cl"
-    shape = (case.batch, c, case.height, case.width)
-    return op.bn_relu_launch_args(_meta(shape, case.wdt, cl), _meta((c,), "fp32"), _meta((c,), "fp32"),
-                                  _meta(shape, case.wdt, cl), cfg)
-
-
-def _bn(case: Case):
-    """(mode, channels, y, g, x1 or None) of one BatchNorm of the training path: "bn1:..." BN1 + ReLU over y1
-    (C/r channels), "bn2:..." BN2 + sigmoid + shuffle + final gate over y2 (C); after the colon y's layout, and
-    ">nchw" when the block's output (and its gradient) is NCHW."""
-    which, lay = case.layout.split(":")
-    b, h, w = case.batch, case.height, case.width
-    c = case.channels // case.rate if which == "bn1" else case.channels
-    y_cl = lay.startswith("cl")
-    y = _meta((b, c, h, w), case.wdt, y_cl)             # y1, y2: convolution outputs (the autocast dtype)
-    g = _meta((b, c, h, w), case.wdt if which == "bn1" else case.dtype, y_cl if which == "bn1" else lay == "cl")
-    x1 = None if which == "bn1" else _meta((b, c, h, w), case.dtype, y_cl)
-    return (0 if which == "bn1" else 1), c, y, g, x1
-
-
-def _bn_stats(case: Case, cfg, prec: str):
-    import torch
-
-    from gam_triton.ops import batchnorm as op
-
-    _mode, c, y, _g, _x1 = _bn(case)
-    prm = None if case.flag("noaffine") else _meta((c,), case.dtype)
-    running = (_meta((c,), case.dtype), _meta((c,), case.dtype), torch.empty((), dtype=torch.int64, device="meta"))
-    return op.stats_launch_args(y, prm, prm, running, 1e-5, -1.0 if case.flag("cumulative") else 0.1,
-                                not case.flag("noupdate"), _int_meta(op.counter_slots(c)), _meta((4, c), "fp32"), cfg)
-
-
-def _bn_reduce(case: Case, cfg, prec: str):
-    from gam_triton.ops import batchnorm as op
-
-    mode, c, y, g, x1 = _bn(case)
-    prm = None if case.flag("noaffine") else _meta((c,), case.dtype)
-    return op.reduce_launch_args(mode, g, x1, y, _meta((4, c), "fp32"), _meta((2, c), "fp32"), prm, prm,
-                                 4 if mode and not case.flag("noshuffle") else 0, _int_meta(op.counter_slots(c)), cfg)
-
-
-def _bn_apply(case: Case, cfg, prec: str):
-    from gam_triton.ops import batchnorm as op
-
-    mode, c, y, g, x1 = _bn(case)
-    dx1 = None if x1 is None else _meta(tuple(x1.shape), case.dtype, x1.stride(1) == 1)
-    return op.apply_launch_args(mode, g, x1, y, _meta((4, c), "fp32"), _meta((2, c), "fp32"),
-                                _meta(tuple(y.shape), case.wdt, y.stride(1) == 1), dx1,
-                                4 if mode and not case.flag("noshuffle") else 0, cfg)
-
-
-def _conv_dims(case: Case) -> tuple[int, int, int, str]:
-    """(groups, cin_g, cout_g, x1's layout) of a convolution case: "g4:..." grouped (groups = r), "g1:..." plain;
-    as the module packs them (``conv.pack_spatial``: merged groups, z1's channels per group padded to 16)."""
-    from gam_triton.ops import conv as op
-
-    head, lay = case.layout.split(":")
-    g, c, cr = (case.rate if head == "g4" else 1), case.channels, case.channels // case.rate
-    pk = op.pack_spatial(_meta((cr, c // g, 1, 1), case.dtype), _meta((cr,), case.dtype),
-                         _meta((c, cr // g, 1, 1), case.dtype), g)
-    wp, cin = (pk[0], c) if case.kernel == "conv_bn_relu" else (pk[2], pk[0].shape[3])
-    groups = cin // wp.shape[2]
-    return groups, wp.shape[2], wp.shape[3] // groups, lay
-
-
-def _conv1(case: Case, cfg, prec: str):
-    from gam_triton.ops import conv as op
-
-    g, cin_g, cout_g, lay = _conv_dims(case)
-    b, h, w = case.batch, case.height, case.width
-    return op.conv1_launch_args(_meta((b, cin_g * g, h, w), case.dtype, lay != "nchw"),
-                                _meta((7, 7, cin_g, cout_g * g), case.dtype), _meta((cout_g * g,), case.dtype),
-                                _meta((b, cout_g * g, h, w), case.dtype, True), cfg, prec)
-
-
-def _conv2(case: Case, cfg, prec: str):
-    from gam_triton.ops import conv as op
-
-    g, cin_g, cout_g, lay = _conv_dims(case)
-    b, c, h, w = case.batch, cout_g * g, case.height, case.width
-    return op.conv2_launch_args(_meta((b, cin_g * g, h, w), case.dtype, True), _meta((7, 7, cin_g, c), case.dtype),
-                                None if case.flag("nobias") else _meta((c,), case.dtype), _meta((c,), "fp32"),
-                                _meta((c,), "fp32"), _meta((b, c, h, w), case.dtype, lay != "nchw"),
-                                0 if case.flag("noshuffle") else 4, _meta((b, c, h, w), case.dtype, lay == "cl"),
-                                cfg, prec)
-
-
-def _heur_cg(case: Case, candidates: bool = False):
-    from gam_triton.ops import channel_gate as op
-
-    f = (op.candidates if candidates else op.heuristic) if case.kernel == "channel_gate" else \
-        (op.bwd_candidates if candidates else op.bwd_heuristic)
-    args = (case.channels, case.channels // case.rate, case.hw, _dt(case.wdt))  # the dots' dtype: the weights'
-    if candidates:
-        return f(*args, x_dtype=_dt(case.dtype)) if case.kernel == "channel_gate_bwd" else f(*args)
-    from gam_triton.ops import _autotune
-
-    return f(*args, target="gpu", x_dtype=_dt(case.dtype), batch=_autotune.pixels(case.batch, case.hw)[1])
-
-
-def _heur_ew(case: Case, candidates: bool = False):
-    from gam_triton.ops import elementwise as op
-
-    c = case.channels if case.kernel == "final_gate" else case.channels // case.rate
-    cl = case.layout != "nchw"
-    return op.candidates(c, case.hw, cl) if candidates else op.heuristic(c, case.hw, cl, target="gpu")
-
-
-def _heur_bn(case: Case, candidates: bool = False):
-    from gam_triton.ops import batchnorm as op
-
-    mode, c, y, _g, _x1 = _bn(case)
-    cfg = op.heuristic(c, case.batch * case.hw, y.stride(1) == 1, target="gpu",
-                       gather=mode == 1 and case.kernel != "bn_stats")
-    return [cfg] if candidates else cfg
-
-
-def _heur_conv(case: Case, candidates: bool = False):
-    from gam_triton.ops import conv as op
-
-    _g, cin_g, cout_g, _lay = _conv_dims(case)
-    f = op.candidates if candidates else op.heuristic
-    return f(cin_g, cout_g, case.hw, _dt(case.dtype)) if candidates else f(cin_g, cout_g, case.hw, _dt(case.dtype),
-                                                                             target="gpu")
-
-
-def _cg_prec(case: Case) -> str:
-    """The INPUT_PRECISION the channel gate's launch is given: ``dot_precision``'s answer for fp32 dots."""
-    return case.precision or "tf32"
-
-
-def _conv_prec(case: Case) -> str:
-    return case.precision or "tf32"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """How one kernel is launched, tiled and run by the module. ``layouts``: (fp32 runs, fp16/bf16 and autocast
-    runs), as the module produces them on CUDA (x1 channels_last when x is, and always in half precision or under
-    autocast; the block's output in x's layout). ``variants``: the constexpr flags it can take. ``autocast``:
-    whether it sees autocast's mixed dtypes. ``precisions``: the fp32 dot precisions it is launched with."""
-
-    launch: Callable
-    heuristic: Callable
-    layouts: tuple
-    variants: tuple = ("",)
-    autocast: bool = True
-    precisions: tuple = ("",)
-    prec: Callable = _cg_prec
-
-
-_X = (("nchw", "cl"), ("nchw>cl", "cl"))       # x NCHW / channels_last; x1 as the module writes it
-_BN = (("bn1:nchw", "bn1:cl", "bn2:nchw", "bn2:cl"), ("bn1:cl", "bn2:cl", "bn2:cl>nchw"))
-KERNELS = {
-    "channel_gate": Entry(_cg, _heur_cg, _X, ("", "sigmoid"), precisions=("ieee", "tf32")),
-    "channel_gate_bwd": Entry(_cg_bwd, _heur_cg, _X, ("", "sigmoid"), precisions=("ieee", "tf32")),
-    "final_gate": Entry(_fg, _heur_ew, (("nchw", "cl"), ("cl>nchw", "cl")), ("", "noshuffle")),
-    "bn_relu": Entry(_br, _heur_ew, (("nchw", "cl"), ("cl",))),
-    "bn_stats": Entry(_bn_stats, _heur_bn, _BN, ("", "noaffine", "cumulative", "noupdate")),
-    "bn_bwd_reduce": Entry(_bn_reduce, _heur_bn, _BN, ("", "noaffine", "noshuffle")),
-    "bn_bwd_apply": Entry(_bn_apply, _heur_bn, _BN, ("", "noshuffle")),
-    "conv_bn_relu": Entry(_conv1, _heur_conv, (("g4:nchw", "g4:cl", "g1:nchw", "g1:cl"), ("g4:cl", "g1:cl")),
-                          autocast=False, precisions=("tf32", "tf32x3"), prec=_conv_prec),
-    "conv_gate": Entry(_conv2, _heur_conv, (("g4:nchw", "g4:cl", "g1:nchw", "g1:cl"),
-                                            ("g4:cl>nchw", "g4:cl", "g1:cl>nchw", "g1:cl")),
-                       ("", "noshuffle", "nobias", "noshuffle,nobias"), autocast=False, precisions=("tf32", "tf32x3"),
-                       prec=_conv_prec),
-}
-#: Odd maps (classifier-style 224 inputs): H*W not a multiple of 16, so the pixel strides lose the divisibility hint.
-ODD_MAPS = ((256, 14), (512, 14), (512, 7), (1024, 7))
-
-
-def sweep_pairs() -> list[tuple[int, int]]:
-    from bench import yolo_pairs
-
-    return yolo_pairs()
-
-
-def _fused(case: Case) -> bool:
-    """The module launches the channel gate's kernels for this case (fp32 over 128 hidden channels may run as
-    PyTorch GEMMs instead: ``channel_gate.fused``)."""
-    if not case.kernel.startswith("channel_gate"):
-        return True
-    from gam_triton.ops import channel_gate as op
-
-    return op.fused(_dt(case.wdt), case.channels // case.rate, case.kernel == "channel_gate_bwd", target="gpu")
-
-
-def space(kernel: str, batches: Iterable[int] = range(1, 33), pairs: Optional[list] = None) -> Iterable[Case]:
-    """Every launch of ``kernel`` the module makes on CUDA over the sweep's shapes and the odd maps."""
-    e = KERNELS[kernel]
-    pairs = [(c, s, "sweep") for c, s in (pairs or sweep_pairs())] + [(c, s, "odd-map") for c, s in ODD_MAPS]
-    dtypes = [("fp32", ""), ("fp16", ""), ("bf16", "")] + ([("fp32", "bf16"), ("fp32", "fp16")] if e.autocast else [])
-    for c, s, origin in pairs:
-        for xdt, adt in dtypes:
-            half = xdt != "fp32" or bool(adt)
-            for prec in (e.precisions if (adt or xdt) == "fp32" else ("",)):
-                for var in e.variants:
-                    for lay in e.layouts[half]:
-                        for b in batches:
-                            case = Case(kernel, c, s, s, xdt, lay, prec, var, b, adt, origin)
-                            if _fused(case):
-                                yield case
-
-
-# --- specialisation and the compile key ----------------------------------------------------------------------
-_DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+        d = f"{self.dtype}>{self.amp}" if self.amp else self.dtype + ("/ieee" if not self.tf32 else "")
+        return f"B{self.batch} C{self.channels} {self.size}x{self.size} {self.form}{'+' * bool(self.tweak)}" \
+               f"{self.tweak} {d} {self.layout} {self.mode}"
+
+
+def space(subset: str = "full") -> Iterator[Case]:
+    """The cases of a subset (layer variants on every form but the fork)."""
+    shapes, batches, forms, tweaks = SUBSETS[subset]
+    for c, s in shapes:
+        for form in forms:
+            for tweak in tweaks if form != "fork" else ("",):
+                for mode in TWEAKS[tweak]:
+                    for dt, amp, tf32 in DTYPES:
+                        if amp and mode == "auto":   # under autocast eval is one path (no Triton convolutions)
+                            continue
+                        for layout in ("nchw", "cl"):
+                            for b in batches:
+                                yield Case(b, c, s, form, tweak, dt, amp, tf32, layout, mode)
+
+
+# --- capture at the launch seam ------------------------------------------------------------------------------
+Launch = collections.namedtuple("Launch", "kernel grid args kwargs case")
+
+
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+_MODULES: dict = {}
+
+
+def _build(case: Case):
+    """A GAM of the case's form, tweak and dtype on meta (no memory; kept for the next case), in the case's mode."""
+    from gam_triton import GAM
+
+    key = (case.channels, case.form, case.tweak, case.dtype)
+    if key in _MODULES:
+        m = _MODULES[key]
+    else:
+        with torch.device("meta"):
+            m = _MODULES[key] = GAM(case.channels, **FORMS[case.form]).to(DT[case.dtype])
+    conv1, bn1, conv2, bn2 = (m.spatial_attention[i] for i in (0, 1, 3, 4))
+    for bn in (bn1, bn2):
+        if case.tweak == "noaffine":
+            bn.weight, bn.bias, bn.affine = None, None, False
+        if case.tweak == "cumulative":
+            bn.momentum = None
+        if case.tweak == "noupdate":
+            bn.track_running_stats = False
+    if case.tweak == "nobias":
+        conv1.bias = conv2.bias = None
+    m.train(case.mode not in ("eval", "auto"))
+    if case.mode == "bn1_frozen":
+        bn1.eval()
+    if case.mode == "bn2_frozen":
+        bn2.eval()
+    return m
+
+
+class OnCuda(torch.Tensor):
+    """A meta tensor that says it is on CUDA (the module's plan reads ``x.is_cuda``); ops see a plain one."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    is_cuda = property(lambda self: True)
+
+
+def _cudnn_mode(amp):
+    """What CUDA does to a convolution that meta does not: autocast's cast of its floating inputs to ``amp``, and
+    cuDNN's layout rule (outputs channels_last when an input is; meta's CPU rule may differ)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_map
+
+    def cl(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
+
+    class CuDNN(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name not in ("conv2d", "convolution", "convolution_backward"):
+                return func(*args, **(kwargs or {}))
+            if amp is not None and name != "convolution_backward":
+                args = tuple(a.to(amp) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            out = func(*args, **(kwargs or {}))
+            if any(cl(a) for a in args):
+                out = tree_map(lambda t: t.contiguous(memory_format=torch.channels_last)
+                               if isinstance(t, torch.Tensor) and t.dim() == 4 else t, out)
+            return out
+
+    return CuDNN()
+
+
+def capture(case: Case) -> list[Launch]:
+    """The launches the module makes for one case (one eval call, or one train step), none executed."""
+    from gam_triton import GAM
+    from gam_triton.ops import _autotune, _runtime
+
+    out: list[Launch] = []
+    amp = DT[case.amp] if case.amp else None
+    m = _build(case)
+    fmt = torch.channels_last if case.layout == "cl" else torch.contiguous_format
+    x = torch.empty((case.batch, case.channels, case.size, case.size), dtype=DT[case.dtype],
+                    device="meta", memory_format=fmt)
+    plan = GAM._plan
+    train = case.mode not in ("eval", "auto")
+    tf32 = "tf32" if case.tf32 else "ieee"
+    with contextlib.ExitStack() as st:
+        def patch(obj, name, value):
+            st.enter_context(mock.patch.object(obj, name, value))
+        st.enter_context(mock.patch.dict(os.environ, GAM_TRITON_AUTOTUNE="0",
+                                         GAM_TRITON_CONV="triton" if case.mode == "eval" else "auto"))
+        patch(_runtime, "use_triton", lambda t: True)
+        patch(_runtime, "launch", lambda k, g, a, kw: out.append(Launch(k, g, a, kw, case)))
+        patch(_runtime, "autocast_dtype", lambda device_type: amp)
+        patch(GAM, "_plan", lambda self, t: plan(self, t.as_subclass(OnCuda)))  # CUDA's plan
+        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv):  # TF32 as torch's flags say
+            st.callback(setattr, backend, "fp32_precision", backend.fp32_precision)
+            backend.fp32_precision = tf32
+        _autotune.reset()
+        st.enter_context(_cudnn_mode(amp))
+        with torch.set_grad_enabled(train):
+            y = m(x.requires_grad_(train))
+            if train:
+                y.backward(torch.empty_like(y))
+    return out
+
+
+# --- what Triton specialises ---------------------------------------------------------------------------------
+_DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64", "int8": "i8",
+       "uint8": "u8", "bool": "i1", "float64": "fp64"}
 
 
 def specialise(kernel, args: tuple, kwargs: dict) -> dict:
     """The compile job Triton's JIT makes of ``kernel[grid](*args, **kwargs)``: signature, constexprs,
-    divisibility attributes and options (num_warps, num_stages), as plain data."""
+    divisibility attributes and options, as plain data (rules checked against Triton's own by the tests)."""
     names = list(kernel.arg_names)
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k in names})
-    options = {k: v for k, v in kwargs.items() if k not in names}
+    options = {k: v for k, v in kwargs.items() if k not in names and v is not None}
     consts = {p.name for p in kernel.params if p.is_constexpr}
-    plain = {p.name for p in kernel.params if getattr(p, "do_not_specialize", False)}  # @jit(do_not_specialize)
+    plain = {p.name for p in kernel.params if getattr(p, "do_not_specialize", False)}  # @jit(do_not_specialize=)
     signature, constexprs, divisible = {}, {}, []
     for name in names:
         v = values[name]
@@ -428,27 +269,42 @@ def specialise(kernel, args: tuple, kwargs: dict) -> dict:
     return {"signature": signature, "constexprs": constexprs, "divisible": divisible, "options": options}
 
 
-def _ref(kernel) -> str:
+def kernel_ref(kernel) -> str:
     return f"{kernel.fn.__module__}:{kernel.fn.__name__}"
 
 
 def compile_key(kernel, spec: dict) -> str:
     """The identity of a compiled binary: the kernel and its specialisation (Triton's JIT key, as data)."""
-    return json.dumps([_ref(kernel), spec], sort_keys=True, default=str)
+    return json.dumps([kernel_ref(kernel), spec], sort_keys=True, default=str)
 
 
-def job_key(kernel, spec: dict, cc: int) -> str:
-    """Cache key of one compile: the kernel's source (Triton's cache_key covers its callees), the Triton version,
-    the specialisation, the target."""
-    import triton
-
-    payload = json.dumps([kernel.cache_key, triton.__version__, spec, cc], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+def n_ctas(grid) -> int:
+    return math.prod(int(g) for g in grid)
 
 
-# --- compiling (in worker processes) -------------------------------------------------------------------------
+# --- compiling and reading the binary (worker processes) -----------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of one compute capability (CUDA programming guide, compute capabilities table)."""
+    cc: int
+    smem_per_sm: int = 233472
+    smem_per_block: int = 232448
+
+    def ctas_per_sm(self, regs: int, smem: int, num_warps: int) -> int:
+        """Resident CTAs: limited by warps (64), CTAs (32), registers (65536, 256 per warp granule) and shared
+        memory (+1 KB reserved per CTA)."""
+        regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+        ctas = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps))
+        if smem:
+            ctas = min(ctas, self.smem_per_sm // (smem + 1024))
+        return max(0, ctas)
+
+
+ARCHS = {80: Arch(80, 167936, 166912), 90: Arch(90), 100: Arch(100)}   # A100; H100/H200; B200
+TC_PATTERNS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
 _PTXAS = {k: re.compile(p) for k, p in (("regs", r"Used (\d+) registers"), ("stores", r"(\d+) bytes spill stores"),
                                         ("loads", r"(\d+) bytes spill loads"))}
+_BYTES = {"f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "i1": 1, "f64": 8, "i64": 8}
 
 
 def _sm(cc: int) -> str:
@@ -456,8 +312,7 @@ def _sm(cc: int) -> str:
 
 
 def _ptxas_log(ptx: str, cc: int) -> str:
-    """ptxas -v run here on the PTX (Triton 3.4, which has no TRITON_DUMP_PTXAS_LOG: its ptxas runs with
-    no extra register-allocation flag)."""
+    """ptxas -v on the PTX (Triton 3.4 has no TRITON_DUMP_PTXAS_LOG)."""
     import inspect
 
     from triton.backends.nvidia.compiler import get_ptxas
@@ -471,8 +326,62 @@ def _ptxas_log(ptx: str, cc: int) -> str:
                               capture_output=True, text=True).stderr
 
 
+def ttgir_loads(ttgir: str, num_stages: int) -> tuple[int, int]:
+    """(bytes loaded per pipeline stage, stages) from the TTGIR: the loop loading the most bytes per iteration
+    (the kernel's top level when no loop loads), times num_stages when its loads are asynchronous copies."""
+    stack, per_region, asyncs = [], collections.Counter(), set()
+    for n, line in enumerate(ttgir.splitlines()):
+        s = line.strip()
+        if s.startswith("}"):
+            stack.pop()
+        m = re.search(r"\b(tt\.load|ttg\.async_copy_global_to_local|tt\.descriptor_load)\b.*? : "
+                      r"(?:tensor<([\dx]+)x!tt\.ptr<(\w+)>|!tt\.ptr<(\w+)>)", s)
+        if m:
+            loop = next((r for r, is_loop in reversed(stack) if is_loop), None)
+            count = math.prod(int(v) for v in m.group(2).split("x")) if m.group(2) else 1
+            per_region[loop] += count * _BYTES.get(m.group(3) or m.group(4), 4)
+            if m.group(1) == "ttg.async_copy_global_to_local":
+                asyncs.add(loop)
+        if s.endswith("{"):
+            stack.append((n, "scf.for" in s or "scf.while" in s))
+    loops = {r: b for r, b in per_region.items() if r is not None}
+    if not loops:
+        return per_region.get(None, 0), 1
+    region = max(loops, key=loops.get)
+    return loops[region], num_stages if region in asyncs else 1
+
+
+def ptx_figures(ptx: str) -> tuple[int, Optional[float]]:
+    """(ld.global narrower than 4 bytes inside a loop, instructions per tensor-core instruction in the loop
+    holding the most of them) from the PTX: a loop runs from a label to a backward branch to it."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"\s*(\$\w+):", ln))}
+    loops = [(labels[m.group(1)], i) for i, ln in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+(\$\w+);", ln)) and labels.get(m.group(1), i + 1) < i]
+    inside = [False] * len(lines)
+    for a, b in loops:
+        for i in range(a, b + 1):
+            inside[i] = True
+    narrow = 0
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bld\.global((?:\.[\w:]+)+)", ln)
+        if m and inside[i]:
+            parts = m.group(1).split(".")
+            vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+            bits = next((int(t.group(1)) for p in reversed(parts) if (t := re.fullmatch(r"[bsuf](\d+)", p))), 32)
+            narrow += vec * bits < 32
+    best = None
+    for a, b in loops:
+        body = [ln.strip() for ln in lines[a + 1:b + 1]]
+        ins = [ln for ln in body if ln.endswith(";") and not ln.startswith(("//", "."))]
+        mmas = sum(1 for ln in ins if any(p in ln for _, p in TC_PATTERNS))
+        if mmas and (best is None or (mmas, -len(ins)) > (best[0], -best[1])):
+            best = (mmas, len(ins))
+    return narrow, (round(best[1] / best[0], 1) if best else None)
+
+
 def compile_job(ref: str, spec: dict, cc: int) -> dict:
-    """Compile one specialisation for ``cc``; its compile facts (a config that does not compile is a fact)."""
+    """Compile one specialisation for ``cc``: its facts (a config that does not compile is a fact too)."""
     import importlib
 
     import triton
@@ -487,24 +396,25 @@ def compile_job(ref: str, spec: dict, cc: int) -> dict:
                     attrs={(names.index(k),): [["tt.divisibility", 16]] for k in spec["divisible"]})
     t0, out = time.perf_counter(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):  # TRITON_DUMP_PTXAS_LOG=1 (Triton >= 3.6) prints Triton's own log
+        with contextlib.redirect_stdout(out):  # TRITON_DUMP_PTXAS_LOG=1 (Triton >= 3.6) prints ptxas's log
             k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec["options"]))
     except Exception as e:  # noqa: BLE001
         return {"ok": False, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     log = out.getvalue() if "registers" in out.getvalue() else _ptxas_log(k.asm["ptx"], cc)
-    facts = {k_: max((int(v) for v in rx.findall(log)), default=0) for k_, rx in _PTXAS.items()}
-    return {"ok": True, "error": "", "regs": facts["regs"], "spill": facts["stores"] + facts["loads"],
+    f = {k_: max((int(v) for v in rx.findall(log)), default=0) for k_, rx in _PTXAS.items()}
+    per_stage, stages = ttgir_loads(k.asm.get("ttgir", ""), spec["options"].get("num_stages", 3))
+    narrow, per_mma = ptx_figures(k.asm["ptx"])
+    half_dot = bool(re.search(r"\b(tt\.dot|ttng\.\w*(dot|mma)\w*)\b[^\n]*x(bf16|f16)\b", k.asm.get("ttgir", "")))
+    return {"ok": True, "error": "", "regs": f["regs"], "spill": f["stores"] + f["loads"],
             "smem": int(k.metadata.shared), "tc": next((n for n, p in TC_PATTERNS if p in k.asm["ptx"]), "none"),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "stage_bytes": per_stage, "stages": stages, "narrow_loads": narrow, "instr_per_mma": per_mma,
+            "half_dot": half_dot, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"    # a Triton cache hit would skip ptxas, and its log
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import warnings
-
     warnings.filterwarnings("ignore")
 
 
@@ -512,322 +422,279 @@ def _worker(job):
     return compile_job(*job)
 
 
-def facts_path(version: Optional[str] = None) -> str:
-    import triton
+def compile_all(jobs: list, n_jobs: int, log=print) -> list[dict]:
+    """``jobs``: [(ref, spec, cc)] compiled in ``n_jobs`` spawned processes; their facts in order."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    return os.path.join(DEFAULT_OUT, "facts", f"triton-{version or triton.__version__}.json")
-
-
-class TooManyCompiles(RuntimeError):
-    """More of the space is missing from the committed facts than ``--max-compiles`` allows."""
-
-
-class Compiler:
-    """Compiles jobs once each (the facts file across runs), in a pool of ``jobs`` processes."""
-
-    def __init__(self, cache_path: Optional[str], jobs: int, log=print, max_compiles: Optional[int] = None) -> None:
-        self.cache_path, self.jobs, self.log, self.compiled = cache_path, max(1, jobs), log, 0
-        self.max_compiles, self.compiled_now = max_compiles, {}
-        try:
-            with open(cache_path) as f:
-                self.cache = json.load(f)
-        except (TypeError, OSError, ValueError):
-            self.cache = {}
-
-    def run(self, jobs: dict) -> dict:
-        """``jobs``: key -> (ref, spec, cc). Returns key -> facts (from the file or compiled now)."""
-        todo = [(k, j) for k, j in jobs.items() if k not in self.cache]
-        if self.max_compiles is not None and len(todo) > self.max_compiles:
-            raise TooManyCompiles(f"{len(todo)} of {len(jobs)} compiles are not in {self.cache_path} (more than "
-                                  f"{self.max_compiles}): a kernel or heuristic changed; run `make compile-check`")
-        if todo:
-            self.log(f"compiling {len(todo)} ({len(jobs) - len(todo)} cached) on {self.jobs} process(es)...")
-            t0 = time.perf_counter()
-            if self.jobs == 1:
-                _worker_init()
-                results = map(_worker, [j for _, j in todo])
-                pool = None
-            else:
-                import multiprocessing as mp
-                from concurrent.futures import ProcessPoolExecutor
-
-                pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-                results = pool.map(_worker, [j for _, j in todo], chunksize=1)
-            try:
-                for n, ((k, _), res) in enumerate(zip(todo, results), 1):
-                    self.cache[k], self.compiled = res, self.compiled + 1
-                    self.compiled_now[k] = res
-                    if n % 25 == 0:
-                        self.log(f"  {n}/{len(todo)} ({time.perf_counter() - t0:.0f} s)")
-                        self._save()
-            finally:
-                if pool is not None:
-                    pool.shutdown()
-                self._save()
-            self.log(f"  done in {time.perf_counter() - t0:.0f} s")
-        return {k: self.cache[k] for k in jobs}
-
-    def _save(self, keep: Optional[set] = None) -> None:
-        """Write the facts (``keep``: only these keys: the current space's)."""
-        if self.cache_path:
-            data = {k: v for k, v in self.cache.items() if keep is None or k in keep}
-            os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-            with open(self.cache_path + ".tmp", "w") as f:
-                json.dump(data, f, sort_keys=True, indent=0)
-            os.replace(self.cache_path + ".tmp", self.cache_path)
-
-    def verify(self, jobs: dict, n: int, seed: int = 0) -> list[str]:
-        """Compile ``n`` of ``jobs`` found in the file again: the differences (registers, spills, success)."""
-        import random
-
-        found = sorted(k for k in jobs if k in self.cache and self.compiled_now.get(k) is None)
-        out = []
-        _worker_init()
-        for k in random.Random(seed).sample(found, min(n, len(found))):
-            got, want = compile_job(*jobs[k]), self.cache[k]
-            if [got.get(f) for f in ("ok", "regs", "spill")] != [want.get(f) for f in ("ok", "regs", "spill")]:
-                out.append(f"{jobs[k][0]} sm_{jobs[k][2]}: the file says {want.get('regs')} registers / "
-                           f"{want.get('spill')} B, a compile gives {got.get('regs')} / {got.get('spill')}")
-        return out
-
-
-# --- the check -----------------------------------------------------------------------------------------------
-FIELDS = ("kernel", "arch", "source", "case", "members", "dtype", "wdtype", "precision", "layout", "variant",
-          "BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "maxnreg", "ok", "regs",
-          "spill_bytes", "shared_bytes", "smem_ok", "warps_per_sm", "tc", "error")
-
-
-def plan(kernels: Iterable[str], batches, candidates: bool) -> list:
-    """[(kernel, case, config, source, members, kernel fn, spec)]: one per distinct compile of the space."""
-    out, seen = [], {}
-    for name in kernels:
-        e = KERNELS[name]
-        for case in space(name, batches):
-            cfgs = [("heuristic", e.heuristic(case))]
-            if candidates and case.batch == 16 and case.origin == "sweep":
-                cfgs += [("candidate", c) for c in e.heuristic(case, candidates=True)]
-            for source, cfg in cfgs:
-                kernel, _grid, args, kwargs = e.launch(case, cfg, e.prec(case))
-                spec = specialise(kernel, args, kwargs)
-                key = (compile_key(kernel, spec), source)
-                item = seen.get(key)
-                if item is None:
-                    seen[key] = item = [name, case, cfg, source, 0, kernel, spec]
-                    out.append(item)
-                item[4] += 1
+    out, t0 = [], time.perf_counter()
+    with ProcessPoolExecutor(max(1, n_jobs), mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        for n, res in enumerate(pool.map(_worker, jobs, chunksize=1), 1):
+            out.append(res)
+            if n % 100 == 0:
+                log(f"  {n}/{len(jobs)} compiled ({time.perf_counter() - t0:.0f} s)")
     return out
 
 
-def check(items: list, archs, compiler: Compiler) -> list[dict]:
-    """Compile every planned item for every arch; one row each."""
-    jobs = {job_key(it[5], it[6], cc): (_ref(it[5]), it[6], cc) for it in items for cc in archs}
-    facts = compiler.run(jobs)
-    compiler.jobs_checked = jobs
+# --- loads per program, in the interpreter -------------------------------------------------------------------
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        span = sum((n - 1) * abs(s) for n, s in zip(a.shape, a.stride())) + 1 if a.numel() else 0
+        return ("tensor", str(a.dtype).replace("torch.", ""), a.storage_offset() + span, a.storage_offset(),
+                tuple(a.shape), tuple(a.stride()))
+    return ("value", a)
+
+
+def _materialise(d):
+    if d[0] != "tensor":
+        return d[1]
+    dtype = getattr(torch, d[1])
+    base = torch.randn(d[2], dtype=dtype) if dtype.is_floating_point else torch.zeros(d[2], dtype=dtype)
+    return base.as_strided(d[4], d[5], d[3])
+
+
+def count_loads_here(jobs: list) -> list[dict]:
+    """(Run under TRITON_INTERPRET=1.) For each (ref, grid, arg descriptions, kwargs): per program, the loads
+    executed at each source line of the kernels; returned as {"busiest", "median", "serial"}."""
+    import importlib
+
+    from triton.runtime import interpreter
+
+    builder, kernels_dir = interpreter.interpreter_builder, os.path.dirname(importlib.import_module(
+        "gam_triton.kernels").__file__)
+    counts: dict = collections.defaultdict(collections.Counter)
+
+    def counting(real):
+        def load(*a, **kw):
+            f = sys._getframe(1)
+            while f is not None and not f.f_code.co_filename.startswith(kernels_dir):
+                f = f.f_back
+            counts[builder.grid_idx][f.f_lineno if f is not None else 0] += 1
+            return real(*a, **kw)
+        return load
+
+    for name in ("create_load", "create_masked_load"):
+        setattr(builder, name, counting(getattr(builder, name)))
+    out = []
+    for ref, grid, descs, kwargs in jobs:
+        mod, name = ref.split(":")
+        counts.clear()
+        getattr(importlib.import_module(mod), name)[grid](*[_materialise(d) for d in descs], **kwargs)
+        progs = list(counts.values()) + [collections.Counter()] * (n_ctas(grid) - len(counts))
+        totals = [sum(c.values()) for c in progs]
+        sites = set().union(*progs)
+        serial = max((max(c[s] for c in progs) - statistics.median(c[s] for c in progs) for s in sites), default=0)
+        out.append({"busiest": max(totals), "median": statistics.median(totals), "serial": serial})
+    return out
+
+
+def count_loads(launches: list[Launch], n_jobs: int = 2) -> list[dict]:
+    """:func:`count_loads_here` in ``n_jobs`` subprocesses with the interpreter on (the launches' own arguments)."""
+    jobs = [(kernel_ref(la.kernel), tuple(la.grid), [_describe(a) for a in la.args], la.kwargs) for la in launches]
+    code = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); import compile_check as c; "
+            "sys.stdout.buffer.write(pickle.dumps(c.count_loads_here(pickle.load(open(sys.argv[2], 'rb')))))")
+    with tempfile.TemporaryDirectory() as d:
+        procs = []
+        for i in range(max(1, n_jobs)):
+            with open(os.path.join(d, str(i)), "wb") as f:
+                pickle.dump(jobs[i::max(1, n_jobs)], f)
+            procs.append(subprocess.Popen([sys.executable, "-c", code, PERF_DIR, f.name], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=dict(os.environ, TRITON_INTERPRET="1"),
+                                          cwd=REPO_DIR))
+        results = [p.communicate() for p in procs]
+    for p, (_out, err) in zip(procs, results):
+        if p.returncode:
+            raise RuntimeError("interpreter load count failed: " + err.decode()[-2000:])
+    parts = [pickle.loads(out) for out, _err in results]
+    return [parts[i % len(parts)][i // len(parts)] for i in range(len(jobs))]
+
+
+# --- the issue-22 targets, as data ---------------------------------------------------------------------------
+def _mem(r: dict) -> bool:
+    return not r["kernel"].startswith(MIB)
+
+
+#: name: (what it asks, the rows it applies to, the test a row must pass); rows are report.csv rows at sm_90.
+TARGETS: dict[str, tuple[str, Callable, Callable]] = {
+    "waves": ("memory-bound launches at the sweep shapes (B16): waves at 132 SMs not in (1.0, 1.15], >= 0.6",
+              _mem, lambda r: r["bad_wave_launches"] == 0),
+    "serial": ("serial finalisation steps <= 16 (interpreter, LOAD_CASES)", lambda r: r["serial_steps"] != "",
+               lambda r: r["serial_steps"] <= 16),
+    "balance": ("loads of the busiest program <= 4x the median program's (interpreter, LOAD_CASES)",
+                lambda r: r["busiest_over_median"] != "", lambda r: r["busiest_over_median"] <= 4),
+    "inflight": ("memory-bound binaries: >= 20 KB in flight per SM", _mem, lambda r: r["inflight_per_sm"] >= 20480),
+    "narrow": ("no global load narrower than 4 bytes inside a loop", lambda r: True, lambda r: r["narrow_loads"] == 0),
+}
+def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
+    """(case, waves) of the launches at the sweep's shapes and batch whose waves at 132 SMs are in (1.0, 1.15] or
+    below 0.6."""
+    out = []
+    for la in launches:
+        w = n_ctas(la.grid) / (SMS * ctas) if ctas else 0.0
+        if la.case.batch == SWEEP_BATCH and (la.case.channels, la.case.size) in SWEEP and (1.0 < w <= 1.15 or w < 0.6):
+            out.append((la.case.label(), round(w, 2)))
+    return out
+
+
+def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict]:
+    """One row per binary and arch."""
     rows = []
-    for name, case, cfg, source, members, kernel, spec in items:
+    for i, (key, (kernel, spec, launches)) in enumerate(binaries):
         for cc in archs:
-            f, arch = facts[job_key(kernel, spec, cc)], ARCHS[cc]
-            smem = f.get("smem", 0)
+            f, arch, opts = facts[(key, cc)], ARCHS[cc], spec["options"]
+            ctas = arch.ctas_per_sm(f.get("regs", 0), f.get("smem", 0), opts.get("num_warps", 4)) if f["ok"] else 0
+            waves = [n_ctas(la.grid) / (SMS * ctas) for la in launches if ctas]
+            ld = loads.get(key)
             rows.append(dict(
-                kernel=name, arch=_sm(cc), source=source, case=case.label(), members=members, dtype=case.dtype,
-                wdtype=case.wdtype, precision=case.precision, layout=case.layout, variant=case.variant,
-                **{k: cfg.kwargs.get(k, "") for k in ("BLOCK_P", "BLOCK_C", "BLOCK_R", "BLOCK_N", "BLOCK_K")},
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg or "", ok=f["ok"],
-                regs=f.get("regs", ""),
-                spill_bytes=f.get("spill", ""), shared_bytes=smem, smem_ok=smem <= arch.smem_per_block,
-                warps_per_sm=arch.warps_per_sm(f["regs"], smem, cfg.num_warps) if f["ok"] else 0,
-                tc=f.get("tc", ""), error=f.get("error", "")))
+                binary=i, kernel=kernel.fn.__name__.removesuffix("_kernel"), arch=_sm(cc), launches=len(launches),
+                example=launches[0].case.label(),
+                constexprs=" ".join(f"{k}={v}" for k, v in spec["constexprs"].items() if k.isupper()),
+                num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3),
+                maxnreg=opts.get("maxnreg", ""), ok=f["ok"], regs=f.get("regs", ""),
+                spill_bytes=f.get("spill", ""), shared_bytes=f.get("smem", 0),
+                smem_ok=f.get("smem", 0) <= arch.smem_per_block, ctas_per_sm=ctas, tc=f.get("tc", ""),
+                warps_per_sm=ctas * opts.get("num_warps", 4), half_dot=f.get("half_dot", False),
+                waves_min=round(min(waves, default=0), 2), waves_max=round(max(waves, default=0), 2),
+                bad_wave_launches=len(bad_waves(launches, ctas)),
+                stage_bytes=f.get("stage_bytes", 0), stages=f.get("stages", 1),
+                inflight_per_sm=ctas * f.get("stage_bytes", 0) * f.get("stages", 1),
+                narrow_loads=f.get("narrow_loads", 0), instr_per_mma=f.get("instr_per_mma") or "",
+                serial_steps=ld["serial"] if ld else "",
+                busiest_over_median=round(ld["busiest"] / max(ld["median"], 1), 1) if ld else "",
+                error=f.get("error", "")))
     return rows
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Heuristic rows that spill, fail, overflow shared memory, or run a half-precision dot off the tensor cores."""
-    out = []
-    for r in rows:
-        if r["source"] != "heuristic":
-            continue
-        half_dot = r["kernel"] in DOT_KERNELS and (r["wdtype"] or r["dtype"]) != "fp32"
-        why = ("does not compile: " + r["error"]) if not r["ok"] else f"spills {r['spill_bytes']} B" \
-            if r["spill_bytes"] else "needs more shared memory than the arch has" if not r["smem_ok"] else \
-            "no tensor-core instruction" if half_dot and r["tc"] == "none" else ""
-        if why:
-            out.append(f"{r['kernel']} {r['case']} {r['arch']} (regs {r['regs']}): {why}")
+    """Always checked: a failed compile, a spill, shared memory over the limit, a half-precision dot (in the TTGIR)
+    without tensor-core instructions."""
+    whys = [(r, "does not compile: " + r["error"] if not r["ok"] else f"spills {r['spill_bytes']} B" if r["spill_bytes"]
+             else "needs more shared memory than the arch has" if not r["smem_ok"] else
+             "a half-precision dot without tensor-core instructions" if r["half_dot"] and r["tc"] == "none" else "")
+            for r in rows]
+    return [f"binary {r['binary']} {r['kernel']} {r['arch']} ({r['example']}; {r['constexprs']} w{r['num_warps']} "
+            f"s{r['num_stages']}; regs {r['regs']}): {why}" for r, why in whys if why]
+
+
+def target_failures(rows: list[dict], binaries: list) -> dict[str, list[str]]:
+    """Per target, the sm_90 rows that miss it (with the launches that miss the waves target)."""
+    out = {}
+    for name, (_what, applies, ok) in TARGETS.items():
+        bad = []
+        for r in rows:
+            if r["arch"] != "sm_90a" or not r["ok"] or not applies(r) or ok(r):
+                continue
+            ws = sorted(set(bad_waves(binaries[r["binary"]][1][2], r["ctas_per_sm"]))) if name == "waves" else []
+            extra = f"; {len(ws)} launches, e.g. " + ", ".join(f"{c} {w}" for c, w in ws[:2]) if ws else ""
+            figure = {"waves": "", "serial": f"{r['serial_steps']} steps", "balance": f"{r['busiest_over_median']}x",
+                      "inflight": f"{r['inflight_per_sm']} B/SM", "narrow": f"{r['narrow_loads']} loads"}[name]
+            bad.append(f"binary {r['binary']} {r['kernel']} ({r['example']}; {r['constexprs']}): {figure}{extra}")
+        out[name] = bad
     return out
 
 
-def summary(rows: list[dict], items: list, seconds: float, args) -> str:
-    """report.md: per kernel and arch, the compiles, the cases they stand for, the worst facts."""
-    import torch
+def summary(rows: list[dict], binaries: list, n_launches: int, seconds: float, args, bad: list,
+            fails: dict) -> str:
     import triton
 
-    lines = [f"# Compile check\n\nGenerated by `perf/compile_check.py` (Triton "
-             f"{triton.__version__}, torch {torch.__version__}, ptxas from the triton wheel), "
-             f"{time.strftime('%Y-%m-%d')}. **Compile facts, not timings**: registers, spill bytes (stores + loads) "
-             "and shared memory per compile, resident warps per SM from them. Every distinct compile of the space "
-             f"(launches the module makes, batches {args.batches}); {len(items)} compiles per arch, "
-             f"{sum(it[4] for it in items)} launches of the space, {seconds:.0f} s.\n",
-             "| kernel | source | arch | compiles | launches covered | max regs | max spill B | max smem B | "
-             "warps/SM (min) | tensor cores | failed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["kernel"], r["source"], r["arch"]), []).append(r)
-    for (k, src, arch), rs in sorted(groups.items()):
+    lines = [f"# Compile check\n\n`perf/compile_check.py --subset {args.subset}`, Triton {triton.__version__}, torch "
+             f"{torch.__version__}, {time.strftime('%Y-%m-%d')}: {n_launches} launches captured, {len(binaries)} "
+             f"distinct binaries x {len(args.archs)} archs, {seconds:.0f} s. **Compile facts and static figures, "
+             "not timings** (waves at 132 SMs; in flight = CTAs/SM x bytes per stage x stages).\n",
+             "| kernel | arch | binaries | launches | regs | spill B | smem B | CTAs/SM | tensor cores | waves | in "
+             "flight B/SM | narrow loads in loops | instr/MMA | serial steps | busiest/median |", "|" + "---|" * 15]
+    groups: dict = collections.defaultdict(list)
+    [groups[(r["kernel"], r["arch"])].append(r) for r in rows]
+
+    def span(rs, col):
+        vals = [r[col] for r in rs if r[col] != ""]
+        return f"{min(vals)}-{max(vals)}" if vals else ""
+
+    for (k, arch), rs in sorted(groups.items()):
         ok = [r for r in rs if r["ok"]]
-        tcs = sorted({r["tc"] for r in ok})
-        lines.append(f"| {k} | {src} | {arch} | {len(rs)} | {sum(r['members'] for r in rs)} | "
-                     f"{max((r['regs'] for r in ok), default=0)} | {max((r['spill_bytes'] for r in ok), default=0)} | "
-                     f"{max((r['shared_bytes'] for r in ok), default=0)} | "
-                     f"{min((r['warps_per_sm'] for r in ok), default=0)} | {', '.join(tcs)} | {len(rs) - len(ok)} |")
-    bad = problems(rows)
-    lines += ["", f"**Heuristic problems: {len(bad)}**" + ("" if bad else " (none)")] + [f"- {b}" for b in bad[:50]]
+        cells = [k, arch, len(rs), sum(r["launches"] for r in rs), span(ok, "regs"), span(ok, "spill_bytes"),
+                 span(ok, "shared_bytes"), span(ok, "ctas_per_sm"), ", ".join(sorted({r["tc"] for r in ok})),
+                 f"{min((r['waves_min'] for r in ok), default='')}..{max((r['waves_max'] for r in ok), default='')}",
+                 span(ok, "inflight_per_sm"), sum(r["narrow_loads"] for r in ok), span(ok, "instr_per_mma"),
+                 span(ok, "serial_steps"), span(ok, "busiest_over_median")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", f"**Always checked (spill, compile, shared memory, tensor cores): {len(bad)} problem(s)**"] + [
+        f"- {b}" for b in bad[:50]]
+    lines += ["", "**Issue-22 targets (sm_90)**", "", "| target | what | binaries missing it |", "|---|---|---|"]
+    lines += [f"| {n} | {TARGETS[n][0]} | {len(v)} |" for n, v in fails.items()]
+    for n, v in fails.items():
+        lines += [f"\n{n}:"] + [f"- {b}" for b in v[:20]] + ([f"- ... {len(v) - 20} more"] if len(v) > 20 else [])
     return "\n".join(lines) + "\n"
 
 
-# --- self-test ------------------------------------------------------------------------------------------------
-def check_specialisation() -> list[str]:
-    """:func:`specialise`'s rules against this Triton's own ``specialize_impl`` on real CPU values (ints 1, 16, 48,
-    49, 2**31; tensors at element offsets 0 and 1): the mismatches."""
-    import torch
-    import triton
-    from triton.backends.compiler import BaseBackend
-
-    try:
-        from triton._C.libtriton import native_specialize_impl
-
-        def spec(v):
-            return native_specialize_impl(BaseBackend, v, False, True, True)
-    except ImportError:  # Triton 3.4: the Python specialize_impl
-        from triton.runtime.jit import create_specialize_impl
-
-        impl = create_specialize_impl(BaseBackend.get_arg_specialization)
-
-        def spec(v):
-            return impl(v, False, True, True)
-    bad, base = [], torch.zeros(64, dtype=torch.float16)
-    values = [("int", 1), ("int", 16), ("int", 48), ("int", 49), ("int", 2**31), ("ptr", base), ("ptr", base[1:])]
-    for kind, v in values:
-        ty, key = spec(v)[:2]
-        divisible = bool(key) and "D" in str(key)
-        if kind == "int":
-            mine_ty = "constexpr" if v == 1 else ("i32" if -(2**31) <= v < 2**31 else "i64")
-            mine_d = v != 1 and v % 16 == 0
-        else:
-            mine_ty, mine_d = "*fp16", (v.storage_offset() * v.element_size()) % 16 == 0
-        if str(ty) != mine_ty or divisible != mine_d:
-            bad.append(f"Triton {triton.__version__}: {kind} {v if kind == 'int' else v.storage_offset()}: "
-                       f"triton ({ty}, {key}) against specialise ({mine_ty}, {'D' if mine_d else ''})")
-    return bad
-
-
-def self_test() -> None:
-    """Keys split what compiles differently and merge what does not; the space holds every dimension's values;
-    the specialisation rules are Triton's; one real compile gives registers and tensor-core instructions."""
-    e = KERNELS["final_gate"]
-
-    def key(case):
-        kernel, _g, a, kw = e.launch(case, e.heuristic(case), "")
-        return compile_key(kernel, specialise(kernel, a, kw))
-
-    a = Case("final_gate", 64, 7, 7, "fp16", "nchw")
-    assert key(a) == key(replace(a, batch=3)), "the batch does not enter the final gate's binary"
-    assert key(a) == key(replace(a, height=14, width=14)), "H*W 49 and 196: neither divisible by 16"
-    assert key(a) != key(replace(a, height=8, width=8)), "H*W = 64 is divisible by 16"
-    assert key(a) != key(replace(a, dtype="fp32", wdtype="bf16")), "autocast's y2 dtype"
-    assert key(a) != key(replace(a, variant="noshuffle"))
-    g = KERNELS["channel_gate"]
-    import triton
-
-    def cg_key(case, cfg):
-        kernel, _g, a_, kw = g.launch(case, cfg, "tf32")
-        return compile_key(kernel, specialise(kernel, a_, kw))
-
-    c64, c128 = Case("channel_gate", 64, 20, 20, "bf16", "nchw"), Case("channel_gate", 128, 20, 20, "bf16", "nchw")
-    one, two = (triton.Config(dict(BLOCK_P=32, BLOCK_C=bc, BLOCK_R=32), num_warps=4, num_stages=2) for bc in (64, 32))
-    assert cg_key(c64, two) != cg_key(c128, two) == cg_key(c128, two), "N_CHUNKS 2 and 4: maybe unrolled"
-    assert cg_key(c64, one) != cg_key(c64, two), "the tile"
-    bwd = KERNELS["channel_gate_bwd"]
-
-    def bwd_key(case):
-        kernel, _g, a_, kw = bwd.launch(case, bwd.heuristic(case), "tf32")
-        return compile_key(kernel, specialise(kernel, a_, kw))
-
-    b = Case("channel_gate_bwd", 64, 20, 20, "bf16", "nchw", batch=3)
-    assert bwd_key(b) == bwd_key(replace(b, batch=5)), "the batch enters the backward only through its runtime sizes"
-    cases = list(space("channel_gate", batches=(1,)))
-    assert {(c.dtype, c.wdtype) for c in cases} == {("fp32", ""), ("fp16", ""), ("bf16", ""), ("fp32", "bf16"),
-                                                    ("fp32", "fp16")}
-    assert {c.precision for c in cases if c.wdt == "fp32"} == {"ieee", "tf32"}
-    assert {c.layout for c in cases} == {"nchw", "nchw>cl", "cl"} and {c.variant for c in cases} == {"", "sigmoid"}
-    assert {c.origin for c in cases} == {"sweep", "odd-map"}
-    items = plan(["bn_stats"], (1, 16), False)
-    assert sum(it[4] for it in items) == sum(1 for _ in space("bn_stats", (1, 16))), "every launch has one compile"
-    bad = check_specialisation()
-    assert not bad, bad
-    _worker_init()
-    kernel, _g, args_, kw = g.launch(Case("channel_gate", 64, 20, 20, "bf16", "nchw"), one, "tf32")
-    f = compile_job(_ref(kernel), specialise(kernel, args_, kw), 90)
-    assert f["ok"] and f["regs"] > 0 and f["tc"] in ("wgmma", "mma"), f
-    print("compile_check self-test: ok")
-
-
 def main(argv: Optional[list] = None) -> int:
-    _reexec_without_interpreter()
     ap = argparse.ArgumentParser(prog="perf/compile_check.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
+    ap.add_argument("--subset", choices=list(SUBSETS), default="full")
     ap.add_argument("--archs", default="80,90,100")
-    ap.add_argument("--batches", default="1-32", help="batches of the space: 1-32 (default) or a list, 1,16")
-    ap.add_argument("--candidates", action="store_true", help="the tuner's candidates too (sweep shapes, B16)")
-    ap.add_argument("--check", action="store_true", help="exit 1 on a heuristic problem (spill, failure, ...)")
+    ap.add_argument("--check", action="store_true", help="exit 1 on a problem or a missed target of --targets")
+    ap.add_argument("--targets", default="", help="issue-22 targets --check enforces: " + ",".join(TARGETS))
+    ap.add_argument("--loads", action=argparse.BooleanOptionalAction, default=None,
+                    help="count loads per program in the interpreter (default: with --subset full)")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", default=DEFAULT_OUT, help="where report.csv and report.md go")
-    ap.add_argument("--facts", default=None, help="the facts file (default perf/compile/facts/triton-<version>.json)")
-    ap.add_argument("--no-facts", action="store_true", help="compile everything, read and write no facts file")
-    ap.add_argument("--max-compiles", type=int, default=None,
-                    help="fail (exit 2) when more compiles than this are missing from the facts file")
-    ap.add_argument("--verify", type=int, default=0, help="compile N entries found in the facts file again")
-    ap.add_argument("--self-test", action="store_true", help="the keys, the space and Triton's specialisation rules")
-    ap.add_argument("--keep-facts", action="store_true",
-                    help="write back only what this run compiled, without pruning the entries of other spaces")
+    ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    if args.self_test:
-        self_test()
-        return 0
-    lo, _, hi = args.batches.partition("-")
-    batches = range(int(lo), int(hi) + 1) if hi else [int(b) for b in args.batches.split(",")]
-    kernels = [k for k in args.kernels.split(",") if k]
-    unknown = set(kernels) - set(KERNELS)
-    if unknown:
-        ap.error(f"unknown kernels: {', '.join(sorted(unknown))}")
-    archs = [int(a) for a in args.archs.split(",")]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU targets need real @triton.jit functions
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
+                  {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    sys.path.insert(0, REPO_DIR)
+    warnings.filterwarnings("ignore")
+    args.archs = [int(a) for a in args.archs.split(",")]
+    targets = [t for t in args.targets.split(",") if t]
+    if set(targets) - set(TARGETS):
+        ap.error(f"unknown targets: {set(targets) - set(TARGETS)}")
     t0 = time.perf_counter()
-    items = plan(kernels, batches, args.candidates)
-    print(f"compile_check: {len(items)} distinct compiles per arch ({sum(it[4] for it in items)} launches), "
-          f"planned in {time.perf_counter() - t0:.0f} s")
-    compiler = Compiler(None if args.no_facts else (args.facts or facts_path()), args.jobs,
-                        max_compiles=args.max_compiles)
-    try:
-        rows = check(items, archs, compiler)
-    except TooManyCompiles as e:
-        print(f"compile_check: {e}")
-        return 2
-    full = args.kernels == ",".join(KERNELS) and args.archs == "80,90,100" and not args.candidates
-    if compiler.compiled and full and not args.keep_facts:
-        compiler._save(keep=set(compiler.jobs_checked))  # the file holds exactly the current space
-    mismatch = compiler.verify(compiler.jobs_checked, args.verify) if args.verify else []
+    binaries: dict = {}
+    n_launches = 0
+    for case in space(args.subset):
+        for launch in capture(case):
+            n_launches += 1
+            spec = specialise(launch.kernel, launch.args, launch.kwargs)
+            binaries.setdefault(compile_key(launch.kernel, spec), (launch.kernel, spec, []))[2].append(launch)
+    binaries = list(binaries.items())
+    print(f"compile_check: {n_launches} launches, {len(binaries)} distinct binaries, captured in "
+          f"{time.perf_counter() - t0:.0f} s; compiling {len(binaries) * len(args.archs)} on {args.jobs} process(es)")
+    jobs = [(kernel_ref(k), spec, cc) for _key, (k, spec, _l) in binaries for cc in args.archs]
+    facts = dict(zip([(key, cc) for key, _ in binaries for cc in args.archs], compile_all(jobs, args.jobs)))
+    loads: dict = {}
+    if args.loads or (args.loads is None and (args.subset == "full" or {"serial", "balance"} & set(targets))):
+        t1 = time.perf_counter()
+        keys = {key for key, _ in binaries}
+        cases = [Case(b, c, s, form, "", dt, None, True, lay, mode) for b, c, s, form, dt, lay, mode in LOAD_CASES]
+        launches = [la for case in cases for la in capture(case) if not la.kernel.fn.__name__.startswith(MIB)]
+        for la, res in zip(launches, count_loads(launches, args.jobs)):
+            key = compile_key(la.kernel, specialise(la.kernel, la.args, la.kwargs))
+            if key in keys and (key not in loads or res["serial"] > loads[key]["serial"]):
+                loads[key] = res
+        print(f"compile_check: loads of {len(launches)} launches counted in the interpreter "
+              f"({time.perf_counter() - t1:.0f} s)")
+    rows = rows_for(binaries, facts, args.archs, loads)
+    bad, fails = problems(rows), target_failures(rows, binaries)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, list(rows[0]) if rows else ["binary"])
         w.writeheader()
         w.writerows(rows)
-    text = summary(rows, items, time.perf_counter() - t0, args)
+    with open(os.path.join(args.out, "launches.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("binary", "kernel", "case", "grid", "ctas")] + [
+            (i, k.fn.__name__, la.case.label(), "x".join(map(str, la.grid)), n_ctas(la.grid))
+            for i, (_key, (k, _s, launches)) in enumerate(binaries) for la in launches])
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(text)
-    bad = problems(rows)
-    print(f"compile_check: {len(rows)} rows, {compiler.compiled} compiled now, {len(bad)} heuristic problem(s), "
-          f"{len(mismatch)} of {args.verify} verified entries differ; {os.path.join(args.out, 'report.md')}")
-    for b in (bad + mismatch)[:40]:
+        f.write(summary(rows, binaries, n_launches, time.perf_counter() - t0, args, bad, fails))
+    missed = {t: fails[t] for t in targets if fails[t]}
+    print(f"compile_check: {len(bad)} problem(s); targets missed: "
+          + (", ".join(f"{t} {len(v)}" for t, v in fails.items() if v) or "none")
+          + f" ({time.perf_counter() - t0:.0f} s); {os.path.join(args.out, 'report.md')}")
+    for b in bad[:40]:
         print("  " + b)
-    return 1 if args.check and (bad or mismatch) else 0
+    for t, v in missed.items():
+        for b in v[:10]:
+            print(f"  target {t}: {b}")
+    return 1 if args.check and (bad or missed) else 0
 
 
 if __name__ == "__main__":

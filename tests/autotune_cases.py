@@ -51,7 +51,8 @@ def tune_keys(keys, barrier=None, n=0, device=None) -> dict:
     """Tune each key (a list) on a pretended GPU (named ``device`` when given), after waiting until ``n``
     writers are in ``barrier``."""
     _autotune.reset()
-    _runtime.can_benchmark = lambda: True
+    _runtime.has_cuda = lambda: True
+    _runtime.device_name = lambda index=None: device or _runtime.CPU_DEVICE
     if device:  # a forked writer must not touch CUDA (it may be initialised in the parent)
         _runtime.device_name = lambda index=None: device
         _runtime.capturing = lambda: False

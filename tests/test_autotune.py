@@ -4,7 +4,7 @@ capture and tracing guards, per-device naming, the real ops under the interprete
 
 Every test gets its own GAM_TRITON_CACHE_DIR and a fresh tuner (``_autotune.reset()``). The fake op and its
 writers in other processes are in ``autotune_cases.py``. A test that needs timing pretends to be on a GPU
-(``gpu_mode``: ``_runtime.can_benchmark`` true) and times with a fake: the fake op's ``Bench``, or for the
+(``gpu_mode``: ``_runtime.has_cuda`` true) and times with a fake: the fake op's ``Bench``, or for the
 real ops a counting ``_autotune.do_bench`` (``fake_timer``), with which ``_autotune.timed`` still launches
 every candidate once (through the interpreter on the CPU).
 """
@@ -41,14 +41,24 @@ def cache_dir(tmp_path, monkeypatch):
     _autotune.reset()
 
 
+DEVICE_NAME = _runtime.device_name  # the real one, for the tests of device naming
+
+
+def pretend_gpu(monkeypatch, on: bool = True) -> None:
+    """Kernels can be timed here (``_runtime.has_cuda``), on a GPU named like the CPU (same cache file)."""
+    monkeypatch.setattr(_runtime, "has_cuda", lambda: on)
+    monkeypatch.setattr(_runtime, "device_name", lambda index=None: _runtime.CPU_DEVICE)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+
 @pytest.fixture
 def gpu_mode(monkeypatch):
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    pretend_gpu(monkeypatch)
 
 
 @pytest.fixture
 def cpu_mode(monkeypatch):
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: False)
+    pretend_gpu(monkeypatch, False)
 
 
 @pytest.fixture
@@ -158,7 +168,7 @@ def test_without_a_gpu_the_heuristic_is_stored_untimed_and_on_a_gpu_it_is_tuned_
     assert e["source"] == "heuristic" and bp(_autotune.decode(e)) == 64 and "ms" not in e
     _autotune.reset()
     assert bp(sel(bench=b)) == 64 and [r.source for r in _autotune.drain_log()] == ["cache"] and b.calls == []
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    pretend_gpu(monkeypatch)
     _autotune.reset()
     assert bp(sel(bench=b)) == 32 and len(b.calls) == 4  # an untimed entry is a miss where kernels are timed
     assert cache_json()["entries"]["fake_op"]["1,2,k"]["source"] == "tuned"
@@ -171,7 +181,7 @@ def test_stale_entries_are_tuned_again(gpu_mode, monkeypatch):
     assert bp(sel(bench=b, cands=[cfg(16), cfg(128)])) == 64 and b.calls == [64, 16, 128]
     assert bp(_autotune.decode(cache_json()["entries"]["fake_op"]["1,2,k"])) == 64
     write_cache(json.dumps({"format": 2, "entries": {"fake_op": {"3": entry(48, source="heuristic")}}}))
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: False)
+    pretend_gpu(monkeypatch, False)
     _autotune.reset()  # an untimed entry of another heuristic is replaced by the current one
     assert bp(sel((3,))) == 64 and bp(_autotune.decode(cache_json()["entries"]["fake_op"]["3"])) == 64
 
@@ -333,7 +343,7 @@ def test_the_file_name_has_the_gpu_name_the_triton_version_and_the_kernels_hash(
     assert os.path.dirname(path) == str(cache_dir)
     assert os.path.basename(path) == f"NVIDIA_H100_80GB_HBM3__triton-{triton.__version__}__kernels-{h}.json"
     assert os.path.basename(_autotune.cache_file("../../etc/passwd")).startswith("etc_passwd__triton-")
-    if not _runtime.can_benchmark():
+    if not _runtime.has_cuda():
         assert os.path.basename(_autotune.cache_file()).startswith("cpu-interpreter__triton-")
 
 
@@ -682,7 +692,7 @@ def test_a_cached_choice_is_used_during_capture(gpu_mode, monkeypatch):
 
 def test_an_untimed_entry_met_during_capture_is_still_tuned_by_the_next_eager_call(cpu_mode, monkeypatch):
     sel()  # stored untimed
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    pretend_gpu(monkeypatch)
     _autotune.reset()
     monkeypatch.setattr(_runtime, "capturing", lambda: True)
     assert bp(sel()) == 64
@@ -740,6 +750,7 @@ def test_real_cuda_graph_capture_works_after_a_warm_up(monkeypatch):
 def test_memory_and_cache_follow_the_current_devices_name_and_peek_reads_memory(gpu_mode, monkeypatch):
     current = [0]
     monkeypatch.setattr(_runtime, "has_cuda", lambda: True)
+    monkeypatch.setattr(_runtime, "device_name", DEVICE_NAME)
     monkeypatch.setattr(_runtime, "DEVICE_NAMES", {0: "Fake GPU 0", 1: "Fake GPU 1"})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     b0, b1 = Bench(), Bench(times={16: 1.0, 32: 3.0, 64: 2.0, 128: 4.0})  # device 1 prefers 16

@@ -312,7 +312,8 @@ def test_bad_conv_mode(monkeypatch):
 @pytest.fixture
 def gpu_mode(monkeypatch, tmp_path):
     """Pretend kernels can be timed here (a private tuning cache: choices must not leak between tests)."""
-    monkeypatch.setattr(_runtime, "can_benchmark", lambda: True)
+    monkeypatch.setattr(_runtime, "has_cuda", lambda: True)
+    monkeypatch.setattr(_runtime, "device_name", lambda index=None: _runtime.CPU_DEVICE)
     monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path / "tune_cache"))
     _autotune.reset()
     yield

@@ -2,7 +2,7 @@
 
 Each op file has, in this order: the math and where its gradient comes from (docstring); the heuristic and the
 candidate launch choices (``triton.Config``, the kernel's own parameter names) and the tuning key; the launch
-arguments (``*launch_args``: what runs, and what ``perf/compile_check.py`` compiles ahead of time); the op,
+arguments (``*launch_args``: kernel, grid, arguments, all launched through ``_runtime.launch``); the op,
 registered through :func:`gam_triton.ops._runtime.entry`; its PyTorch fallback; the checked public function
 (``gam_triton.ops.channel_gate.channel_gate``, ``gam_triton.ops.elementwise.final_gate`` / ``bn_relu``,
 ``gam_triton.ops.conv.conv_bn_relu`` / ``conv_gate`` / ``spatial_eval``).
@@ -16,18 +16,3 @@ registered through :func:`gam_triton.ops._runtime.entry`; its PyTorch fallback; 
 Shared: :mod:`._runtime` (where kernels run, allocation, checks, registration, the one launch seam) and
 :mod:`._autotune` (the tuner). The jit kernels are in ``kernels/`` (shipped as ``gam_triton.kernels``).
 """
-from ._runtime import HAS_TRITON
-
-__all__ = ["KERNELS"]
-
-if HAS_TRITON:
-    from ..kernels.batchnorm import bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_kernel
-    from ..kernels.channel_gate import channel_gate_bwd_kernel, channel_gate_fwd_kernel
-    from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
-    from ..kernels.elementwise import bn_relu_kernel, final_gate_kernel
-
-    #: Every jit kernel the ops launch.
-    KERNELS = (channel_gate_fwd_kernel, channel_gate_bwd_kernel, final_gate_kernel, bn_relu_kernel, bn_stats_kernel,
-               bn_bwd_reduce_kernel, bn_bwd_apply_kernel, conv_bn_relu_kernel, conv_gate_kernel)
-else:  # pragma: no cover
-    KERNELS = ()

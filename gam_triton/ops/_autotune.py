@@ -322,7 +322,7 @@ def select(op: str, k: tuple, heuristic: Callable[[], Choice], candidates: Calla
 def _resolve(st: _State, dev: str, op: str, k: tuple, heur: Choice, candidates, bench) -> Choice:
     mk, ks, cache, cands = (dev, op, k), ",".join(map(str, k)), st.cache(dev), []
     mode = "capture" if _runtime.capturing() else "trace" if _runtime.tracing() else (
-        "bench" if bench is not None and _runtime.can_benchmark() else "heuristic")
+        "bench" if bench is not None and _runtime.has_cuda() else "heuristic")
     if mode != "bench" and mk in st.fallback:
         return st.fallback[mk]
     entry = cache.read().get(op, {}).get(ks)  # read on each miss: another process may have tuned the key

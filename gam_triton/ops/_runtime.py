@@ -12,8 +12,8 @@
   an opaque ``custom_op`` with a fake under the interpreter) and returns the function the module and the other
   ops call: it runs the op on its first tensor's device (a model on cuda:1 while cuda:0 is current) and skips
   the dispatcher for a plain eager call that needs no autograd (:func:`call_directly`).
-* :func:`launch` - the one place a kernel is launched (``wrap_triton`` on a GPU): the seam a measuring tool
-  wraps (``perf/traffic.py``), always called as ``_runtime.launch``.
+* :func:`launch` - the one place a kernel is launched (``wrap_triton`` on a GPU), always called as
+  ``_runtime.launch``: the seam a caller may wrap to see every launch.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ _CUDA: list = []
 
 
 def has_cuda() -> bool:
-    """A CUDA device and no interpreter (asked once)."""
+    """A CUDA device and no interpreter (asked once): kernels can be timed here."""
     if not _CUDA:
         _CUDA.append(not INTERPRET and torch.cuda.is_available())
     return _CUDA[0]
@@ -250,11 +250,6 @@ def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     while m > 1 and any(o < m <= 1.15 * o for o in occs):
         m -= 1
     return max(1, m * sms // n_cblocks)
-
-
-def can_benchmark() -> bool:
-    """Kernels can be timed here (the tuner's and the spatial path choice's question; tests answer it)."""
-    return has_cuda()
 
 
 def capturing() -> bool:

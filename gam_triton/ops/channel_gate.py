@@ -99,8 +99,8 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
     dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
     large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
-    the module's whole space (perf/compile_check.py, perf/NOTES.md "Triton versions"). With ``batch`` (the tuning
-    key's), the tile is then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`)."""
+    the module's whole space (perf/NOTES.md "Triton versions"). With ``batch`` (the tuning key's), the tile is
+    then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`)."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
@@ -268,8 +268,7 @@ def bwd_key(x: torch.Tensor, w1: torch.Tensor, precision: str) -> tuple:
 # --- launches ------------------------------------------------------------------------------------------------
 def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                 sigmoid: bool, out: torch.Tensor, cfg: "triton.Config", precision: str) -> tuple:
-    """(kernel, grid, args, kwargs) of the forward launch writing ``out`` (what runs, and what
-    ``perf/compile_check.py`` compiles ahead of time on meta tensors)."""
+    """(kernel, grid, args, kwargs) of the forward launch writing ``out``."""
     bsz, c, h, w = x.shape
     xv, sxb, sxc, sxp = bchw_view(x)
     _, sob, soc, sop = bchw_view(out)

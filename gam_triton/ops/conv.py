@@ -368,7 +368,7 @@ def spatial_run(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     key = path_key(x1, w1, groups, shuffle, out_channels_last)
     if torch.compiler.is_compiling():  # the path an eager call chose (the tuner cannot be traced), else cuDNN
         return triton_path() if _autotune.peek("spatial", key, x1.device) == "triton" else cudnn()
-    if not _runtime.can_benchmark():  # nothing to time (the interpreter): cuDNN / PyTorch
+    if not _runtime.has_cuda():  # nothing to time (the interpreter): cuDNN / PyTorch
         return cudnn()
     runners = {"cudnn": cudnn, "triton": triton_path}
     if x1.is_cuda:
