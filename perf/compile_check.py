@@ -251,14 +251,12 @@ def specialise(kernel, args: tuple, kwargs: dict) -> dict:
             signature[name], constexprs[name] = "constexpr", v
         elif isinstance(v, bool):
             signature[name] = "i1"
-        elif isinstance(v, int) and name in plain:
-            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
         elif isinstance(v, int):
-            if v == 1:  # Triton specialises 1 into a constant
+            if v == 1 and name not in plain:  # Triton specialises 1 into a constant
                 signature[name], constexprs[name] = "constexpr", 1
                 continue
             signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
+            if v % 16 == 0 and name not in plain:
                 divisible.append(name)
         elif isinstance(v, float):
             signature[name] = "fp32"
@@ -604,7 +602,8 @@ def summary(rows: list[dict], binaries: list, n_launches: int, seconds: float, a
              "| kernel | arch | binaries | launches | regs | spill B | smem B | CTAs/SM | tensor cores | waves | in "
              "flight B/SM | narrow loads in loops | instr/MMA | serial steps | busiest/median |", "|" + "---|" * 15]
     groups: dict = collections.defaultdict(list)
-    [groups[(r["kernel"], r["arch"])].append(r) for r in rows]
+    for r in rows:
+        groups[(r["kernel"], r["arch"])].append(r)
 
     def span(rs, col):
         vals = [r[col] for r in rs if r[col] != ""]
