@@ -2,7 +2,9 @@
 
 * ``GAM_TRITON_POISON=1``: every kernel output starts as NaN, so an element a kernel fails to write
   shows up as a mismatch.
-* ``GAM_TRITON_CACHE_DIR``: a temporary folder, so tests never touch the user's cache.
+* ``GAM_TRITON_CACHE_DIR``: a temporary folder, so tests never touch the user's cache; ``TORCHINDUCTOR_CACHE_DIR``
+  too: Inductor's FX-graph cache does not key on a custom op's fake kernel, so graphs compiled by another checkout
+  whose fake returned other sizes (the reductions' counters) would be served stale.
 * ``device`` fixture: "cpu" under ``TRITON_INTERPRET=1`` (the kernels run in Triton's interpreter, as in
   CI); "cuda" when a GPU is present and the interpreter is off (the kernels compile for real); "cpu"
   otherwise (the PyTorch path is what is tested then).
@@ -12,6 +14,7 @@ import tempfile
 
 os.environ.setdefault("GAM_TRITON_POISON", "1")
 os.environ.setdefault("GAM_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gam_triton_test_cache_"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="gam_triton_test_inductor_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

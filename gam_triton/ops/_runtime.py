@@ -228,7 +228,7 @@ _SMS: dict = {}
 def sm_count(device=None) -> int:
     """Streaming multiprocessors of CUDA ``device`` (default: the current one), asked once per device;
     :data:`DEFAULT_SMS` without a GPU (the interpreter) and for a non-CUDA device (meta tensors, CPU)."""
-    if not has_cuda() or (device is not None and torch.device(device).type != "cuda"):
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return DEFAULT_SMS
     index = torch.device(device).index if device is not None else None
     index = torch.cuda.current_device() if index is None else index

@@ -65,7 +65,11 @@ def merged_groups(groups: int, cin_g: int, cout_g: int) -> int:
         work = (groups // s) * up(s * cin_g) * up(s * cout_g)
         return work, (s * cin_g) % 16 != 0 or (s * cout_g) % 16 != 0, s
 
-    return min((s for s in range(1, groups + 1) if groups % s == 0), key=cost)
+    best = 1
+    for s in range(2, groups + 1):  # a loop, not min(..., key=): torch.compile traces this (eval constants)
+        if groups % s == 0 and cost(s) < cost(best):
+            best = s
+    return best
 
 
 def _up16(n: int) -> int:
