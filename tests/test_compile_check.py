@@ -24,10 +24,17 @@ def _run(args, code: str = "", timeout: int = 1200) -> subprocess.CompletedProce
                           timeout=timeout)
 
 
+#: Issue 22's targets the kernels meet, enforced like a spill: whole waves everywhere; the serial tails (counted
+#: in the interpreter, about a minute) on the default Triton only (all three archs), where the loads are counted.
+TARGETS = "waves,serial" if len(ARCHS.split(",")) == 3 else "waves"
+
+
 def test_ci_subset_compiles_without_problems(tmp_path):
-    res = _run(["--subset", "ci", "--archs", ARCHS, "--check", "--no-loads", "--out", str(tmp_path)])
+    loads = "--loads" if "serial" in TARGETS else "--no-loads"
+    res = _run(["--subset", "ci", "--archs", ARCHS, "--check", "--targets", TARGETS, loads, "--out", str(tmp_path)])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "0 problem(s)" in res.stdout
+    assert all(f"{t} " not in res.stdout.split("targets missed:")[-1] for t in TARGETS.split(",")), res.stdout[-4000:]
     rows = (tmp_path / "report.csv").read_text().splitlines()
     assert len(rows) > 40 * len(ARCHS.split(",")), "the CI subset reaches every kernel's binaries"
     for kernel in ("channel_gate_fwd", "channel_gate_bwd", "final_gate", "bn_relu", "bn_stats", "conv_gate"):
