@@ -42,7 +42,7 @@ __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heur
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
 SMEM_BUDGET = 96 * 1024
 #: fp32 forward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R: 3xTF32 holds each operand as two tf32 halves
-#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (perf/NOTES.md). BLOCK_R 128 was
+#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (ptxas, sm_80/90/100). BLOCK_R 128 was
 #: (16, 64, 8): TF32 in channels_last at odd maps spilled 8 B on sm_90 (Triton 3.9, ptxas settling at 80 registers).
 FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
 #: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
@@ -87,7 +87,7 @@ def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> 
     """Whether the kernel runs (True) or PyTorch's GEMMs do: fp32 dots over more than 128 hidden channels
     (BLOCK_R 256, C > 512 at rate 4) have no tile that compiles without register spills for the backward on any
     Triton from 3.4 to 3.9 (its three [BLOCK_P, 256] fp32 tiles), nor for the forward on Triton before 3.6
-    (compile facts: perf/NOTES.md, "Triton versions"). Half precision and the interpreter always fuse."""
+    (compile facts, ptxas for sm_80/90/100). Half precision and the interpreter always fuse."""
     if target != "gpu" or dtype != torch.float32 or _block_r(CR) <= 128:
         return True
     return not backward and _runtime.TRITON >= (3, 6)
@@ -99,7 +99,7 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
     dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
     large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
-    the module's whole space (perf/NOTES.md "Triton versions"). With ``batch`` (the tuning key's), the tile is
+    the module's whole space (ptxas for sm_80/90/100). With ``batch`` (the tuning key's), the tile is
     then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`)."""
     block_r = _block_r(CR)
     if target == "interpreter":
@@ -430,7 +430,7 @@ def torch_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     """PyTorch channel gate, differentiable, without permute copies.
 
     The matmuls run in the weights' dtype (x is cast to it, as nn.Linear under autocast does); the gate
-    multiplies x in its own dtype. Per layout and autograd need, the form fastest on the CPU (perf/NOTES.md):
+    multiplies x in its own dtype. Per layout and autograd need, the form fastest on the CPU (measured on a 2-core CPU):
     channels_last - F.linear on the free NHWC view; NCHW without autograd - batched matmuls on the
     B x C x HW view; NCHW with autograd - 1x1 convolutions (matmul's backward would copy operands).
     """
