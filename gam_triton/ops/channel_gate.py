@@ -42,7 +42,7 @@ __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heur
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
 SMEM_BUDGET = 96 * 1024
 #: fp32 forward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R: 3xTF32 holds each operand as two tf32 halves
-#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (ptxas, sm_80/90/100). BLOCK_R 128 was
+#: in registers, so fp32 needs smaller tiles than half precision to stay unspilled (ptxas). BLOCK_R 128 was
 #: (16, 64, 8): TF32 in channels_last at odd maps spilled 8 B on sm_90 (Triton 3.9, ptxas settling at 80 registers).
 FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
 #: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
