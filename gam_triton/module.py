@@ -348,28 +348,20 @@ class GAM(nn.Module):
         return any(type(layers[k]) is not nn.BatchNorm2d and _batch_stats(layers[k]) for k in ("1", "4"))
 
     def _hooked_layer(self) -> Optional[str]:
-        """Where a hook would miss a call of the fused paths: the first inner module (a branch or one of its
-        layers) carrying a forward, forward-pre or backward hook, or "every module" while a global module hook
-        is registered; None when there is none."""
-        g = _torch_module  # plain attribute reads: this runs on every call (about a microsecond)
+        """Where a hook would miss a call of the fused paths: "every module" while a global module hook is
+        registered, else the name of the first inner module (a branch or one of its layers) carrying a forward,
+        forward-pre or backward hook; None when there is none. Runs on every call (about a microsecond)."""
+        g = _torch_module
         if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or \
                 g._global_backward_pre_hooks:
             return "every module (a global module hook)"
-        for branch in self._modules.values():
-            if branch._forward_hooks or branch._forward_pre_hooks or branch._backward_hooks or \
-                    branch._backward_pre_hooks:
-                return self._first_hooked()
-            for m in branch._modules.values():
-                if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                    return self._first_hooked()
-        return None
-
-    def _first_hooked(self) -> str:
         for name, branch in self._modules.items():
-            for child, m in (("", branch), *branch._modules.items()):
+            if _has_hooks(branch):
+                return name
+            for child, m in branch._modules.items():
                 if _has_hooks(m):
-                    return f"{name}.{child}" if child else name
-        return "?"
+                    return f"{name}.{child}"
+        return None
 
     def _plan(self, x: torch.Tensor) -> Plan:
         """How a call on ``x`` runs: the path, then on the Triton path autocast, layouts, BatchNorm modes and
