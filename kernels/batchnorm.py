@@ -27,8 +27,11 @@ The partials buffer is [P + cdiv(P, GROUP), 2, C] fp32 (program partials, then g
 * :func:`bn_bwd_reduce_kernel` - the two per-channel sums of BatchNorm's backward, sum dt and sum dt * xhat,
   where dt is the gradient reaching BN's output t = scale * y + shift: MODE 0 (BN1 + ReLU) dt = dz * [t > 0];
   MODE 1 (BN2 + sigmoid + shuffle + final gate) dt = dout[dst(j)] * x1[dst(j)] * s (1 - s), s = sigmoid(t),
-  dst the inverse shuffle. Writes dgamma = sum dt * xhat and dbeta = sum dt (in the parameters' dtype) and
-  coef [2, C] fp32 = (mean dt, mean dt * xhat). Reads y and dz (MODE 0) or y2, dout, x1 (MODE 1) once.
+  dst the inverse shuffle (with RUNS, where y's channels are contiguous, a program's channel block is
+  consecutive output channels and y, dy are read and written as contiguous runs: ``kernels/shuffle.py``; else
+  consecutive map channels, dout and x1 gathered). Writes dgamma = sum dt * xhat and dbeta = sum dt (in the
+  parameters' dtype) and coef [2, C] fp32 = (mean dt, mean dt * xhat). Reads y and dz (MODE 0) or y2, dout,
+  x1 (MODE 1) once.
 * :func:`bn_bwd_apply_kernel` - the elementwise pass: dy = scale * (dt - mean dt - xhat * mean dt * xhat)
   (scale = gamma * invstd), and in MODE 1 also dx1 = dout * s at the shuffled channel. Reads what the
   reduction reads, writes dy (MODE 1: and dx1). ~15 FLOPs per element. Memory-bound.
@@ -36,17 +39,24 @@ The partials buffer is [P + cdiv(P, GROUP), 2, C] fp32 (program partials, then g
 import triton
 import triton.language as tl
 
+from .shuffle import columns_to_runs, run_ptrs, runs_to_columns
+
 #: Programs per group of the finalisation tree, and rows of partials combined per step ([GROUP, BLOCK_C] fp32
 #: tiles). The op keeps P <= GROUP**2: one step per level.
 GROUP = tl.constexpr(32)
 
 
 @triton.jit
+def flat_rows(offs_n, HW, stride_b, stride_p):
+    """Element offsets [BLOCK_P] of the flat pixels offs_n (int64) of channel 0."""
+    b = offs_n // HW
+    return b * stride_b + (offs_n - b * HW) * stride_p
+
+
+@triton.jit
 def flat_ptrs(ptr, offs_n, offs_c, HW, stride_b, stride_c, stride_p):
     """Pointers of the [BLOCK_P, BLOCK_C] tile at flat pixels offs_n (int64) and channels offs_c."""
-    b = offs_n // HW
-    p = offs_n - b * HW
-    return ptr + (b * stride_b + p * stride_p)[:, None] + offs_c[None, :].to(tl.int64) * stride_c
+    return ptr + flat_rows(offs_n, HW, stride_b, stride_p)[:, None] + offs_c[None, :].to(tl.int64) * stride_c
 
 
 @triton.jit
@@ -203,24 +213,29 @@ def _bn_vectors(stats_ptr, offs_c, c_mask, C):
 
 
 @triton.jit
-def _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, dst, mask, HW,
+def _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, cm, co, n_mask, mask, HW, CPG,
               stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
-              stride_yb, stride_yc, stride_yp, MODE: tl.constexpr):
-    """(dt, xhat, s, go) of one tile: dt the gradient at BN's output, channels offs_c of y (dst: where
-    channel offs_c of the map lands in the block's output, MODE 1)."""
-    y = tl.load(flat_ptrs(y_ptr, offs_n, offs_c, HW, stride_yb, stride_yc, stride_yp), mask=mask,
-                other=0.0).to(tl.float32)
+              stride_yb, stride_yc, stride_yp, MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(dt, xhat, s, go) of one tile, columns (map channel cm of y, output channel co of the block; see
+    :func:`_columns`): dt the gradient at BN's output. RUNS: y read as contiguous runs (``kernels/shuffle.py``)."""
+    if RUNS:
+        ptrs, run_mask = run_ptrs(y_ptr, flat_rows(offs_n, HW, stride_yb, stride_yp), CPG, stride_yc, SHUFFLE_G,
+                                  BLOCK_C)
+        y = runs_to_columns(tl.load(ptrs, mask=n_mask[:, None, None] & run_mask, other=0.0), BLOCK_P, BLOCK_C)
+        y = tl.where(mask, y, 0.0)
+    else:
+        y = tl.load(flat_ptrs(y_ptr, offs_n, cm, HW, stride_yb, stride_yc, stride_yp), mask=mask, other=0.0)
+    y = y.to(tl.float32)
     t = y * scale[None, :] + shift[None, :]
     xhat = (y - mean[None, :]) * invstd[None, :]
+    go = tl.load(flat_ptrs(g_ptr, offs_n, co, HW, stride_gb, stride_gc, stride_gp), mask=mask,
+                 other=0.0).to(tl.float32)
     if MODE == 0:
-        go = tl.load(flat_ptrs(g_ptr, offs_n, offs_c, HW, stride_gb, stride_gc, stride_gp), mask=mask,
-                     other=0.0).to(tl.float32)
         s = t
         dt = tl.where(t > 0, go, 0.0)
     else:
-        go = tl.load(flat_ptrs(g_ptr, offs_n, dst, HW, stride_gb, stride_gc, stride_gp), mask=mask,
-                     other=0.0).to(tl.float32)
-        xv = tl.load(flat_ptrs(x1_ptr, offs_n, dst, HW, stride_xb, stride_xc, stride_xp), mask=mask,
+        xv = tl.load(flat_ptrs(x1_ptr, offs_n, co, HW, stride_xb, stride_xc, stride_xp), mask=mask,
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(t)
         dt = go * xv * s * (1.0 - s)
@@ -228,12 +243,20 @@ def _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, 
 
 
 @triton.jit
-def _dst(offs_c, CPG, MODE: tl.constexpr, SHUFFLE_G: tl.constexpr):
-    """Output channel dst(j) that reads map channel j (the inverse of the shuffle's src(c)); j in MODE 0."""
+def _columns(C, CPG, MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(cm, co, c_mask) of this program's channel block: column k holds map channel cm[k] of y (and dy) and
+    output channel co[k] of the block (g, x1, dx1); co = cm in MODE 0. MODE 1: the shuffle sends cm = r * CPG + i
+    to co = SHUFFLE_G * i + r; the block is consecutive map channels (gathered outputs), or with RUNS
+    consecutive output channels (map channels in contiguous runs)."""
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs < C
     if MODE == 1 and SHUFFLE_G > 0:
-        return (offs_c % CPG) * SHUFFLE_G + offs_c // CPG
+        if RUNS:
+            return (offs % SHUFFLE_G) * CPG + offs // SHUFFLE_G, offs, c_mask
+        else:
+            return offs, (offs % CPG) * SHUFFLE_G + offs // CPG, c_mask
     else:
-        return offs_c
+        return offs, offs, c_mask
 
 
 @triton.jit
@@ -241,8 +264,8 @@ def bn_bwd_reduce_kernel(
     g_ptr, x1_ptr, y_ptr, stats_ptr, part_ptr, count_ptr, coef_ptr, dweight_ptr, dbias_ptr,
     N, HW, C, CPG,
     stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
-    MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """sum dt and sum dt * xhat per channel of y (see the module docstring). stats: [4, C] fp32 from
     :func:`bn_stats_kernel`; part: [P + cdiv(P, GROUP), 2, C] fp32 scratch; coef: [2, C] fp32 output."""
@@ -251,19 +274,18 @@ def bn_bwd_reduce_kernel(
     P = tl.num_programs(0)
     n_cblocks = tl.num_programs(1)
     T = tl.cdiv(N, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    dst = _dst(offs_c, CPG, MODE, SHUFFLE_G)
+    offs_c, co, c_mask = _columns(C, CPG, MODE, SHUFFLE_G, RUNS, BLOCK_C)
     mean, invstd, scale, shift = _bn_vectors(stats_ptr, offs_c, c_mask, C)
     acc_dt = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_dtx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     q = pid_n
     while q < T:
         offs_n = q.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (offs_n < N)[:, None] & c_mask[None, :]
-        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, dst, mask,
-                                    HW, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
-                                    stride_yb, stride_yc, stride_yp, MODE)
+        n_mask = offs_n < N
+        mask = n_mask[:, None] & c_mask[None, :]
+        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, co, n_mask,
+                                    mask, HW, CPG, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
+                                    stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS, BLOCK_P, BLOCK_C)
         acc_dt += dt
         acc_dtx += tl.where(mask, dt * xhat, 0.0)
         q += P
@@ -294,30 +316,33 @@ def bn_bwd_apply_kernel(
     N, HW, C, CPG,
     stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
     stride_db, stride_dc, stride_dp, stride_eb, stride_ec, stride_ep,
-    MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """dy = scale * (dt - coef[0] - xhat * coef[1]) over this program's tiles; MODE 1 also dx1[dst] = dout[dst]
+    """dy = scale * (dt - coef[0] - xhat * coef[1]) over this program's tiles; MODE 1 also dx1[co] = dout[co]
     * s. dy has y's strides (stride_d*), dx1 x1's shape (stride_e*)."""
     P = tl.num_programs(0)
     T = tl.cdiv(N, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    dst = _dst(offs_c, CPG, MODE, SHUFFLE_G)
+    offs_c, co, c_mask = _columns(C, CPG, MODE, SHUFFLE_G, RUNS, BLOCK_C)
+    mean, invstd, scale, shift = _bn_vectors(stats_ptr, offs_c, c_mask, C)
+    k1 = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0)
+    k2 = tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0)
     q = tl.program_id(0)
     while q < T:
-        # the per-channel vectors reloaded per tile (cached): hoisted, they cost 20-30 registers (2 CTAs per SM)
-        mean, invstd, scale, shift = _bn_vectors(stats_ptr, offs_c, c_mask, C)
-        k1 = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0)
-        k2 = tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0)
         offs_n = q.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (offs_n < N)[:, None] & c_mask[None, :]
-        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, dst, mask,
-                                    HW, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
-                                    stride_yb, stride_yc, stride_yp, MODE)
-        dy = scale[None, :] * (dt - k1[None, :] - xhat * k2[None, :])
-        tl.store(flat_ptrs(dy_ptr, offs_n, offs_c, HW, stride_db, stride_dc, stride_dp),
-                 dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        n_mask = offs_n < N
+        mask = n_mask[:, None] & c_mask[None, :]
+        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, co, n_mask,
+                                    mask, HW, CPG, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
+                                    stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS, BLOCK_P, BLOCK_C)
+        dy = (scale[None, :] * (dt - k1[None, :] - xhat * k2[None, :])).to(dy_ptr.dtype.element_ty)
+        if RUNS:
+            ptrs, run_mask = run_ptrs(dy_ptr, flat_rows(offs_n, HW, stride_db, stride_dp), CPG, stride_dc, SHUFFLE_G,
+                                      BLOCK_C)
+            tl.store(ptrs, columns_to_runs(dy, SHUFFLE_G, BLOCK_P, BLOCK_C), mask=n_mask[:, None, None] & run_mask)
+        else:
+            tl.store(flat_ptrs(dy_ptr, offs_n, offs_c, HW, stride_db, stride_dc, stride_dp), dy, mask=mask)
         if MODE == 1:
-            tl.store(flat_ptrs(dx1_ptr, offs_n, dst, HW, stride_eb, stride_ec, stride_ep),
+            tl.store(flat_ptrs(dx1_ptr, offs_n, co, HW, stride_eb, stride_ec, stride_ep),
                      (go * s).to(dx1_ptr.dtype.element_ty), mask=mask)
         q += P

@@ -11,8 +11,9 @@ running or batch statistics).
 
 * :func:`final_gate_kernel` - out = x1 * sigmoid(scale * y2 + shift), with SHUFFLE_G = G > 0 the spatial map
   shuffled in G groups first, as the YOLO form's ``channel_shuffle``: output channel c reads map channel
-  src(c) = (c % G) * (C / G) + c // G. Reads x1 and y2 once (2 * B*C*HW elements), writes out once; about
-  5 FLOPs per element.
+  src(c) = (c % G) * (C / G) + c // G; with RUNS (y2's channels contiguous, G a power of two dividing
+  BLOCK_C) y2 is read as G contiguous runs and transposed in registers (``kernels/shuffle.py``), else gathered
+  element by element. Reads x1 and y2 once (2 * B*C*HW elements), writes out once; about 5 FLOPs per element.
 * :func:`bn_relu_kernel` - z = relu(scale * y + shift), between the two convolutions where BatchNorm cannot be
   folded into the first (batch statistics). Reads y once, writes z once.
 
@@ -20,6 +21,8 @@ Both are memory-bound.
 """
 import triton
 import triton.language as tl
+
+from .shuffle import run_ptrs, runs_to_columns
 
 
 @triton.jit
@@ -46,7 +49,7 @@ def final_gate_kernel(
     stride_xb, stride_xc, stride_xp,
     stride_yb, stride_yc, stride_yp,
     stride_ob, stride_oc, stride_op,
-    SHUFFLE_G: tl.constexpr,
+    SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of out. Grid: (P, cdiv(C, BLOCK_C)). CPG = C // G."""
@@ -62,8 +65,14 @@ def final_gate_kernel(
         scale = tl.load(scale_ptr + src, mask=c_mask, other=0.0)  # per tile (cached): fewer live registers
         shift = tl.load(shift_ptr + src, mask=c_mask, other=0.0)
         pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
-        y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
-                    mask=mask, other=0.0).to(tl.float32)
+        if RUNS:
+            ptrs, run_mask = run_ptrs(y2_ptr, pid_b * stride_yb + offs_p * stride_yp, CPG, stride_yc, SHUFFLE_G,
+                                      BLOCK_C)
+            y = runs_to_columns(tl.load(ptrs, mask=(offs_p < HW)[:, None, None] & run_mask, other=0.0),
+                                BLOCK_P, BLOCK_C).to(tl.float32)
+        else:
+            y = tl.load(tile_ptrs(y2_ptr, pid_b, offs_p, src, stride_yb, stride_yc, stride_yp),
+                        mask=mask, other=0.0).to(tl.float32)
         x = tl.load(tile_ptrs(x1_ptr, pid_b, offs_p, offs_c, stride_xb, stride_xc, stride_xp),
                     mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(y * scale[None, :] + shift[None, :])

@@ -6,14 +6,15 @@ and final gate (BN2) folded in. Used by the fused train block only (:mod:`gam_tr
 The three kernels run on persistent grids sized to the device (:func:`programs`: one wave at full occupancy,
 from the SM count; :data:`_runtime.DEFAULT_SMS` without a GPU), each program looping over its pixel tiles; a
 reduction's programs get enough tiles that the busiest (the last one, which also combines the partials)
-loads at most 4x the median.
+executes at most 4x the median's loads.
 Reductions are deterministic: per-program fp32 partials and integer counters, combined by a two-level tree of
 fixed shape (at most two serial steps of 32 rows: see ``kernels/batchnorm.py``), no float atomics. For a given
 SM count the sums are bitwise reproducible; GPUs with different SM counts partition the pixels differently and
 may differ in the last bits. The counters must be zero at launch and are left zero. All three kernels launch
 with the heuristic tile: the reductions bump counters, so they are never timed, and the elementwise pass
-shares the reduction's tile (it is memory-bound, like the elementwise ops, whose tuning has yet to show a GPU
-gain).
+runs the reduction's tile on fewer warps (:func:`apply_config`; it is memory-bound, like the elementwise ops,
+whose tuning has yet to show a GPU gain). BatchNorm2's backward reads y and writes dy through the channel
+shuffle as contiguous runs of channels where y is channels_last (``kernels/shuffle.py``), else gathers.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from . import _runtime
 from ._runtime import HAS_TRITON, TARGET, bchw_view, is_channels_last, new_output, next_pow2
+from .elementwise import shuffle_runs
 
 if HAS_TRITON:
     import triton
@@ -31,7 +33,7 @@ if HAS_TRITON:
     from ..kernels.batchnorm import bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_kernel
 
 __all__ = ["stats", "backward", "counter_slots", "heuristic", "programs", "stats_launch_args", "reduce_launch_args",
-           "apply_launch_args", "GROUP", "MAX_PROGRAMS"]
+           "apply_launch_args", "apply_config", "GROUP", "MAX_PROGRAMS"]
 
 #: Programs per group of the reductions' finalisation tree (``kernels.batchnorm.GROUP``: rows per step).
 GROUP = 32
@@ -47,8 +49,9 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
               sms: Optional[int] = None) -> "triton.Config":
     """A tile over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three
     64-bit pointer tiles, which spill beyond), longer along the contiguous dimension; half the pixels where the
-    tile gathers through the shuffle (``gather``: the BN2 backward; its reduction spilled 8 B at 64 registers
-    in half precision channels_last on sm_80, Triton 3.6); halved again (channels first: more channel blocks
+    tile goes through the shuffle (``gather``: the BN2 backward; gathered, its reduction spilled 8 B at 64
+    registers in half precision channels_last on sm_80, Triton 3.6; read as runs at 2048 elements, its
+    elementwise pass took 200-230 registers on sm_90, Triton 3.9); halved again (channels first: more channel blocks
     keep a reduction's programs balanced where more programs per block would not; down to
     :data:`MIN_PER_THREAD` elements per thread) while
     there are fewer tiles than CTAs in one full-occupancy wave of ``sms`` SMs (default: this device's,
@@ -80,34 +83,58 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
                          maxnreg=128 if _runtime.TRITON < (3, 6) else None)
 
 
-def _tree_loads(p: int) -> int:
-    """Elements per channel the last program of a reduction over ``p`` programs loads besides its tiles: the
-    partials of both tree levels (2 rows each: mean and M2, or the two sums) and up to 8 per-channel vectors."""
-    return 2 * (min(p, GROUP) + -(-p // GROUP)) + 8
+def apply_config(cfg: "triton.Config", n: int, c: int, sms: Optional[int] = None) -> "triton.Config":
+    """The elementwise pass's launch over n pixels and c channels: the reduction's tile over fewer warps, 8
+    elements per thread (at 4 per thread the pass held 8-19 KB in flight per SM at C256 40x40 B16; at 8, 23-70 KB
+    on sm_80/90/100, Triton 3.4-3.9), as long as its tiles still fill :data:`MIN_WAVE` of a full-occupancy wave
+    of ``sms`` SMs (more warps per CTA otherwise, up to the reduction's); without the reductions' register cap
+    before Triton 3.6 (at 128 it spilled 8-16 B on 3.4)."""
+    bp, bc = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"]
+    tiles, sms = cdiv(n, bp) * cdiv(c, bc), (_runtime.sm_count() if sms is None else sms)
+    warps = max(1, min(cfg.num_warps, bp * bc // 256))
+    while warps < cfg.num_warps and tiles < MIN_WAVE * sms * (WARPS_PER_SM // warps):
+        warps *= 2
+    return triton.Config(dict(cfg.kwargs), num_warps=warps, num_stages=1)
 
 
-def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = None, block_p: int = 16,
-             tensors: int = 0) -> int:
+#: The least fraction of a full-occupancy wave a reduction's grid is cut to for balance (:func:`programs`).
+MIN_WAVE = 0.6
+#: Loads the last program of a reduction executes besides its tiles (load instructions, as the compile check
+#: counts them): both tree levels' partial rows (two loads each), and in the statistics the affine parameters and
+#: the running statistics (weight, bias, running mean and variance, num_batches_tracked).
+TREE_LOADS = {"stats": 2 * 2 + 5, "reduce": 2 * 2}
+
+
+def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = None, tensors: int = 0,
+             tree_loads: int = 0) -> int:
     """P, the programs per channel block of a persistent grid (P, n_cblocks) over ``n_tiles`` pixel tiles: one
     wave at full occupancy (``sms`` x 64 warps, default this device's SM count) shared by the channel blocks,
     at most one program per tile and, for a reduction, at most :data:`MAX_PROGRAMS` (two one-step levels of
     finalisation). Where registers allow fewer CTAs per SM the grid runs in 64 / (num_warps x CTAs per SM)
     rounds: 1, or >= 4/3; a smaller grid is rounded to whole waves (:func:`_runtime.whole_waves`).
 
-    ``tensors`` > 0 (a reduction reading that many [block_p, BLOCK_C] tiles per step): the first P of p0,
-    T // 2, T // 3, ... (P <= p0) at which the busiest program (ceil(T / P) tiles and the tree's partials)
-    loads at most 4x the median program."""
+    ``tensors`` > 0 (a reduction loading that many tiles per step, and ``tree_loads`` more in the program that
+    finalises, :data:`TREE_LOADS`): the first P of p0, T // 2, T // 3, ... (P <= p0) at which the busiest
+    program (ceil(T / P) steps and the tree) executes at most 4x the load instructions of the median program,
+    but no P under :data:`MIN_WAVE` of a full-occupancy wave unless p0 is: where a program holds one or two tiles
+    (BN1 at C64 80x80 B16; B1) balance would leave most SMs idle, and the grid keeps MIN_WAVE of a wave with the
+    busiest program up to 11x the median (the tree's 9 loads against 1-2 tiles)."""
     sms = _runtime.sm_count() if sms is None else sms
     cap = MAX_PROGRAMS if tensors else n_tiles
-    p0 = max(1, min(n_tiles, cap, sms * (WARPS_PER_SM // num_warps) // max(1, n_cblocks)))
+    wave = sms * (WARPS_PER_SM // num_warps)
+    p0 = max(1, min(n_tiles, cap, wave // max(1, n_cblocks)))
+    floor, best = (MIN_WAVE * wave if p0 * n_cblocks >= MIN_WAVE * wave else 0), None
     for k in range(max(1, n_tiles // p0), n_tiles + 1):
         p = p0 if k == n_tiles // p0 else max(1, min(p0, n_tiles // k))
         p = _runtime.whole_waves(p, n_cblocks, num_warps, sms)
+        if best is not None and p * n_cblocks < floor:
+            return best  # balance would cost most of the wave: the most balanced grid still filling MIN_WAVE
         tiles, extra = n_tiles // p, n_tiles % p  # ``extra`` programs hold tiles + 1
         median = tiles + 1 if 2 * extra > p else tiles
-        if not tensors or (tiles + (extra > 0)) * block_p * tensors + _tree_loads(p) <= 4 * median * block_p * tensors:
+        if not tensors or (tiles + (extra > 0)) * tensors + tree_loads <= 4 * median * tensors:
             return p
-    return 1
+        best = p
+    return best or 1
 
 
 def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
@@ -120,12 +147,12 @@ def counter_slots(channels: int) -> int:
     return -(-channels // 16) * (GROUP + 1) + 1
 
 
-def _geometry(c: int, n: int, cfg: "triton.Config", device, tensors: int = 0) -> tuple[int, int]:
+def _geometry(c: int, n: int, cfg: "triton.Config", device, tensors: int = 0, tree_loads: int = 0) -> tuple[int, int]:
     """(P, n_cblocks): the persistent grid of a kernel over n pixels and c channels on ``device`` (``tensors``:
     what a reduction reads per tile, :func:`programs`)."""
     n_cb = cdiv(c, cfg.kwargs["BLOCK_C"])
     bp = cfg.kwargs["BLOCK_P"]
-    return programs(cdiv(n, bp), n_cb, cfg.num_warps, _runtime.sm_count(device), bp, tensors), n_cb
+    return programs(cdiv(n, bp), n_cb, cfg.num_warps, _runtime.sm_count(device), tensors, tree_loads), n_cb
 
 
 def _partials(p: int, c: int, device) -> torch.Tensor:
@@ -137,7 +164,7 @@ def stats_launch_args(y, weight, bias, running: tuple, eps: float, momentum: flo
                       cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the statistics launch (its partials buffer allocated here: args[1])."""
     b, c, h, w = y.shape
-    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=1)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=1, tree_loads=TREE_LOADS["stats"])
     part = _partials(n_parts, c, y.device)
     yv, syb, syc, syp = bchw_view(y)
     args = (yv, part, counts, out, out if weight is None else weight, out if bias is None else bias,
@@ -167,17 +194,22 @@ def _views(g, x1, y) -> tuple:
     return gv, xv, yv, (*sg, *sx, *sy)
 
 
+def _runs(mode: int, groups: int, cfg: "triton.Config", y: torch.Tensor) -> bool:
+    """BN2's backward (mode 1) reads y and writes dy as contiguous runs of channels through the shuffle."""
+    return mode == 1 and shuffle_runs(groups, cfg.kwargs["BLOCK_C"], y)
+
+
 def reduce_launch_args(mode: int, g, x1, y, st, coef, dweight, dbias, groups: int, counts,
                        cfg: "triton.Config") -> tuple:
     """(kernel, grid, args, kwargs) of the backward's reduction (its partials allocated here: args[4])."""
     b, c, h, w = y.shape
-    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=2 + mode)
+    n_parts, n_cb = _geometry(c, b * h * w, cfg, y.device, tensors=2 + mode, tree_loads=TREE_LOADS["reduce"])
     part = _partials(n_parts, c, y.device)
     gv, xv, yv, strides = _views(g, x1, y)
     args = (gv, xv, yv, st, part, counts, coef, coef if dweight is None else dweight, coef if dbias is None else dbias,
             b * h * w, h * w, c, c // groups if groups else c, *strides)
-    kwargs = dict(MODE=mode, SHUFFLE_G=groups, HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-                  **_runtime.config_kwargs(cfg))
+    kwargs = dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y), HAS_WEIGHT=dweight is not None,
+                  HAS_BIAS=dbias is not None, **_runtime.config_kwargs(cfg))
     return bn_bwd_reduce_kernel, (n_parts, n_cb), args, kwargs
 
 
@@ -189,8 +221,10 @@ def apply_launch_args(mode: int, g, x1, y, st, coef, dy, dx1, groups: int, cfg: 
     _, *se = (None, *sd) if dx1 is None else bchw_view(dx1)
     args = (gv, xv, yv, st, coef, dy, dy if dx1 is None else dx1, b * h * w, h * w, c, c // groups if groups else c,
             *strides, *sd, *se)
+    cfg = apply_config(cfg, b * h * w, c, _runtime.sm_count(y.device))
     grid = _geometry(c, b * h * w, cfg, y.device)
-    return bn_bwd_apply_kernel, grid, args, dict(MODE=mode, SHUFFLE_G=groups, **_runtime.config_kwargs(cfg))
+    return bn_bwd_apply_kernel, grid, args, dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y),
+                                                 **_runtime.config_kwargs(cfg))
 
 
 def backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Tensor, st: torch.Tensor,

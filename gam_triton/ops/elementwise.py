@@ -28,7 +28,7 @@ if HAS_TRITON:
 
     from ..kernels.elementwise import bn_relu_kernel, final_gate_kernel
 
-__all__ = ["final_gate", "bn_relu", "final_gate_torch", "bn_relu_torch", "heuristic", "candidates",
+__all__ = ["final_gate", "bn_relu", "final_gate_torch", "bn_relu_torch", "heuristic", "candidates", "shuffle_runs",
            "final_gate_key", "bn_relu_key", "programs", "final_gate_launch_args", "bn_relu_launch_args"]
 
 
@@ -37,6 +37,14 @@ def odd(C: int, HW: int, channels_last: bool) -> bool:
     """The contiguous dimension's length (H*W, or C for channels_last) is not a multiple of 16: Triton's
     divisibility hint is lost, no load is vectorised and each element carries its own 64-bit address."""
     return bool((C if channels_last else HW) % 16)
+
+
+def shuffle_runs(groups: int, block_c: int, shuffled: torch.Tensor) -> bool:
+    """Read (or write) ``shuffled``, the map a channel shuffle in ``groups`` groups reorders, as contiguous runs of
+    channels (``kernels/shuffle.py``): its channels are contiguous (stride 1) and ``groups`` is a power of two
+    dividing the channel block; else element by element."""
+    return bool(groups and groups & (groups - 1) == 0 and block_c % groups == 0
+                and (shuffled.shape[1] == 1 or shuffled.stride(1) == 1))
 
 
 #: Fewer tiles than CTAs in one full-occupancy wave (WARPS_PER_SM resident warps per SM, sm_80/90/100): a
@@ -109,7 +117,8 @@ def final_gate_launch_args(x1, y2, scale, shift, groups: int, out, cfg: "triton.
     grid = programs(bsz, h * w, c, cfg, x1.device)
     args = (x1, y2, scale, shift, out, bsz, h * w, c, c // groups if groups else c, sxb, sxc, sxp, syb, syc, syp,
             sob, soc, sop)
-    return final_gate_kernel, grid, args, dict(SHUFFLE_G=groups, **_runtime.config_kwargs(cfg))
+    return final_gate_kernel, grid, args, dict(SHUFFLE_G=groups, RUNS=shuffle_runs(groups, cfg.kwargs["BLOCK_C"], y2),
+                                               **_runtime.config_kwargs(cfg))
 
 
 def final_gate_key(x1: torch.Tensor, y2: torch.Tensor, groups: int, out_channels_last: bool) -> tuple:
