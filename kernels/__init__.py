@@ -7,6 +7,7 @@ what they compute, read and write:
 * :mod:`.elementwise`  - the final gate (BN2, sigmoid, shuffle, multiply) and BatchNorm-apply + ReLU.
 * :mod:`.batchnorm`    - train mode: BatchNorm batch statistics (running statistics updated) and the
   backward's reductions and elementwise pass (BN1 + ReLU; BN2 + sigmoid + shuffle + final gate).
+* :mod:`.shuffle`      - the channel shuffle read and written as contiguous runs of channels (shared helpers).
 * :mod:`.conv`         - the eval spatial branch: KxK implicit-GEMM convolutions, conv1 + BN1 + ReLU and
   conv2 + BN2 + sigmoid + shuffle + gate multiply (y2 never stored).
 
