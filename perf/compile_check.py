@@ -23,7 +23,9 @@ tensor-core instruction in the PTX (mma.sync, wgmma, tcgen05), and issue 22's st
 * waves: per launch, CTAs / (132 SMs x CTAs per SM); per binary min..max over its launches.
 * bytes in flight per SM: CTAs per SM x bytes loaded per pipeline stage x stages. From the TTGIR: the global
   loads (``tt.load``, ``ttg.async_copy_global_to_local``) of the loop loading the most bytes per iteration (the
-  whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined).
+  whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined). Its
+  target is 20 KB, or all a launch reads per SM where that is less (``data_per_sm``: the inputs
+  ``traffic.KERNEL_IO`` names over 132 SMs, the binary's largest launch): no more can be in flight.
 * narrow loads in loops: PTX ``ld.global`` narrower than 4 bytes (vector width counted) between a label and a
   backward branch to it. Instructions per MMA: PTX instructions per tensor-core instruction in the loop with most.
 * serial finalisation steps, busiest/median loads: measured. The launches of :data:`LOAD_CASES` (a headline shape)
@@ -280,6 +282,16 @@ def n_ctas(grid) -> int:
     return math.prod(int(g) for g in grid)
 
 
+def data_per_sm(launch: Launch) -> int:
+    """Bytes the launch reads (its input tensors, ``traffic.KERNEL_IO``), spread over :data:`SMS` SMs."""
+    from traffic import KERNEL_IO, tensor_bytes
+
+    names = list(launch.kernel.arg_names)
+    inputs = KERNEL_IO[launch.kernel.fn.__name__][1]
+    return sum(tensor_bytes(launch.args[names.index(n)]) for n in inputs
+               if isinstance(launch.args[names.index(n)], torch.Tensor)) // SMS
+
+
 # --- compiling and reading the binary (worker processes) -----------------------------------------------------
 @dataclass(frozen=True)
 class Arch:
@@ -520,7 +532,8 @@ TARGETS: dict[str, tuple[str, Callable, Callable]] = {
                lambda r: r["serial_steps"] <= 16),
     "balance": ("loads of the busiest program <= 4x the median program's (interpreter, LOAD_CASES)",
                 lambda r: r["busiest_over_median"] != "", lambda r: r["busiest_over_median"] <= 4),
-    "inflight": ("memory-bound binaries: >= 20 KB in flight per SM", _mem, lambda r: r["inflight_per_sm"] >= 20480),
+    "inflight": ("memory-bound binaries: >= 20 KB in flight per SM (or all a launch reads per SM)", _mem,
+                 lambda r: r["inflight_per_sm"] >= min(20480, r["data_per_sm"])),
     "narrow": ("no global load narrower than 4 bytes inside a loop", lambda r: True, lambda r: r["narrow_loads"] == 0),
 }
 def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
@@ -556,6 +569,7 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
                 bad_wave_launches=len(bad_waves(launches, ctas)),
                 stage_bytes=f.get("stage_bytes", 0), stages=f.get("stages", 1),
                 inflight_per_sm=ctas * f.get("stage_bytes", 0) * f.get("stages", 1),
+                data_per_sm=max(data_per_sm(la) for la in launches),
                 narrow_loads=f.get("narrow_loads", 0), instr_per_mma=f.get("instr_per_mma") or "",
                 serial_steps=ld["serial"] if ld else "",
                 busiest_over_median=round(ld["busiest"] / max(ld["median"], 1), 1) if ld else "",

@@ -239,7 +239,8 @@ def sm_count(device=None) -> int:
 
 def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     """``programs`` (per channel block, of a grid (programs, n_cblocks)) rounded down so that the grid is m x
-    ``sms`` CTAs with m chosen so that m / (CTAs per SM) is never in (1, 1.15] whatever the registers allow
+    ``sms`` CTAs (less what rounding to channel blocks drops) with m chosen so that the grid's waves, grid /
+    (``sms`` x CTAs per SM), are never in (1, 1.15] whatever the registers allow
     (CTAs per SM = min(64 / num_warps, 65536 / (32 num_warps regs)) for regs in steps of 8); unchanged for a
     grid under ``sms`` CTAs or a full-occupancy wave (m = 64 / num_warps is always whole or >= 4/3)."""
     m = programs * n_cblocks // sms
@@ -247,9 +248,11 @@ def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     if m < 1 or m >= top:
         return programs
     occs = {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}
-    while m > 1 and any(o < m <= 1.15 * o for o in occs):
+    p = max(1, m * sms // n_cblocks)
+    while m > 1 and any(o < p * n_cblocks / sms <= 1.15 * o for o in occs):  # judged on the grid rounded to blocks
         m -= 1
-    return max(1, m * sms // n_cblocks)
+        p = max(1, m * sms // n_cblocks)
+    return p
 
 
 def capturing() -> bool:
