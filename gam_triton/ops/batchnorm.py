@@ -77,10 +77,11 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
             bp //= 2
         else:
             break
-    # Before Triton 3.6, maxnreg 128: without it ptxas held 40-56 registers and spilled 8-16 B (the statistics in
-    # fp32, BN1's backward reduction, channels_last, Triton 3.4; 4 warps spilled too); with it 38-77, none.
+    # maxnreg 128: without it ptxas held 40-64 registers and spilled 8-16 B (the statistics in fp32, BN1's backward
+    # reduction, channels_last, Triton 3.4, 4 warps too; the statistics under autocast, sm_80, Triton 3.6); with
+    # it 38-80, none on 3.4, 3.6 and 3.9.
     return triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=warps, num_stages=1,
-                         maxnreg=128 if _runtime.TRITON < (3, 6) else None)
+                         maxnreg=128)
 
 
 def apply_config(cfg: "triton.Config", n: int, c: int, sms: Optional[int] = None) -> "triton.Config":
