@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .channel_gate import _dot  # acc + a @ b, fp32 accumulation (operands upcast when DOT_F32)
+from .elementwise import tile_2d, tile_ptrs  # the persistent [b, c, p] tiles of the memory-bound kernels
 
 
 @triton.jit
@@ -57,12 +58,14 @@ def _program_tile(HW, N_BLOCKS, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, I6
 
 @triton.jit
 def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-              stride_xb, stride_xc, stride_xh, stride_xw,
+              stride_xb, stride_xc, stride_xh, stride_xw, step_lo, step_hi,
               KSIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               K_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, I64: tl.constexpr):
     """acc[p, n] = sum over (kh, kw, ci) of x[b, g*CIN_G + ci, h + kh - K//2, w + kw - K//2] *
-    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p. K_BLOCKS = cdiv(CIN_G, BLOCK_K)
-    (a constexpr: one flat loop of KSIZE*KSIZE*K_BLOCKS steps with a constant trip count)."""
+    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p, over the K steps [step_lo,
+    step_hi) of one flat loop of KSIZE*KSIZE*K_BLOCKS steps (K_BLOCKS = cdiv(CIN_G, BLOCK_K)); step = tap *
+    K_BLOCKS + in-channel block. The whole loop (0, KSIZE*KSIZE*K_BLOCKS: constexprs, a constant trip count) or
+    one split of it (:func:`conv_split_kernel`)."""
     PAD: tl.constexpr = KSIZE // 2
     oh = offs_p // W
     ow = offs_p % W
@@ -71,7 +74,7 @@ def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
     cols = g * COUT_G + offs_n
     n_ok = offs_n < COUT_G
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for step in range(KSIZE * KSIZE * K_BLOCKS):
+    for step in range(step_lo, step_hi):
         tap = step // K_BLOCKS
         offs_k = (step % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < CIN_G
@@ -102,7 +105,7 @@ def conv_bn_relu_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_xb, stride_xc, stride_xh, stride_xw,
+                    stride_xb, stride_xc, stride_xh, stride_xw, 0, KSIZE * KSIZE * K_BLOCKS,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
@@ -111,6 +114,70 @@ def conv_bn_relu_kernel(
     mask = (offs_p < H * W)[:, None] & n_ok[None, :]
     z_ptrs = z_ptr + pid_b * stride_zb + offs_p[:, None] * stride_zp + _wide(co[None, :], I64) * stride_zc
     tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_split_kernel(
+    x_ptr, w_ptr, part_ptr,
+    H, W, CIN_G, COUT, COUT_G, N_BLOCKS,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    KSIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """Split-K conv1, first launch: part[s, b, p, co] = the sum of conv(x, W)[b, co, p] over split s of the K
+    loop (its steps [s * STEPS, min((s + 1) * STEPS, KSIZE*KSIZE*K_BLOCKS)), STEPS = cdiv(KSIZE*KSIZE*K_BLOCKS,
+    SPLIT)), fp32, no bias or ReLU (:func:`split_sum_kernel` applies them).
+
+    Grid: (B * cdiv(HW, BLOCK_P), G * N_BLOCKS, SPLIT); the tile as :func:`conv_bn_relu_kernel`'s. Reads x (+
+    halo) and W once over all splits; writes part, SPLIT x B x HW x COUT fp32 (contiguous, channels last), each
+    element exactly once: no atomics, so the sum :func:`split_sum_kernel` forms is the same bits on every run.
+    """
+    TOTAL: tl.constexpr = KSIZE * KSIZE * K_BLOCKS
+    STEPS: tl.constexpr = (TOTAL + SPLIT - 1) // SPLIT
+    pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
+    s = tl.program_id(2)
+    lo = s * STEPS
+    acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
+                    stride_xb, stride_xc, stride_xh, stride_xw, lo, tl.minimum(lo + STEPS, TOTAL),
+                    KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
+    co = g * COUT_G + offs_n
+    mask = (offs_p < H * W)[:, None] & (offs_n < COUT_G)[None, :]
+    image = s.to(tl.int64) * (tl.num_programs(0) // tl.cdiv(H * W, BLOCK_P)) + pid_b  # s * B + b
+    ptrs = part_ptr + image * H * W * COUT + _wide(offs_p[:, None] * COUT + co[None, :], I64)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["B"])  # the batch: a loop bound only, one binary for all
+def split_sum_kernel(
+    part_ptr, b_ptr, z_ptr,
+    B, HW, C,
+    stride_zb, stride_zc, stride_zp,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Split-K conv1, second launch: z[b, c, p] = relu(part[0, b, p, c] + ... + part[SPLIT - 1, b, p, c] +
+    bias[c]), summed in that fixed order in fp32, cast to z's dtype. C = COUT.
+
+    Grid: persistent (P, cdiv(C, BLOCK_C)) over the [BLOCK_P, BLOCK_C] tiles of (image, pixel block) t = p, p + P,
+    ... as the elementwise kernels' (``kernels/elementwise.py``). Reads part (SPLIT x B x HW x C fp32) and C
+    biases; writes z (B x C x HW elements) through three strides. Memory-bound.
+    """
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    T = B * tl.cdiv(HW, BLOCK_P)
+    split_stride = B.to(tl.int64) * HW * C
+    t = tl.program_id(0)
+    while t < T:
+        bias = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
+        ptrs = part_ptr + pid_b * HW * C + offs_p[:, None] * C + offs_c[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(ptrs + s * split_stride, mask=mask, other=0.0)
+        z = tl.maximum(acc + bias[None, :], 0.0)
+        tl.store(tile_ptrs(z_ptr, pid_b, offs_p, offs_c, stride_zb, stride_zc, stride_zp),
+                 z.to(z_ptr.dtype.element_ty), mask=mask)
+        t += tl.num_programs(0)
 
 
 @triton.jit
@@ -132,7 +199,7 @@ def conv_gate_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(z_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_zb, stride_zc, stride_zh, stride_zw,
+                    stride_zb, stride_zc, stride_zh, stride_zw, 0, KSIZE * KSIZE * K_BLOCKS,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
