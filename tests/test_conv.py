@@ -190,19 +190,22 @@ def test_conv1_split_k_launches_and_batches(device, forced_split):
 
 
 def test_split_k_heuristic():
-    """Split only under SPLIT_BELOW_WAVES estimated waves with long K loops; never into (1.0, 1.15] waves."""
-    assert conv.split_k(400, 196, 132 * 6) == 3       # plain conv1 C256 40x40 B16 (0.51 waves): not 2 (1.01)
+    """Split only under SPLIT_BELOW_WAVES estimated waves with long K loops, into equal splits; never into
+    (1.0, 1.15] waves."""
+    assert conv.split_k(400, 196, 132 * 6) == 4       # plain conv1 C256 40x40 B16 (0.51 waves): not 2 (1.01)
     assert conv.split_k(832, 196, 132 * 6) == 1       # >= 0.6 waves: unsplit
-    assert conv.split_k(224, 392, 132 * 6) == 3       # C512 20x20 B16: 0.28 -> 0.85 waves
-    assert conv.split_k(25, 196, 132 * 6) == 6        # one image: the most splits keeping 32 K steps
+    assert conv.split_k(224, 392, 132 * 6) == 8       # C512 20x20 B16: 0.28 -> 2.26 waves (4: 1.13)
+    assert conv.split_k(336, 441, 132 * 6) == 3       # C576 20x20 B16 (9 in-channel blocks): 0.42 -> 1.27
+    assert conv.split_k(25, 196, 132 * 6) == 4        # one image: the most equal splits keeping 32 K steps
     assert conv.split_k(25, 40, 132 * 6) == 1         # a short K loop: unsplit
     assert all(s == 1 or not 1.0 < p * s / 792 <= 1.15
                for p in range(1, 800) for k in (49, 196, 392) for s in [conv.split_k(p, k, 792)])
+    assert all(k % conv.split_k(p, k, 792) == 0 for p in range(1, 800, 7) for k in (49, 196, 392, 441))
     if not conv.HAS_TRITON:
         return
     cfg = conv.conv1_heuristic(256, 64, 1, 7, 16, 1600, torch.bfloat16, "tf32", sms=132, target="gpu")
     assert conv.resident_ctas(conv.heuristic(256, 64, 1600, torch.bfloat16, "gpu"), torch.bfloat16) == 6
-    assert cfg.kwargs == dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64, SPLIT=3)
+    assert cfg.kwargs == dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64, SPLIT=4)
     grouped = conv.conv1_heuristic(64, 16, 4, 7, 16, 1600, torch.bfloat16, "tf32", sms=132, target="gpu")
     assert "SPLIT" not in grouped.kwargs                # YOLO conv1 at C256 40x40: 1.05 waves already
     for prec in ("tf32", "tf32x3"):                     # fp32 never splits (its split kernel spilled)
@@ -215,7 +218,7 @@ def test_conv1_candidates_offer_splits_under_one_wave(monkeypatch):
     monkeypatch.setattr(conv, "heuristic", lambda *a: gpu_heuristic(*a[:4], target="gpu"))
     cands = conv.conv1_candidates(256, 64, 1, 7, 16, 1600, torch.bfloat16)
     splits = [c.kwargs.get("SPLIT", 1) for c in cands]
-    assert splits[:4] == [2, 3, 4, 6] and set(splits[4:]) == {1} and len(cands) <= _runtime.MAX_CANDIDATES
+    assert splits[:2] == [2, 4] and set(splits[2:]) == {1} and len(cands) <= _runtime.MAX_CANDIDATES
     tile = gpu_heuristic(256, 64, 1600, torch.bfloat16, target="gpu")
     assert _autotune.ident(tile) in {_autotune.ident(c) for c in cands}  # the unsplit heuristic tile too
     assert len({_autotune.ident(c) for c in cands}) == len(cands)

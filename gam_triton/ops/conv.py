@@ -224,13 +224,14 @@ def resident_ctas(cfg: "triton.Config", dtype: torch.dtype, prec: str = "tf32") 
 
 def split_k(programs: int, k_steps: int, slots: int) -> int:
     """conv1's split factor for a grid of ``programs`` CTAs, each ``k_steps`` K steps long, on ``slots`` resident
-    CTAs (SMs x :func:`resident_ctas`): 1 when the grid fills SPLIT_BELOW_WAVES or more of them; else the smallest
-    of :data:`SPLITS` that lifts it to >= SPLIT_BELOW_WAVES waves outside (1.0, 1.15] (a lone straggling wave) with
-    >= MIN_SPLIT_STEPS K steps per split; failing that the largest one keeping those steps and under one wave
-    (more of the device busy); 1 if none keeps them."""
+    CTAs (SMs x :func:`resident_ctas`): 1 when the grid fills SPLIT_BELOW_WAVES or more of them; else, among the
+    :data:`SPLITS` that divide ``k_steps`` (equal splits: a clamped last split spilled 8 B on sm_80, Triton 3.4;
+    a 7x7 kernel has 49 x in-channel blocks steps) and keep >= MIN_SPLIT_STEPS of them per split, the smallest
+    that lifts the grid to >= SPLIT_BELOW_WAVES waves outside (1.0, 1.15] (a lone straggling wave); failing that
+    the largest under one wave (more of the device busy); 1 if none."""
     if programs >= SPLIT_BELOW_WAVES * slots:
         return 1
-    ok = [s for s in SPLITS if k_steps >= MIN_SPLIT_STEPS * s]
+    ok = [s for s in SPLITS if k_steps >= MIN_SPLIT_STEPS * s and k_steps % s == 0]
     for s in ok:
         w = programs * s / slots
         if w >= SPLIT_BELOW_WAVES and not 1.0 < w <= 1.15:
@@ -267,8 +268,9 @@ def conv1_heuristic(cin_g: int, cout_g: int, groups: int, k: int, batch: int, HW
 def conv1_candidates(cin_g: int, cout_g: int, groups: int, k: int, batch: int, HW: int, dtype: torch.dtype,
                      prec: str = "tf32") -> list:
     """conv1's candidates: :func:`candidates`' tiles (unsplit) and, in fp16/bf16 where the heuristic tile's grid is
-    under one estimated wave, that tile split by each of :data:`SPLITS` keeping >= MIN_SPLIT_STEPS K steps per
-    split (the heuristic's split among them); MAX_CANDIDATES in all. Under the interpreter: :func:`candidates`."""
+    under one estimated wave, that tile split by each of :data:`SPLITS` dividing its K steps and keeping >=
+    MIN_SPLIT_STEPS of them per split (the heuristic's split among them); MAX_CANDIDATES in all. Under the
+    interpreter: :func:`candidates`."""
     tiles = candidates(cin_g, cout_g, HW, dtype)
     if TARGET == "interpreter":
         return tiles
@@ -276,7 +278,7 @@ def conv1_candidates(cin_g: int, cout_g: int, groups: int, k: int, batch: int, H
     ctas, steps = _conv1_grid(cin_g, cout_g, groups, k, batch, HW, tile)
     splits = []
     if dtype.itemsize < 4 and ctas < _runtime.sm_count() * resident_ctas(tile, dtype, prec):
-        splits = [_with_split(tile, s) for s in SPLITS if steps >= MIN_SPLIT_STEPS * s]
+        splits = [_with_split(tile, s) for s in SPLITS if steps >= MIN_SPLIT_STEPS * s and steps % s == 0]
     keep = {_autotune.ident(c) for c in splits}
     tiles = [c for c in tiles if _autotune.ident(c) not in keep]
     return splits + tiles[:max(0, _runtime.MAX_CANDIDATES - len(splits))]
