@@ -17,6 +17,12 @@ weights' dtype, fp32 accumulation (fp32: INPUT_PRECISION); DOT_F32 upcasts both 
 
 * :func:`conv_bn_relu_kernel` - z1 = relu(conv(x1, W1) + b1), BatchNorm1 folded into W1 and b1; z1 written
   once. Reads x1 (B*C*HW elements, plus the halo re-read from L1/L2), W1; writes z1 (B*C/r*HW elements).
+* :func:`conv_split_kernel` and :func:`split_sum_kernel` - conv1 split-K (``gam_triton.ops.conv.split_k``: grids
+  under 0.6 waves with long K loops): the first writes the fp32 partial sums of SPLIT parts of the K loop (equal
+  ones as the heuristic picks them; SPLIT x B*HW*COUT fp32, each element once), the second sums them in split
+  order, adds the bias, applies ReLU and casts into z1 (reads the partials, writes z1). Deterministic: no atomics.
+  Extra traffic over the one-launch kernel: the partials written and read (8 x SPLIT bytes per z1 element) and a
+  second launch.
 * :func:`conv_gate_kernel` - out[:, dst(co)] = x1[:, dst(co)] * sigmoid(scale[co] * (conv(z1, W2) + b2)[co]
   + shift[co]): BatchNorm2, sigmoid, channel shuffle (dst(co) = (co % CPG) * G + co // CPG, the inverse of
   the YOLO shuffle's src(c) = (c % G) * CPG + c // G, CPG = C / SHUFFLE_G) and the gate multiply; y2 never
