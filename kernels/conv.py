@@ -64,14 +64,14 @@ def _program_tile(HW, N_BLOCKS, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, I6
 
 @triton.jit
 def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-              stride_xb, stride_xc, stride_xh, stride_xw, step_lo, step_hi,
+              stride_xb, stride_xc, stride_xh, stride_xw, step_lo, STEPS: tl.constexpr, CLAMP: tl.constexpr,
               KSIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               K_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, I64: tl.constexpr):
     """acc[p, n] = sum over (kh, kw, ci) of x[b, g*CIN_G + ci, h + kh - K//2, w + kw - K//2] *
-    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p, over the K steps [step_lo,
-    step_hi) of one flat loop of KSIZE*KSIZE*K_BLOCKS steps (K_BLOCKS = cdiv(CIN_G, BLOCK_K)); step = tap *
-    K_BLOCKS + in-channel block. The whole loop (0, KSIZE*KSIZE*K_BLOCKS: constexprs, a constant trip count) or
-    one split of it (:func:`conv_split_kernel`)."""
+    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p, over the K steps step_lo ...
+    step_lo + STEPS - 1 (a constant trip count) of one flat loop of KSIZE*KSIZE*K_BLOCKS steps (K_BLOCKS =
+    cdiv(CIN_G, BLOCK_K)); step = tap * K_BLOCKS + in-channel block; with CLAMP, steps past the last are masked
+    off. The whole loop (0, KSIZE*KSIZE*K_BLOCKS) or one split of it (:func:`conv_split_kernel`)."""
     PAD: tl.constexpr = KSIZE // 2
     oh = offs_p // W
     ow = offs_p % W
@@ -80,10 +80,14 @@ def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
     cols = g * COUT_G + offs_n
     n_ok = offs_n < COUT_G
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for step in range(step_lo, step_hi):
+    for i in range(STEPS):
+        step = step_lo + i
         tap = step // K_BLOCKS
         offs_k = (step % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < CIN_G
+        if CLAMP:  # no in-channel is in range in a step past the last
+            k_ok = offs_k < tl.where(step < KSIZE * KSIZE * K_BLOCKS, CIN_G, 0)
+        else:
+            k_ok = offs_k < CIN_G
         ih = oh + (tap // KSIZE - PAD)
         iw = ow + (tap % KSIZE - PAD)
         row_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -111,7 +115,7 @@ def conv_bn_relu_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_xb, stride_xc, stride_xh, stride_xw, 0, KSIZE * KSIZE * K_BLOCKS,
+                    stride_xb, stride_xc, stride_xh, stride_xw, 0, KSIZE * KSIZE * K_BLOCKS, False,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
@@ -143,13 +147,9 @@ def conv_split_kernel(
     STEPS: tl.constexpr = (TOTAL + SPLIT - 1) // SPLIT
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     s = tl.program_id(2)
-    lo = s * STEPS
-    if TOTAL % SPLIT == 0:  # what the launcher picks: no bound to clamp (the clamp spilled 8 B on sm_80, Triton 3.4)
-        hi = lo + STEPS
-    else:
-        hi = tl.minimum(lo + STEPS, TOTAL)
+    # equal splits (what the launcher picks) need no clamp: a clamped bound spilled 8 B on sm_80 (Triton 3.4)
     acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_xb, stride_xc, stride_xh, stride_xw, lo, hi,
+                    stride_xb, stride_xc, stride_xh, stride_xw, s * STEPS, STEPS, TOTAL % SPLIT != 0,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     co = g * COUT_G + offs_n
     mask = (offs_p < H * W)[:, None] & (offs_n < COUT_G)[None, :]
@@ -209,7 +209,7 @@ def conv_gate_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(z_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_zb, stride_zc, stride_zh, stride_zw, 0, KSIZE * KSIZE * K_BLOCKS,
+                    stride_zb, stride_zc, stride_zh, stride_zw, 0, KSIZE * KSIZE * K_BLOCKS, False,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
