@@ -17,6 +17,12 @@ weights' dtype, fp32 accumulation (fp32: INPUT_PRECISION); DOT_F32 upcasts both 
 
 * :func:`conv_bn_relu_kernel` - z1 = relu(conv(x1, W1) + b1), BatchNorm1 folded into W1 and b1; z1 written
   once. Reads x1 (B*C*HW elements, plus the halo re-read from L1/L2), W1; writes z1 (B*C/r*HW elements).
+* :func:`conv_split_kernel` and :func:`split_sum_kernel` - conv1 split-K (``gam_triton.ops.conv.split_k``: grids
+  under 0.6 waves with long K loops): the first writes the fp32 partial sums of SPLIT parts of the K loop (equal
+  ones as the heuristic picks them; SPLIT x B*HW*COUT fp32, each element once), the second sums them in split
+  order, adds the bias, applies ReLU and casts into z1 (reads the partials, writes z1). Deterministic: no atomics.
+  Extra traffic over the one-launch kernel: the partials written and read (8 x SPLIT bytes per z1 element) and a
+  second launch.
 * :func:`conv_gate_kernel` - out[:, dst(co)] = x1[:, dst(co)] * sigmoid(scale[co] * (conv(z1, W2) + b2)[co]
   + shift[co]): BatchNorm2, sigmoid, channel shuffle (dst(co) = (co % CPG) * G + co // CPG, the inverse of
   the YOLO shuffle's src(c) = (c % G) * CPG + c // G, CPG = C / SHUFFLE_G) and the gate multiply; y2 never
@@ -29,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .channel_gate import _dot  # acc + a @ b, fp32 accumulation (operands upcast when DOT_F32)
+from .elementwise import tile_2d, tile_ptrs  # the persistent [b, c, p] tiles of the memory-bound kernels
 
 
 @triton.jit
@@ -57,12 +64,14 @@ def _program_tile(HW, N_BLOCKS, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, I6
 
 @triton.jit
 def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-              stride_xb, stride_xc, stride_xh, stride_xw,
+              stride_xb, stride_xc, stride_xh, stride_xw, step_lo, STEPS: tl.constexpr, CLAMP: tl.constexpr,
               KSIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               K_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, I64: tl.constexpr):
     """acc[p, n] = sum over (kh, kw, ci) of x[b, g*CIN_G + ci, h + kh - K//2, w + kw - K//2] *
-    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p. K_BLOCKS = cdiv(CIN_G, BLOCK_K)
-    (a constexpr: one flat loop of KSIZE*KSIZE*K_BLOCKS steps with a constant trip count)."""
+    W[kh, kw, ci, g*COUT_G + n], fp32, for the pixels p = h * W + w of offs_p, over the K steps step_lo ...
+    step_lo + STEPS - 1 (a constant trip count) of one flat loop of KSIZE*KSIZE*K_BLOCKS steps (K_BLOCKS =
+    cdiv(CIN_G, BLOCK_K)); step = tap * K_BLOCKS + in-channel block; with CLAMP, steps past the last are masked
+    off. The whole loop (0, KSIZE*KSIZE*K_BLOCKS) or one split of it (:func:`conv_split_kernel`)."""
     PAD: tl.constexpr = KSIZE // 2
     oh = offs_p // W
     ow = offs_p % W
@@ -71,10 +80,14 @@ def _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
     cols = g * COUT_G + offs_n
     n_ok = offs_n < COUT_G
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for step in range(KSIZE * KSIZE * K_BLOCKS):
+    for i in range(STEPS):
+        step = step_lo + i
         tap = step // K_BLOCKS
         offs_k = (step % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < CIN_G
+        if CLAMP:  # no in-channel is in range in a step past the last
+            k_ok = offs_k < tl.where(step < KSIZE * KSIZE * K_BLOCKS, CIN_G, 0)
+        else:
+            k_ok = offs_k < CIN_G
         ih = oh + (tap // KSIZE - PAD)
         iw = ow + (tap % KSIZE - PAD)
         row_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -102,7 +115,7 @@ def conv_bn_relu_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_xb, stride_xc, stride_xh, stride_xw,
+                    stride_xb, stride_xc, stride_xh, stride_xw, 0, KSIZE * KSIZE * K_BLOCKS, False,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
@@ -111,6 +124,70 @@ def conv_bn_relu_kernel(
     mask = (offs_p < H * W)[:, None] & n_ok[None, :]
     z_ptrs = z_ptr + pid_b * stride_zb + offs_p[:, None] * stride_zp + _wide(co[None, :], I64) * stride_zc
     tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_split_kernel(
+    x_ptr, w_ptr, part_ptr,
+    H, W, CIN_G, COUT, COUT_G, N_BLOCKS,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    KSIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """Split-K conv1, first launch: part[s, b, p, co] = the sum of conv(x, W)[b, co, p] over split s of the K
+    loop (its steps [s * STEPS, min((s + 1) * STEPS, KSIZE*KSIZE*K_BLOCKS)), STEPS = cdiv(KSIZE*KSIZE*K_BLOCKS,
+    SPLIT)), fp32, no bias or ReLU (:func:`split_sum_kernel` applies them).
+
+    Grid: (B * cdiv(HW, BLOCK_P), G * N_BLOCKS, SPLIT); the tile as :func:`conv_bn_relu_kernel`'s. Reads x (+
+    halo) and W once over all splits; writes part, SPLIT x B x HW x COUT fp32 (contiguous, channels last), each
+    element exactly once: no atomics, so the sum :func:`split_sum_kernel` forms is the same bits on every run.
+    """
+    TOTAL: tl.constexpr = KSIZE * KSIZE * K_BLOCKS
+    STEPS: tl.constexpr = (TOTAL + SPLIT - 1) // SPLIT
+    pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
+    s = tl.program_id(2)
+    # equal splits (what the launcher picks) need no clamp: a clamped bound spilled 8 B on sm_80 (Triton 3.4)
+    acc = _conv_acc(x_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
+                    stride_xb, stride_xc, stride_xh, stride_xw, s * STEPS, STEPS, TOTAL % SPLIT != 0,
+                    KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
+    co = g * COUT_G + offs_n
+    mask = (offs_p < H * W)[:, None] & (offs_n < COUT_G)[None, :]
+    image = s.to(tl.int64) * (tl.num_programs(0) // tl.cdiv(H * W, BLOCK_P)) + pid_b  # s * B + b
+    ptrs = part_ptr + image * H * W * COUT + _wide(offs_p[:, None] * COUT + co[None, :], I64)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["B"])  # the batch: a loop bound only, one binary for all
+def split_sum_kernel(
+    part_ptr, b_ptr, z_ptr,
+    B, HW, C,
+    stride_zb, stride_zc, stride_zp,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Split-K conv1, second launch: z[b, c, p] = relu(part[0, b, p, c] + ... + part[SPLIT - 1, b, p, c] +
+    bias[c]), summed in that fixed order in fp32, cast to z's dtype. C = COUT.
+
+    Grid: persistent (P, cdiv(C, BLOCK_C)) over the [BLOCK_P, BLOCK_C] tiles of (image, pixel block) t = p, p + P,
+    ... as the elementwise kernels' (``kernels/elementwise.py``). Reads part (SPLIT x B x HW x C fp32) and C
+    biases; writes z (B x C x HW elements) through three strides. Memory-bound.
+    """
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    T = B * tl.cdiv(HW, BLOCK_P)
+    split_stride = B.to(tl.int64) * HW * C
+    t = tl.program_id(0)
+    while t < T:
+        bias = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        pid_b, offs_p, mask = tile_2d(t, HW, C, BLOCK_P, BLOCK_C)
+        ptrs = part_ptr + pid_b * HW * C + offs_p[:, None] * C + offs_c[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(ptrs + s * split_stride, mask=mask, other=0.0)
+        z = tl.maximum(acc + bias[None, :], 0.0)
+        tl.store(tile_ptrs(z_ptr, pid_b, offs_p, offs_c, stride_zb, stride_zc, stride_zp),
+                 z.to(z_ptr.dtype.element_ty), mask=mask)
+        t += tl.num_programs(0)
 
 
 @triton.jit
@@ -132,7 +209,7 @@ def conv_gate_kernel(
     """
     pid_b, offs_p, g, offs_n = _program_tile(H * W, N_BLOCKS, BLOCK_P, BLOCK_N, I64)
     acc = _conv_acc(z_ptr, w_ptr, pid_b, offs_p, g, offs_n, H, W, CIN_G, COUT, COUT_G,
-                    stride_zb, stride_zc, stride_zh, stride_zw,
+                    stride_zb, stride_zc, stride_zh, stride_zw, 0, KSIZE * KSIZE * K_BLOCKS, False,
                     KSIZE, BLOCK_P, BLOCK_N, BLOCK_K, K_BLOCKS, DOT_F32, INPUT_PRECISION, I64)
     n_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n

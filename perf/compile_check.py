@@ -41,7 +41,7 @@ perf/compile/, not committed). Nothing is read from or kept in the repository: e
 static figures, not timings.
 
     python perf/compile_check.py [--subset full|sweep|ci] [--archs 80,90,100] [--check] [--targets waves,...]
-                                 [--loads|--no-loads] [--jobs 2] [--out perf/compile]
+                                 [--loads|--no-loads] [--jobs 2] [--out perf/compile] [--kernels NAME,...]
 """
 from __future__ import annotations
 
@@ -650,6 +650,8 @@ def main(argv: Optional[list] = None) -> int:
                     help="count loads per program in the interpreter (default: with --subset full)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--kernels", default="", help="keep only binaries of these kernel names (comma-separated, "
+                    "e.g. conv_bn_relu_kernel): a quick look at a few kernels over a large subset")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU targets need real @triton.jit functions
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
@@ -663,8 +665,11 @@ def main(argv: Optional[list] = None) -> int:
     t0 = time.perf_counter()
     binaries: dict = {}
     n_launches = 0
+    only = {k for k in args.kernels.split(",") if k}
     for case in space(args.subset):
         for launch in capture(case):
+            if only and launch.kernel.fn.__name__ not in only:
+                continue
             n_launches += 1
             spec = specialise(launch.kernel, launch.args, launch.kwargs)
             binaries.setdefault(compile_key(launch.kernel, spec), (launch.kernel, spec, []))[2].append(launch)

@@ -42,6 +42,18 @@ def test_ci_subset_compiles_without_problems(tmp_path):
         assert any(f",{kernel}," in r for r in rows), kernel
 
 
+def test_split_k_binaries_compile_without_problems(tmp_path):
+    """conv1's split-K launches (the plain conv1 at C256 40x40 B16, fp16/bf16, both layouts: 0.51 waves unsplit),
+    kept by ``--kernels``: no spill, tensor cores, the waves target on the split sum."""
+    shrink = ("cc.SUBSETS['ci'] = ([(256, 40)], (16,), ('paper',), ('',)); cc.TWEAKS[''] = ('eval',); "
+              "cc.DTYPES = [('fp16', None, True), ('bf16', None, True)]")
+    res = _run(["--subset", "ci", "--archs", ARCHS, "--check", "--targets", "waves", "--no-loads", "--kernels",
+                "conv_split_kernel,split_sum_kernel", "--out", str(tmp_path)], shrink)
+    assert res.returncode == 0 and "0 problem(s)" in res.stdout, res.stdout[-4000:] + res.stderr[-4000:]
+    rows = (tmp_path / "report.csv").read_text().splitlines()
+    assert {r.split(",")[1] for r in rows[1:]} == {"conv_split", "split_sum"}
+
+
 # one eval call at one shape: a handful of binaries; every one compiled with 64 registers at most
 SHRINK = ("cc.SUBSETS['ci'] = ([(64, 20)], (16,), ('paper',), ('',)); cc.TWEAKS[''] = ('eval',); "
           "cc.DTYPES = [('fp16', None, True)]")

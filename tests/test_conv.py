@@ -114,6 +114,118 @@ def test_conv_kernels_int64_offsets(monkeypatch, device):
     assert_close(out, x1.double().cpu() * shuffle_map(s, 4), torch.float32, what="out, int64 offsets")
 
 
+# --- split-K conv1 (forced: the interpreter's heuristic never splits) ----------------------------------------
+@pytest.fixture
+def forced_split(monkeypatch):
+    """conv1 launches the heuristic tile split SPLIT ways (``forced_split(SPLIT)``); the tuner off (no cache)."""
+    monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")
+    _autotune.reset()
+
+    def force(split, bp=16, bn=16, bk=16):
+        import triton
+
+        cfg = triton.Config(dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split), num_warps=4, num_stages=2)
+        monkeypatch.setattr(conv, "conv1_heuristic", lambda *a, **k: cfg)
+        return cfg
+
+    yield force
+    _autotune.reset()
+
+
+SPLIT_CASES = [  # (B, CIN, COUT, groups, K, H, W, SPLIT)
+    (1, 33, 5, 1, 3, 3, 5, 2),    # odd C, H != W, COUT padded to 16 columns; 27 K steps in 2 splits (14 + 13)
+    (2, 20, 12, 1, 3, 4, 3, 4),   # batch 2, 18 steps in 4 splits (5 + 5 + 5 + 3)
+    (1, 48, 12, 4, 3, 2, 3, 3),   # grouped: 12 in and 3 out channels per group (merged)
+    (1, 24, 6, 1, 3, 1, 1, 8),    # a 1x1 map; 18 steps in 8 splits of 3: the last split is empty (zeros)
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}_C{}_O{}_g{}_k{}_{}x{}_s{}".format(*c))
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.float16, True), (torch.float16, False),
+                                                 (torch.bfloat16, True), (torch.bfloat16, False)],
+                         ids=["fp32-nchw", "fp32-nhwc", "fp16-nhwc", "fp16-nchw", "bf16-nhwc", "bf16-nchw"])
+def test_conv1_split_k(case, dtype, channels_last, device, forced_split, monkeypatch):
+    """Split-K conv1 against float64, poisoned outputs and partials (NaN: every element must be written), and
+    the same bits on a second run (fixed-order sum, no atomics)."""
+    b, cin, cout, g, k, h, w, split = case
+    forced_split(split)
+    monkeypatch.setattr(_runtime, "POISON", True)
+    launch, names = _runtime.launch, []
+    monkeypatch.setattr(_runtime, "launch", lambda kern, *a: names.append(kern.fn.__name__) or launch(kern, *a))
+    x = _layout(_rand((b, cin, h, w), dtype, device), channels_last)
+    wt = _rand((cout, cin // g, k, k), dtype, device, 1.5 / (cin // g * k * k) ** 0.5, seed=1)
+    bias = _rand((cout,), dtype, device, 0.3, seed=2)
+    z = conv.conv_bn_relu(x, wt, bias, g)
+    want = torch.relu(F.conv2d(x.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2,
+                               groups=g))
+    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    assert_close(z, want, dtype, what=f"split-K conv_bn_relu {case}")
+    assert names == ["conv_split_kernel", "split_sum_kernel"]
+    bits = lambda t: t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)  # noqa: E731
+    assert torch.equal(bits(conv.conv_bn_relu(x, wt, bias, g)), bits(z))
+
+
+@needs_kernels
+def test_conv1_split_k_launches_and_batches(device, forced_split):
+    """A split config is two launches (partials, then the sum); batch 0 launches nothing; batch 1 matches the
+    unsplit kernel to rounding."""
+    cfg = forced_split(3)
+    x = _rand((1, 20, 3, 2), torch.float32, device)
+    wt = _rand((8, 20, 3, 3), torch.float32, device, 0.1, seed=1)
+    bias = _rand((8,), torch.float32, device, 0.3, seed=2)
+    wp = conv.pack_weight(wt)
+    z = torch.empty((1, 8, 3, 2), device=device).contiguous(memory_format=torch.channels_last)
+    launches = conv.conv1_launches(x, wp, bias, z, cfg, "tf32x3")
+    assert [la[0].fn.__name__ for la in launches] == ["conv_split_kernel", "split_sum_kernel"]
+    assert launches[0][1][2] == 3
+    with pytest.raises(ValueError, match="split-K"):
+        conv.conv1_launch_args(x, wp, bias, z, cfg, "tf32x3")
+    empty = conv.conv_bn_relu(x[:0], wt, bias)
+    assert empty.shape == (0, 8, 3, 2)
+    z1 = torch.full_like(z, float("nan"))
+    _conv1(x, wp, bias, z1, _tile(16, 16, 16))
+    torch.testing.assert_close(conv.conv_bn_relu(x, wt, bias), z1, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_heuristic():
+    """Split only under SPLIT_BELOW_WAVES estimated waves with long K loops, into equal splits; never into
+    (1.0, 1.15] waves."""
+    assert conv.split_k(400, 196, 132 * 6) == 4       # plain conv1 C256 40x40 B16 (0.51 waves): not 2 (1.01)
+    assert conv.split_k(832, 196, 132 * 6) == 1       # >= 0.6 waves: unsplit
+    assert conv.split_k(224, 392, 132 * 6) == 8       # C512 20x20 B16: 0.28 -> 2.26 waves (4: 1.13)
+    assert conv.split_k(336, 441, 132 * 6) == 3       # C576 20x20 B16 (9 in-channel blocks): 0.42 -> 1.27
+    assert conv.split_k(25, 196, 132 * 6) == 4        # one image: the most equal splits keeping 32 K steps
+    assert conv.split_k(25, 40, 132 * 6) == 1         # a short K loop: unsplit
+    assert all(s == 1 or not 1.0 < p * s / 792 <= 1.15
+               for p in range(1, 800) for k in (49, 196, 392) for s in [conv.split_k(p, k, 792)])
+    assert all(k % conv.split_k(p, k, 792) == 0 for p in range(1, 800, 7) for k in (49, 196, 392, 441))
+    if not conv.HAS_TRITON:
+        return
+    cfg = conv.conv1_heuristic(256, 64, 1, 7, 16, 1600, torch.bfloat16, "tf32", sms=132, target="gpu")
+    assert conv.resident_ctas(conv.heuristic(256, 64, 1600, torch.bfloat16, "gpu"), torch.bfloat16) == 6
+    assert cfg.kwargs == dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64, SPLIT=4)
+    grouped = conv.conv1_heuristic(64, 16, 4, 7, 16, 1600, torch.bfloat16, "tf32", sms=132, target="gpu")
+    assert "SPLIT" not in grouped.kwargs                # YOLO conv1 at C256 40x40: 1.05 waves already
+    for prec in ("tf32", "tf32x3"):                     # fp32 never splits (its split kernel spilled)
+        assert "SPLIT" not in conv.conv1_heuristic(256, 64, 1, 7, 16, 1600, torch.float32, prec, 132, "gpu").kwargs
+
+
+def test_conv1_candidates_offer_splits_under_one_wave(monkeypatch):
+    monkeypatch.setattr(conv, "TARGET", "gpu")
+    gpu_heuristic = conv.heuristic
+    monkeypatch.setattr(conv, "heuristic", lambda *a: gpu_heuristic(*a[:4], target="gpu"))
+    cands = conv.conv1_candidates(256, 64, 1, 7, 16, 1600, torch.bfloat16)
+    splits = [c.kwargs.get("SPLIT", 1) for c in cands]
+    assert splits[:2] == [2, 4] and set(splits[2:]) == {1} and len(cands) <= _runtime.MAX_CANDIDATES
+    tile = gpu_heuristic(256, 64, 1600, torch.bfloat16, target="gpu")
+    assert _autotune.ident(tile) in {_autotune.ident(c) for c in cands}  # the unsplit heuristic tile too
+    assert len({_autotune.ident(c) for c in cands}) == len(cands)
+    assert all("SPLIT" not in c.kwargs for c in conv.conv1_candidates(64, 16, 4, 7, 16, 6400, torch.bfloat16))
+    assert all("SPLIT" not in c.kwargs for c in conv.conv1_candidates(256, 64, 1, 7, 16, 1600, torch.float32))
+
+
 GATE_CASES = [  # (B, CIN, C, groups, K, shuffle, H, W)
     (1, 12, 48, 4, 7, 4, 2, 3),   # GAM grouped conv2 at C = 48 (3 in, 12 out channels per group), shuffled
     (1, 5, 20, 1, 3, 0, 3, 5),    # plain, no shuffle

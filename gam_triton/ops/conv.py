@@ -6,7 +6,9 @@
 Kernels: ``kernels/conv.py``. Weights are taken packed, [K, K, S*CIN/G, COUT] (:func:`pack_weight`: groups with
 fewer than 16 channels merged S at a time into block-diagonal ones, so the K loop's loads are 16-byte vectors).
 
-* :func:`conv_bn_relu` - conv1 + bias + ReLU in one kernel, z1 written once (channels_last).
+* :func:`conv_bn_relu` - conv1 + bias + ReLU in one kernel, z1 written once (channels_last); where its grid fills
+  under SPLIT_BELOW_WAVES of the device and the K loop is long, split-K (:func:`split_k`): the K loop in SPLIT
+  parts writing fp32 partials, then a fixed-order sum + bias + ReLU + cast (two launches, deterministic).
 * :func:`conv_gate` - conv2 with the final gate in its epilogue (BN2, sigmoid, channel shuffle, multiply by
   x1): writes the block's output; y2 never exists in memory.
 * :func:`spatial_eval` - the whole branch down one of the paths of ``GAM_TRITON_CONV`` (:data:`MODES`, read by
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _autotune, _runtime
+from . import _autotune, _runtime, elementwise
 from ._runtime import (HAS_TRITON, KERNEL_DTYPES, TARGET, bchw_view, check_bchw, check_groups, check_vector,
                        is_channels_last, new_output, next_pow2)
 from .elementwise import final_gate, run_final_gate
@@ -40,11 +42,12 @@ if HAS_TRITON:
     import triton
     from triton import cdiv
 
-    from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel
+    from ..kernels.conv import conv_bn_relu_kernel, conv_gate_kernel, conv_split_kernel, split_sum_kernel
 
 __all__ = ["conv_bn_relu", "conv_gate", "spatial_eval", "spatial_run", "conv_mode", "triton_ok", "checked",
            "CandidateMismatchWarning", "tile_key", "path_key", "pack_weight", "pack_spatial", "merged_groups",
-           "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args"]
+           "unpack_weight", "MODES", "heuristic", "candidates", "precision", "conv1_launch_args", "conv2_launch_args",
+           "conv1_heuristic", "conv1_candidates", "conv1_launches", "split_k", "resident_ctas", "SPLITS"]
 
 #: Values of GAM_TRITON_CONV.
 MODES = ("auto", "triton", "cudnn")
@@ -198,6 +201,88 @@ def candidates(cin_g: int, cout_g: int, HW: int, dtype: torch.dtype) -> list:
     return _runtime.nearest(out, heur)
 
 
+# --- split-K (conv1) -----------------------------------------------------------------------------------------
+#: conv1's split-K factors (its split candidates, as data). The heuristic splits a grid estimated under
+#: SPLIT_BELOW_WAVES waves of the device, keeping at least MIN_SPLIT_STEPS K steps per split.
+SPLITS = (2, 3, 4, 6, 8)
+SPLIT_BELOW_WAVES = 0.6
+MIN_SPLIT_STEPS = 32
+#: Shared memory per SM less 1 KB (sm_90, sm_100; sm_80 has 164 KB: an estimate either way).
+_SMEM_PER_SM = 232448
+
+
+def resident_ctas(cfg: "triton.Config", dtype: torch.dtype, prec: str = "tf32") -> int:
+    """Estimated CTAs per SM of a convolution tile (the compile check's occupancy model on estimated figures):
+    shared memory of the operand stages (+1 KB), registers ~ the fp32 accumulator per thread + 40 (+48 for 3xTF32
+    dots), 64 warps. Matches sm_90's compile facts for the half-precision 64x64x64 tile (64 registers, 6 CTAs)."""
+    bp, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K"))
+    smem = cfg.num_stages * (bp * bk + bk * bn) * dtype.itemsize
+    regs = -(-(bp * bn // (32 * cfg.num_warps) + 40 + (48 if prec == "tf32x3" else 0)) // 8) * 8
+    return max(1, min(64 // cfg.num_warps, _SMEM_PER_SM // (smem + 1024), 65536 // (regs * 32 * cfg.num_warps)))
+
+
+def split_k(programs: int, k_steps: int, slots: int) -> int:
+    """conv1's split factor for a grid of ``programs`` CTAs, each ``k_steps`` K steps long, on ``slots`` resident
+    CTAs (SMs x :func:`resident_ctas`): 1 when the grid fills SPLIT_BELOW_WAVES or more of them; else, among the
+    :data:`SPLITS` that divide ``k_steps`` (equal splits: a clamped last split spilled 8 B on sm_80, Triton 3.4;
+    a 7x7 kernel has 49 x in-channel blocks steps) and keep >= MIN_SPLIT_STEPS of them per split, the smallest
+    that lifts the grid to >= SPLIT_BELOW_WAVES waves outside (1.0, 1.15] (a lone straggling wave); failing that
+    the largest under one wave (more of the device busy); 1 if none."""
+    if programs >= SPLIT_BELOW_WAVES * slots:
+        return 1
+    ok = [s for s in SPLITS if k_steps >= MIN_SPLIT_STEPS * s and k_steps % s == 0]
+    for s in ok:
+        w = programs * s / slots
+        if w >= SPLIT_BELOW_WAVES and not 1.0 < w <= 1.15:
+            return s
+    return max((s for s in ok if programs * s <= slots), default=1)
+
+
+def _conv1_grid(cin_g: int, cout_g: int, groups: int, k: int, batch: int, HW: int, tile) -> tuple[int, int]:
+    """(CTAs, K steps per CTA) of an unsplit conv1 launch with ``tile``."""
+    ctas = max(1, batch) * cdiv(HW, tile.kwargs["BLOCK_P"]) * groups * cdiv(cout_g, tile.kwargs["BLOCK_N"])
+    return ctas, k * k * cdiv(cin_g, tile.kwargs["BLOCK_K"])
+
+
+def _with_split(tile: "triton.Config", split: int) -> "triton.Config":
+    if split == 1:
+        return tile
+    return triton.Config(dict(tile.kwargs, SPLIT=split), num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def conv1_heuristic(cin_g: int, cout_g: int, groups: int, k: int, batch: int, HW: int, dtype: torch.dtype,
+                    prec: str = "tf32", sms: Optional[int] = None, target: Optional[str] = None) -> "triton.Config":
+    """conv1's launch: :func:`heuristic`'s tile, plus SPLIT = :func:`split_k` (> 1 only) on a GPU (``sms``:
+    default ``_runtime.sm_count()``, 132 off-GPU). fp16/bf16 only: fp32's split kernel (64x64x16 tiles) spilled
+    8-28 B on sm_80 and sm_100 (Triton 3.9). The interpreter never splits (tests force it)."""
+    target = TARGET if target is None else target
+    tile = heuristic(cin_g, cout_g, HW, dtype, target)
+    if target == "interpreter" or dtype.itemsize == 4:
+        return tile
+    ctas, steps = _conv1_grid(cin_g, cout_g, groups, k, batch, HW, tile)
+    slots = (_runtime.sm_count() if sms is None else sms) * resident_ctas(tile, dtype, prec)
+    return _with_split(tile, split_k(ctas, steps, slots))
+
+
+def conv1_candidates(cin_g: int, cout_g: int, groups: int, k: int, batch: int, HW: int, dtype: torch.dtype,
+                     prec: str = "tf32") -> list:
+    """conv1's candidates: :func:`candidates`' tiles (unsplit) and, in fp16/bf16 where the heuristic tile's grid is
+    under one estimated wave, that tile split by each of :data:`SPLITS` dividing its K steps and keeping >=
+    MIN_SPLIT_STEPS of them per split (the heuristic's split among them); MAX_CANDIDATES in all. Under the
+    interpreter: :func:`candidates`."""
+    tiles = candidates(cin_g, cout_g, HW, dtype)
+    if TARGET == "interpreter":
+        return tiles
+    tile = heuristic(cin_g, cout_g, HW, dtype)
+    ctas, steps = _conv1_grid(cin_g, cout_g, groups, k, batch, HW, tile)
+    splits = []
+    if dtype.itemsize < 4 and ctas < _runtime.sm_count() * resident_ctas(tile, dtype, prec):
+        splits = [_with_split(tile, s) for s in SPLITS if steps >= MIN_SPLIT_STEPS * s and steps % s == 0]
+    keep = {_autotune.ident(c) for c in splits}
+    tiles = [c for c in tiles if _autotune.ident(c) not in keep]
+    return splits + tiles[:max(0, _runtime.MAX_CANDIDATES - len(splits))]
+
+
 # --- launches ------------------------------------------------------------------------------------------------
 def _dims(x: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(K, CIN_G, COUT, groups, COUT_G) of a packed weight applied to x."""
@@ -219,7 +304,9 @@ def _kwargs(cfg: "triton.Config", k: int, cin_g: int, dtype: torch.dtype, prec: 
 
 
 def conv1_launch_args(x1, wp, b, z, cfg: "triton.Config", prec: str) -> tuple:
-    """(kernel, grid, args, kwargs) of conv1 + bias + ReLU writing z."""
+    """(kernel, grid, args, kwargs) of conv1 + bias + ReLU writing z in one launch (a tile without SPLIT)."""
+    if cfg.kwargs.get("SPLIT", 1) != 1:
+        raise ValueError(f"conv1_launch_args: {_autotune.describe(cfg)} is split-K (conv1_launches)")
     bsz, _, h, w = x1.shape
     k, cin_g, cout, groups, cout_g = _dims(x1, wp)
     n_blocks = cdiv(cout_g, cfg.kwargs["BLOCK_N"])
@@ -227,6 +314,32 @@ def conv1_launch_args(x1, wp, b, z, cfg: "triton.Config", prec: str) -> tuple:
     grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), groups * n_blocks)
     args = (x1, wp, b, z, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride(), szb, szc, szp)
     return conv_bn_relu_kernel, grid, args, _kwargs(cfg, k, cin_g, wp.dtype, prec, x1, z)
+
+
+def conv1_launches(x1, wp, b, z, cfg: "triton.Config", prec: str) -> list:
+    """The launches, [(kernel, grid, args, kwargs)], of conv1 + bias + ReLU writing z with ``cfg``: one
+    (:func:`conv1_launch_args`), or with SPLIT = S > 1 two: :func:`conv_split_kernel` over (B * pixel blocks,
+    channel blocks, S) writing an fp32 scratch of S x B x HW x COUT partials (channels last; allocated here,
+    NaN-poisoned under GAM_TRITON_POISON), then :func:`split_sum_kernel` summing them in split order + bias +
+    ReLU into z, on the elementwise kernels' persistent grid and tile (``elementwise.heuristic``). Extra traffic
+    of the split: S x B x HW x COUT x 4 bytes written, then read (26 MB each way at C256 40x40 B16, S = 4)."""
+    split = cfg.kwargs.get("SPLIT", 1)
+    if split == 1:
+        return [conv1_launch_args(x1, wp, b, z, cfg, prec)]
+    bsz, _, h, w = x1.shape
+    k, cin_g, cout, groups, cout_g = _dims(x1, wp)
+    n_blocks = cdiv(cout_g, cfg.kwargs["BLOCK_N"])
+    part = torch.empty((split, bsz, h * w, cout), dtype=torch.float32, device=x1.device)
+    if _runtime.POISON:
+        part.fill_(float("nan"))
+    grid = (bsz * cdiv(h * w, cfg.kwargs["BLOCK_P"]), groups * n_blocks, split)
+    args = (x1, wp, part, h, w, cin_g, cout, cout_g, n_blocks, *x1.stride())
+    first = (conv_split_kernel, grid, args, _kwargs(cfg, k, cin_g, wp.dtype, prec, x1, z))  # z: a partial's span
+    _, szb, szc, szp = bchw_view(z)
+    scfg = elementwise.heuristic(cout, h * w, True, batch=bsz)
+    sgrid = elementwise.programs(bsz, h * w, cout, scfg, x1.device)
+    sargs = (part, b, z, bsz, h * w, cout, szb, szc, szp)
+    return [first, (split_sum_kernel, sgrid, sargs, dict(SPLIT=split, **_runtime.config_kwargs(scfg)))]
 
 
 def conv2_launch_args(z1, wp, b, scale, shift, x1, shuffle: int, out, cfg: "triton.Config", prec: str) -> tuple:
@@ -261,8 +374,9 @@ def path_key(x1: torch.Tensor, w1: torch.Tensor, groups: int, shuffle: int, out_
 
 def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, go, out: torch.Tensor, reference,
           prec: str) -> "triton.Config":
-    """The tile of conv ``op`` over input x: tuned with each candidate checked against ``reference()``."""
-    _, cin_g, _, _, cout_g = _dims(x, wp)
+    """The tile of conv ``op`` over input x: tuned with each candidate checked against ``reference()``;
+    conv_bn_relu's may be split-K (:func:`conv1_heuristic`, :func:`conv1_candidates`)."""
+    k, cin_g, _, groups, cout_g = _dims(x, wp)
     hw = x.shape[2] * x.shape[3]
     key = tile_key(x, wp, extra, prec)
 
@@ -272,6 +386,9 @@ def _tile(op: str, x: torch.Tensor, wp: torch.Tensor, extra: tuple, go, out: tor
         return out
 
     bench = checked(op, _autotune.timed(go), run, reference, tolerance(wp.dtype))
+    if op == "conv_bn_relu":
+        dims = (cin_g, cout_g, groups, k, x.shape[0], hw, wp.dtype, prec)
+        return _autotune.select(op, key, lambda: conv1_heuristic(*dims), lambda: conv1_candidates(*dims), bench)
     return _autotune.select(op, key, lambda: heuristic(cin_g, cout_g, hw, wp.dtype),
                             lambda: candidates(cin_g, cout_g, hw, wp.dtype), bench)
 
@@ -284,8 +401,9 @@ def _conv_bn_relu(x1: torch.Tensor, wp: torch.Tensor, b: torch.Tensor) -> torch.
     k, _, _, groups, _ = _dims(x1, wp)
     prec = precision(wp.dtype)
 
-    def go(cfg):
-        return _runtime.launch(*conv1_launch_args(x1, wp, b, z, cfg, prec))
+    def go(cfg):  # the compiled kernel that spills most (the tuner rejects a spilling candidate)
+        done = [_runtime.launch(*la) for la in conv1_launches(x1, wp, b, z, cfg, prec)]
+        return max(done, key=lambda c: getattr(c, "n_spills", 0) or 0)
 
     def reference() -> torch.Tensor:
         return torch.relu(F.conv2d(x1, unpack_weight(wp), b, padding=k // 2, groups=groups))
