@@ -66,6 +66,8 @@ KERNEL_IO = {
     "bn_bwd_apply_kernel": ("gam_triton::bn_bwd_apply", ("g_ptr", "x1_ptr", "y_ptr", "stats_ptr", "coef_ptr"),
                             ("dy_ptr", "dx1_ptr")),
     "conv_bn_relu_kernel": ("gam_triton::conv_bn_relu", ("x_ptr", "w_ptr", "b_ptr"), ("z_ptr",)),
+    "conv_split_kernel": ("gam_triton::conv_bn_relu", ("x_ptr", "w_ptr"), ("part_ptr",)),
+    "split_sum_kernel": ("gam_triton::conv_bn_relu", ("part_ptr", "b_ptr"), ("z_ptr",)),
     "conv_gate_kernel": ("gam_triton::conv_gate", ("z_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr", "x1_ptr"),
                          ("out_ptr",)),
 }
