@@ -39,7 +39,7 @@ perf/compile/, not committed). Nothing is read from or kept in the repository: e
 static figures, not timings.
 
     python perf/compile_check.py [--subset full|sweep|ci] [--archs 80,90,100] [--check] [--targets waves,...]
-                                 [--loads|--no-loads] [--jobs 2] [--out perf/compile]
+                                 [--loads|--no-loads] [--jobs 2] [--out perf/compile] [--kernels NAME,...]
 """
 from __future__ import annotations
 
@@ -636,6 +636,8 @@ def main(argv: Optional[list] = None) -> int:
                     help="count loads per program in the interpreter (default: with --subset full)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--kernels", default="", help="keep only binaries of these kernels (comma-separated names as in "
+                    "report.csv, e.g. channel_gate_fwd,channel_gate_bwd); default: all")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU targets need real @triton.jit functions
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
@@ -644,6 +646,7 @@ def main(argv: Optional[list] = None) -> int:
     warnings.filterwarnings("ignore")
     args.archs = [int(a) for a in args.archs.split(",")]
     targets = [t for t in args.targets.split(",") if t]
+    names = {k for k in args.kernels.split(",") if k}
     if set(targets) - set(TARGETS):
         ap.error(f"unknown targets: {set(targets) - set(TARGETS)}")
     t0 = time.perf_counter()
@@ -651,6 +654,8 @@ def main(argv: Optional[list] = None) -> int:
     n_launches = 0
     for case in space(args.subset):
         for launch in capture(case):
+            if names and launch.kernel.fn.__name__.removesuffix("_kernel") not in names:
+                continue
             n_launches += 1
             spec = specialise(launch.kernel, launch.args, launch.kwargs)
             binaries.setdefault(compile_key(launch.kernel, spec), (launch.kernel, spec, []))[2].append(launch)
