@@ -547,33 +547,6 @@ def test_the_autocast_backward_gets_the_full_register_budget():
         assert half == (channel_gate.BWD_MAXNREG if cr > 32 else None), cr
 
 
-def test_the_forward_tile_runs_whole_waves_at_the_sweep_shapes_for_every_dot_kind():
-    """At B16 on 132 SMs, the forward heuristic's tile runs in whole waves at every CTAs-per-SM count its estimated
-    registers allow (FWD_REGS' band of its dot kind), its maxnreg (where it caps) bounding the count from below:
-    fp32 (TF32 and 3xTF32) and autocast as well as half precision, every sweep shape. The cap is the new code path:
-    C256 20x20 has it for TF32 and under autocast."""
-    shapes = [(c, 80) for c in (64, 128, 192, 256, 320)] + [(c, 40) for c in (128, 256, 384, 512, 640)] + \
-             [(c, 20) for c in (256, 512, 576, 640, 1024)]
-    kinds = ((torch.bfloat16, None, "tf32", "half"), (torch.bfloat16, torch.float32, "tf32", "autocast"),
-             (torch.float32, None, "tf32", "tf32"), (torch.float32, None, "ieee", "ieee"))
-    capped = set()
-    for c, s in shapes:
-        for dt, xdt, prec, kind in kinds:
-            cfg = channel_gate.heuristic(c, c // 4, s * s, dt, "gpu", xdt, batch=16, sms=132, precision=prec)
-            kw, w = cfg.kwargs, cfg.num_warps
-            est = channel_gate._fwd_regs(kw["BLOCK_P"], kw["BLOCK_C"], kw["BLOCK_R"], w)
-            low, high = channel_gate.FWD_REGS[kind]
-            top = channel_gate._ctas(est * low, w)
-            bottom = channel_gate._ctas(est * high, w)
-            if cfg.maxnreg:
-                capped.add((c, s, kind))
-                assert cfg.maxnreg >= est * low, (c, s, kind)
-                bottom = max(bottom, 65536 // (32 * w * cfg.maxnreg))
-            tiles = 16 * -(-s * s // kw["BLOCK_P"])
-            assert all(channel_gate.waves_ok(tiles, 132 * k) for k in range(bottom, top + 1)), (c, s, kind, cfg)
-    assert {(256, 20, "tf32"), (256, 20, "autocast")} <= capped, capped
-
-
 def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():
     cfg = triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=128), num_warps=4, num_stages=2, maxnreg=255)
     back = _autotune.decode(_autotune.encode(cfg))

@@ -64,11 +64,6 @@ AUTOCAST_BWD_TILES = {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (3
 #: The backward's CTAs per SM at 8 warps (over 128 registers: one; up to 128: two): what its pixel block is fitted
 #: to (:func:`_fit_waves`); from BLOCK_R 128 one (168-249 registers on Triton 3.9 for sm_80/90/100).
 BWD_CTAS = (1, 2)
-#: Registers of a forward tile per dot kind, as (low, high) multiples of :func:`_fwd_regs`'s estimate: about the
-#: range of the Triton 3.9 sm_90 compile facts over the sweep (half 0.82-1.20; fp32 x under autocast 0.90-1.27, up
-#: to 2.25 for the C <= 128 one-chunk tiles, whose grids at 80x80 and 40x40 run whole waves at any count below;
-#: fp32 TF32 1.10-1.40; 3xTF32 1.63-2.97).
-FWD_REGS = {"half": (0.85, 1.2), "autocast": (1.0, 1.4), "tf32": (1.1, 1.4), "ieee": (1.6, 3.0)}
 #: Whole waves (:func:`waves_ok`): at least this share of one wave ...
 WAVES_MIN = 0.6
 #: ... and no lone partial wave up to this many waves.
@@ -105,13 +100,12 @@ def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
               x_dtype: Optional[torch.dtype] = None, batch: Optional[int] = None,
-              sms: int = _runtime.DEFAULT_SMS, precision: Optional[str] = None) -> "triton.Config":
+              sms: int = _runtime.DEFAULT_SMS) -> "triton.Config":
     """A forward tile for any C and C/r (blocks >= 16 for tl.dot, h kept in registers); ``dtype``: the
     dots' (the weights'); ``x_dtype``: x's when it differs (fp32 x under autocast). On the interpreter: few,
     large programs (its cost is per program). The rules are the compile facts of Triton 3.4, 3.6 and 3.9 over
     the module's whole space (ptxas for sm_80/90/100). With ``batch`` (the tuning key's), the tile is
-    then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`); ``precision``: fp32's dot precision
-    (``dot_precision``'s answer, by default asked here)."""
+    then fitted to whole waves on ``sms`` SMs (:func:`_fwd_waves`)."""
     block_r = _block_r(CR)
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(128, max(16, next_pow2(HW))), BLOCK_C=max(16, next_pow2(C)),
@@ -121,80 +115,51 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
         if _runtime.TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
             warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
+        # fp32 tiles sit at the spill edge (16 x 64 x 64 w8, halved for waves, spilled 16 B on sm_90): not fitted
         block_p = max(16, min(block_p, next_pow2(HW)))
-        # fp32 tiles sit at the spill edge (16 x 64 x 64 w8 spilled 16 B on sm_90): fitted to waves by smaller pixel
-        # blocks only (grow=False), at the registers of their dots (FWD_REGS).
-        band = FWD_REGS["tf32" if (precision or dot_precision(dtype)) == "tf32" else "ieee"]
-        block_p, warps, regs = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, band, grow=False)
-        return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
-                             maxnreg=regs)
+        return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
     # BLOCK_R fp32) lives in registers: the pixel block shrinks from C/r = 33 on (64 x 64 x 64 at 4 warps spilled
     # 64 B on sm_80, Triton 3.4), and again for fp32 x under autocast, whose tile is twice a half one (64 x 128 x 32
     # spilled 176-192 B on sm_80, Triton 3.6). 8 warps for BLOCK_R 256 (4 warps took 255 registers, 4-12 B spilled).
     block_c = max(16, next_pow2(C)) if C <= 128 else 64
     block_p = 64 if block_r <= 32 else 32
-    autocast = x_dtype is not None and x_dtype.itemsize == 4
-    if autocast:
+    if x_dtype is not None and x_dtype.itemsize == 4:
         block_p = max(16, block_p // 2)
     block_p = max(16, min(block_p, next_pow2(HW)))
     warps = 8 if block_p * block_c >= 8192 or block_r >= 256 else 4
-    block_p, warps, regs = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms,
-                                      FWD_REGS["autocast" if autocast else "half"])
-    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
-                         maxnreg=regs)
+    block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 2)
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
 
 
-def _fwd_regs(block_p: int, block_c: int, block_r: int, warps: int) -> float:
-    """Registers per thread of a forward tile, estimated: 40 + 2.5 per h element + 0.8 per gate element a thread
-    holds (a fit to the Triton 3.9 sm_90 compile facts of half-precision dots; FWD_REGS scales it per dot kind)."""
+def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: int) -> tuple:
+    """CTAs per SM a forward tile may get: from an estimate of its registers per thread (a fit to the Triton 3.9
+    sm_90 compile facts, 40 + 2.5 per h element + 0.8 per gate element a thread holds, half as many again for
+    fp32 dots; within about 20 %, more often over than under), the estimate and one more."""
     thr = 32 * warps
-    return 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) / 10
-
-
-def _ctas(regs: float, warps: int) -> int:
-    """CTAs per SM that ``regs`` registers per thread (to the allocation granule of 8) allow at ``warps``."""
-    return max(1, min(64 // warps, 65536 // (32 * warps * min(255, -(-math.ceil(regs) // 8) * 8))))
-
-
-def _cap(ctas: int, warps: int) -> int:
-    """The most registers per thread (a multiple of 8, at most 255) at which ``ctas`` CTAs of ``warps`` fit."""
-    return min(255, 65536 // (32 * warps * ctas) // 8 * 8)
+    regs = 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) // 10
+    regs = -(-regs * (3 if itemsize == 4 else 2) // 16) * 8  # fp32 x1.5, to the allocation granule of 8
+    k = max(1, min(64 // warps, 65536 // (thr * min(regs, 255))))
+    return tuple(sorted({k, min(64 // warps, k + 1)}))
 
 
 def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, batch: Optional[int], sms: int,
-               band: tuple, grow: bool = True) -> tuple[int, int, Optional[int]]:
-    """(BLOCK_P, num_warps, maxnreg) of a forward tile fitted to whole waves (:func:`waves_ok`) on ``sms`` SMs.
-
-    Tiles: the pixel block as given, halved, doubled (with ``grow``, up to 128 and the map) or quartered (down to
-    16), at its warps, then the same at 8 (as many warps per SM in half as many CTAs). The warps as given come first:
-    32 x 64 x 64 at 8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9), where 16 x 64 x 64 at 4 fits.
-    First the first tile whose grid runs in whole waves at every CTAs-per-SM count its registers allow (the
-    estimate times ``band``, FWD_REGS), maxnreg None; else the first that does so with maxnreg capping its registers
-    at k CTAs, for a k above the band's lowest and a cap no lower than the band's low end (16 x 64 x 64 w8 under
-    autocast took 66 registers: 3 CTAs, 1.01 waves at C256 20x20; capped at 64, 4 CTAs, 0.76), from Triton 3.6 (on
-    3.4, 16 x 64 x 64 and 16 x 64 x 128 w8 spilled 8-32 B at 64 on sm_80/100). The tile as given (maxnreg None)
-    when none fits or ``batch`` is None."""
+               itemsize: int, grow: bool = True) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of a forward tile fitted to whole waves: the first of the pixel block as given, halved,
+    doubled (with ``grow``, up to 128 and the map) or quartered (down to 16), at its warps, then the same at 8 (as
+    many warps per SM in half as many CTAs), whose grid runs in whole waves (:func:`waves_ok`) for every
+    CTAs-per-SM count :func:`_fwd_ctas` allows; the tile as given when none does or ``batch`` is None. The warps
+    as given come first: 32 x 64 x 64 at 8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9), where
+    16 x 64 x 64 at 4 fits."""
     if batch is None:
-        return block_p, warps, None
+        return block_p, warps
     top = max(16, min(128, next_pow2(HW))) if grow else block_p
     sizes = [q for q in dict.fromkeys((block_p, block_p // 2, block_p * 2, block_p // 4)) if 16 <= q <= top]
-    tiles = [(w, p) for w in dict.fromkeys((warps, 8)) for p in sizes]
-
-    def whole(p: int, ks) -> bool:
-        return all(waves_ok(batch * cdiv(HW, p), sms * k) for k in ks)
-
-    for w, p in tiles:
-        est = _fwd_regs(p, block_c, block_r, w)
-        if whole(p, range(_ctas(est * band[1], w), _ctas(est * band[0], w) + 1)):
-            return p, w, None
-    for w, p in tiles if _runtime.TRITON >= (3, 6) else ():  # 3.4 spilled 8-32 B at those caps (sm_80/100)
-        low = _fwd_regs(p, block_c, block_r, w) * band[0]
-        top_k = _ctas(low, w)
-        for k in range(_ctas(low * band[1] / band[0], w) + 1, top_k + 1):
-            if _cap(k, w) >= low and whole(p, range(k, top_k + 1)):
-                return p, w, _cap(k, w)
-    return block_p, warps, None
+    for w in dict.fromkeys((warps, 8)):
+        for p in sizes:
+            if all(waves_ok(batch * cdiv(HW, p), sms * k) for k in _fwd_ctas(p, block_c, block_r, w, itemsize)):
+                return p, w
+    return block_p, warps
 
 
 def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
@@ -377,7 +342,7 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
         return _runtime.launch(*launch_args(x, w1, b1, w2, b2, sigmoid, out, cfg, prec))
 
     go(_autotune.select("channel_gate", key(x, w1, out_channels_last, prec),
-                        lambda: heuristic(c, cr, hw, w1.dtype, x_dtype=x.dtype, precision=prec,
+                        lambda: heuristic(c, cr, hw, w1.dtype, x_dtype=x.dtype,
                                           batch=_autotune.pixels(x.shape[0], hw)[1], sms=_runtime.sm_count(x.device)),
                         lambda: candidates(c, cr, hw, w1.dtype), _autotune.timed(go)))
     return out
