@@ -650,8 +650,8 @@ def main(argv: Optional[list] = None) -> int:
                     help="count loads per program in the interpreter (default: with --subset full)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--kernels", default="", help="keep only binaries of these kernel names (comma-separated, "
-                    "e.g. conv_bn_relu_kernel): a quick look at a few kernels over a large subset")
+    ap.add_argument("--kernels", default="", help="keep only binaries of these kernels (comma-separated names as in "
+                    "report.csv, e.g. channel_gate_fwd,conv_split; a _kernel suffix is dropped); default: all")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU targets need real @triton.jit functions
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
@@ -665,10 +665,10 @@ def main(argv: Optional[list] = None) -> int:
     t0 = time.perf_counter()
     binaries: dict = {}
     n_launches = 0
-    only = {k for k in args.kernels.split(",") if k}
+    only = {k.removesuffix("_kernel") for k in args.kernels.split(",") if k}
     for case in space(args.subset):
         for launch in capture(case):
-            if only and launch.kernel.fn.__name__ not in only:
+            if only and launch.kernel.fn.__name__.removesuffix("_kernel") not in only:
                 continue
             n_launches += 1
             spec = specialise(launch.kernel, launch.args, launch.kwargs)

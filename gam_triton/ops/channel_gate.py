@@ -47,10 +47,15 @@ SMEM_BUDGET = 96 * 1024
 FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
 #: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
 #: (16, 64, 8, 2), (16, 32, 8, 1): 8-40 B spilled at 80 or 128 registers on Triton 3.6/3.9; 32 then (16, 32, 8, 2):
-#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). BLOCK_R 256 (fp32 dots over more than 128 hidden
-#: channels) has no spill-free tile: :func:`fused`.
-FP32_BWD_TILES = {16: (16, 32, 8, 2), 32: (16, 16, 4, 2), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1),
+#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (:func:`_bwd_maxnreg`): 64
+#: and 128 were (16, 16, 8, 1), 10 and 18 KB in flight per SM; now 16 x 32 x 64 and 16 x 16 x 128 at two stages,
+#: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 256 (fp32 dots over more
+#: than 128 hidden channels) runs as PyTorch GEMMs (:func:`fused`): 16 x 16 x 256 at two stages compiles unspilled
+#: but at 255 registers (FMA "ieee" in NCHW), no margin.
+FP32_BWD_TILES = {16: (16, 32, 8, 2), 32: (16, 16, 4, 2), 64: (16, 32, 8, 2), 128: (16, 16, 8, 2),
                   256: (16, 16, 8, 1)}
+#: fp32 backward tiles from this BLOCK_R get BWD_MAXNREG.
+FP32_BWD_MAXNREG_R = 64
 #: Half-precision backward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R (BLOCK_C 64 only where C <= 64): 12 KB
 #: of activations per chunk step (Triton 3.9, sm_90: 117-141 registers up to BLOCK_R 64, 237 at 128, 249 at 256).
 BWD_TILES = {16: (64, 64, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8), 256: (32, 32, 8)}
@@ -228,9 +233,10 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
 
 def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
     """BWD_MAXNREG for the backward's half-precision dots under autocast (fp32 x) and from BLOCK_R 64, and for fp32
-    dots from BLOCK_R 128 (16 x 16 x 128 w8 TF32 spilled 40 B at ptxas's own 128 registers); else None."""
+    dots from FP32_BWD_MAXNREG_R (16 x 16 x 128 w8 TF32 spilled 40 B at ptxas's own 128 registers, 16 x 32 x 64 w8
+    at 80 or 128); else None."""
     if dtype == torch.float32:
-        return BWD_MAXNREG if block_r >= 128 else None
+        return BWD_MAXNREG if block_r >= FP32_BWD_MAXNREG_R else None
     return BWD_MAXNREG if (x_dtype is not None and x_dtype.itemsize == 4) or block_r >= 64 else None
 
 
