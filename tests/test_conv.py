@@ -48,6 +48,20 @@ def _layout(t, channels_last):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
 
 
+def _conv1_against_f64(case, dtype, channels_last, device):
+    """(z, its float64 reference, a function computing z again) of the public conv_bn_relu at case = (B, CIN,
+    COUT, groups, K, H, W)."""
+    b, cin, cout, g, k, h, w = case
+    x = _layout(_rand((b, cin, h, w), dtype, device), channels_last)
+    wt = _rand((cout, cin // g, k, k), dtype, device, 1.5 / (cin // g * k * k) ** 0.5, seed=1)
+    bias = _rand((cout,), dtype, device, 0.3, seed=2)
+    z = conv.conv_bn_relu(x, wt, bias, g)
+    want = torch.relu(F.conv2d(x.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2,
+                               groups=g))
+    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    return z, want, lambda: conv.conv_bn_relu(x, wt, bias, g)
+
+
 # --- the kernels alone ---------------------------------------------------------------------------------------
 CONV1_CASES = [  # (B, CIN, COUT, groups, K, H, W)
     (1, 48, 12, 4, 7, 3, 5),    # GAM grouped conv1 at C = 48: 12 in and 3 out channels per group
@@ -65,14 +79,7 @@ CONV1_CASES = [  # (B, CIN, COUT, groups, K, H, W)
                                                  (torch.float16, True), (torch.bfloat16, False)],
                          ids=["fp32-nchw", "fp32-nhwc", "fp16-nhwc", "bf16-nchw"])
 def test_conv_bn_relu_kernel(case, dtype, channels_last, device):
-    b, cin, cout, g, k, h, w = case
-    x = _layout(_rand((b, cin, h, w), dtype, device), channels_last)
-    wt = _rand((cout, cin // g, k, k), dtype, device, 1.5 / (cin // g * k * k) ** 0.5, seed=1)
-    bias = _rand((cout,), dtype, device, 0.3, seed=2)
-    z = conv.conv_bn_relu(x, wt, bias, g)
-    want = torch.relu(F.conv2d(x.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2,
-                               groups=g))
-    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    z, want, _ = _conv1_against_f64(case, dtype, channels_last, device)
     assert_close(z, want, dtype, what=f"conv_bn_relu {case}")
 
 
@@ -149,22 +156,15 @@ SPLIT_CASES = [  # (B, CIN, COUT, groups, K, H, W, SPLIT)
 def test_conv1_split_k(case, dtype, channels_last, device, forced_split, monkeypatch):
     """Split-K conv1 against float64, poisoned outputs and partials (NaN: every element must be written), and
     the same bits on a second run (fixed-order sum, no atomics)."""
-    b, cin, cout, g, k, h, w, split = case
-    forced_split(split)
+    forced_split(case[7])
     monkeypatch.setattr(_runtime, "POISON", True)
     launch, names = _runtime.launch, []
     monkeypatch.setattr(_runtime, "launch", lambda kern, *a: names.append(kern.fn.__name__) or launch(kern, *a))
-    x = _layout(_rand((b, cin, h, w), dtype, device), channels_last)
-    wt = _rand((cout, cin // g, k, k), dtype, device, 1.5 / (cin // g * k * k) ** 0.5, seed=1)
-    bias = _rand((cout,), dtype, device, 0.3, seed=2)
-    z = conv.conv_bn_relu(x, wt, bias, g)
-    want = torch.relu(F.conv2d(x.cpu().double(), wt.cpu().double(), bias.cpu().double(), padding=k // 2,
-                               groups=g))
-    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    z, want, again = _conv1_against_f64(case[:7], dtype, channels_last, device)
     assert_close(z, want, dtype, what=f"split-K conv_bn_relu {case}")
     assert names == ["conv_split_kernel", "split_sum_kernel"]
     bits = lambda t: t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)  # noqa: E731
-    assert torch.equal(bits(conv.conv_bn_relu(x, wt, bias, g)), bits(z))
+    assert torch.equal(bits(again()), bits(z))
 
 
 @needs_kernels
