@@ -39,6 +39,7 @@ The partials buffer is [P + cdiv(P, GROUP), 2, C] fp32 (program partials, then g
 import triton
 import triton.language as tl
 
+from .align import aligned_view
 from .shuffle import columns_to_runs, run_ptrs, runs_to_columns
 
 #: Programs per group of the finalisation tree, and rows of partials combined per step ([GROUP, BLOCK_C] fp32
@@ -114,14 +115,16 @@ def bn_stats_kernel(
     y_ptr, part_ptr, count_ptr, stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
     N, HW, C, stride_b, stride_c, stride_p, eps, momentum,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, Y_ALIGN: tl.constexpr,
 ):
     """Batch mean / variance of y per channel (see the module docstring). part: [P + cdiv(P, GROUP), 2, C]
-    fp32 scratch.
+    fp32 scratch. Y_ALIGN: y's view alignment (``kernels/align.py``).
 
     CUMULATIVE: momentum=None (factor 1 / (num_batches_tracked + 1)); num_batches_tracked is incremented by
     the last channel block to finish, after every block has read it.
     """
+    HW, C, stride_b, stride_c, stride_p = aligned_view(HW, C, stride_b, stride_c, stride_p, Y_ALIGN)
+    N = N // HW * HW  # B * HW, as divisible as HW
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     P = tl.num_programs(0)
@@ -213,17 +216,20 @@ def _bn_vectors(stats_ptr, offs_c, c_mask, C):
 
 
 @triton.jit
-def _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, cm, co, n_mask, mask, HW, CPG,
+def _bwd_tile(q, N, g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, cm, co, c_mask, HW, CPG,
               stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
               stride_yb, stride_yc, stride_yp, MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr,
               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(dt, xhat, s, go) of one tile, columns (map channel cm of y, output channel co of the block; see
-    :func:`_columns`): dt the gradient at BN's output. RUNS: y read as contiguous runs (``kernels/shuffle.py``)."""
+    """(offs_n, n_mask, mask, dt, xhat, s, go) of pixel tile q, columns (map channel cm of y, output channel co
+    of the block; see :func:`_columns`): dt the gradient at BN's output. RUNS: y read as contiguous runs
+    (``kernels/shuffle.py``; its masked load leaves the columns past C at 0)."""
+    offs_n = q.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_mask = offs_n < N
+    mask = n_mask[:, None] & c_mask[None, :]
     if RUNS:
         ptrs, run_mask = run_ptrs(y_ptr, flat_rows(offs_n, HW, stride_yb, stride_yp), CPG, stride_yc, SHUFFLE_G,
                                   BLOCK_C)
         y = runs_to_columns(tl.load(ptrs, mask=n_mask[:, None, None] & run_mask, other=0.0), BLOCK_P, BLOCK_C)
-        y = tl.where(mask, y, 0.0)
     else:
         y = tl.load(flat_ptrs(y_ptr, offs_n, cm, HW, stride_yb, stride_yc, stride_yp), mask=mask, other=0.0)
     y = y.to(tl.float32)
@@ -239,7 +245,7 @@ def _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, cm, co, 
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(t)
         dt = go * xv * s * (1.0 - s)
-    return dt, xhat, s, go
+    return offs_n, n_mask, mask, dt, xhat, s, go
 
 
 @triton.jit
@@ -265,10 +271,16 @@ def bn_bwd_reduce_kernel(
     N, HW, C, CPG,
     stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
     MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, G_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
 ):
     """sum dt and sum dt * xhat per channel of y (see the module docstring). stats: [4, C] fp32 from
-    :func:`bn_stats_kernel`; part: [P + cdiv(P, GROUP), 2, C] fp32 scratch; coef: [2, C] fp32 output."""
+    :func:`bn_stats_kernel`; part: [P + cdiv(P, GROUP), 2, C] fp32 scratch; coef: [2, C] fp32 output. G_ALIGN,
+    X_ALIGN, Y_ALIGN: the view alignments of g, x1 and y (``kernels/align.py``)."""
+    HW, C, stride_gb, stride_gc, stride_gp = aligned_view(HW, C, stride_gb, stride_gc, stride_gp, G_ALIGN)
+    HW, C, stride_xb, stride_xc, stride_xp = aligned_view(HW, C, stride_xb, stride_xc, stride_xp, X_ALIGN)
+    HW, C, stride_yb, stride_yc, stride_yp = aligned_view(HW, C, stride_yb, stride_yc, stride_yp, Y_ALIGN)
+    N = N // HW * HW  # B * HW, as divisible as HW
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     P = tl.num_programs(0)
@@ -280,12 +292,10 @@ def bn_bwd_reduce_kernel(
     acc_dtx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     q = pid_n
     while q < T:
-        offs_n = q.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        n_mask = offs_n < N
-        mask = n_mask[:, None] & c_mask[None, :]
-        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, co, n_mask,
-                                    mask, HW, CPG, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
-                                    stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS, BLOCK_P, BLOCK_C)
+        offs_n, n_mask, mask, dt, xhat, s, go = _bwd_tile(
+            q, N, g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_c, co, c_mask, HW, CPG, stride_gb, stride_gc,
+            stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS,
+            BLOCK_P, BLOCK_C)
         acc_dt += dt
         acc_dtx += tl.where(mask, dt * xhat, 0.0)
         q += P
@@ -317,10 +327,18 @@ def bn_bwd_apply_kernel(
     stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp,
     stride_db, stride_dc, stride_dp, stride_eb, stride_ec, stride_ep,
     MODE: tl.constexpr, SHUFFLE_G: tl.constexpr, RUNS: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, G_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
     """dy = scale * (dt - coef[0] - xhat * coef[1]) over this program's tiles; MODE 1 also dx1[co] = dout[co]
-    * s. dy has y's strides (stride_d*), dx1 x1's shape (stride_e*)."""
+    * s. dy has y's strides (stride_d*), dx1 x1's shape (stride_e*). *_ALIGN: the view alignments of g, x1, y, dy
+    and dx1 (``kernels/align.py``)."""
+    HW, C, stride_gb, stride_gc, stride_gp = aligned_view(HW, C, stride_gb, stride_gc, stride_gp, G_ALIGN)
+    HW, C, stride_xb, stride_xc, stride_xp = aligned_view(HW, C, stride_xb, stride_xc, stride_xp, X_ALIGN)
+    HW, C, stride_yb, stride_yc, stride_yp = aligned_view(HW, C, stride_yb, stride_yc, stride_yp, Y_ALIGN)
+    HW, C, stride_db, stride_dc, stride_dp = aligned_view(HW, C, stride_db, stride_dc, stride_dp, D_ALIGN)
+    HW, C, stride_eb, stride_ec, stride_ep = aligned_view(HW, C, stride_eb, stride_ec, stride_ep, E_ALIGN)
+    N = N // HW * HW  # B * HW, as divisible as HW
     P = tl.num_programs(0)
     T = tl.cdiv(N, BLOCK_P)
     offs_c, co, c_mask = _columns(C, CPG, MODE, SHUFFLE_G, RUNS, BLOCK_C)
@@ -329,12 +347,10 @@ def bn_bwd_apply_kernel(
     k2 = tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0)
     q = tl.program_id(0)
     while q < T:
-        offs_n = q.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        n_mask = offs_n < N
-        mask = n_mask[:, None] & c_mask[None, :]
-        dt, xhat, s, go = _bwd_tile(g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_n, offs_c, co, n_mask,
-                                    mask, HW, CPG, stride_gb, stride_gc, stride_gp, stride_xb, stride_xc, stride_xp,
-                                    stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS, BLOCK_P, BLOCK_C)
+        offs_n, n_mask, mask, dt, xhat, s, go = _bwd_tile(
+            q, N, g_ptr, x1_ptr, y_ptr, mean, invstd, scale, shift, offs_c, co, c_mask, HW, CPG, stride_gb, stride_gc,
+            stride_gp, stride_xb, stride_xc, stride_xp, stride_yb, stride_yc, stride_yp, MODE, SHUFFLE_G, RUNS,
+            BLOCK_P, BLOCK_C)
         dy = (scale[None, :] * (dt - k1[None, :] - xhat * k2[None, :])).to(dy_ptr.dtype.element_ty)
         if RUNS:
             ptrs, run_mask = run_ptrs(dy_ptr, flat_rows(offs_n, HW, stride_db, stride_dp), CPG, stride_dc, SHUFFLE_G,

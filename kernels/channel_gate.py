@@ -24,8 +24,7 @@ channels_last tensors are read in place, without permute copies. Per pixel p of 
 import triton
 import triton.language as tl
 
-# The forward's source lines keep their numbers: Triton's cache key (and so the compile facts keyed on it)
-# includes them.
+from .align import aligned, aligned_view
 
 
 @triton.jit
@@ -86,6 +85,7 @@ def channel_gate_fwd_kernel(
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
+    R_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr,
 ):
     """x1 = x * g(W2 relu(W1 x + b1) + b2) for BLOCK_P pixels of one image.
 
@@ -95,8 +95,12 @@ def channel_gate_fwd_kernel(
     (the interpreter's bf16 dot is wrong). BLOCK_R >= CR and BLOCK_R, BLOCK_C, BLOCK_P >= 16 (tl.dot);
     padded rows and columns are masked to 0. N_CHUNKS = cdiv(C, BLOCK_C) (a constexpr: loops over runtime
     bounds break older interpreters). With N_CHUNKS == 1 the x tile is loaded once and kept in registers
-    for both dots and the multiply; otherwise pass 2 re-reads each chunk (from L2).
+    for both dots and the multiply; otherwise pass 2 re-reads each chunk (from L2). R_ALIGN divides CR; X_ALIGN,
+    O_ALIGN: x's and out's view alignments (``kernels/align.py``).
     """
+    CR = aligned(CR, R_ALIGN)
+    HW, C, stride_xb, stride_xc, stride_xp = aligned_view(HW, C, stride_xb, stride_xc, stride_xp, X_ALIGN)
+    HW, C, stride_ob, stride_oc, stride_op = aligned_view(HW, C, stride_ob, stride_oc, stride_op, O_ALIGN)
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
     pid_b = (pid // n_pblocks).to(tl.int64)
@@ -179,7 +183,8 @@ def channel_gate_bwd_kernel(
     SIGMOID: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, N_CHUNKS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, R_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
+    A_ALIGN: tl.constexpr, B_ALIGN: tl.constexpr, D_ALIGN: tl.constexpr,
 ):
     """dx and the (da | dh), h rows for BLOCK_P pixels of one image; the bias gradients db1, db2.
 
@@ -193,8 +198,15 @@ def channel_gate_bwd_kernel(
     the last of a group to finish (counter ``count_ptr[1 + group]``) sums its group's rows into row grid + group;
     the last group to finish (counter ``count_ptr[0]``) sums those into db2 | db1. Each sum runs [BLOCK_Q,
     BLOCK_F] tiles, added elementwise and reduced once per column block (:func:`_sum_rows`). Counters: zero at
-    launch, left zero.
+    launch, left zero. R_ALIGN divides CR (without it C/r = 24, 40 or 72 spilled up to 824 B on sm_80, its rows
+    stored element by element); X_ALIGN, A_ALIGN, B_ALIGN, D_ALIGN: the view alignments of x, ga, gb and dx
+    (``kernels/align.py``).
     """
+    CR = aligned(CR, R_ALIGN)
+    HW, C, stride_xb, stride_xc, stride_xp = aligned_view(HW, C, stride_xb, stride_xc, stride_xp, X_ALIGN)
+    HW, C, stride_ab, stride_ac, stride_ap = aligned_view(HW, C, stride_ab, stride_ac, stride_ap, A_ALIGN)
+    HW, C, stride_bb, stride_bc, stride_bp = aligned_view(HW, C, stride_bb, stride_bc, stride_bp, B_ALIGN)
+    HW, C, stride_db, stride_dc, stride_dp = aligned_view(HW, C, stride_db, stride_dc, stride_dp, D_ALIGN)
     n_pblocks = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
     pid_b = (pid // n_pblocks).to(tl.int64)

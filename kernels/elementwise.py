@@ -22,6 +22,7 @@ Both are memory-bound.
 import triton
 import triton.language as tl
 
+from .align import aligned_view
 from .shuffle import run_ptrs, runs_to_columns
 
 
@@ -87,9 +88,12 @@ def bn_relu_kernel(
     B, HW, C,
     stride_yb, stride_yc, stride_yp,
     stride_zb, stride_zc, stride_zp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, Y_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr,
 ):
-    """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of z. Grid: (P, cdiv(C, BLOCK_C))."""
+    """The [BLOCK_P, BLOCK_C] tiles p, p + P, ... of z. Grid: (P, cdiv(C, BLOCK_C)). Y_ALIGN, Z_ALIGN: y's and
+    z's view alignments (``kernels/align.py``)."""
+    HW, C, stride_yb, stride_yc, stride_yp = aligned_view(HW, C, stride_yb, stride_yc, stride_yp, Y_ALIGN)
+    HW, C, stride_zb, stride_zc, stride_zp = aligned_view(HW, C, stride_zb, stride_zc, stride_zp, Z_ALIGN)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     T = B * tl.cdiv(HW, BLOCK_P)

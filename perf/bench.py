@@ -389,7 +389,7 @@ def kernel_case(kind: str, shape: Shape, dtype: torch.dtype, mode: str, provider
         weight, bias = vec(ch).to(dtype), vec(ch, -0.5).to(dtype)
         st = batchnorm.stats(y, weight, bias, running, 1e-3, 0.03, False, counts)
         mode_ = 0 if kind.startswith("bn1") else 1
-        cfg = batchnorm.heuristic(ch, b * h * w, fmt == torch.channels_last, gather=mode_ == 1)
+        cfg = batchnorm.heuristic(ch, b * h * w, fmt == torch.channels_last, shuffled=mode_ == 1)
         coef, dwb = torch.empty(2, ch, device=device), (torch.empty_like(weight), torch.empty_like(bias))
         if kind.endswith("stats"):
             step = lambda: batchnorm.stats(y, weight, bias, running, 1e-3, 0.03, True, counts)  # noqa: E731

@@ -537,14 +537,21 @@ def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_d
     assert seen != [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.float32)]
 
 
-def test_the_autocast_backward_gets_the_full_register_budget():
-    for cr, regs in ((16, channel_gate.BWD_MAXNREG), (64, channel_gate.BWD_MAXNREG), (128, channel_gate.BWD_MAXNREG),
-                     (256, channel_gate.BWD_MAXNREG)):
-        heur = channel_gate.bwd_heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", torch.float32)
-        cands = channel_gate.bwd_candidates(4 * cr, cr, 400, torch.bfloat16, torch.float32)
-        assert heur.maxnreg == regs and {c.maxnreg for c in cands} == {regs}, cr
-        half = channel_gate.bwd_heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", torch.bfloat16).maxnreg
-        assert half == (channel_gate.BWD_MAXNREG if cr > 32 else None), cr
+def test_every_backward_tile_gets_the_full_register_budget():
+    for cr in (8, 16, 24, 64, 128, 256):
+        for dt, xdt in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                        (torch.float32, torch.float32)):
+            heur = channel_gate.bwd_heuristic(4 * cr, cr, 400, dt, "gpu", xdt)
+            cands = channel_gate.bwd_candidates(4 * cr, cr, 400, dt, xdt)
+            assert heur.maxnreg == channel_gate.BWD_MAXNREG and {c.maxnreg for c in cands} == {heur.maxnreg}, cr
+
+
+def test_only_8_warp_forward_tiles_at_block_r_128_cap_their_registers():
+    for cr in (16, 64, 128, 256):
+        for batch in (None, 1, 16):
+            cfg = channel_gate.heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", batch=batch)
+            wide = cfg.num_warps == 8 and cfg.kwargs["BLOCK_R"] == 128
+            assert cfg.maxnreg == (channel_gate.FWD_MAXNREG_W8 if wide else None), (cr, batch)
 
 
 def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():

@@ -54,6 +54,21 @@ def test_split_k_binaries_compile_without_problems(tmp_path):
     assert {r.split(",")[1] for r in rows[1:]} == {"conv_split", "split_sum"}
 
 
+def test_fork_form_and_odd_maps_read_without_narrow_loads(tmp_path):
+    """The fork form (rate 8: C/r = 8 and 24, an 8-channel hidden map in channels_last) and a 14x14 NCHW map
+    (HW = 196, a multiple of 4) in half precision, train: Triton's divisibility-16 specialisation misses their
+    strides, the launches' alignments (``kernels/align.py``) supply them. No spill (C/r = 24 spilled on sm_80
+    without), no 2-byte load in a loop."""
+    shrink = ("cc.SUBSETS['ci'] = ([(64, 80), (192, 80), (256, 14)], (16,), ('fork',), ('',)); "
+              "cc.TWEAKS[''] = ('train',); cc.DTYPES = [('bf16', None, True)]")
+    res = _run(["--subset", "ci", "--archs", ARCHS, "--check", "--targets", "narrow", "--no-loads", "--kernels",
+                "channel_gate_fwd,channel_gate_bwd,bn_stats,bn_relu,bn_bwd_reduce,bn_bwd_apply",
+                "--out", str(tmp_path)], shrink)
+    assert res.returncode == 0 and "0 problem(s)" in res.stdout, res.stdout[-4000:] + res.stderr[-4000:]
+    rows = (tmp_path / "report.csv").read_text().splitlines()
+    assert {"channel_gate_bwd", "bn_stats", "bn_bwd_apply"} <= {r.split(",")[1] for r in rows[1:]}
+
+
 # one eval call at one shape: a handful of binaries; every one compiled with 64 registers at most
 SHRINK = ("cc.SUBSETS['ci'] = ([(64, 20)], (16,), ('paper',), ('',)); cc.TWEAKS[''] = ('eval',); "
           "cc.DTYPES = [('fp16', None, True)]")

@@ -138,3 +138,24 @@ def test_on_device_switches_to_the_tensors_device():
         assert torch.cuda.current_device() == last
     assert torch.cuda.current_device() == before
     assert _runtime.device_index(t) == last
+
+
+@pytest.mark.parametrize("values, want", [((8,), 8), ((24, 64), 8), ((196, 196 * 64), 4), ((49,), 1), ((0,), 16),
+                                          ((), 16), ((32, 48), 16), ((-24,), 8), ((6400, 1), 1)])
+def test_alignment_is_the_power_of_two_dividing_every_value(values, want):
+    assert _runtime.alignment(*values) == want
+    assert all(v % want == 0 for v in values)
+
+
+def test_view_alignment_per_layout():
+    """Positive for NCHW views (HW and the batch and channel strides), negative for channels_last ones (C and the
+    batch and pixel strides), 1 where nothing is known; always a power of two dividing what it claims to."""
+    nchw = torch.empty(2, 8, 14, 14)
+    cl = nchw.to(memory_format=torch.channels_last)
+    for t, want in ((nchw, 4), (cl, -8), (cl[:, :4], -4), (nchw[:, :, :7], 2), (torch.empty(2, 8, 7, 7), 1),
+                    (torch.empty(2, 8, 1, 1), 1), (torch.empty(2, 64, 8, 8), 16)):
+        _, sb, sc, sp = _runtime.bchw_view(t)
+        a = _runtime.view_alignment(t.shape[2] * t.shape[3], t.shape[1], sb, sc, sp)
+        assert a == want, (tuple(t.shape), t.stride(), a)
+        claimed = (t.shape[2] * t.shape[3], sb, sc) if a > 1 else (t.shape[1], sb, sp) if a < -1 else ()
+        assert all(v % abs(a) == 0 for v in claimed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import re
 import typing
@@ -82,6 +83,25 @@ def nearest(cands, ref, limit: int = MAX_CANDIDATES) -> list:
                 tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
 
     return sorted(cands, key=dist)[:limit]
+
+
+def alignment(*values: int) -> int:
+    """The largest power of two up to 16 dividing every value (0 divides by anything): what a launch may tell a
+    kernel about a group of integer arguments (``kernels/align.py``)."""
+    g = math.gcd(*values, 0) if values else 0
+    return 16 if g == 0 else min(16, g & -g)
+
+
+def view_alignment(hw: int, c: int, stride_b: int, stride_c: int, stride_p: int) -> int:
+    """A B x C x HW view's alignment for ``kernels/align.py``: for an NCHW view (pixel stride 1) the power of two
+    (up to 16) dividing HW and its batch and channel strides; for a channels_last one (channel stride 1) minus the
+    one dividing C and its batch and pixel strides; 1 (nothing known) otherwise and where that power is 1."""
+    if stride_p == 1 and stride_c != 1:
+        return alignment(hw, stride_b, stride_c)
+    if stride_c == 1 and stride_p != 1:
+        a = alignment(c, stride_b, stride_p)
+        return -a if a > 1 else 1
+    return 1
 
 
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
@@ -237,14 +257,23 @@ def sm_count(device=None) -> int:
     return _SMS[index]
 
 
+#: Resident warps and CTAs per SM at most (sm_80 / sm_90 / sm_100).
+WARPS_PER_SM, MAX_CTAS_PER_SM = 64, 32
+
+
+def max_ctas(num_warps: int) -> int:
+    """CTAs of ``num_warps`` warps an SM holds at most (registers and shared memory aside)."""
+    return min(MAX_CTAS_PER_SM, WARPS_PER_SM // num_warps)
+
+
 def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     """``programs`` (per channel block, of a grid (programs, n_cblocks)) rounded down so that the grid is m x
     ``sms`` CTAs (less what rounding to channel blocks drops) with m chosen so that the grid's waves, grid /
     (``sms`` x CTAs per SM), are never in (1, 1.15] whatever the registers allow
-    (CTAs per SM = min(64 / num_warps, 65536 / (32 num_warps regs)) for regs in steps of 8); unchanged for a
-    grid under ``sms`` CTAs or a full-occupancy wave (m = 64 / num_warps is always whole or >= 4/3)."""
+    (CTAs per SM = min(:func:`max_ctas`, 65536 / (32 num_warps regs)) for regs in steps of 8); unchanged for a
+    grid under ``sms`` CTAs or a full-occupancy wave (m = max_ctas is always whole or >= 4/3)."""
     m = programs * n_cblocks // sms
-    top = 64 // num_warps
+    top = max_ctas(num_warps)
     if m < 1 or m >= top:
         return programs
     occs = {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}

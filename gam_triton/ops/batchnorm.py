@@ -24,7 +24,7 @@ import torch
 
 from . import _runtime
 from ._runtime import HAS_TRITON, TARGET, bchw_view, is_channels_last, new_output, next_pow2
-from .elementwise import shuffle_runs
+from .elementwise import MIN_PER_THREAD, MIN_WAVE, shuffle_runs
 
 if HAS_TRITON:
     import triton
@@ -39,17 +39,13 @@ __all__ = ["stats", "backward", "counter_slots", "heuristic", "programs", "stats
 GROUP = 32
 #: The most programs per channel block: GROUP groups of GROUP, so each level of the tree is one step.
 MAX_PROGRAMS = GROUP * GROUP
-#: Resident warps per SM at full occupancy (sm_80 / sm_90 / sm_100).
-WARPS_PER_SM = 64
-#: Fewer tiles than one full-occupancy wave of CTAs: a smaller tile, down to MIN_PER_THREAD elements per thread.
-MIN_PER_THREAD = 2
 
 
-def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather: bool = False,
+def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, shuffled: bool = False,
               sms: Optional[int] = None) -> "triton.Config":
     """A tile over N = B*H*W pixels: 2048 elements over 8 warps (8 per thread: these kernels hold up to three
     64-bit pointer tiles, which spill beyond), longer along the contiguous dimension; half the pixels where the
-    tile goes through the shuffle (``gather``: the BN2 backward; gathered, its reduction spilled 8 B at 64
+    tile goes through the shuffle (``shuffled``: the BN2 backward; gathered, its reduction spilled 8 B at 64
     registers in half precision channels_last on sm_80, Triton 3.6; read as runs at 2048 elements, its
     elementwise pass took 200-230 registers on sm_90, Triton 3.9); halved again (channels first: more channel blocks
     keep a reduction's programs balanced where more programs per block would not; down to
@@ -67,9 +63,9 @@ def heuristic(C: int, N: int, channels_last: bool, target: str = TARGET, gather:
         bp = max(16, min(128, next_pow2(N)))
         bc = max(16, min(2048 // bp, next_pow2(C)))
     warps = 8 if bp * bc >= 2048 else 4
-    if gather:
+    if shuffled:
         bp = max(16, bp // 2)
-    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // warps)
+    slots = (_runtime.sm_count() if sms is None else sms) * _runtime.max_ctas(warps)
     while bp * bc // 2 >= MIN_PER_THREAD * 32 * warps and cdiv(N, bp) * cdiv(C, bc) < slots:
         if bc > 16:
             bc //= 2
@@ -93,13 +89,11 @@ def apply_config(cfg: "triton.Config", n: int, c: int, sms: Optional[int] = None
     bp, bc = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"]
     tiles, sms = cdiv(n, bp) * cdiv(c, bc), (_runtime.sm_count() if sms is None else sms)
     warps = max(1, min(cfg.num_warps, bp * bc // 256))
-    while warps < cfg.num_warps and tiles < MIN_WAVE * sms * (WARPS_PER_SM // warps):
+    while warps < cfg.num_warps and tiles < MIN_WAVE * sms * _runtime.max_ctas(warps):
         warps *= 2
     return triton.Config(dict(cfg.kwargs), num_warps=warps, num_stages=1)
 
 
-#: The least fraction of a full-occupancy wave a reduction's grid is cut to for balance (:func:`programs`).
-MIN_WAVE = 0.6
 #: Loads the last program of a reduction executes besides its tiles (load instructions, as the compile check
 #: counts them): both tree levels' partial rows (two loads each), and in the statistics the affine parameters and
 #: the running statistics (weight, bias, running mean and variance, num_batches_tracked).
@@ -122,7 +116,7 @@ def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = 
     busiest program up to 11x the median (the tree's 9 loads against 1-2 tiles)."""
     sms = _runtime.sm_count() if sms is None else sms
     cap = MAX_PROGRAMS if tensors else n_tiles
-    wave = sms * (WARPS_PER_SM // num_warps)
+    wave = sms * _runtime.max_ctas(num_warps)
     p0 = max(1, min(n_tiles, cap, wave // max(1, n_cblocks)))
     floor, best = (MIN_WAVE * wave if p0 * n_cblocks >= MIN_WAVE * wave else 0), None
     for k in range(max(1, n_tiles // p0), n_tiles + 1):
@@ -138,8 +132,8 @@ def programs(n_tiles: int, n_cblocks: int, num_warps: int, sms: Optional[int] = 
     return best or 1
 
 
-def _tile(y: torch.Tensor, gather: bool = False) -> "triton.Config":
-    return heuristic(y.shape[1], y.shape[0] * y.shape[2] * y.shape[3], is_channels_last(y), gather=gather)
+def _tile(y: torch.Tensor, shuffled: bool = False) -> "triton.Config":
+    return heuristic(y.shape[1], y.shape[0] * y.shape[2] * y.shape[3], is_channels_last(y), shuffled=shuffled)
 
 
 def counter_slots(channels: int) -> int:
@@ -172,7 +166,8 @@ def stats_launch_args(y, weight, bias, running: tuple, eps: float, momentum: flo
             *(t if update else out for t in running), b * h * w, h * w, c, syb, syc, syp, float(eps),
             float(max(momentum, 0.0)))
     kwargs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=bool(update),
-                  CUMULATIVE=momentum < 0, **_runtime.config_kwargs(cfg))
+                  CUMULATIVE=momentum < 0, Y_ALIGN=_runtime.view_alignment(h * w, c, syb, syc, syp),
+                  **_runtime.config_kwargs(cfg))
     return bn_stats_kernel, (n_parts, n_cb), args, kwargs
 
 
@@ -195,6 +190,12 @@ def _views(g, x1, y) -> tuple:
     return gv, xv, yv, (*sg, *sx, *sy)
 
 
+def _alignments(names: str, hw: int, c: int, strides: tuple) -> dict:
+    """{NAME_ALIGN: view alignment} of the views whose (stride_b, stride_c, stride_p) follow one another in
+    ``strides``, one letter of ``names`` each (``_runtime.view_alignment``)."""
+    return {f"{n}_ALIGN": _runtime.view_alignment(hw, c, *strides[3 * i:3 * i + 3]) for i, n in enumerate(names)}
+
+
 def _runs(mode: int, groups: int, cfg: "triton.Config", y: torch.Tensor) -> bool:
     """BN2's backward (mode 1) reads y and writes dy as contiguous runs of channels through the shuffle."""
     return mode == 1 and shuffle_runs(groups, cfg.kwargs["BLOCK_C"], y)
@@ -210,7 +211,7 @@ def reduce_launch_args(mode: int, g, x1, y, st, coef, dweight, dbias, groups: in
     args = (gv, xv, yv, st, part, counts, coef, coef if dweight is None else dweight, coef if dbias is None else dbias,
             b * h * w, h * w, c, c // groups if groups else c, *strides)
     kwargs = dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y), HAS_WEIGHT=dweight is not None,
-                  HAS_BIAS=dbias is not None, **_runtime.config_kwargs(cfg))
+                  HAS_BIAS=dbias is not None, **_alignments("GXY", h * w, c, strides), **_runtime.config_kwargs(cfg))
     return bn_bwd_reduce_kernel, (n_parts, n_cb), args, kwargs
 
 
@@ -225,6 +226,7 @@ def apply_launch_args(mode: int, g, x1, y, st, coef, dy, dx1, groups: int, cfg: 
     cfg = apply_config(cfg, b * h * w, c, _runtime.sm_count(y.device))
     grid = _geometry(c, b * h * w, cfg, y.device)
     return bn_bwd_apply_kernel, grid, args, dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y),
+                                                 **_alignments("GXYDE", h * w, c, (*strides, *sd, *se)),
                                                  **_runtime.config_kwargs(cfg))
 
 
@@ -240,7 +242,7 @@ def backward(mode: int, g: torch.Tensor, x1: Optional[torch.Tensor], y: torch.Te
     coef = torch.empty(2, c, dtype=torch.float32, device=y.device)
     dweight = None if weight is None else torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
-    cfg = _tile(y, gather=mode == 1)
+    cfg = _tile(y, shuffled=mode == 1)
     _runtime.launch(*reduce_launch_args(mode, g, x1, y, st, coef, dweight, dbias, groups, counts, cfg))
     dy = new_output(y.shape, y, y.dtype, is_channels_last(y))
     dx1 = None if mode == 0 else new_output(x1.shape, x1, x1.dtype, is_channels_last(x1))

@@ -47,15 +47,14 @@ SMEM_BUDGET = 96 * 1024
 FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
 #: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
 #: (16, 64, 8, 2), (16, 32, 8, 1): 8-40 B spilled at 80 or 128 registers on Triton 3.6/3.9; 32 then (16, 32, 8, 2):
-#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (:func:`_bwd_maxnreg`): 64
+#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (BWD_MAXNREG): 64
 #: and 128 were (16, 16, 8, 1), 10 and 18 KB in flight per SM; now 16 x 32 x 64 and 16 x 16 x 128 at two stages,
-#: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 256 (fp32 dots over more
-#: than 128 hidden channels) runs as PyTorch GEMMs (:func:`fused`): 16 x 16 x 256 at two stages compiles unspilled
-#: but at 255 registers (FMA "ieee" in NCHW), no margin.
-FP32_BWD_TILES = {16: (16, 32, 8, 2), 32: (16, 16, 4, 2), 64: (16, 32, 8, 2), 128: (16, 16, 8, 2),
+#: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 16 (C <= 64: one channel
+#: chunk) was 16 x 32 at 150-250 registers, 16.6 KB in flight; 16 x 64 (maxnreg as every backward tile) takes 104-142
+#: (Triton 3.9). BLOCK_R 256 (fp32 dots over more than 128 hidden channels) runs as PyTorch GEMMs (:func:`fused`):
+#: 16 x 16 x 256 at two stages compiles unspilled but at 255 registers (FMA "ieee" in NCHW), no margin.
+FP32_BWD_TILES = {16: (16, 64, 8, 2), 32: (16, 16, 4, 2), 64: (16, 32, 8, 2), 128: (16, 16, 8, 2),
                   256: (16, 16, 8, 1)}
-#: fp32 backward tiles from this BLOCK_R get BWD_MAXNREG.
-FP32_BWD_MAXNREG_R = 64
 #: Half-precision backward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R (BLOCK_C 64 only where C <= 64): 12 KB
 #: of activations per chunk step (Triton 3.9, sm_90: 117-141 registers up to BLOCK_R 64, 237 at 128, 249 at 256).
 BWD_TILES = {16: (64, 64, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8), 256: (32, 32, 8)}
@@ -68,10 +67,16 @@ BWD_CTAS = (1, 2)
 WAVES_MIN = 0.6
 #: ... and no lone partial wave up to this many waves.
 WAVES_TAIL = 1.15
-#: maxnreg of the half-precision-dot backward under autocast (fp32 x; AUTOCAST_BWD_TILES) and from BLOCK_R 64:
-#: without it ptxas aims at an occupancy of its own, holds 128 registers and spilled (32 x 32 x 32 w8 under autocast
-#: 24 B, Triton 3.9 sm_90; 64 x 32 x 64 w8 with the sigmoid 64 B on sm_100, where sm_90 took 199 registers).
+#: maxnreg of every backward tile. Without one ptxas aims at an occupancy of its own, holds 80 or 128 registers and
+#: spills (full space, Triton 3.9: 64 x 64 x 16 in half precision 8-48 B on sm_80/100, 64 x 32 x 32 8-64 B on sm_80,
+#: fp32 16 x 32 x 16 "ieee" 96 B on sm_80, 16 x 16 x 32 TF32 8 B on sm_90); with it, 116-255 registers and none.
+#: The pixel block is fitted to one or two CTAs per SM (BWD_CTAS) either way.
 BWD_MAXNREG = 255
+#: maxnreg of 8-warp forward tiles at BLOCK_R 128: left to itself ptxas held 16 x 64 x 128 at 80 registers and
+#: spilled 16 B (C1024 20x20, sm_90, Triton 3.9). Other forward tiles keep ptxas's own choice (48-199 registers,
+#: no spill over the full space): a cap of 255 took 15-40 % more registers than it, and fewer CTAs per SM; at
+#: BLOCK_R 256 a cap of 128 spilled 16-72 B.
+FWD_MAXNREG_W8 = 128
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
 #: group and one for the groups (the train block allocates them with the BatchNorms').
 MAX_GROUPS = 127
@@ -129,7 +134,8 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     block_p = max(16, min(block_p, next_pow2(HW)))
     warps = 8 if block_p * block_c >= 8192 or block_r >= 256 else 4
     block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 2)
-    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
+    return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
+                         maxnreg=FWD_MAXNREG_W8 if warps == 8 and block_r == 128 else None)
 
 
 def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: int) -> tuple:
@@ -223,28 +229,18 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
         autocast = x_dtype is not None and x_dtype.itemsize == 4
         block_p, block_c, warps = (AUTOCAST_BWD_TILES if autocast else BWD_TILES)[min(block_r, 256)]
         stages = 2
-        if block_c == 64 and C > 64:
-            block_c = 32
+    if block_c == 64 and C > 64:  # one chunk of 64 channels, else chunks of 32
+        block_c = 32
     block_p = max(16, min(block_p, next_pow2(HW)))
     block_p = _fit_waves(block_p, HW, batch, sms, BWD_CTAS if block_r < 128 else BWD_CTAS[:1])
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
-                         num_warps=warps, num_stages=stages, maxnreg=_bwd_maxnreg(dtype, x_dtype, block_r))
-
-
-def _bwd_maxnreg(dtype: torch.dtype, x_dtype: Optional[torch.dtype], block_r: int) -> Optional[int]:
-    """BWD_MAXNREG for the backward's half-precision dots under autocast (fp32 x) and from BLOCK_R 64, and for fp32
-    dots from FP32_BWD_MAXNREG_R (16 x 16 x 128 w8 TF32 spilled 40 B at ptxas's own 128 registers, 16 x 32 x 64 w8
-    at 80 or 128); else None."""
-    if dtype == torch.float32:
-        return BWD_MAXNREG if block_r >= FP32_BWD_MAXNREG_R else None
-    return BWD_MAXNREG if (x_dtype is not None and x_dtype.itemsize == 4) or block_r >= 64 else None
+                         num_warps=warps, num_stages=stages, maxnreg=BWD_MAXNREG)
 
 
 def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
     """Forward candidates whose [BLOCK_P, BLOCK_R] fp32 tiles (h, dh, and as much again for the chunk work) fit
     128 registers per thread (with the heuristic's maxnreg)."""
-    regs = _bwd_maxnreg(dtype, x_dtype, _block_r(CR))
-    out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=regs)
+    out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=BWD_MAXNREG)
            for c in candidates(C, CR, HW, dtype)
            if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
     return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu", x_dtype))
@@ -284,6 +280,8 @@ def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     args = (xv, w1, b1, w2, b2, out, h * w, c, w1.shape[0], sxb, sxc, sxp, sob, soc, sop)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision), N_CHUNKS=cdiv(c, kw["BLOCK_C"]),
+                  R_ALIGN=_runtime.alignment(w1.shape[0]), X_ALIGN=_runtime.view_alignment(h * w, c, sxb, sxc, sxp),
+                  O_ALIGN=_runtime.view_alignment(h * w, c, sob, soc, sop),
                   **_runtime.config_kwargs(cfg))
     return channel_gate_fwd_kernel, (bsz * cdiv(h * w, kw["BLOCK_P"]),), args, kwargs
 
@@ -320,11 +318,14 @@ def bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid: bool, dx, dah, hid, coun
     n_prog = bsz * cdiv(h * w, kw["BLOCK_P"])
     group, block_q, block_f = bias_tree(n_prog, c + cr, cfg.num_warps)
     bpart = torch.empty(n_prog + cdiv(n_prog, group), c + cr, dtype=torch.float32, device=x.device)
+    align = [_runtime.view_alignment(h * w, c, *strides) for strides in (*(v[1:] for v in views), (sdb, sdc, sdp))]
     args = (views[0][0], views[1][0], views[2][0], w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, h * w,
             c, cr, group, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision, kw["BLOCK_R"]),
-                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, BLOCK_F=block_f, **_runtime.config_kwargs(cfg))
+                  N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, BLOCK_F=block_f, R_ALIGN=_runtime.alignment(cr),
+                  X_ALIGN=align[0], A_ALIGN=align[1], B_ALIGN=align[2], D_ALIGN=align[3],
+                  **_runtime.config_kwargs(cfg))
     return channel_gate_bwd_kernel, (n_prog,), args, kwargs
 
 

@@ -47,9 +47,11 @@ def shuffle_runs(groups: int, block_c: int, shuffled: torch.Tensor) -> bool:
                 and (shuffled.shape[1] == 1 or shuffled.stride(1) == 1))
 
 
-#: Fewer tiles than CTAs in one full-occupancy wave (WARPS_PER_SM resident warps per SM, sm_80/90/100): a
-#: smaller tile, down to MIN_PER_THREAD elements per thread.
-MIN_PER_THREAD, WARPS_PER_SM = 2, 64
+#: The elementwise tile halves down to this many elements per thread (:func:`heuristic`).
+MIN_PER_THREAD = 2
+#: The least share of one full-occupancy wave a grid is left at: the elementwise tile stops halving there, the
+#: BatchNorm elementwise pass takes more warps below it, a reduction's grid is not cut under it for balance.
+MIN_WAVE = 0.6
 
 
 def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch: int = 1,
@@ -57,8 +59,10 @@ def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch:
     """A 1K-element tile (8 per thread), longer along the contiguous dimension (16-32 per thread took 140-240
     registers on odd maps and in the persistent loop; 8 keep them near 64); halved (pixels first where channels
     are contiguous, channels first where pixels are; down to :data:`MIN_PER_THREAD` elements per thread) while
-    ``batch`` x the tiles are fewer than the CTAs of one full-occupancy wave of ``sms`` SMs (default: this
-    device's), so that the persistent grid (:func:`programs`) is that wave. Interpreter: few large programs."""
+    ``batch`` x the tiles fill less than :data:`MIN_WAVE` of one full-occupancy wave of ``sms`` SMs (default: this
+    device's; the persistent grid, :func:`programs`, is at most that wave). Halving until a whole wave was full
+    left BN1's ``bn_relu`` at 4 elements per thread and 18 of the 25 KB it reads per SM in flight (C64 80x80 B16).
+    Interpreter: few large programs."""
     if target == "interpreter":
         return triton.Config(dict(BLOCK_P=min(256, max(16, next_pow2(HW))), BLOCK_C=min(64, max(16, next_pow2(C)))),
                              num_warps=4, num_stages=1)
@@ -69,8 +73,9 @@ def heuristic(C: int, HW: int, channels_last: bool, target: str = TARGET, batch:
     else:
         bp = max(16, min(64, next_pow2(HW)))
         bc = max(16, min(elements // bp, next_pow2(C)))
-    slots = (_runtime.sm_count() if sms is None else sms) * (WARPS_PER_SM // 4)
-    while bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < slots:
+    sms = _runtime.sm_count() if sms is None else sms
+    slots = sms * _runtime.max_ctas(4)
+    while bp * bc // 2 >= MIN_PER_THREAD * 32 * 4 and max(1, batch) * cdiv(HW, bp) * cdiv(C, bc) < MIN_WAVE * slots:
         if bp > 16 and (channels_last or bc == 16):
             bp //= 2
         elif bc > 16:
@@ -87,7 +92,7 @@ def programs(batch: int, HW: int, C: int, cfg: "triton.Config", device) -> tuple
     n_cb = cdiv(C, cfg.kwargs["BLOCK_C"])
     tiles = batch * cdiv(HW, cfg.kwargs["BLOCK_P"])
     sms = _runtime.sm_count(device)
-    p = max(1, min(tiles, sms * (WARPS_PER_SM // cfg.num_warps) // n_cb))
+    p = max(1, min(tiles, sms * _runtime.max_ctas(cfg.num_warps) // n_cb))
     return _runtime.whole_waves(p, n_cb, cfg.num_warps, sms), n_cb
 
 
@@ -205,7 +210,8 @@ def bn_relu_launch_args(y, scale, shift, z, cfg: "triton.Config") -> tuple:
     _, szb, szc, szp = bchw_view(z)
     grid = programs(bsz, h * w, c, cfg, y.device)
     return bn_relu_kernel, grid, (y, scale, shift, z, bsz, h * w, c, syb, syc, syp, szb, szc, szp), \
-        _runtime.config_kwargs(cfg)
+        dict(Y_ALIGN=_runtime.view_alignment(h * w, c, syb, syc, syp),
+             Z_ALIGN=_runtime.view_alignment(h * w, c, szb, szc, szp), **_runtime.config_kwargs(cfg))
 
 
 def bn_relu_key(y: torch.Tensor) -> tuple:
