@@ -47,7 +47,7 @@ SMEM_BUDGET = 96 * 1024
 FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4), 256: (16, 32, 8)}
 #: fp32 backward tiles (BLOCK_P, BLOCK_C, num_warps, num_stages) per BLOCK_R (16, 32, 64 were (32, 32, 8, 2),
 #: (16, 64, 8, 2), (16, 32, 8, 1): 8-40 B spilled at 80 or 128 registers on Triton 3.6/3.9; 32 then (16, 32, 8, 2):
-#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (BWD_MAXNREG): 64
+#: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (FULL_MAXNREG): 64
 #: and 128 were (16, 16, 8, 1), 10 and 18 KB in flight per SM; now 16 x 32 x 64 and 16 x 16 x 128 at two stages,
 #: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 16 (C <= 64: one channel
 #: chunk) was 16 x 32 at 150-250 registers, 16.6 KB in flight; 16 x 64 (maxnreg as every backward tile) takes 104-142
@@ -67,16 +67,19 @@ BWD_CTAS = (1, 2)
 WAVES_MIN = 0.6
 #: ... and no lone partial wave up to this many waves.
 WAVES_TAIL = 1.15
-#: maxnreg of every backward tile. Without one ptxas aims at an occupancy of its own, holds 80 or 128 registers and
-#: spills (full space, Triton 3.9: 64 x 64 x 16 in half precision 8-48 B on sm_80/100, 64 x 32 x 32 8-64 B on sm_80,
-#: fp32 16 x 32 x 16 "ieee" 96 B on sm_80, 16 x 16 x 32 TF32 8 B on sm_90); with it, 116-255 registers and none.
-#: The pixel block is fitted to one or two CTAs per SM (BWD_CTAS) either way.
-BWD_MAXNREG = 255
-#: maxnreg of 8-warp forward tiles at BLOCK_R 128: left to itself ptxas held 16 x 64 x 128 at 80 registers and
-#: spilled 16 B (C1024 20x20, sm_90, Triton 3.9). Other forward tiles keep ptxas's own choice (48-199 registers,
-#: no spill over the full space): a cap of 255 took 15-40 % more registers than it, and fewer CTAs per SM; at
-#: BLOCK_R 256 a cap of 128 spilled 16-72 B.
-FWD_MAXNREG_W8 = 128
+#: maxnreg of every backward tile and of the fp32 forward tiles: the full budget, so that ptxas takes what a tile
+#: needs. Without one it aims at an occupancy of its own, holds 80 or 128 registers and spills (full space, Triton
+#: 3.9: the backward's 64 x 64 x 16 in half precision 8-48 B on sm_80/100, 64 x 32 x 32 8-64 B on sm_80, fp32
+#: 16 x 32 x 16 "ieee" 96 B on sm_80, 16 x 16 x 32 TF32 8 B on sm_90; the fp32 forward's 64 x 32 x 32 TF32 8 B on
+#: sm_100, Triton 3.6); with it, 116-255 registers and none. The backward's pixel block is fitted to one or two CTAs
+#: per SM (BWD_CTAS) either way; the fp32 forward is not fitted.
+FULL_MAXNREG = 255
+#: maxnreg of some half-precision forward tiles (:func:`_fwd_maxnreg`): 8 warps at BLOCK_R 128 (left to itself
+#: ptxas held 16 x 64 x 128 at 80 registers and spilled 16 B: C1024 20x20, sm_90, Triton 3.9) and, before Triton 3.6,
+#: 4 warps at BLOCK_R 64 (32 x 64 x 64 at ptxas's 96 spilled 16 B on sm_100, Triton 3.4; 118 with the cap). Other
+#: half-precision forward tiles keep ptxas's own choice (48-199 registers, no spill over the full space): a cap of 255
+#: took 15-40 % more registers than it, and fewer CTAs per SM; at BLOCK_R 256 a cap of 128 spilled 16-72 B.
+FWD_MAXNREG = 128
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
 #: group and one for the groups (the train block allocates them with the BatchNorms').
 MAX_GROUPS = 127
@@ -122,7 +125,8 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
         # fp32 tiles sit at the spill edge (16 x 64 x 64 w8, halved for waves, spilled 16 B on sm_90): not fitted
         block_p = max(16, min(block_p, next_pow2(HW)))
-        return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2)
+        return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
+                             maxnreg=FULL_MAXNREG)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
     # BLOCK_R fp32) lives in registers: the pixel block shrinks from C/r = 33 on (64 x 64 x 64 at 4 warps spilled
     # 64 B on sm_80, Triton 3.4), and again for fp32 x under autocast, whose tile is twice a half one (64 x 128 x 32
@@ -135,7 +139,14 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     warps = 8 if block_p * block_c >= 8192 or block_r >= 256 else 4
     block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 2)
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
-                         maxnreg=FWD_MAXNREG_W8 if warps == 8 and block_r == 128 else None)
+                         maxnreg=_fwd_maxnreg(warps, block_r))
+
+
+def _fwd_maxnreg(warps: int, block_r: int) -> Optional[int]:
+    """FWD_MAXNREG for the half-precision forward tiles it names; None (ptxas's choice) for the others."""
+    if (warps == 8 and block_r == 128) or (_runtime.TRITON < (3, 6) and warps == 4 and block_r == 64):
+        return FWD_MAXNREG
+    return None
 
 
 def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: int) -> tuple:
@@ -229,18 +240,20 @@ def bwd_heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TA
         autocast = x_dtype is not None and x_dtype.itemsize == 4
         block_p, block_c, warps = (AUTOCAST_BWD_TILES if autocast else BWD_TILES)[min(block_r, 256)]
         stages = 2
+        if _runtime.TRITON < (3, 6) and block_r >= 128:  # 3.4: 64 x 32 x 128 spilled 8 B, 32 x 32 x 256 24-32 B (sm_80)
+            block_p //= 2
     if block_c == 64 and C > 64:  # one chunk of 64 channels, else chunks of 32
         block_c = 32
     block_p = max(16, min(block_p, next_pow2(HW)))
     block_p = _fit_waves(block_p, HW, batch, sms, BWD_CTAS if block_r < 128 else BWD_CTAS[:1])
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=max(16, min(block_c, next_pow2(C))), BLOCK_R=block_r),
-                         num_warps=warps, num_stages=stages, maxnreg=BWD_MAXNREG)
+                         num_warps=warps, num_stages=stages, maxnreg=FULL_MAXNREG)
 
 
 def bwd_candidates(C: int, CR: int, HW: int, dtype: torch.dtype, x_dtype: Optional[torch.dtype] = None) -> list:
     """Forward candidates whose [BLOCK_P, BLOCK_R] fp32 tiles (h, dh, and as much again for the chunk work) fit
     128 registers per thread (with the heuristic's maxnreg)."""
-    out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=BWD_MAXNREG)
+    out = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=FULL_MAXNREG)
            for c in candidates(C, CR, HW, dtype)
            if 3 * c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 32 * c.num_warps]
     return _runtime.nearest(out, bwd_heuristic(C, CR, HW, dtype, "gpu", x_dtype))
