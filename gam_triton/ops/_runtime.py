@@ -88,7 +88,7 @@ def nearest(cands, ref, limit: int = MAX_CANDIDATES) -> list:
 def alignment(*values: int) -> int:
     """The largest power of two up to 16 dividing every value (0 divides by anything): what a launch may tell a
     kernel about a group of integer arguments (``kernels/align.py``)."""
-    g = math.gcd(*values, 0) if values else 0
+    g = math.gcd(*values)
     return 16 if g == 0 else min(16, g & -g)
 
 
@@ -102,6 +102,12 @@ def view_alignment(hw: int, c: int, stride_b: int, stride_c: int, stride_p: int)
         a = alignment(c, stride_b, stride_p)
         return -a if a > 1 else 1
     return 1
+
+
+def view_alignments(names: str, hw: int, c: int, *views: tuple) -> dict:
+    """{NAME_ALIGN: :func:`view_alignment`} of ``views`` ((stride_b, stride_c, stride_p) each), one letter of
+    ``names`` per view: a launch's alignment constexprs."""
+    return {f"{n}_ALIGN": view_alignment(hw, c, *v) for n, v in zip(names, views)}
 
 
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

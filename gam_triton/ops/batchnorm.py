@@ -190,10 +190,9 @@ def _views(g, x1, y) -> tuple:
     return gv, xv, yv, (*sg, *sx, *sy)
 
 
-def _alignments(names: str, hw: int, c: int, strides: tuple) -> dict:
-    """{NAME_ALIGN: view alignment} of the views whose (stride_b, stride_c, stride_p) follow one another in
-    ``strides``, one letter of ``names`` each (``_runtime.view_alignment``)."""
-    return {f"{n}_ALIGN": _runtime.view_alignment(hw, c, *strides[3 * i:3 * i + 3]) for i, n in enumerate(names)}
+def _triples(strides: tuple) -> list:
+    """The (stride_b, stride_c, stride_p) of each view in :func:`_views`' flat strides."""
+    return [strides[i:i + 3] for i in range(0, len(strides), 3)]
 
 
 def _runs(mode: int, groups: int, cfg: "triton.Config", y: torch.Tensor) -> bool:
@@ -211,7 +210,8 @@ def reduce_launch_args(mode: int, g, x1, y, st, coef, dweight, dbias, groups: in
     args = (gv, xv, yv, st, part, counts, coef, coef if dweight is None else dweight, coef if dbias is None else dbias,
             b * h * w, h * w, c, c // groups if groups else c, *strides)
     kwargs = dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y), HAS_WEIGHT=dweight is not None,
-                  HAS_BIAS=dbias is not None, **_alignments("GXY", h * w, c, strides), **_runtime.config_kwargs(cfg))
+                  HAS_BIAS=dbias is not None, **_runtime.view_alignments("GXY", h * w, c, *_triples(strides)),
+                  **_runtime.config_kwargs(cfg))
     return bn_bwd_reduce_kernel, (n_parts, n_cb), args, kwargs
 
 
@@ -226,7 +226,8 @@ def apply_launch_args(mode: int, g, x1, y, st, coef, dy, dx1, groups: int, cfg: 
     cfg = apply_config(cfg, b * h * w, c, _runtime.sm_count(y.device))
     grid = _geometry(c, b * h * w, cfg, y.device)
     return bn_bwd_apply_kernel, grid, args, dict(MODE=mode, SHUFFLE_G=groups, RUNS=_runs(mode, groups, cfg, y),
-                                                 **_alignments("GXYDE", h * w, c, (*strides, *sd, *se)),
+                                                 **_runtime.view_alignments("GXYDE", h * w, c, *_triples(strides),
+                                                                            sd, se),
                                                  **_runtime.config_kwargs(cfg))
 
 

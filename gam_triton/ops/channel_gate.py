@@ -50,7 +50,7 @@ FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4
 #: 40 B at 128 on 3.9 sm_90/100 in "ieee" channels_last). From BLOCK_R 64 with maxnreg (FULL_MAXNREG): 64
 #: and 128 were (16, 16, 8, 1), 10 and 18 KB in flight per SM; now 16 x 32 x 64 and 16 x 16 x 128 at two stages,
 #: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 16 (C <= 64: one channel
-#: chunk) was 16 x 32 at 150-250 registers, 16.6 KB in flight; 16 x 64 (maxnreg as every backward tile) takes 104-142
+#: chunk) was 16 x 32 at 150-250 registers, 16.6 KB in flight; 16 x 64 (maxnreg as every backward tile) takes 104-179
 #: (Triton 3.9). BLOCK_R 256 (fp32 dots over more than 128 hidden channels) runs as PyTorch GEMMs (:func:`fused`):
 #: 16 x 16 x 256 at two stages compiles unspilled but at 255 registers (FMA "ieee" in NCHW), no margin.
 FP32_BWD_TILES = {16: (16, 64, 8, 2), 32: (16, 16, 4, 2), 64: (16, 32, 8, 2), 128: (16, 16, 8, 2),
@@ -78,7 +78,7 @@ FULL_MAXNREG = 255
 #: ptxas held 16 x 64 x 128 at 80 registers and spilled 16 B: C1024 20x20, sm_90, Triton 3.9) and, before Triton 3.6,
 #: 4 warps at BLOCK_R 64 (32 x 64 x 64 at ptxas's 96 spilled 16 B on sm_100, Triton 3.4; 118 with the cap). Other
 #: half-precision forward tiles keep ptxas's own choice (48-199 registers, no spill over the full space): a cap of 255
-#: took 15-40 % more registers than it, and fewer CTAs per SM; at BLOCK_R 256 a cap of 128 spilled 16-72 B.
+#: took 16-43 % more registers than it, and fewer CTAs per SM; at BLOCK_R 256 a cap of 128 spilled 16-72 B.
 FWD_MAXNREG = 128
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
 #: group and one for the groups (the train block allocates them with the BatchNorms').
@@ -156,8 +156,8 @@ def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: in
     thr = 32 * warps
     regs = 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) // 10
     regs = -(-regs * (3 if itemsize == 4 else 2) // 16) * 8  # fp32 x1.5, to the allocation granule of 8
-    k = max(1, min(64 // warps, 65536 // (thr * min(regs, 255))))
-    return tuple(sorted({k, min(64 // warps, k + 1)}))
+    k = max(1, min(_runtime.max_ctas(warps), 65536 // (thr * min(regs, 255))))
+    return tuple(sorted({k, min(_runtime.max_ctas(warps), k + 1)}))
 
 
 def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, batch: Optional[int], sms: int,
@@ -293,8 +293,8 @@ def launch_args(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     args = (xv, w1, b1, w2, b2, out, h * w, c, w1.shape[0], sxb, sxc, sxp, sob, soc, sop)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision), N_CHUNKS=cdiv(c, kw["BLOCK_C"]),
-                  R_ALIGN=_runtime.alignment(w1.shape[0]), X_ALIGN=_runtime.view_alignment(h * w, c, sxb, sxc, sxp),
-                  O_ALIGN=_runtime.view_alignment(h * w, c, sob, soc, sop),
+                  R_ALIGN=_runtime.alignment(w1.shape[0]),
+                  **_runtime.view_alignments("XO", h * w, c, (sxb, sxc, sxp), (sob, soc, sop)),
                   **_runtime.config_kwargs(cfg))
     return channel_gate_fwd_kernel, (bsz * cdiv(h * w, kw["BLOCK_P"]),), args, kwargs
 
@@ -331,13 +331,12 @@ def bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid: bool, dx, dah, hid, coun
     n_prog = bsz * cdiv(h * w, kw["BLOCK_P"])
     group, block_q, block_f = bias_tree(n_prog, c + cr, cfg.num_warps)
     bpart = torch.empty(n_prog + cdiv(n_prog, group), c + cr, dtype=torch.float32, device=x.device)
-    align = [_runtime.view_alignment(h * w, c, *strides) for strides in (*(v[1:] for v in views), (sdb, sdc, sdp))]
     args = (views[0][0], views[1][0], views[2][0], w1, b1, w2, b2, dx, dah, hid, bpart, counts, db1, db2, h * w,
             c, cr, group, *(s for v in views for s in v[1:]), sdb, sdc, sdp)
     kwargs = dict(SIGMOID=sigmoid, DOT_F32=_runtime.INTERPRET or w1.dtype == torch.float32,
                   INPUT_PRECISION=input_precision(w1.dtype, precision, kw["BLOCK_R"]),
                   N_CHUNKS=cdiv(c, kw["BLOCK_C"]), BLOCK_Q=block_q, BLOCK_F=block_f, R_ALIGN=_runtime.alignment(cr),
-                  X_ALIGN=align[0], A_ALIGN=align[1], B_ALIGN=align[2], D_ALIGN=align[3],
+                  **_runtime.view_alignments("XABD", h * w, c, *(v[1:] for v in views), (sdb, sdc, sdp)),
                   **_runtime.config_kwargs(cfg))
     return channel_gate_bwd_kernel, (n_prog,), args, kwargs
 

@@ -210,8 +210,8 @@ def bn_relu_launch_args(y, scale, shift, z, cfg: "triton.Config") -> tuple:
     _, szb, szc, szp = bchw_view(z)
     grid = programs(bsz, h * w, c, cfg, y.device)
     return bn_relu_kernel, grid, (y, scale, shift, z, bsz, h * w, c, syb, syc, syp, szb, szc, szp), \
-        dict(Y_ALIGN=_runtime.view_alignment(h * w, c, syb, syc, syp),
-             Z_ALIGN=_runtime.view_alignment(h * w, c, szb, szc, szp), **_runtime.config_kwargs(cfg))
+        dict(**_runtime.view_alignments("YZ", h * w, c, (syb, syc, syp), (szb, szc, szp)),
+             **_runtime.config_kwargs(cfg))
 
 
 def bn_relu_key(y: torch.Tensor) -> tuple:
