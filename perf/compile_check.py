@@ -283,13 +283,13 @@ def n_ctas(grid) -> int:
 
 
 def data_per_sm(launch: Launch) -> int:
-    """Bytes the launch reads (its input tensors, ``traffic.KERNEL_IO``), spread over :data:`SMS` SMs."""
-    from traffic import KERNEL_IO, tensor_bytes
+    """Bytes the launch reads (its distinct input tensors, ``traffic.KERNEL_IO``: an absent input is passed as
+    another, e.g. g for x1 in BN1's backward), spread over :data:`SMS` SMs."""
+    from traffic import KERNEL_IO, _tensors, tensor_bytes
 
     names = list(launch.kernel.arg_names)
     inputs = KERNEL_IO[launch.kernel.fn.__name__][1]
-    return sum(tensor_bytes(launch.args[names.index(n)]) for n in inputs
-               if isinstance(launch.args[names.index(n)], torch.Tensor)) // SMS
+    return sum(tensor_bytes(t) for t in _tensors([launch.args[names.index(n)] for n in inputs])) // SMS
 
 
 # --- compiling and reading the binary (worker processes) -----------------------------------------------------
@@ -578,10 +578,12 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Always checked: a failed compile, a spill, shared memory over the limit, a half-precision dot (in the TTGIR)
-    without tensor-core instructions."""
+    """Always checked: a failed compile, a spill, shared memory over the limit, no CTA resident per SM, a
+    half-precision dot (in the TTGIR) without tensor-core instructions."""
     whys = [(r, "does not compile: " + r["error"] if not r["ok"] else f"spills {r['spill_bytes']} B" if r["spill_bytes"]
              else "needs more shared memory than the arch has" if not r["smem_ok"] else
+             "cannot be resident (0 CTAs per SM: registers x threads over the register file)" if not r["ctas_per_sm"]
+             else
              "a half-precision dot without tensor-core instructions" if r["half_dot"] and r["tc"] == "none" else "")
             for r in rows]
     return [f"binary {r['binary']} {r['kernel']} {r['arch']} ({r['example']}; {r['constexprs']} w{r['num_warps']} "

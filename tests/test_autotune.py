@@ -888,3 +888,17 @@ def test_the_tune_cli_off_switch_exits_2(monkeypatch, capsys):
     monkeypatch.setenv("GAM_TRITON_AUTOTUNE", "0")
     assert tune.main(["--channels", "16", "--sizes", "4"]) == 2
     assert "off" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("c,size", [(64, 80), (128, 80), (256, 80), (128, 40), (256, 40), (512, 40), (256, 20),
+                                    (512, 20), (1024, 20)])
+def test_fp32_forward_tiles_are_fitted_to_whole_waves(c, size):
+    """At the sweep's shapes (B16, rate 4) the fp32 forward's grid runs in whole waves at every CTAs-per-SM count
+    its registers may give at the full budget (``_fwd_ctas``): C128 40x40 and C512 20x20 ran 1.01 waves at 3 CTAs
+    per SM with the unfitted tiles (Triton 3.9, sm_90). fp32 tiles never grow past FP32_TILES'."""
+    cfg = channel_gate.heuristic(c, c // 4, size * size, torch.float32, "gpu", batch=16)
+    p, r, w = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_R"], cfg.num_warps
+    assert p <= channel_gate.FP32_TILES[r][0] and w in (4, 8) and cfg.maxnreg == channel_gate.FULL_MAXNREG
+    ks = channel_gate._fwd_ctas(p, cfg.kwargs["BLOCK_C"], r, w, 4)
+    assert ks[0] == max(1, 65536 // (32 * w * 255)), ks
+    assert all(channel_gate.waves_ok(16 * -(-size * size // p), 132 * k) for k in ks), (p, w, ks)

@@ -125,3 +125,29 @@ def test_ptx_figures(text, narrow, per_mma):
     import compile_check as cc
 
     assert cc.ptx_figures(text) == (narrow, per_mma)
+
+
+def test_a_binary_no_sm_can_hold_is_a_problem():
+    """16 warps at 144 registers (the fp32 channel-gate forward at maxnreg 255) need 73,728 registers: no CTA fits
+    an SM's 65,536, and the launch would fail on the GPU, so the check reports it like a spill."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import compile_check as cc
+
+    assert cc.ARCHS[90].ctas_per_sm(144, 34816, 16) == 0 and cc.ARCHS[90].ctas_per_sm(128, 34816, 16) == 1
+    row = dict(binary=0, kernel="channel_gate_fwd", arch="sm_90a", example="B16 C512 20x20", constexprs="",
+               num_warps=16, num_stages=2, regs=144, ok=True, error="", spill_bytes=0, smem_ok=True, ctas_per_sm=0,
+               half_dot=False, tc="mma.sync")
+    assert ["cannot be resident" in p for p in cc.problems([row, dict(row, ctas_per_sm=1)])] == [True]
+
+
+def test_a_launch_reads_an_aliased_input_once():
+    """BN1's backward passes g for the x1 it does not read: the bytes a launch reads per SM count it once."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import compile_check as cc
+    from gam_triton.kernels.batchnorm import bn_bwd_apply_kernel
+
+    g, y = torch.zeros(16, 64, 20, 20, dtype=torch.float16), torch.zeros(16, 64, 20, 20, dtype=torch.float16)
+    st, coef = torch.zeros(4, 64), torch.zeros(2, 64)
+    args = dict(zip(bn_bwd_apply_kernel.arg_names, (g, g, y, st, coef)))
+    la = cc.Launch(bn_bwd_apply_kernel, (1,), tuple(args.get(n) for n in bn_bwd_apply_kernel.arg_names), {}, None)
+    assert cc.data_per_sm(la) == (2 * g.numel() * 2 + (st.numel() + coef.numel()) * 4) // cc.SMS

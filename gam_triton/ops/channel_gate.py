@@ -120,11 +120,9 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
                                   BLOCK_R=block_r), num_warps=4, num_stages=1)
     if dtype == torch.float32:
         block_p, block_c, warps = FP32_TILES[min(block_r, 256)]
-        if _runtime.TRITON < (3, 6) and block_r <= 32:  # 3.4: 64x64x16 / 64x32x32 w4 spilled 8 B at 168 / 128 registers
-            warps = 8
         block_c = max(16, next_pow2(C)) if C <= block_c else block_c
-        # fp32 tiles sit at the spill edge (16 x 64 x 64 w8, halved for waves, spilled 16 B on sm_90): not fitted
         block_p = max(16, min(block_p, next_pow2(HW)))
+        block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 4, grow=False)
         return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
                              maxnreg=FULL_MAXNREG)
     # Up to C = 128 one tile holds every channel (x read once); beyond, 64-channel chunks. h (BLOCK_P x
@@ -150,24 +148,33 @@ def _fwd_maxnreg(warps: int, block_r: int) -> Optional[int]:
 
 
 def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: int) -> tuple:
-    """CTAs per SM a forward tile may get: from an estimate of its registers per thread (a fit to the Triton 3.9
-    sm_90 compile facts, 40 + 2.5 per h element + 0.8 per gate element a thread holds, half as many again for
-    fp32 dots; within about 20 %, more often over than under), the estimate and one more."""
+    """CTAs per SM a forward tile may get, from an estimate of its registers per thread: 40 + 2.5 per h element +
+    0.8 per gate element a thread holds (a fit to half-precision tiles, Triton 3.9 sm_90), times 1.5 for fp32 dots.
+    Half precision: the estimate's count and one more. fp32 dots (``itemsize`` 4) run at the full budget
+    (FULL_MAXNREG), where ptxas takes what it likes (1.0-3.1x the plain estimate on sm_90; 3xTF32 at the top):
+    every count from 255 registers' to 0.9 of the estimate's. These are ranges to fit against, not predictions:
+    the compile check judges the fitted grids with ptxas's real counts (the sweep's, Triton 3.4, 3.6 and 3.9)."""
     thr = 32 * warps
     regs = 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) // 10
-    regs = -(-regs * (3 if itemsize == 4 else 2) // 16) * 8  # fp32 x1.5, to the allocation granule of 8
-    k = max(1, min(_runtime.max_ctas(warps), 65536 // (thr * min(regs, 255))))
-    return tuple(sorted({k, min(_runtime.max_ctas(warps), k + 1)}))
+    top = _runtime.max_ctas(warps)
+
+    def ctas(r: int) -> int:
+        return max(1, min(top, 65536 // (thr * min(-(-r // 8) * 8, 255))))  # to the allocation granule of 8
+    if itemsize == 4:
+        est = regs * 3 // 2
+        return tuple(range(ctas(255), ctas(est * 9 // 10) + 1))
+    k = ctas(regs)
+    return tuple(sorted({k, min(top, k + 1)}))
 
 
 def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, batch: Optional[int], sms: int,
                itemsize: int, grow: bool = True) -> tuple[int, int]:
     """(BLOCK_P, num_warps) of a forward tile fitted to whole waves: the first of the pixel block as given, halved,
     doubled (with ``grow``, up to 128 and the map) or quartered (down to 16), at its warps, then the same at 8 (as
-    many warps per SM in half as many CTAs), whose grid runs in whole waves (:func:`waves_ok`) for every
-    CTAs-per-SM count :func:`_fwd_ctas` allows; the tile as given when none does or ``batch`` is None. The warps
-    as given come first: 32 x 64 x 64 at 8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9), where
-    16 x 64 x 64 at 4 fits."""
+    many warps per SM in half as many CTAs), whose grid runs in whole waves (:func:`waves_ok`)
+    for every CTAs-per-SM count :func:`_fwd_ctas` allows; the tile as given when none does or ``batch`` is None.
+    The warps as given come first: 32 x 64 x 64 at 8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9),
+    where 16 x 64 x 64 at 4 fits. fp32 tiles never grow (they sit nearer the spill edge)."""
     if batch is None:
         return block_p, warps
     top = max(16, min(128, next_pow2(HW))) if grow else block_p
