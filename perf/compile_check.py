@@ -21,11 +21,12 @@ binary and arch: registers and spill bytes (``ptxas -v``), shared memory (metada
 tensor-core instruction in the PTX (mma.sync, wgmma, tcgen05), and issue 22's static figures:
 
 * waves: per launch, CTAs / (132 SMs x CTAs per SM); per binary min..max over its launches.
-* bytes in flight per SM: CTAs per SM x bytes loaded per pipeline stage x stages. From the TTGIR: the global
+* bytes in flight per SM, per launch: the CTAs an SM holds (the fewer of its resident CTAs and the grid's share
+  of the busiest SM, ceil(CTAs / 132)) x bytes loaded per pipeline stage x stages. From the TTGIR: the global
   loads (``tt.load``, ``ttg.async_copy_global_to_local``) of the loop loading the most bytes per iteration (the
   whole kernel when no loop loads), times num_stages when that loop's loads are asynchronous (pipelined). Its
-  target is 20 KB, or all a launch reads per SM where that is less (``data_per_sm``: the inputs
-  ``traffic.KERNEL_IO`` names over 132 SMs, the binary's largest launch): no more can be in flight.
+  target, per launch, is 20 KB, or all the launch reads per SM where that is less (``data_per_sm``: the distinct
+  inputs ``traffic.KERNEL_IO`` names over 132 SMs): no more can be in flight. Per binary: its least, over launches.
 * narrow loads in loops: PTX ``ld.global`` narrower than 4 bytes (vector width counted) between a label and a
   backward branch to it. Instructions per MMA: PTX instructions per tensor-core instruction in the loop with most.
 * serial finalisation steps, busiest/median loads: measured. The launches of :data:`LOAD_CASES` (a headline shape)
@@ -532,8 +533,8 @@ TARGETS: dict[str, tuple[str, Callable, Callable]] = {
                lambda r: r["serial_steps"] <= 16),
     "balance": ("loads of the busiest program <= 4x the median program's (interpreter, LOAD_CASES)",
                 lambda r: r["busiest_over_median"] != "", lambda r: r["busiest_over_median"] <= 4),
-    "inflight": ("memory-bound binaries: >= 20 KB in flight per SM (or all a launch reads per SM)", _mem,
-                 lambda r: r["inflight_per_sm"] >= min(20480, r["data_per_sm"])),
+    "inflight": ("memory-bound launches: >= 20 KB in flight per SM (or all the launch reads per SM)", _mem,
+                 lambda r: r["bad_inflight_launches"] == 0),
     "narrow": ("no global load narrower than 4 bytes inside a loop", lambda r: True, lambda r: r["narrow_loads"] == 0),
 }
 def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
@@ -547,6 +548,12 @@ def bad_waves(launches: list, ctas: int) -> list[tuple[str, float]]:
     return out
 
 
+def inflight(launch: Launch, ctas: int, stage_bytes: int, stages: int) -> int:
+    """Bytes in flight per SM during ``launch``: the CTAs an SM holds (resident ones, or the grid's share of the
+    busiest SM where the grid is smaller) x bytes per stage x stages."""
+    return min(ctas, -(-n_ctas(launch.grid) // SMS)) * stage_bytes * stages
+
+
 def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict]:
     """One row per binary and arch."""
     rows = []
@@ -555,6 +562,8 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
             f, arch, opts = facts[(key, cc)], ARCHS[cc], spec["options"]
             ctas = arch.ctas_per_sm(f.get("regs", 0), f.get("smem", 0), opts.get("num_warps", 4)) if f["ok"] else 0
             waves = [n_ctas(la.grid) / (SMS * ctas) for la in launches if ctas]
+            reads = [data_per_sm(la) for la in launches]
+            held = [inflight(la, ctas, f.get("stage_bytes", 0), f.get("stages", 1)) for la in launches]
             ld = loads.get(key)
             rows.append(dict(
                 binary=i, kernel=kernel.fn.__name__.removesuffix("_kernel"), arch=_sm(cc), launches=len(launches),
@@ -568,8 +577,8 @@ def rows_for(binaries: list, facts: dict, archs: list, loads: dict) -> list[dict
                 waves_min=round(min(waves, default=0), 2), waves_max=round(max(waves, default=0), 2),
                 bad_wave_launches=len(bad_waves(launches, ctas)),
                 stage_bytes=f.get("stage_bytes", 0), stages=f.get("stages", 1),
-                inflight_per_sm=ctas * f.get("stage_bytes", 0) * f.get("stages", 1),
-                data_per_sm=max(data_per_sm(la) for la in launches),
+                inflight_per_sm=min(held), data_per_sm=max(reads),
+                bad_inflight_launches=sum(h < min(20480, d) for h, d in zip(held, reads)),
                 narrow_loads=f.get("narrow_loads", 0), instr_per_mma=f.get("instr_per_mma") or "",
                 serial_steps=ld["serial"] if ld else "",
                 busiest_over_median=round(ld["busiest"] / max(ld["median"], 1), 1) if ld else "",
@@ -614,7 +623,8 @@ def summary(rows: list[dict], binaries: list, n_launches: int, seconds: float, a
     lines = [f"# Compile check\n\n`perf/compile_check.py --subset {args.subset}`, Triton {triton.__version__}, torch "
              f"{torch.__version__}, {time.strftime('%Y-%m-%d')}: {n_launches} launches captured, {len(binaries)} "
              f"distinct binaries x {len(args.archs)} archs, {seconds:.0f} s. **Compile facts and static figures, "
-             "not timings** (waves at 132 SMs; in flight = CTAs/SM x bytes per stage x stages).\n",
+             "not timings** (waves at 132 SMs; in flight = CTAs an SM holds x bytes per stage x stages, the least "
+             "over a binary's launches).\n",
              "| kernel | arch | binaries | launches | regs | spill B | smem B | CTAs/SM | tensor cores | waves | in "
              "flight B/SM | narrow loads in loops | instr/MMA | serial steps | busiest/median |", "|" + "---|" * 15]
     groups: dict = collections.defaultdict(list)

@@ -151,3 +151,13 @@ def test_a_launch_reads_an_aliased_input_once():
     args = dict(zip(bn_bwd_apply_kernel.arg_names, (g, g, y, st, coef)))
     la = cc.Launch(bn_bwd_apply_kernel, (1,), tuple(args.get(n) for n in bn_bwd_apply_kernel.arg_names), {}, None)
     assert cc.data_per_sm(la) == (2 * g.numel() * 2 + (st.numel() + coef.numel()) * 4) // cc.SMS
+
+
+def test_in_flight_counts_the_ctas_the_grid_gives_an_sm():
+    """A grid smaller than the resident CTAs allow holds only its share of the busiest SM: 400 CTAs on 132 SMs are 4
+    per SM at most, whatever registers would allow (12 here)."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import compile_check as cc
+
+    small, large = cc.Launch(None, (400,), (), {}, None), cc.Launch(None, (200, 20), (), {}, None)
+    assert cc.inflight(small, 12, 1024, 2) == 4 * 1024 * 2 and cc.inflight(large, 12, 1024, 2) == 12 * 1024 * 2
