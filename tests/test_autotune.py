@@ -548,15 +548,16 @@ def test_every_backward_tile_gets_the_full_register_budget():
 
 def test_forward_register_caps():
     """fp32 forward tiles take the full budget; half-precision ones keep ptxas's choice except the tiles that
-    spilled under it (8 warps at BLOCK_R 128; before Triton 3.6, 4 warps at BLOCK_R 64)."""
+    spilled under it (8 warps at BLOCK_R 128; before Triton 3.9, 4-warp tiles up to BLOCK_R 64 at the full budget)."""
     for cr in (16, 64, 128, 256):
         for batch in (None, 1, 16):
             assert channel_gate.heuristic(4 * cr, cr, 400, torch.float32, "gpu", batch=batch).maxnreg == \
                 channel_gate.FULL_MAXNREG
             cfg = channel_gate.heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", batch=batch)
             w, r = cfg.num_warps, cfg.kwargs["BLOCK_R"]
-            capped = (w == 8 and r == 128) or (channel_gate._runtime.TRITON < (3, 6) and w == 4 and r == 64)
-            assert cfg.maxnreg == (channel_gate.FWD_MAXNREG if capped else None), (cr, batch)
+            old = channel_gate._runtime.TRITON < (3, 9) and w == 4 and r <= 64
+            want = channel_gate.FWD_MAXNREG if (w, r) == (8, 128) else channel_gate.FULL_MAXNREG if old else None
+            assert cfg.maxnreg == want, (cr, batch)
 
 
 def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():
@@ -902,3 +903,14 @@ def test_fp32_forward_tiles_are_fitted_to_whole_waves(c, size):
     ks = channel_gate._fwd_ctas(p, cfg.kwargs["BLOCK_C"], r, w, 4)
     assert ks[0] == max(1, 65536 // (32 * w * 255)), ks
     assert all(channel_gate.waves_ok(16 * -(-size * size // p), 132 * k) for k in ks), (p, w, ks)
+
+
+def test_a_forward_grid_no_tile_fits_takes_the_tile_that_fits_most():
+    """The fork form at C256 20x20 B16 (C/r = 32: 6,400 pixels) has no forward tile whose grid runs in whole waves at
+    every CTAs-per-SM count it may get; the fit then takes the one that does at the most counts (400 CTAs of 16
+    pixels at 8 warps), not the tile as given (100 CTAs of 64: 32 SMs idle). Batch 1 at C64 80x80 likewise."""
+    for c, cr, hw, batch in ((256, 32, 400, 16), (64, 16, 6400, 1)):
+        cfg = channel_gate.heuristic(c, cr, hw, torch.bfloat16, "gpu", batch=batch)
+        p, w = cfg.kwargs["BLOCK_P"], cfg.num_warps
+        ks = channel_gate._fwd_ctas(p, cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_R"], w, 2)
+        assert (p, w) == (16, 8) and any(channel_gate.waves_ok(batch * hw // 16, 132 * k) for k in ks), (p, w, ks)

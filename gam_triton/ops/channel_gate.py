@@ -72,12 +72,12 @@ WAVES_TAIL = 1.15
 #: 3.9: the backward's 64 x 64 x 16 in half precision 8-48 B on sm_80/100, 64 x 32 x 32 8-64 B on sm_80, fp32
 #: 16 x 32 x 16 "ieee" 96 B on sm_80, 16 x 16 x 32 TF32 8 B on sm_90; the fp32 forward's 64 x 32 x 32 TF32 8 B on
 #: sm_100, Triton 3.6); with it, 116-255 registers and none. The backward's pixel block is fitted to one or two CTAs
-#: per SM (BWD_CTAS) either way; the fp32 forward is not fitted.
+#: per SM (BWD_CTAS) either way; the fp32 forward is fitted over the counts its registers may give (:func:`_fwd_ctas`).
+#: Before Triton 3.9 the half-precision forward's 4-warp tiles up to BLOCK_R 64 take it too (:func:`_fwd_maxnreg`).
 FULL_MAXNREG = 255
 #: maxnreg of some half-precision forward tiles (:func:`_fwd_maxnreg`): 8 warps at BLOCK_R 128 (left to itself
-#: ptxas held 16 x 64 x 128 at 80 registers and spilled 16 B: C1024 20x20, sm_90, Triton 3.9) and, before Triton 3.6,
-#: 4 warps at BLOCK_R 64 (32 x 64 x 64 at ptxas's 96 spilled 16 B on sm_100, Triton 3.4; 118 with the cap). Other
-#: half-precision forward tiles keep ptxas's own choice (48-199 registers, no spill over the full space): a cap of 255
+#: ptxas held 16 x 64 x 128 at 80 registers and spilled 16 B: C1024 20x20, sm_90, Triton 3.9). Other half-precision
+#: forward tiles keep ptxas's own choice on Triton 3.9 (48-199 registers, no spill over the full space): a cap of 255
 #: took 16-43 % more registers than it, and fewer CTAs per SM; at BLOCK_R 256 a cap of 128 spilled 16-72 B.
 FWD_MAXNREG = 128
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
@@ -141,9 +141,16 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
 
 
 def _fwd_maxnreg(warps: int, block_r: int) -> Optional[int]:
-    """FWD_MAXNREG for the half-precision forward tiles it names; None (ptxas's choice) for the others."""
-    if (warps == 8 and block_r == 128) or (_runtime.TRITON < (3, 6) and warps == 4 and block_r == 64):
+    """FWD_MAXNREG for 8-warp tiles at BLOCK_R 128; before Triton 3.9 the full budget for 4-warp tiles up to BLOCK_R
+    64, whose ptxas, left to itself, held some at 96 or 128 registers and spilled 8-16 B on sm_100 (3.4: 32 x 64 x 64,
+    C256 80x80 NCHW fp16; 3.6, full space: the fork form's 64 x 64 x 32 and, under autocast, 16 x 128 x 16), and where
+    caps of 128 or 168 spilled too (3.4 at 14x14 NCHW, 16-24 B; 3.6 under autocast, 48-104 B); None (ptxas's choice)
+    for the others (3.4's autocast 16 x 64 x 128 spilled 24 B on sm_80 at 255, none at its own choice). Triton 3.9
+    needs no cap but the first (full space, sm_80/90/100)."""
+    if warps == 8 and block_r == 128:
         return FWD_MAXNREG
+    if _runtime.TRITON < (3, 9) and warps == 4 and block_r <= 64:
+        return FULL_MAXNREG
     return None
 
 
@@ -172,18 +179,25 @@ def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, ba
     """(BLOCK_P, num_warps) of a forward tile fitted to whole waves: the first of the pixel block as given, halved,
     doubled (with ``grow``, up to 128 and the map) or quartered (down to 16), at its warps, then the same at 8 (as
     many warps per SM in half as many CTAs), whose grid runs in whole waves (:func:`waves_ok`)
-    for every CTAs-per-SM count :func:`_fwd_ctas` allows; the tile as given when none does or ``batch`` is None.
-    The warps as given come first: 32 x 64 x 64 at 8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9),
-    where 16 x 64 x 64 at 4 fits. fp32 tiles never grow (they sit nearer the spill edge)."""
+    for every CTAs-per-SM count :func:`_fwd_ctas` allows. Where none does, the first that does for the most counts
+    (the fork form at C256 20x20 B16: 400 CTAs of 16 pixels at 8 warps, 0.5-0.6 of a wave, not 100 of 64 at 0.2);
+    the tile as given where none does for any, or ``batch`` is None. The warps as given come first: 32 x 64 x 64 at
+    8 warps took 64 registers and spilled 8 B on sm_80 (Triton 3.9), where 16 x 64 x 64 at 4 fits. fp32 tiles never
+    grow (they sit nearer the spill edge)."""
     if batch is None:
         return block_p, warps
     top = max(16, min(128, next_pow2(HW))) if grow else block_p
     sizes = [q for q in dict.fromkeys((block_p, block_p // 2, block_p * 2, block_p // 4)) if 16 <= q <= top]
+    best, best_ok = (block_p, warps), 0
     for w in dict.fromkeys((warps, 8)):
         for p in sizes:
-            if all(waves_ok(batch * cdiv(HW, p), sms * k) for k in _fwd_ctas(p, block_c, block_r, w, itemsize)):
+            ks = _fwd_ctas(p, block_c, block_r, w, itemsize)
+            ok = sum(waves_ok(batch * cdiv(HW, p), sms * k) for k in ks)
+            if ok == len(ks):
                 return p, w
-    return block_p, warps
+            if ok > best_ok:
+                best, best_ok = (p, w), ok
+    return best
 
 
 def candidates(C: int, CR: int, HW: int, dtype: torch.dtype) -> list:
