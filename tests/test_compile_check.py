@@ -70,7 +70,7 @@ def test_fork_form_and_odd_maps_read_without_narrow_loads(tmp_path):
 
 
 # one eval call at one shape: a handful of binaries; every one compiled with 64 registers at most
-SHRINK = ("cc.SUBSETS['ci'] = ([(64, 20)], (16,), ('paper',), ('',)); cc.TWEAKS[''] = ('eval',); "
+SHRINK = ("cc.SUBSETS['ci'] = ([(64, 80)], (16,), ('paper',), ('',)); cc.TWEAKS[''] = ('eval',); "
           "cc.DTYPES = [('fp16', None, True)]")
 PLANT = ("real = cc.specialise\n"
          "def planted(kernel, args, kwargs):\n"
