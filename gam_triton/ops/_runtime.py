@@ -272,6 +272,12 @@ def max_ctas(num_warps: int) -> int:
     return min(MAX_CTAS_PER_SM, WARPS_PER_SM // num_warps)
 
 
+def register_ctas(regs: int, num_warps: int) -> int:
+    """CTAs of ``num_warps`` warps an SM holds at ``regs`` registers per thread (65,536 per SM, allocated in
+    granules of 8 per thread, 255 at most), at least 1 and at most :func:`max_ctas`."""
+    return max(1, min(max_ctas(num_warps), 65536 // (num_warps * 32 * min(-(-regs // 8) * 8, 255))))
+
+
 def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     """``programs`` (per channel block, of a grid (programs, n_cblocks)) rounded down so that the grid is m x
     ``sms`` CTAs (less what rounding to channel blocks drops) with m chosen so that the grid's waves, grid /
@@ -282,7 +288,7 @@ def whole_waves(programs: int, n_cblocks: int, num_warps: int, sms: int) -> int:
     top = max_ctas(num_warps)
     if m < 1 or m >= top:
         return programs
-    occs = {max(1, min(top, 65536 // (r * 32 * num_warps))) for r in range(8, 256, 8)}
+    occs = {register_ctas(r, num_warps) for r in range(8, 256, 8)}
     p = max(1, m * sms // n_cblocks)
     while m > 1 and any(o < p * n_cblocks / sms <= 1.15 * o for o in occs):  # judged on the grid rounded to blocks
         m -= 1

@@ -163,15 +163,11 @@ def _fwd_ctas(block_p: int, block_c: int, block_r: int, warps: int, itemsize: in
     the compile check judges the fitted grids with ptxas's real counts (the sweep's, Triton 3.4, 3.6 and 3.9)."""
     thr = 32 * warps
     regs = 40 + (25 * block_p * block_r // thr + 8 * block_p * block_c // thr) // 10
-    top = _runtime.max_ctas(warps)
-
-    def ctas(r: int) -> int:
-        return max(1, min(top, 65536 // (thr * min(-(-r // 8) * 8, 255))))  # to the allocation granule of 8
     if itemsize == 4:
         est = regs * 3 // 2
-        return tuple(range(ctas(255), ctas(est * 9 // 10) + 1))
-    k = ctas(regs)
-    return tuple(sorted({k, min(top, k + 1)}))
+        return tuple(range(_runtime.register_ctas(255, warps), _runtime.register_ctas(est * 9 // 10, warps) + 1))
+    k = _runtime.register_ctas(regs, warps)
+    return tuple(sorted({k, min(_runtime.max_ctas(warps), k + 1)}))
 
 
 def _fwd_waves(block_p: int, block_c: int, block_r: int, warps: int, HW: int, batch: Optional[int], sms: int,

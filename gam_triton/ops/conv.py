@@ -218,8 +218,7 @@ def resident_ctas(cfg: "triton.Config", dtype: torch.dtype, prec: str = "tf32") 
     bp, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K"))
     smem = cfg.num_stages * (bp * bk + bk * bn) * dtype.itemsize
     regs = -(-(bp * bn // (32 * cfg.num_warps) + 40 + (48 if prec == "tf32x3" else 0)) // 8) * 8
-    return max(1, min(_runtime.max_ctas(cfg.num_warps), _SMEM_PER_SM // (smem + 1024),
-                      65536 // (regs * 32 * cfg.num_warps)))
+    return max(1, min(_runtime.register_ctas(regs, cfg.num_warps), _SMEM_PER_SM // (smem + 1024)))
 
 
 def split_k(programs: int, k_steps: int, slots: int) -> int:
