@@ -548,16 +548,20 @@ def test_every_backward_tile_gets_the_full_register_budget():
 
 def test_forward_register_caps():
     """fp32 forward tiles take the full budget; half-precision ones keep ptxas's choice except the tiles that
-    spilled under it (8 warps at BLOCK_R 128; before Triton 3.9, 4-warp tiles up to BLOCK_R 64 at the full budget)."""
+    spilled under it (8 warps at BLOCK_R 128; before Triton 3.9, 4-warp tiles up to BLOCK_R 64 at the full budget), and
+    before Triton 3.6 the autocast 8-warp 16 x 64 tiles up to BLOCK_R 64, held to four CTAs per SM."""
     for cr in (16, 64, 128, 256):
         for batch in (None, 1, 16):
             assert channel_gate.heuristic(4 * cr, cr, 400, torch.float32, "gpu", batch=batch).maxnreg == \
                 channel_gate.FULL_MAXNREG
-            cfg = channel_gate.heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", batch=batch)
-            w, r = cfg.num_warps, cfg.kwargs["BLOCK_R"]
-            old = channel_gate._runtime.TRITON < (3, 9) and w == 4 and r <= 64
-            want = channel_gate.FWD_MAXNREG if (w, r) == (8, 128) else channel_gate.FULL_MAXNREG if old else None
-            assert cfg.maxnreg == want, (cr, batch)
+            for x_dtype in (None, torch.float32):
+                cfg = channel_gate.heuristic(4 * cr, cr, 400, torch.bfloat16, "gpu", x_dtype=x_dtype, batch=batch)
+                w, r = cfg.num_warps, cfg.kwargs["BLOCK_R"]
+                p, c, version = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], channel_gate._runtime.TRITON
+                small = x_dtype is not None and version < (3, 6) and (w, p, c) == (8, 16, 64) and r <= 64
+                want = channel_gate.FWD_MAXNREG if (w, r) == (8, 128) else channel_gate.SMALL_TILE_MAXNREG if small \
+                    else channel_gate.FULL_MAXNREG if version < (3, 9) and w == 4 and r <= 64 else None
+                assert cfg.maxnreg == want, (cr, batch, x_dtype)
 
 
 def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():

@@ -80,6 +80,12 @@ FULL_MAXNREG = 255
 #: forward tiles keep ptxas's own choice on Triton 3.9 (48-199 registers, no spill over the full space): a cap of 255
 #: took 16-43 % more registers than it, and fewer CTAs per SM; at BLOCK_R 256 a cap of 128 spilled 16-72 B.
 FWD_MAXNREG = 128
+#: maxnreg of the autocast forward's 8-warp 16 x 64 tiles up to BLOCK_R 64 before Triton 3.6 (small tiles of the
+#: whole-waves fit, :func:`_fwd_waves`): four CTAs per SM. Left to itself, 3.4's ptxas held 16 x 64 x 64 in NCHW at
+#: 72-74 registers (64 on 3.6 and 3.9): three CTAs, and C256 20x20 B16's 400 CTAs ran 1.01 waves on 132 SMs; at 64
+#: none spills (full space, sm_80/90/100) and they run 0.76. Not wider: at 64, 3.4 spilled 48-80 B in the autocast
+#: 16 x 128 x 16/32 (C128 80x80 B1) and 64 B in fp16's 16 x 64 x 64 on sm_80 (the fork at C512 20x20).
+SMALL_TILE_MAXNREG = 64
 #: Groups of the backward's bias-sum tree at most (:func:`bias_tree`), and the int32 counters it takes: one per
 #: group and one for the groups (the train block allocates them with the BatchNorms').
 MAX_GROUPS = 127
@@ -131,24 +137,28 @@ def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET
     # spilled 176-192 B on sm_80, Triton 3.6). 8 warps for BLOCK_R 256 (4 warps took 255 registers, 4-12 B spilled).
     block_c = max(16, next_pow2(C)) if C <= 128 else 64
     block_p = 64 if block_r <= 32 else 32
-    if x_dtype is not None and x_dtype.itemsize == 4:
+    autocast = x_dtype is not None and x_dtype.itemsize == 4
+    if autocast:
         block_p = max(16, block_p // 2)
     block_p = max(16, min(block_p, next_pow2(HW)))
     warps = 8 if block_p * block_c >= 8192 or block_r >= 256 else 4
     block_p, warps = _fwd_waves(block_p, block_c, block_r, warps, HW, batch, sms, 2)
     return triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r), num_warps=warps, num_stages=2,
-                         maxnreg=_fwd_maxnreg(warps, block_r))
+                         maxnreg=_fwd_maxnreg(block_p, block_c, block_r, warps, autocast))
 
 
-def _fwd_maxnreg(warps: int, block_r: int) -> Optional[int]:
-    """FWD_MAXNREG for 8-warp tiles at BLOCK_R 128; before Triton 3.9 the full budget for 4-warp tiles up to BLOCK_R
-    64, whose ptxas, left to itself, held some at 96 or 128 registers and spilled 8-16 B on sm_100 (3.4: 32 x 64 x 64,
-    C256 80x80 NCHW fp16; 3.6, full space: the fork form's 64 x 64 x 32 and, under autocast, 16 x 128 x 16), and where
-    caps of 128 or 168 spilled too (3.4 at 14x14 NCHW, 16-24 B; 3.6 under autocast, 48-104 B); None (ptxas's choice)
-    for the others (3.4's autocast 16 x 64 x 128 spilled 24 B on sm_80 at 255, none at its own choice). Triton 3.9
-    needs no cap but the first (full space, sm_80/90/100)."""
+def _fwd_maxnreg(block_p: int, block_c: int, block_r: int, warps: int, autocast: bool) -> Optional[int]:
+    """FWD_MAXNREG for 8-warp tiles at BLOCK_R 128; before Triton 3.6, SMALL_TILE_MAXNREG for the autocast 8-warp
+    16 x 64 tiles up to BLOCK_R 64; before Triton 3.9, the full budget for 4-warp tiles up to BLOCK_R 64, whose ptxas,
+    left to itself, held some at 96 or 128 registers and spilled 8-16 B on sm_100 (3.4: 32 x 64 x 64, C256 80x80 NCHW
+    fp16; 3.6, full space: the fork form's 64 x 64 x 32 and, under autocast, 16 x 128 x 16), and where caps of 128 or
+    168 spilled too (3.4 at 14x14 NCHW, 16-24 B; 3.6 under autocast, 48-104 B); None (ptxas's choice) for the others
+    (3.4's autocast 16 x 64 x 128 spilled 24 B on sm_80 at 255, none at its own choice). Triton 3.9 needs no cap but
+    the first (full space, sm_80/90/100)."""
     if warps == 8 and block_r == 128:
         return FWD_MAXNREG
+    if _runtime.TRITON < (3, 6) and autocast and warps == 8 and (block_p, block_c) == (16, 64) and block_r <= 64:
+        return SMALL_TILE_MAXNREG
     if _runtime.TRITON < (3, 9) and warps == 4 and block_r <= 64:
         return FULL_MAXNREG
     return None
