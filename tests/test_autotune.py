@@ -564,6 +564,20 @@ def test_forward_register_caps():
                 assert cfg.maxnreg == want, (cr, batch, x_dtype)
 
 
+def test_fp32_over_128_hidden_channels_fuses_where_compile_facts_allow():
+    """BLOCK_R 256 in fp32 (C/r 129-256): from Triton 3.6 the forward fuses in either precision and the backward in
+    TF32 only (FMA "ieee" had no spill-free tile); before 3.6 PyTorch's GEMMs run both. Half precision, BLOCK_R up to
+    128 and the interpreter always fuse."""
+    new = channel_gate._runtime.TRITON >= (3, 6)
+    for prec in ("ieee", "tf32"):
+        assert channel_gate.fused(torch.float32, 144, False, prec, "gpu") == new
+        assert channel_gate.fused(torch.float32, 256, True, prec, "gpu") == (new and prec == "tf32")
+        assert channel_gate.fused(torch.float32, 144, True, prec, "interpreter")
+        assert channel_gate.fused(torch.float32, 128, True, prec, "gpu")
+        assert channel_gate.fused(torch.bfloat16, 256, True, prec, "gpu")
+    assert channel_gate.bwd_heuristic(576, 144, 400, torch.float32, "gpu", batch=16).num_stages == 2
+
+
 def test_a_config_with_maxnreg_round_trips_through_the_cache_entry():
     cfg = triton.Config(dict(BLOCK_P=16, BLOCK_C=16, BLOCK_R=128), num_warps=4, num_stages=2, maxnreg=255)
     back = _autotune.decode(_autotune.encode(cfg))

@@ -65,6 +65,31 @@ def test_fp32_dots_follow_allow_tf32():
     assert err_ieee < 1e-5 < err_tf32 < 5e-2
 
 
+def test_fp32_tf32_train_step_over_128_hidden_channels(monkeypatch):
+    """fp32 at C/r = 144 (BLOCK_R 256) with TF32 allowed: the fused backward kernel runs from Triton 3.6 on
+    (channel_gate.fused; PyTorch's GEMMs before), and a train step's gradients match float64 within TF32's error."""
+    from gam_triton.ops import _runtime
+
+    launched = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda k, *a: launched.append(getattr(k, "fn", k).__name__) or real(k, *a))
+    ref = make_ref("paper", 576).cuda().train()
+    gam = GAM.from_module(ref).train()
+    x = torch.randn(4, 576, 20, 24, device="cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        gam(x).square().mean().backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    ref.double()(x.double()).square().mean().backward()
+    assert ("channel_gate_bwd_kernel" in launched) == (_runtime.TRITON >= (3, 6)), launched
+    rtol, atol = TOL[torch.bfloat16]
+    for (name, p), q in zip(gam.named_parameters(), ref.parameters()):
+        n = max(q.grad.abs().max().item(), 1e-2)
+        torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=2 * rtol, atol=2 * atol, msg=name)
+
+
 def test_cuda_graph_capture_after_warmup():
     ref = make_ref("yolo_grouped", 128).cuda().eval()
     gam = GAM.from_module(ref).half().eval()

@@ -243,7 +243,8 @@ def test_channel_gate_every_tiling(c, cr, block_c, block_p, cl, device):
 @pytest.mark.skipif(not KERNELS_RUN, reason="launches the Triton kernel directly: needs the interpreter or a GPU")
 @pytest.mark.parametrize("c,cr,block_c,block_p,dtype,xdt", [
     (20, 5, 16, 16, torch.float32, torch.float32), (48, 12, 16, 32, torch.bfloat16, torch.bfloat16),
-    (48, 12, 32, 16, torch.float16, torch.float32), (192, 48, 64, 64, torch.bfloat16, torch.bfloat16)])
+    (48, 12, 32, 16, torch.float16, torch.float32), (192, 48, 64, 64, torch.bfloat16, torch.bfloat16),
+    (576, 144, 128, 16, torch.float32, torch.float32)])  # BLOCK_R 256: fp32 fuses there in TF32 (channel_gate.fused)
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_channel_gate_backward_every_tiling(c, cr, block_c, block_p, dtype, xdt, cl, device, monkeypatch):
     """The fused backward (chunked passes, many pixel tiles, the bias sums' second launch) at forced tiles against

@@ -13,8 +13,9 @@ Kernels: ``kernels/channel_gate.py`` (math, bytes and FLOPs in its docstring).
 fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as
 3xTF32 (tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA
 ("ieee") above BLOCK_R = 64, where every 3xTF32 tile spilled. fp32 over more than 128 hidden channels runs as
-PyTorch GEMMs where no tile compiles without spills (:func:`fused`). The dots run in the weights' dtype with fp32
-accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Triton issue 11584).
+PyTorch GEMMs where no tile compiles without spills (:func:`fused`: the "ieee" backward, and everything before Triton
+3.6). The dots run in the weights' dtype with fp32 accumulation; the interpreter upcasts their operands (its bf16 dot
+is wrong: Triton issue 11584).
 """
 from __future__ import annotations
 
@@ -51,10 +52,11 @@ FP32_TILES = {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 64, 8), 128: (16, 32, 4
 #: and 128 were (16, 16, 8, 1), 10 and 18 KB in flight per SM; now 16 x 32 x 64 and 16 x 16 x 128 at two stages,
 #: 37-74 KB (144-209 registers on Triton 3.4/3.6/3.9, sm_80/90/100, no spill). BLOCK_R 16 (C <= 64: one channel
 #: chunk) was 16 x 32 at 150-250 registers, 16.6 KB in flight; 16 x 64 (maxnreg as every backward tile) takes 104-179
-#: (Triton 3.9). BLOCK_R 256 (fp32 dots over more than 128 hidden channels) runs as PyTorch GEMMs (:func:`fused`):
-#: 16 x 16 x 256 at two stages compiles unspilled but at 255 registers (FMA "ieee" in NCHW), no margin.
+#: (Triton 3.9). BLOCK_R 256 (fp32 dots over more than 128 hidden channels) runs only in TF32 from Triton 3.6 on
+#: (:func:`fused`): 16 x 16 x 256 at two stages, 175-204 registers on 3.6/3.9 for sm_80/90/100 (221-255 on 3.4; FMA
+#: "ieee" 240-255 at two stages and 268-356 B spilled at one; 3xTF32 1.4 KB spilled).
 FP32_BWD_TILES = {16: (16, 64, 8, 2), 32: (16, 16, 4, 2), 64: (16, 32, 8, 2), 128: (16, 16, 8, 2),
-                  256: (16, 16, 8, 1)}
+                  256: (16, 16, 8, 2)}
 #: Half-precision backward tiles (BLOCK_P, BLOCK_C, num_warps) per BLOCK_R (BLOCK_C 64 only where C <= 64): 12 KB
 #: of activations per chunk step (Triton 3.9, sm_90: 117-141 registers up to BLOCK_R 64, 237 at 128, 249 at 256).
 BWD_TILES = {16: (64, 64, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8), 256: (32, 32, 8)}
@@ -102,14 +104,17 @@ def _block_r(CR: int) -> int:
     return max(16, next_pow2(CR))
 
 
-def fused(dtype: torch.dtype, CR: int, backward: bool, target: str = TARGET) -> bool:
-    """Whether the kernel runs (True) or PyTorch's GEMMs do: fp32 dots over more than 128 hidden channels
-    (BLOCK_R 256, C > 512 at rate 4) have no tile that compiles without register spills for the backward on any
-    Triton from 3.4 to 3.9 (its three [BLOCK_P, 256] fp32 tiles), nor for the forward on Triton before 3.6
-    (compile facts, ptxas for sm_80/90/100). Half precision and the interpreter always fuse."""
+def fused(dtype: torch.dtype, CR: int, backward: bool, precision: str, target: str = TARGET) -> bool:
+    """Whether the kernel runs (True) or PyTorch's GEMMs do. fp32 dots over more than 128 hidden channels (BLOCK_R
+    256, C > 512 at rate 4) fuse from Triton 3.6 on: the forward in either ``precision`` (``dot_precision``'s
+    answer), the backward in "tf32" only (16 x 16 x 256 at 175-204 registers on 3.6/3.9). The backward's "ieee"
+    dots (FMA; its 3xTF32 tile spilled 1.4 KB) have no tile that compiles without spills or with registers to spare
+    on any Triton from 3.4 to 3.9 (24-5,000 B spilled, or 240-255 registers), and before 3.6 neither has the forward,
+    nor the TF32 backward a margin (221-255). Compile facts, ptxas for sm_80/90/100. Half precision and the
+    interpreter always fuse."""
     if target != "gpu" or dtype != torch.float32 or _block_r(CR) <= 128:
         return True
-    return not backward and _runtime.TRITON >= (3, 6)
+    return _runtime.TRITON >= (3, 6) and (not backward or precision == "tf32")
 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
@@ -374,9 +379,9 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     if x.numel() == 0:
         return out
     c, cr, hw = x.shape[1], w1.shape[0], x.shape[2] * x.shape[3]
-    if not fused(w1.dtype, cr, backward=False):
-        return out.copy_(torch_forward(x, w1, b1, w2, b2, sigmoid))
     prec = dot_precision(w1.dtype)
+    if not fused(w1.dtype, cr, False, prec):
+        return out.copy_(torch_forward(x, w1, b1, w2, b2, sigmoid))
 
     def go(cfg):
         return _runtime.launch(*launch_args(x, w1, b1, w2, b2, sigmoid, out, cfg, prec))
@@ -398,13 +403,13 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     bsz, c, h, w = x.shape
     hw, n, cr, wdt = h * w, bsz * h * w, w1.shape[0], w1.dtype
     dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
-    if not fused(wdt, cr, backward=True):
+    prec = dot_precision(wdt)
+    if not fused(wdt, cr, True, prec):
         ref_dx, *grads = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
         return (dx.copy_(ref_dx), *grads)
     dah = torch.empty(n, c + cr, dtype=wdt, device=x.device)
     hid = torch.empty(n, cr, dtype=wdt, device=x.device)
     db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
-    prec = dot_precision(wdt)
     k = bwd_key(x, w1, prec)
     sms = _runtime.sm_count(x.device)
 
