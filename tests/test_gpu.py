@@ -84,10 +84,10 @@ def test_fp32_tf32_train_step_over_128_hidden_channels(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = old
     ref.double()(x.double()).square().mean().backward()
     assert ("channel_gate_bwd_kernel" in launched) == (_runtime.TRITON >= (3, 6)), launched
-    rtol, atol = TOL[torch.bfloat16]
+    rtol, atol = TOL[torch.float16]  # TF32 (here and in cuDNN's fp32 convolutions): about 1e-3 relative
     for (name, p), q in zip(gam.named_parameters(), ref.parameters()):
         n = max(q.grad.abs().max().item(), 1e-2)
-        torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=2 * rtol, atol=2 * atol, msg=name)
+        torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=rtol, atol=atol, msg=name)
 
 
 def test_cuda_graph_capture_after_warmup():
