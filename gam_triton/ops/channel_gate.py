@@ -10,12 +10,12 @@ Kernels: ``kernels/channel_gate.py`` (math, bytes and FLOPs in its docstring).
 * :func:`backward` - the train block's fused backward: one kernel (dx, the (da | dh) and h rows, the bias
   gradients), then dW2 = da^T h and dW1 = dh^T x as cuBLAS GEMMs.
 
-fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as
-3xTF32 (tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA
-("ieee") above BLOCK_R = 64, where every 3xTF32 tile spilled. fp32 over more than 128 hidden channels runs as
-PyTorch GEMMs where no tile compiles without spills (:func:`fused`: the "ieee" backward, and everything before Triton
-3.6). The dots run in the weights' dtype with fp32 accumulation; the interpreter upcasts their operands (its bf16 dot
-is wrong: Triton issue 11584).
+fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as 3xTF32
+(tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA ("ieee") above
+BLOCK_R = 64, where every 3xTF32 tile spilled. fp32 over more than 128 hidden channels runs as PyTorch GEMMs where
+no tile compiles without spills (:func:`fused`: the "ieee" backward, and before Triton 3.6 the "ieee" forward and
+the TF32 backward). The dots run in the weights' dtype with fp32 accumulation; the interpreter upcasts their
+operands (its bf16 dot is wrong: Triton issue 11584).
 """
 from __future__ import annotations
 
@@ -106,15 +106,17 @@ def _block_r(CR: int) -> int:
 
 def fused(dtype: torch.dtype, CR: int, backward: bool, precision: str, target: str = TARGET) -> bool:
     """Whether the kernel runs (True) or PyTorch's GEMMs do. fp32 dots over more than 128 hidden channels (BLOCK_R
-    256, C > 512 at rate 4) fuse from Triton 3.6 on: the forward in either ``precision`` (``dot_precision``'s
-    answer), the backward in "tf32" only (16 x 16 x 256 at 175-204 registers on 3.6/3.9). The backward's "ieee"
-    dots (FMA; its 3xTF32 tile spilled 1.4 KB) have no tile that compiles without spills or with registers to spare
-    on any Triton from 3.4 to 3.9 (24-5,000 B spilled, or 240-255 registers), and before 3.6 neither has the forward,
-    nor the TF32 backward a margin (221-255). Compile facts, ptxas for sm_80/90/100. Half precision and the
-    interpreter always fuse."""
+    256, C > 512 at rate 4), by ``precision`` (``dot_precision``'s answer): the forward fuses in "tf32" (16 x 32 x 256
+    at 151-157 registers on Triton 3.4) and from Triton 3.6 on in "ieee" too (3xTF32 spilled 136-200 B on 3.4); the
+    backward in "tf32" from Triton 3.6 on (16 x 16 x 256 at 175-204 registers on 3.6/3.9; 221-255 on 3.4, no
+    margin). The backward's "ieee" dots (FMA; its 3xTF32 tile spilled 1.4 KB) have no tile that compiles without
+    spills or with registers to spare on any Triton from 3.4 to 3.9 (24-5,000 B spilled, or 240-255 registers).
+    Compile facts, ptxas for sm_80/90/100. Half precision and the interpreter always fuse."""
     if target != "gpu" or dtype != torch.float32 or _block_r(CR) <= 128:
         return True
-    return _runtime.TRITON >= (3, 6) and (not backward or precision == "tf32")
+    if backward:
+        return precision == "tf32" and _runtime.TRITON >= (3, 6)
+    return precision == "tf32" or _runtime.TRITON >= (3, 6)
 
 
 def heuristic(C: int, CR: int, HW: int, dtype: torch.dtype, target: str = TARGET,
