@@ -5,6 +5,7 @@
 * ``GAM_TRITON_CACHE_DIR``: a temporary folder, so tests never touch the user's cache; ``TORCHINDUCTOR_CACHE_DIR``
   too: Inductor's FX-graph cache does not key on a custom op's fake kernel, so graphs compiled by another checkout
   whose fake returned other sizes (the reductions' counters) would be served stale.
+* ``kernel_names`` fixture: the names of the kernels launched through the one launch seam while the test runs.
 * ``device`` fixture: "cpu" under ``TRITON_INTERPRET=1`` (the kernels run in Triton's interpreter, as in
   CI); "cuda" when a GPU is present and the interpreter is off (the kernels compile for real); "cpu"
   otherwise (the PyTorch path is what is tested then).
@@ -31,3 +32,14 @@ if DEVICE == "cuda":  # compare fp32 against float64 without TF32 in the convolu
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def kernel_names(monkeypatch) -> list:
+    """The names of the kernels launched through ``_runtime.launch`` (the one launch seam) from here on, in order;
+    each still runs."""
+    from gam_triton.ops import _runtime
+
+    names, real = [], _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda k, *a: names.append(getattr(k, "fn", k).__name__) or real(k, *a))
+    return names

@@ -65,14 +65,11 @@ def test_fp32_dots_follow_allow_tf32():
     assert err_ieee < 1e-5 < err_tf32 < 5e-2
 
 
-def test_fp32_tf32_train_step_over_128_hidden_channels(monkeypatch):
+def test_fp32_tf32_train_step_over_128_hidden_channels(kernel_names):
     """fp32 at C/r = 144 (BLOCK_R 256) with TF32 allowed: the fused backward kernel runs from Triton 3.6 on
     (channel_gate.fused; PyTorch's GEMMs before), and a train step's gradients match float64 within TF32's error."""
     from gam_triton.ops import _runtime
 
-    launched = []
-    real = _runtime.launch
-    monkeypatch.setattr(_runtime, "launch", lambda k, *a: launched.append(getattr(k, "fn", k).__name__) or real(k, *a))
     ref = make_ref("paper", 576).cuda().train()
     gam = GAM.from_module(ref).train()
     x = torch.randn(4, 576, 20, 24, device="cuda")
@@ -83,8 +80,8 @@ def test_fp32_tf32_train_step_over_128_hidden_channels(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     ref.double()(x.double()).square().mean().backward()
-    assert ("channel_gate_bwd_kernel" in launched) == (_runtime.TRITON >= (3, 6)), launched
-    rtol, atol = TOL[torch.float16]  # TF32 (here and in cuDNN's fp32 convolutions): about 1e-3 relative
+    assert ("channel_gate_bwd_kernel" in kernel_names) == (_runtime.TRITON >= (3, 6)), kernel_names
+    rtol, atol = TOL[torch.float16]  # TF32 in the channel gate's dots: about 1e-3 relative
     for (name, p), q in zip(gam.named_parameters(), ref.parameters()):
         n = max(q.grad.abs().max().item(), 1e-2)
         torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=rtol, atol=atol, msg=name)

@@ -199,16 +199,13 @@ def test_channel_gate_bias_sums_have_a_bounded_serial_tail():
 
 @needs_kernels
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
-def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch):
+def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch, kernel_names):
     """Where fp32 dots have no spill-free tile (channel_gate.fused: C/r > 128 on a GPU), the channel gate runs as
     PyTorch GEMMs inside the same ops: forced here at a small C, one train step and one eval call against
     float64, no channel-gate kernel launched."""
-    from gam_triton.ops import _runtime, channel_gate
+    from gam_triton.ops import channel_gate
 
     monkeypatch.setattr(channel_gate, "fused", lambda *a, **k: False)
-    launched = []
-    real = _runtime.launch
-    monkeypatch.setattr(_runtime, "launch", lambda k, *a: launched.append(getattr(k, "fn", k).__name__) or real(k, *a))
     ref = make_ref("paper", 20).train()
     gam = GAM.from_module(ref).to(device).train()
     want_mod = f64(ref).train()
@@ -217,7 +214,7 @@ def test_unfused_fp32_channel_gate_is_exact_too(cl, device, monkeypatch):
     _assert_fp32_step_matches(gam, want_mod, x, gout)
     with torch.no_grad():
         assert_close(gam.eval()(x), want_mod.eval()(x.cpu().double()), torch.float32, 1.0, "eval output")
-    assert launched and not {"channel_gate_fwd_kernel", "channel_gate_bwd_kernel"} & set(launched)
+    assert kernel_names and not {"channel_gate_fwd_kernel", "channel_gate_bwd_kernel"} & set(kernel_names)
 
 
 @needs_kernels
@@ -274,17 +271,14 @@ def test_tiny_model_tracks_the_reference_loss_curve(device):
 
 
 @needs_kernels
-def test_backward_launches_triton_kernels(device, monkeypatch):
-    from gam_triton.ops import _runtime
-
+def test_backward_launches_triton_kernels(device, kernel_names):
     gam = GAM.from_module(make_ref("yolo_grouped", 16)).to(device).train()
     x = make_input(2, 16, 3, 4, torch.float32, device, False).requires_grad_(True)
     out = gam(x)
-    launched = []
-    real = _runtime.launch
-    monkeypatch.setattr(_runtime, "launch", lambda k, *a: launched.append(getattr(k, "fn", k).__name__) or real(k, *a))
+    kernel_names.clear()  # the backward's launches only
     out.sum().backward()
-    assert sorted(launched) == sorted(["bn_bwd_reduce_kernel", "bn_bwd_apply_kernel"] * 2 + ["channel_gate_bwd_kernel"])
+    assert sorted(kernel_names) == sorted(["bn_bwd_reduce_kernel", "bn_bwd_apply_kernel"] * 2
+                                          + ["channel_gate_bwd_kernel"])
 
 
 LAUNCH_SHAPE = bench.Shape(2, 32, 8, 8, 4, True)  # the issue's shape: YOLO grouped B2 C32 8x8
