@@ -734,7 +734,9 @@ def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[b
     forms = [f for f in (_SEED_FORMS if found.seed else _SEQUENTIAL_FORMS) if not (f[1] and c % f[1])]
     flags = [m.training for m in module.modules()]
     modes = [("eval", False), ("train", True)] + ([("own per-layer", None)] if len(set(flags)) > 1 else [])
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), _one_thread():
+    # inference_mode(False): the probe copy holds ordinary tensors (version counters, see _probe) when the
+    # caller converts inside torch.inference_mode, as ultralytics' predictor and validator run
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad(), _one_thread():
         src = _probe_copy(module)
         gen = torch.Generator().manual_seed(_PROBE_SEED)
         _randomise(src, gen)

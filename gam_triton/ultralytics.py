@@ -210,11 +210,11 @@ def _validator_get_model(get_model, model, trainer=None, **kwargs):
     the user's classes. During training it gets the EMA, converted already."""
     model = get_model(model, trainer, **kwargs)
     if trainer is None:
-        with torch.inference_mode(False):  # the validator runs in inference mode; convert probes ordinary tensors
-            if isinstance(model, (str, Path)) and str(model).endswith(".pt"):
+        if isinstance(model, (str, Path)) and str(model).endswith(".pt"):
+            with torch.inference_mode(False):  # the validator runs in inference mode: load ordinary tensors
                 model = tasks.load_checkpoint(model)[0]  # what AutoBackend would load
-            if isinstance(model, nn.Module) and not any(p.is_inference() for p in model.parameters()):
-                convert(model)
+        if isinstance(model, nn.Module):
+            convert(model)
     return model
 
 

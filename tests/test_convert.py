@@ -157,3 +157,23 @@ def test_convert_keeps_each_layers_mode_and_revert_gives_it_back():
     revert(model)
     assert [(type(m).__name__, m.training) for m in model.modules()
             if isinstance(m, (nn.BatchNorm2d, nn.Linear))] == flags
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+def test_convert_and_revert_inside_inference_mode(built_in_inference_mode):
+    """ultralytics' predictor and validator run in torch.inference_mode; a callback converting there gets the
+    same blocks, even for a model whose tensors were made in inference mode (no version counters)."""
+    model = randomise(Detector(), 2).eval()
+    original = copy.deepcopy(model)
+    if built_in_inference_mode:
+        with torch.inference_mode():
+            model = copy.deepcopy(model)
+        assert all(p.is_inference() for p in model.parameters())
+    x = make_input(2, 3, 6, 5, torch.float32, "cpu", False)
+    with torch.inference_mode():
+        convert(model)
+        assert isinstance(model.p3[0], GAM) and isinstance(model.neck["a"], GAM)
+        assert_close(model(x), original(x), torch.float32)
+        revert(model)
+        assert not any(isinstance(m, GAM) for m in model.modules())
+        assert_close(model(x), original(x), torch.float32)
