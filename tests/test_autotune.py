@@ -537,6 +537,58 @@ def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_d
     assert seen != [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.float32)]
 
 
+@pytest.mark.parametrize("cr,dtype,allow_tf32,gemms", [(72, torch.float32, False, True),
+                                                        (72, torch.float32, True, False),
+                                                        (64, torch.float32, False, False),
+                                                        (72, torch.bfloat16, False, False)])
+def test_pytorchs_gemms_are_a_backward_candidate_only_where_the_kernels_dots_run_on_fma(monkeypatch, tf32, cr, dtype,
+                                                                                        allow_tf32, gemms):
+    """FMA dots: fp32 "ieee" above BWD_TF32X3_MAX_R (C/r 72: BLOCK_R 128). TF32, 3xTF32 (BLOCK_R 64) and half
+    precision run on tensor cores: their candidates are tiles only."""
+    seen = []
+
+    def spy(op, k, heuristic, candidates, bench):
+        seen.extend(candidates())
+        raise _Stop
+
+    tf32("matmul", allow_tf32)
+    monkeypatch.setattr(_autotune, "select", spy)
+    x, *lin = gate_inputs("cpu", 1, 16, 4, 4, cr)
+    with pytest.raises(_Stop):
+        channel_gate.backward(x, x, x, *(t.to(dtype) for t in lin), True, torch.zeros(1, dtype=torch.int32))
+    paths = [c for c in seen if isinstance(c, str)]
+    assert paths == ([channel_gate.GEMMS] if gemms else []) and len(seen) > 1 and not isinstance(seen[-2], str)
+
+
+@needs_kernels
+def test_the_tuner_can_choose_pytorchs_gemms_for_the_fma_backward(gpu_mode, fake_timer, tf32, kernel_names, device):
+    """Each choice is timed as the whole backward (the kernel's tiles with their weight GEMMs); when GEMMS wins
+    (the fake timer: the last choice timed), reference_grads runs from then on, with the float64 gradients, and the
+    cache file holds the path."""
+    tf32("matmul", False)
+    x, w1, b1, w2, b2 = gate_inputs(device, 2, 16, 2, 3, 72)
+    ga, gb = x * 0.5, x * 0.25
+
+    def run():
+        counts = torch.zeros(channel_gate.COUNTER_SLOTS, dtype=torch.int32, device=device)
+        out = channel_gate.backward(x, ga, gb, w1, b1, w2, b2, True, counts)
+        assert not counts.any()
+        return out
+
+    got = run()
+    assert "channel_gate_bwd_kernel" in kernel_names and len(fake_timer) > 2  # the tiles were timed too
+    tuned = _autotune.drain_log()[-1]
+    assert tuned.op == "channel_gate_bwd" and tuned.source == "tuned" and tuned.choice == channel_gate.GEMMS
+    want = channel_gate.reference_grads(*(t.double() for t in (x, w1, b1, w2, b2)), True, (ga + gb).double())
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
+    kernel_names.clear()
+    again = run()
+    assert kernel_names == [] and all(torch.equal(a, b) for a, b in zip(again, got))
+    assert [e["path"] for e in cache_json()["entries"]["channel_gate_bwd"].values()] == [channel_gate.GEMMS]
+
+
 def test_every_backward_tile_gets_the_full_register_budget():
     for cr in (8, 16, 24, 64, 128, 256):
         for dt, xdt in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),

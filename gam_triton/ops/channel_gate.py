@@ -12,10 +12,11 @@ Kernels: ``kernels/channel_gate.py`` (math, bytes and FLOPs in its docstring).
 
 fp32 dots follow PyTorch's fp32 matmul precision (``_runtime.dot_precision``): "tf32" runs as TF32, "ieee" as 3xTF32
 (tensor cores at fp32 accuracy; FMA dots had no tensor-core path and spilled). The backward keeps FMA ("ieee") above
-BLOCK_R = 64, where every 3xTF32 tile spilled. fp32 over more than 128 hidden channels runs as PyTorch GEMMs where
-no tile compiles without spills (:func:`fused`: the "ieee" backward, and before Triton 3.6 the "ieee" forward and
-the TF32 backward). The dots run in the weights' dtype with fp32 accumulation; the interpreter upcasts their
-operands (its bf16 dot is wrong: Triton issue 11584).
+BLOCK_R = 64, where every 3xTF32 tile spilled; there the tuner times PyTorch's GEMMs against the kernel
+(:data:`GEMMS`). fp32 over more than 128 hidden channels runs as PyTorch GEMMs where no tile compiles without spills
+(:func:`fused`: the "ieee" backward, and before Triton 3.6 the "ieee" forward and the TF32 backward). The dots run
+in the weights' dtype with fp32 accumulation; the interpreter upcasts their operands (its bf16 dot is wrong: Triton
+issue 11584).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ if HAS_TRITON:
 
 __all__ = ["channel_gate", "torch_forward", "reference_grads", "backward", "heuristic", "candidates",
            "bwd_heuristic", "bwd_candidates", "key", "bwd_key", "launch_args", "bwd_launch_args", "bias_tree",
-           "bias_steps", "waves_ok", "COUNTER_SLOTS"]
+           "bias_steps", "waves_ok", "COUNTER_SLOTS", "GEMMS"]
 
 # --- launch choices ------------------------------------------------------------------------------------------
 #: Shared memory the operand tiles may take (bytes): compiles on every GPU since Volta.
@@ -98,6 +99,9 @@ BIAS_MAX_STEPS = 16
 FP32_DOTS = {"ieee": "tf32x3", "tf32": "tf32"}
 #: Above this BLOCK_R the backward's fp32 "ieee" dots stay FMA (3 live [BLOCK_P, BLOCK_R] tiles spilled).
 BWD_TF32X3_MAX_R = 64
+#: The backward's path name for PyTorch's GEMMs (:func:`reference_grads`): a tuning candidate where the kernel's
+#: dots run on FMA (fp32 "ieee" above BWD_TF32X3_MAX_R), which cuBLAS's SGEMM may outrun (untimed; perf/NOTES.md).
+GEMMS = "gemms"
 
 
 def _block_r(CR: int) -> int:
@@ -400,40 +404,56 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     """(dx, dw1, db1, dw2, db2) of x1 = x * g(W2 relu(W1 x + b1) + b2) with dx1 = ga + gb (the train block's).
 
     One kernel (``counts``: COUNTER_SLOTS zeroed int32 counters, left zeroed; its bias sums' fixed order depends
-    on the shape and the tile, whose choice reads the SM count), then the weight gradients as GEMMs (NCHW with
-    B > 1: dW1 as a bmm and a sum); where the kernel does not fuse (:func:`fused`), :func:`reference_grads`."""
+    on the shape and the tile, whose choice reads the SM count), then the weight gradients as GEMMs
+    (:func:`_weight_grads`); where the kernel does not fuse (:func:`fused`), :func:`reference_grads`. Where the
+    kernel's dots would run on FMA (:func:`input_precision`), the tuner times :func:`reference_grads` too
+    (:data:`GEMMS`), the whole backward either way."""
     bsz, c, h, w = x.shape
-    hw, n, cr, wdt = h * w, bsz * h * w, w1.shape[0], w1.dtype
+    hw, cr, wdt = h * w, w1.shape[0], w1.dtype
     dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
     prec = dot_precision(wdt)
     if not fused(wdt, cr, True, prec):
         ref_dx, *grads = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
         return (dx.copy_(ref_dx), *grads)
-    dah = torch.empty(n, c + cr, dtype=wdt, device=x.device)
-    hid = torch.empty(n, cr, dtype=wdt, device=x.device)
-    db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
-    k = bwd_key(x, w1, prec)
-    sms = _runtime.sm_count(x.device)
+    paths = (GEMMS,) if input_precision(wdt, prec, _block_r(cr)) == "ieee" else ()
+    sms, grads = _runtime.sm_count(x.device), []
 
-    def go(cfg):
-        return _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1, db2,
-                                                cfg, prec))
+    def go(choice):
+        if isinstance(choice, str):  # GEMMS, the one path
+            ref_dx, *ref = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
+            dx.copy_(ref_dx)
+            grads[:] = ref
+            return None
+        dah = torch.empty(bsz * hw, c + cr, dtype=wdt, device=x.device)
+        hid = torch.empty(bsz * hw, cr, dtype=wdt, device=x.device)
+        db1, db2 = torch.empty_like(b1), torch.empty_like(b2)
+        handle = _runtime.launch(*bwd_launch_args(x, ga, gb, w1, b1, w2, b2, sigmoid, dx, dah, hid, counts, db1,
+                                                  db2, choice, prec))
+        dw1, dw2 = _weight_grads(x, dah, hid)
+        grads[:] = (dw1, db1, dw2, db2)
+        return handle
 
-    go(_autotune.select("channel_gate_bwd", k,
+    go(_autotune.select("channel_gate_bwd", bwd_key(x, w1, prec),
                         lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype, batch=_autotune.pixels(bsz, hw)[1],
                                               sms=sms),
-                        lambda: bwd_candidates(c, cr, hw, wdt, x.dtype), _autotune.timed(go)))
+                        lambda: [*bwd_candidates(c, cr, hw, wdt, x.dtype), *paths], _autotune.timed(go)))
+    return (dx, *grads)
+
+
+def _weight_grads(x: torch.Tensor, dah: torch.Tensor, hid: torch.Tensor) -> tuple:
+    """(dW1, dW2) from the kernel's (da | dh) and h rows: dW2 = da^T h, dW1 = dh^T x (NCHW with B > 1: a bmm over
+    the batch and a sum), in the weights' dtype."""
+    bsz, c, h, w = x.shape
+    n, wdt = bsz * h * w, dah.dtype
     da, dh = dah[:, :c], dah[:, c:]
     dw2 = torch.mm(da.t(), hid)
     if is_channels_last(x) or bsz == 1:
         xf = x.permute(0, 2, 3, 1).reshape(n, c)  # a view for channels_last and for B = 1 NCHW
-        dw1 = torch.mm(dh.t(), xf if xf.dtype == wdt else xf.to(wdt))
-    else:
-        xb = x.reshape(bsz, c, hw)
-        xb = xb if xb.dtype == wdt else xb.to(wdt)
-        dw1 = torch.bmm(dah.view(bsz, hw, c + cr)[:, :, c:].transpose(1, 2), xb.transpose(1, 2))
-        dw1 = dw1.sum(0, dtype=torch.float32).to(wdt)
-    return dx, dw1, db1, dw2, db2
+        return torch.mm(dh.t(), xf if xf.dtype == wdt else xf.to(wdt)), dw2
+    xb = x.reshape(bsz, c, h * w)
+    xb = xb if xb.dtype == wdt else xb.to(wdt)
+    dw1 = torch.bmm(dah.view(bsz, h * w, dah.shape[1])[:, :, c:].transpose(1, 2), xb.transpose(1, 2))
+    return dw1.sum(0, dtype=torch.float32).to(wdt), dw2
 
 
 # --- the op --------------------------------------------------------------------------------------------------
