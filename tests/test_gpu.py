@@ -87,6 +87,31 @@ def test_fp32_tf32_train_step_over_128_hidden_channels(kernel_names):
         torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=rtol, atol=atol, msg=name)
 
 
+def test_fp32_fma_backward_is_tuned_against_pytorchs_gemms(monkeypatch, tmp_path):
+    """fp32 at C/r = 128 in full precision: the backward's dots run on FMA, so the tuner times the kernel's tiles
+    against PyTorch's GEMMs (channel_gate.GEMMS), each as the whole backward, on this GPU; whichever wins, a train
+    step's gradients match float64."""
+    monkeypatch.delenv("GAM_TRITON_AUTOTUNE", raising=False)  # the gpu-check's first step turns tuning off
+    monkeypatch.setenv("GAM_TRITON_CACHE_DIR", str(tmp_path))
+    _autotune.reset()
+    ref = make_ref("yolo_grouped", 512).cuda().train()
+    gam = GAM.from_module(ref).train()
+    x = torch.randn(2, 512, 20, 20, device="cuda").contiguous(memory_format=torch.channels_last)
+    try:
+        gam(x).square().mean().backward()
+        tuned = [r for r in _autotune.drain_log() if r.op == "channel_gate_bwd"]
+    finally:
+        _autotune.reset()
+    assert len(tuned) == 1 and tuned[0].source == "tuned" and tuned[0].candidates > 2, tuned
+    assert tuned[0].key.endswith(",ieee"), tuned[0].key
+    ref.double()(x.double()).square().mean().backward()
+    rtol, atol = TOL[torch.float32]
+    for (name, p), q in zip(gam.named_parameters(), ref.parameters()):
+        n = max(q.grad.abs().max().item(), 1e-2)
+        torch.testing.assert_close(p.grad.double() / n, q.grad / n, rtol=rtol, atol=atol,
+                                   msg=f"{name} ({_autotune.describe(tuned[0].choice)})")
+
+
 def test_cuda_graph_capture_after_warmup():
     ref = make_ref("yolo_grouped", 128).cuda().eval()
     gam = GAM.from_module(ref).half().eval()
