@@ -222,7 +222,7 @@ class GAM(nn.Module):
                         object.__setattr__(mine, name, getattr(theirs, name))
                 if getattr(theirs, "_is_full_backward_hook", None) is not None:
                     mine._is_full_backward_hook = theirs._is_full_backward_hook
-        table = reference.key_table(found.names)
+        table = reference.key_table(found.names, found.aliases)
         if table:  # this block's own names, renamed before the default seed and wrapper tables see them
             handle = gam._register_load_state_dict_pre_hook(reference.KeyMap(table))
             gam._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)

@@ -376,23 +376,29 @@ class KeyMap:
         return f"KeyMap({self.table!r})"
 
 
-def key_table(names: tuple) -> dict:
+def key_table(names: tuple, aliases: tuple = ()) -> dict:
     """{prefix in the block: prefix in the Sequential forms} for six layer paths (``Structure.names``), the
-    paths the Sequential forms share left out. Applied before :func:`rename_seed_keys` (a Sequential whose
-    entries are named ``conv1``, ``bn1``, ... must not get the seed form's meaning of ``bn1``)."""
-    return {theirs + ".": ours + "." for theirs, ours in zip(names, SEQUENTIAL_PATHS) if theirs != ours}
+    paths the Sequential forms share left out, and for the other paths a layer is registered under
+    (``Structure.aliases``: a checkpoint holds a layer's tensors under each; they load into the one layer).
+    Applied before :func:`rename_seed_keys` (a Sequential whose entries are named ``conv1``, ``bn1``, ... must
+    not get the seed form's meaning of ``bn1``)."""
+    ours = dict(zip(names, SEQUENTIAL_PATHS))
+    table = {theirs + ".": mine + "." for theirs, mine in ours.items() if theirs != mine}
+    return {**table, **{alias + ".": ours[primary] + "." for alias, primary in aliases}}
 
 
 # --- recognising a GAM block ---------------------------------------------------------------------------------
 class Structure(NamedTuple):
     """What the layers of a GAM-shaped block say: the layers, whether it is the seed form, the
-    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups) and where
-    the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``)."""
+    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups), where
+    the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``) and the other paths a
+    layer is registered under too ((alias, path) pairs)."""
 
     layers: tuple
     seed: bool
     args: dict
     names: tuple = SEQUENTIAL_PATHS
+    aliases: tuple = ()
 
 
 _CHANNEL_SEQ = "Linear, ReLU, Linear (optionally then Sigmoid)"
@@ -493,16 +499,16 @@ def _find(module: nn.Module) -> tuple[tuple, tuple, bool]:
     found = (fc1, fc2, *spatial)
     if len({id(m) for m in found}) != 6:
         raise ValueError(f"{name}: one layer is used in two places of the block; GAM has six distinct layers")
+    own = {id(t) for m in found for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    extra = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in own]
+    if extra:  # before the leaves: a layer with weights outside the six (a trailing projection) is named as one
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise ValueError(f"{name}: {shown} outside GAM's six layers (Linear, Linear, Conv2d, BatchNorm2d, Conv2d, "
+                         "BatchNorm2d): gam_triton would drop it")
     for path, m in module.named_modules():
         if m is not module and not m._modules and type(m) not in _LEAVES:
             raise ValueError(f"{name}: {path} is {type(m).__name__}, which gam_triton does not compute (a GAM "
                              "block holds Linear, Conv2d, BatchNorm2d, ReLU and Sigmoid only)")
-    own = {id(t) for m in found for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
-    extra = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in own]
-    if extra:
-        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
-        raise ValueError(f"{name}: {shown} outside GAM's six layers (Linear, Linear, Conv2d, BatchNorm2d, Conv2d, "
-                         "BatchNorm2d): gam_triton would drop it")
     return found, cpaths + spaths, seed
 
 
@@ -576,7 +582,15 @@ def structure(module: nn.Module) -> Structure:
         raise ValueError(f"{name}: hidden width {cr} is not in_channels // rate for any rate gam_triton can express "
                          f"(C={c}, groups={groups})")
     args = dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1 and groups == rate, groups=groups)
-    return Structure(found_layers, seed, args, names)
+    return Structure(found_layers, seed, args, names, _aliases(module, found_layers, names))
+
+
+def _aliases(module: nn.Module, found: tuple, names: tuple) -> tuple:
+    """((other path, path in ``names``), ...) for each of the six layers that ``module`` also registers under
+    another name (a fork keeping ``self.conv1`` beside ``spatial_attention``)."""
+    primary = {id(m): n for m, n in zip(found, names)}
+    return tuple((path, primary[id(m)]) for path, m in module.named_modules(remove_duplicate=False)
+                 if id(m) in primary and path != primary[id(m)])
 
 
 def _looks_like_gam(module: nn.Module) -> bool:

@@ -326,6 +326,31 @@ class C2f_GAM(nn.Module):  # noqa: N801
         return self.m(self.cv1(x))
 
 
+class AdaptiveGAM(nn.Module):
+    """A YOLOv8/v11 fork's ``GAMAttention(c1, c2, group=True, rate=4)`` that adapts to narrow inputs: rate
+    c1 // 8 up to 32 channels, hidden width at least 8, groups min(4, c1 // 4) where they divide, a channel
+    sigmoid, shuffle min(4, C); its two convolutions are direct children as well (``conv1``, ``conv2``: each layer
+    registered twice); with c2 != c1 a 1x1 conv + BN + SiLU (``channel_adjust``) follows the gated output."""
+
+    def __init__(self, c1: int, c2: int, group: bool = True, rate: int = 4) -> None:
+        super().__init__()
+        rate = max(1, c1 // 8) if c1 <= 32 else rate
+        hidden = max(8, c1 // rate)
+        g = min(4, c1 // 4) if group else 1
+        g = g if g and c1 % g == 0 and hidden % g == 0 else 1
+        self.channel_attention = _mlp(c1, hidden)
+        self.conv1, self.conv2 = _conv(c1, hidden, groups=g), _conv(hidden, c1, groups=g)
+        self.spatial_attention = nn.Sequential(self.conv1, nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                                               self.conv2, nn.BatchNorm2d(c1))
+        self.channel_adjust = ConvBNAct(c1, c2, 1) if c1 != c2 else None
+
+    def forward(self, x):
+        x = x * _gate(self.channel_attention, x).sigmoid()
+        s = self.spatial_attention(x).sigmoid()
+        out = x * (channel_shuffle(s, min(4, x.shape[1])) if x.shape[1] >= 4 else s)
+        return out if self.channel_adjust is None else self.channel_adjust(out)
+
+
 # --- the zoo -----------------------------------------------------------------------------------------------
 @dataclass
 class Variant:
@@ -358,6 +383,10 @@ ZOO = {
     "wrapped_sequential_pairs": Variant(wrapped_sequential_pairs, 16, "converts", (False, 4, 4, 4)),
     "named_sequential": Variant(named_sequential, 20, "converts", (True, None, 1, 4)),
     "fork_groups4_rate8": Variant(fork_groups4_rate8, 64, "converts", (False, 4, 4, 8)),
+    "adaptive_narrow": Variant(lambda c: AdaptiveGAM(c, c), 16, "converts", (True, 4, 4, 2),
+                               note="AdaptiveGAM at 16 channels (rate 2, hidden 8, groups 4)"),
+    "adaptive": Variant(lambda c: AdaptiveGAM(c, c), 64, "converts", (True, 4, 4, 4),
+                        note="AdaptiveGAM with c2 == c1 (no channel_adjust)"),
     "padding_same": Variant(padding_same, 20, "converts", (True, None, 1, 4)),
     "padding_tuple": Variant(padding_tuple, 16, "converts", (False, 4, 4, 4)),
     "dropout_in_forward": Variant(DropoutInForward, 20, "refused", reason="train-mode probe"),
@@ -368,6 +397,9 @@ ZOO = {
                              reason="spatial_attention[1] is InstanceNorm2d, expected BatchNorm2d"),
     "extra_conv_entry": Variant(extra_conv_entry, 20, "refused", reason="spatial_attention has 6 entries"),
     "extra_conv_child": Variant(ExtraConvChild, 20, "refused", reason="proj.weight, proj.bias outside GAM's six"),
+    "adaptive_projection": Variant(lambda c: AdaptiveGAM(c, 2 * c), 16, "refused",
+                                   reason="channel_adjust.conv.weight, channel_adjust.bn.weight",
+                                   note="AdaptiveGAM with c2 != c1: GAM, then a 1x1 conv + BN + SiLU"),
     "dropout_layer": Variant(dropout_layer, 20, "refused", reason="channel_attention has 4 entries"),
     "double_sigmoid": Variant(DoubleSigmoid, 20, "refused", reason="computes none of the GAM forms"),
     "residual": Variant(ResidualGAM, 20, "refused", reason="computes none of the GAM forms"),
