@@ -44,22 +44,27 @@ def test_yolo_shapes_compiled(form, c, dtype, channels_last):
     assert_close(got, _ref64(ref, x).cpu(), dtype, 2.0, f"{form} C={c} {dtype}")
 
 
-def test_fp32_dots_follow_allow_tf32():
-    """ieee when torch.backends.cuda.matmul.allow_tf32 is False (tight), tf32 when True (looser)."""
+def _gate_case(batch: int, size: int) -> tuple:
+    """((x, w1, b1, w2, b2), float64 channel gate output): C256 at size x size, a 256 -> 64 -> 256 MLP, on the GPU."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(4, 256, 40, 40, device="cuda", generator=g)
+    x = torch.randn(batch, 256, size, size, device="cuda", generator=g)
     w1 = torch.randn(64, 256, device="cuda", generator=g) / 16
     w2 = torch.randn(256, 64, device="cuda", generator=g) / 8
     b1, b2 = torch.zeros(64, device="cuda"), torch.zeros(256, device="cuda")
     xd = x.double().permute(0, 2, 3, 1)
-    a = torch.relu(xd @ w1.double().t()) @ w2.double().t()
-    want = x.double() * torch.sigmoid(a.permute(0, 3, 1, 2))
+    want = x.double() * torch.sigmoid((torch.relu(xd @ w1.double().t()) @ w2.double().t()).permute(0, 3, 1, 2))
+    return (x, w1, b1, w2, b2), want
+
+
+def test_fp32_dots_follow_allow_tf32():
+    """ieee when torch.backends.cuda.matmul.allow_tf32 is False (tight), tf32 when True (looser)."""
+    args, want = _gate_case(4, 40)
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        err_ieee = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        err_ieee = (channel_gate(*args, True).double() - want).abs().max().item()
         torch.backends.cuda.matmul.allow_tf32 = True
-        err_tf32 = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        err_tf32 = (channel_gate(*args, True).double() - want).abs().max().item()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert err_ieee < 1e-5 < err_tf32 < 5e-2
@@ -187,19 +192,13 @@ def test_fp32_dots_follow_the_new_precision_api():
     matmul = torch.backends.cuda.matmul
     if not hasattr(torch.backends, "fp32_precision"):
         pytest.skip(f"torch {torch.__version__} has no fp32_precision API (added in torch 2.9)")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2, 256, 20, 20, device="cuda", generator=g)
-    w1 = torch.randn(64, 256, device="cuda", generator=g) / 16
-    w2 = torch.randn(256, 64, device="cuda", generator=g) / 8
-    b1, b2 = torch.zeros(64, device="cuda"), torch.zeros(256, device="cuda")
-    xd = x.double().permute(0, 2, 3, 1)
-    want = x.double() * torch.sigmoid((torch.relu(xd @ w1.double().t()) @ w2.double().t()).permute(0, 3, 1, 2))
+    args, want = _gate_case(2, 20)
     old_legacy, old_new = matmul.allow_tf32, (torch.backends.fp32_precision, matmul.fp32_precision)
     try:
         matmul.fp32_precision = "ieee"
-        err_ieee = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        err_ieee = (channel_gate(*args, True).double() - want).abs().max().item()
         matmul.fp32_precision = "tf32"
-        err_tf32 = (channel_gate(x, w1, b1, w2, b2, True).double() - want).abs().max().item()
+        err_tf32 = (channel_gate(*args, True).double() - want).abs().max().item()
     finally:
         matmul.allow_tf32 = old_legacy
         torch.backends.fp32_precision, matmul.fp32_precision = old_new
