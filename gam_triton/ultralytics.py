@@ -1,4 +1,5 @@
-"""gam_triton inside ultralytics (optional: ``pip install "gam_triton[ultralytics]"``; nothing else imports this).
+"""gam_triton inside ultralytics (optional: ``pip install "gam_triton[ultralytics]"``; imported only by
+``gam_triton.yolo``, the ``gam-yolo`` CLI).
 
 Two routes:
 

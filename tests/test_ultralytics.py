@@ -322,3 +322,45 @@ def test_export_onnx_runs_in_onnxruntime_with_the_models_numbers(trained):
     with torch.no_grad():
         want = YOLO(str(trained["trainer"].best)).model.eval()(x)[0]
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-3)
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+def test_the_cli_trains_a_gam_yaml_that_the_yolo_cli_cannot_build(tmp_path):
+    """``gam-yolo train model=...`` (gam_triton.yolo: ultralytics' own entrypoint after the registration), in a
+    fresh process: the GAM rows build as gam_triton blocks, one epoch trains and validates, and best.pt holds them.
+    Without the registration the same yaml does not build (what ``yolo train`` meets in a stock ultralytics)."""
+    data, yaml = uc.dataset(tmp_path), uc.model_yaml(tmp_path, "n")
+    args = [f"{k}={v}" for k, v in uc.train_args(tmp_path, data, "cli").items()]
+    out = _run_python(f"""
+        import torchvision_standin; torchvision_standin.install()
+        try:  # a stock ultralytics, nothing registered yet
+            from ultralytics import YOLO
+            YOLO({str(yaml)!r})
+        except KeyError as e:
+            print("UNREGISTERED", e)
+        from gam_triton.yolo import main
+        main(["train", f"model={str(yaml)}", *{args!r}])
+        print("TRAINED")
+    """, tmp_path)
+    assert "UNREGISTERED 'GAM_Attention'" in out and "TRAINED" in out, out
+    best = YOLO(str(tmp_path / "cli" / "weights" / "best.pt"))
+    assert _layer_types(best.model) == ["GAM_Attention", "GAMAttention", "GAMPaper"]
+    assert {type(m).__module__ for m in _gams(best.model).values()} == {"gam_triton.ultralytics"}
+
+
+def test_the_cli_script_runs_ultralytics_entrypoint():
+    """The console script pip installs (``gam-yolo``) reaches ultralytics' CLI: ``gam-yolo version``."""
+    script = Path(sys.executable).with_name("gam-yolo")
+    if not script.exists():
+        pytest.skip(f"{script} not found: console scripts are written by `pip install -e .` (reinstall after pulling)")
+    out = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=120)
+    import ultralytics
+
+    assert out.returncode == 0 and ultralytics.__version__ in out.stdout, out.stdout + out.stderr
+
+
+def test_the_cli_without_ultralytics_says_what_to_install(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ultralytics'] = None\n"
+                          "from gam_triton.yolo import main; main(['version'])"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "pip install 'gam_triton[ultralytics]'" in out.stderr, out.stderr[-2000:]
