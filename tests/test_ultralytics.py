@@ -325,27 +325,37 @@ def test_export_onnx_runs_in_onnxruntime_with_the_models_numbers(trained):
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
-def test_the_cli_trains_a_gam_yaml_that_the_yolo_cli_cannot_build(tmp_path):
-    """``gam-yolo train model=...`` (gam_triton.yolo: ultralytics' own entrypoint after the registration), in a
-    fresh process: the GAM rows build as gam_triton blocks, one epoch trains and validates, and best.pt holds them.
-    Without the registration the same yaml does not build (what ``yolo train`` meets in a stock ultralytics)."""
-    data, yaml = uc.dataset(tmp_path), uc.model_yaml(tmp_path, "n")
+@pytest.mark.parametrize("route", ["registration", "fork"])
+def test_the_cli_trains_gam_triton_blocks(route, tmp_path):
+    """``gam-yolo train model=...`` (gam_triton.yolo: ultralytics' own entrypoint) in a fresh process, one epoch with
+    its validation. Registration: the yaml that a stock ``yolo train`` cannot build (KeyError) builds gam_triton
+    blocks, and best.pt holds them. Fork (its own GAM_Attention in tasks.py): the model the CLI builds is
+    accelerated, so gam_triton blocks run, and best.pt holds the fork's class."""
+    data = uc.dataset(tmp_path)
+    yaml = uc.model_yaml(tmp_path, "n", uc.FORK, "fork") if route == "fork" else uc.model_yaml(tmp_path, "n")
     args = [f"{k}={v}" for k, v in uc.train_args(tmp_path, data, "cli").items()]
+    fork = ("import ultralytics_fork; from ultralytics.nn import tasks; "
+            "tasks.GAM_Attention = ultralytics_fork.GAM_Attention  # the fork's tasks.py")
     out = _run_python(f"""
         import torchvision_standin; torchvision_standin.install()
-        try:  # a stock ultralytics, nothing registered yet
+        {fork if route == "fork" else "pass"}
+        try:  # nothing from gam_triton imported yet
             from ultralytics import YOLO
             YOLO({str(yaml)!r})
         except KeyError as e:
             print("UNREGISTERED", e)
+        import torch, gam_triton
+        calls, forward = [], gam_triton.GAM.forward
+        gam_triton.GAM.forward = lambda self, x: calls.append(x.dtype) or forward(self, x)
         from gam_triton.yolo import main
         main(["train", f"model={str(yaml)}", *{args!r}])
-        print("TRAINED")
+        print("GAM CALLS", sum(d == torch.float32 for d in calls))
     """, tmp_path)
-    assert "UNREGISTERED 'GAM_Attention'" in out and "TRAINED" in out, out
-    best = YOLO(str(tmp_path / "cli" / "weights" / "best.pt"))
-    assert _layer_types(best.model) == ["GAM_Attention", "GAMAttention", "GAMPaper"]
-    assert {type(m).__module__ for m in _gams(best.model).values()} == {"gam_triton.ultralytics"}
+    assert ("UNREGISTERED 'GAM_Attention'" in out) == (route == "registration"), out
+    assert int(out.split("GAM CALLS ")[1].split()[0]) > 0, out
+    best = torch.load(tmp_path / "cli" / "weights" / "best.pt", weights_only=False)["model"]
+    kinds = {type(best.model[i]).__module__ for i in (10, 17, 21)}
+    assert kinds == ({"ultralytics_fork"} if route == "fork" else {"gam_triton.ultralytics"}), kinds
 
 
 def test_the_cli_script_runs_ultralytics_entrypoint():
