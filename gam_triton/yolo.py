@@ -36,6 +36,8 @@ __all__ = ["main"]
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run ultralytics' CLI on ``argv`` (default: the command line), the GAM yaml names registered and the YOLO
     models it builds accelerated."""
+    if argv is not None and (isinstance(argv, (str, bytes)) or not all(isinstance(a, str) for a in argv)):
+        raise TypeError(f"main expects a list of argument strings such as ['train', 'model=m.yaml'], got {argv!r}")
     if entrypoint is None:
         raise SystemExit(f"gam-yolo needs ultralytics: pip install 'gam_triton[ultralytics]' ({_MISSING})")
     if argv is not None:

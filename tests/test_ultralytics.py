@@ -374,3 +374,11 @@ def test_the_cli_without_ultralytics_says_what_to_install(tmp_path):
                           "from gam_triton.yolo import main; main(['version'])"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "pip install 'gam_triton[ultralytics]'" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", ["train model=m.yaml", [b"train"], ["train", 3]])
+def test_the_cli_entry_rejects_arguments_that_are_not_strings(argv):
+    from gam_triton.yolo import main
+
+    with pytest.raises(TypeError, match="list of argument strings"):
+        main(argv)
