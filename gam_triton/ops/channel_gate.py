@@ -411,14 +411,10 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
     bsz, c, h, w = x.shape
     hw, cr, wdt = h * w, w1.shape[0], w1.dtype
     dx = new_output(x.shape, x, x.dtype, is_channels_last(x))
-    prec = dot_precision(wdt)
-    if not fused(wdt, cr, True, prec):
-        ref_dx, *grads = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
-        return (dx.copy_(ref_dx), *grads)
-    paths = (GEMMS,) if input_precision(wdt, prec, _block_r(cr)) == "ieee" else ()
-    sms, grads = _runtime.sm_count(x.device), []
+    prec, grads = dot_precision(wdt), []
 
     def go(choice):
+        """The whole backward by ``choice`` (a tile, or GEMMS) into dx and ``grads``; the kernel's handle."""
         if isinstance(choice, str):  # GEMMS, the one path
             ref_dx, *ref = reference_grads(x, w1, b1, w2, b2, sigmoid, ga + gb.to(ga.dtype))
             dx.copy_(ref_dx)
@@ -433,10 +429,15 @@ def backward(x: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, w1: torch.Tens
         grads[:] = (dw1, db1, dw2, db2)
         return handle
 
-    go(_autotune.select("channel_gate_bwd", bwd_key(x, w1, prec),
-                        lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype, batch=_autotune.pixels(bsz, hw)[1],
-                                              sms=sms),
-                        lambda: [*bwd_candidates(c, cr, hw, wdt, x.dtype), *paths], _autotune.timed(go)))
+    if not fused(wdt, cr, True, prec):
+        go(GEMMS)
+    else:
+        paths = (GEMMS,) if input_precision(wdt, prec, _block_r(cr)) == "ieee" else ()
+        sms = _runtime.sm_count(x.device)
+        go(_autotune.select("channel_gate_bwd", bwd_key(x, w1, prec),
+                            lambda: bwd_heuristic(c, cr, hw, wdt, x_dtype=x.dtype,
+                                                  batch=_autotune.pixels(bsz, hw)[1], sms=sms),
+                            lambda: [*bwd_candidates(c, cr, hw, wdt, x.dtype), *paths], _autotune.timed(go)))
     return (dx, *grads)
 
 
