@@ -521,17 +521,24 @@ class _Stop(Exception):
     pass
 
 
-def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_do(monkeypatch):
+def _backward_candidates(monkeypatch, c: int, cr: int, dtype: torch.dtype) -> list:
+    """The candidates the channel-gate backward hands the tuner for fp32 x (B1, 8x8) and weights in
+    ``dtype``, the tuner stopped before it runs anything."""
     seen = []
 
     def spy(op, k, heuristic, candidates, bench):
-        seen.extend(_autotune.ident(c) for c in candidates())
+        seen.extend(candidates())
         raise _Stop
 
     monkeypatch.setattr(_autotune, "select", spy)
-    x, *lin = gate_inputs("cpu", 1, 64, 8, 8, 16)
+    x, *lin = gate_inputs("cpu", 1, c, 8, 8, cr)
     with pytest.raises(_Stop):
-        channel_gate.backward(x, x, x, *(t.bfloat16() for t in lin), True, torch.zeros(1, dtype=torch.int32))
+        channel_gate.backward(x, x, x, *(t.to(dtype) for t in lin), True, torch.zeros(1, dtype=torch.int32))
+    return seen
+
+
+def test_the_channel_gate_backward_tiles_follow_the_dots_dtype_as_the_forwards_do(monkeypatch):
+    seen = [_autotune.ident(c) for c in _backward_candidates(monkeypatch, 64, 16, torch.bfloat16)]
     # x fp32, weights bf16 (autocast): the tiles of bf16 dots
     assert seen == [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.bfloat16, torch.float32)]
     assert seen != [_autotune.ident(c) for c in channel_gate.bwd_candidates(64, 16, 64, torch.float32)]
@@ -545,17 +552,8 @@ def test_pytorchs_gemms_are_a_backward_candidate_only_where_the_kernels_dots_run
                                                                                         allow_tf32, gemms):
     """FMA dots: fp32 "ieee" above BWD_TF32X3_MAX_R (C/r 72: BLOCK_R 128). TF32, 3xTF32 (BLOCK_R 64) and half
     precision run on tensor cores: their candidates are tiles only."""
-    seen = []
-
-    def spy(op, k, heuristic, candidates, bench):
-        seen.extend(candidates())
-        raise _Stop
-
     tf32("matmul", allow_tf32)
-    monkeypatch.setattr(_autotune, "select", spy)
-    x, *lin = gate_inputs("cpu", 1, 16, 4, 4, cr)
-    with pytest.raises(_Stop):
-        channel_gate.backward(x, x, x, *(t.to(dtype) for t in lin), True, torch.zeros(1, dtype=torch.int32))
+    seen = _backward_candidates(monkeypatch, 16, cr, dtype)
     paths = [c for c in seen if isinstance(c, str)]
     assert paths == ([channel_gate.GEMMS] if gemms else []) and len(seen) > 1 and not isinstance(seen[-2], str)
 
