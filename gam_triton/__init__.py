@@ -15,7 +15,7 @@ else (conversion, training, deploy, checkpoints) works the same there. ``python 
 measures eager against gam_triton on your own model.
 """
 from .convert import convert, revert
-from .module import GAM
+from .module import GAM, TailedGAM
 
-__all__ = ["GAM", "convert", "revert", "__version__"]
+__all__ = ["GAM", "TailedGAM", "convert", "revert", "__version__"]
 __version__ = "0.1.0"

@@ -200,13 +200,18 @@ def gam_paths(converted: nn.Module) -> list:
 
 
 def without(model: nn.Module, paths: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` with each block at ``paths`` replaced by ``nn.Identity`` (attributes such as
-    ultralytics' ``f``/``i`` carried over); GAM keeps its shape, so the model still runs."""
+    """A copy of ``model`` with the GAM of each block at ``paths`` taken out: the block replaced by
+    ``nn.Identity``, or by its tail where it has one (a module after GAM, such as the adaptive form's
+    ``channel_adjust``), attributes such as ultralytics' ``f``/``i`` carried over. GAM keeps its shape, so
+    the model still runs."""
     out = copy.deepcopy(model)
     for p in paths:
         parent, _, name = p.rpartition(".")
         host = out.get_submodule(parent) if parent else out
-        setattr(host, name, reference.carry_over(host.get_submodule(name), nn.Identity(), hooks=False))
+        block = host.get_submodule(name)
+        tail = reference.structure(block).tail
+        rest = nn.Identity() if tail is None else block.get_submodule(tail)
+        setattr(host, name, reference.carry_over(block, rest, hooks=False))
     return out
 
 

@@ -14,8 +14,9 @@ The maps are computed from the module's own layers (its ``nn.Linear``, ``nn.Conv
 gam_triton GAM's ``channel_sigmoid`` / ``shuffle_groups``, or, for any other module, the form that
 :meth:`gam_triton.GAM.from_module` finds by experiment. Then the module itself is run (``module(x)``: the
 reference's forward, or gam_triton's kernels where they run), and ``residual`` = max |module(x) - x1 *
-spatial_map| says that the maps drawn are the ones the block really applies. Eval mode only: in train
-mode BatchNorm would use (and update) batch statistics.
+spatial_map| says that the maps drawn are the ones the block really applies (a block with a tail, a module
+run after GAM such as the adaptive form's ``channel_adjust``: max |module(x) - tail(x1 * spatial_map)|). Eval
+mode only: in train mode BatchNorm would use (and update) batch statistics.
 """
 from __future__ import annotations
 
@@ -40,18 +41,22 @@ class AttentionMaps:
     channel_gate: torch.Tensor  #: what multiplies x (per pixel and channel)
     spatial_map: torch.Tensor   #: what multiplies x1 (after the sigmoid and the shuffle)
     x1: torch.Tensor            #: x * channel_gate
-    out: torch.Tensor           #: module(x), as the module computes it
+    out: torch.Tensor           #: module(x), as the module computes it (after its tail, if it has one)
     channel_sigmoid: bool       #: the form: sigmoid on the channel branch
     shuffle_groups: Optional[int]  #: the form: spatial map shuffled in this many groups (None: no shuffle)
-    residual: float             #: max |out - x1 * spatial_map|: ~0 when the maps are the ones applied
+    residual: float             #: max |out - tail(x1 * spatial_map)| (no tail: the identity): ~0 when the
+    #:                             maps are the ones applied
 
 
-def _form(module: nn.Module) -> tuple[tuple, bool, Optional[int]]:
+def _form(module: nn.Module) -> tuple[tuple, bool, Optional[int], Optional[nn.Module]]:
+    """(six layers, channel sigmoid, shuffle groups, tail or None) of a GAM block."""
     if isinstance(module, GAM):
-        return reference.layers(module)[0], module.channel_sigmoid, module.shuffle_groups
+        tail = getattr(module, "tail_name", None)
+        return (reference.layers(module)[0], module.channel_sigmoid, module.shuffle_groups,
+                None if tail is None else module.get_submodule(tail))
     found = reference.structure(module)  # ValueError for what is not a GAM block
     sigmoid, groups = reference.detect_form(module, found)
-    return found.layers, sigmoid, groups
+    return found.layers, sigmoid, groups, None if found.tail is None else module.get_submodule(found.tail)
 
 
 @torch.no_grad()
@@ -73,7 +78,7 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     if training is not None:  # a layer left training in an eval block (per-layer modes are kept on conversion)
         raise ValueError(f"attention_maps: {training} of the module is in train mode (a BatchNorm would use and "
                          "update batch statistics): call .eval() on the module first")
-    layers, sigmoid, shuffle = _form(module)
+    layers, sigmoid, shuffle, tail = _form(module)
     fc1, fc2, conv1, bn1, conv2, bn2 = layers
     if x.shape[1] != fc1.in_features:
         raise ValueError(f"attention_maps: the block has {fc1.in_features} channels, x has shape {tuple(x.shape)}")
@@ -82,5 +87,6 @@ def attention_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
     x1 = x * gate
     spatial = reference.shuffle(torch.sigmoid(bn2(conv2(F.relu(bn1(conv1(x1)))))), shuffle or 0)
     out = module(x)
-    residual = (out.float() - (x1 * spatial).float()).abs().max().item() if out.numel() else 0.0
+    want = x1 * spatial if tail is None else tail(x1 * spatial)
+    residual = (out.float() - want.float()).abs().max().item() if out.numel() else 0.0
     return AttentionMaps(gate.contiguous(), spatial.contiguous(), x1, out, sigmoid, shuffle, residual)

@@ -10,6 +10,9 @@ Forward (per pixel p; see ``shared/GAM_NOTES.md``)::
     z1  = relu(BN1(conv1(x1)))                    conv1, BN1 folded (running stats) or the bn_relu kernel
     out = x1 * shuffle(sigmoid(BN2(conv2(z1))))   conv2 + the final gate kernel (BN2 and shuffle folded in)
 
+:class:`TailedGAM` is a GAM followed by another module of the block it replaces (the adaptive form's 1x1 Conv +
+BN + SiLU to c2 channels), which runs as it is.
+
 :meth:`GAM._plan` is the one place that decides how a call runs (:class:`Plan`); :meth:`GAM.forward` follows
 it down one of six paths: the layer path (an inner layer carries a hook, or a global module hook is registered:
 each layer is called as in the public forms, so thop, Grad-CAM or feature hooks fire), the plain graph
@@ -36,7 +39,7 @@ from .deploy import deploying
 from .ops import _runtime, channel_gate, conv, elementwise, train_block
 from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_stats
 
-__all__ = ["GAM", "Plan", "x1_channels_last"]
+__all__ = ["GAM", "TailedGAM", "Plan", "x1_channels_last"]
 
 
 def x1_channels_last(in_channels_last: bool, is_cuda: bool, dtype: torch.dtype,
@@ -189,7 +192,9 @@ class GAM(nn.Module):
         training block stays frozen. The layers are found by :func:`gam_triton.reference.structure` (any of
         the layouts it lists), the form by :func:`gam_triton.reference.detect_form` (ValueError naming the
         first mismatch when it is none that gam_triton computes). A layout with other parameter names
-        (conv+BatchNorm wrappers) gets a load-state-dict pre-hook renaming its checkpoints' keys.
+        (conv+BatchNorm wrappers) gets a load-state-dict pre-hook renaming its checkpoints' keys. A block with
+        a tail (a module after GAM, :attr:`gam_triton.reference.Structure.tail`) gives a :class:`TailedGAM`
+        holding that very module (``share``) or a copy of it without its hooks, under the same name.
 
         ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s own Parameter and buffer objects
         instead of copies. The plain attributes ``module`` carries (e.g. ultralytics' ``f``/``i``/``type``/
@@ -203,9 +208,15 @@ class GAM(nn.Module):
             raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
         found = reference.structure(module)
         sigmoid, shuffle = reference.detect_form(module, found)
+        kind, tail = (cls, {}) if found.tail is None else (TailedGAM, dict(tail=nn.Identity(), tail_name=found.tail))
+        if found.tail is None and issubclass(cls, TailedGAM):
+            kind = GAM
         with torch.device("meta"):  # every tensor comes from ``module``: no allocation, no random init (which
-            gam = cls(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle)  # would move the RNG)
+            gam = kind(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle, **tail)  # moves the RNG)
         gam._take_layers(found.layers, share)
+        if found.tail is not None:  # the very module (share), or a copy without its hooks; its own modes
+            theirs = module.get_submodule(found.tail)
+            gam._modules[found.tail] = theirs if share else reference.copy_without_hooks(theirs)
         for mine, theirs in ((gam.channel_attention, module.channel_attention),
                              (gam.spatial_attention, module.spatial_attention)):
             for m in mine.children():
@@ -355,7 +366,8 @@ class GAM(nn.Module):
         if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or \
                 g._global_backward_pre_hooks:
             return "every module (a global module hook)"
-        for name, branch in self._modules.items():
+        for name in ("channel_attention", "spatial_attention"):  # not a tail: it runs as a module anyway
+            branch = self._modules[name]
             if _has_hooks(branch):
                 return name
             for child, m in branch._modules.items():
@@ -547,6 +559,53 @@ class GAM(nn.Module):
         w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)], (bn2.eps,),
                               lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
         return gate_multiply(x1, F.conv2d(z1, w2, b2, padding=pad, groups=groups).sigmoid_(), shuffle)
+
+
+class TailedGAM(GAM):
+    """A :class:`GAM` whose output then runs through one more module, its tail: what
+    :meth:`GAM.from_module` (and so :func:`gam_triton.convert`) makes of a block holding a module after GAM,
+    such as a fork's adaptive ``GAMAttention(c1, c2)`` with c2 != c1 and its ``channel_adjust`` (a 1x1 Conv +
+    BN + SiLU to c2 channels).
+
+    The GAM runs gam_triton's kernels; the tail is called as the module it is (PyTorch, its own hooks,
+    modes and export). It is registered under ``tail_name``, the block's own child name, so checkpoints keep
+    their keys. :meth:`to_reference` gives a :class:`gam_triton.reference.PlainTailedGAM`. The other arguments
+    are :class:`GAM`'s.
+    """
+
+    def __init__(self, in_channels: int, tail: nn.Module, tail_name: str = "tail", **kwargs) -> None:
+        if not isinstance(tail, nn.Module):
+            raise TypeError(f"TailedGAM: tail must be an nn.Module, got {type(tail).__name__}")
+        if not isinstance(tail_name, str):
+            raise TypeError(f"TailedGAM: tail_name must be a str, got {type(tail_name).__name__}")
+        super().__init__(in_channels, **kwargs)
+        if not tail_name.isidentifier() or hasattr(self, tail_name):
+            raise ValueError(f"TailedGAM: tail_name {tail_name!r} is not a free attribute name of the block")
+        self.tail_name = tail_name
+        self.add_module(tail_name, tail)
+
+    @property
+    def out_channels(self) -> Optional[int]:
+        """None: the output has the tail's channels, which only the tail knows."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tail_name={self.tail_name!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.tail_name](super().forward(x))
+
+    def to_reference(self) -> nn.Module:
+        """:meth:`GAM.to_reference`, as a :class:`~gam_triton.reference.PlainTailedGAM` holding this tail."""
+        ref = super().to_reference()
+        ref._modules[self.tail_name] = self._modules[self.tail_name]
+        return ref
+
+    def _reference_form(self) -> nn.Module:
+        with torch.device("meta"):
+            return reference.PlainTailedGAM(self.in_channels, nn.Identity(), self.tail_name, rate=self.rate,
+                                            kernel_size=self.kernel_size, channel_sigmoid=self.channel_sigmoid,
+                                            shuffle_groups=self.shuffle_groups, groups=self.groups)
 
 
 #: Instance attributes every GAM has (nn.Module internals and its configuration): what to_reference leaves.

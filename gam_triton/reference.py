@@ -13,6 +13,7 @@ from (:func:`gam_triton.convert`):
   ``conv1``/``bn``/``conv2``/``bn1``; its channel sigmoid is built but never applied.
 * :class:`PlainGAM` - not a public form: the same layers and names as forms 1 and 2 with every option of
   :class:`gam_triton.GAM`; what :func:`gam_triton.revert` gives for a configuration no public form has.
+  :class:`PlainTailedGAM` is PlainGAM followed by another module (a block's tail, see :class:`Structure`).
 
 Nothing in the forms is fast on purpose: the permutes and separate elementwise passes are what users pay.
 
@@ -41,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "channel_shuffle", "shuffle", "unshuffle",
+__all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "PlainTailedGAM", "channel_shuffle", "shuffle", "unshuffle",
            "gate_multiply", "uses_batch_stats", "bn_scale_shift", "fold_conv_bn", "plain_forward", "layer_forward",
            "SEQUENTIAL_PATHS", "SEED_NAMES", "WRAPPED_NAMES", "KEY_PREFIXES", "rename_keys", "rename_seed_keys",
            "KeyMap", "key_table", "Structure", "layers", "structure", "looks_like_gam", "PROBE_SHAPES",
-           "detect_form", "HOOK_TABLES", "carry_over"]
+           "detect_form", "HOOK_TABLES", "carry_over", "copy_without_hooks"]
 
 
 # --- the public forms ----------------------------------------------------------------------------------------
@@ -174,6 +175,20 @@ class PlainGAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_forward(self.channel_attention, self.spatial_attention, self.channel_sigmoid,
                              self.shuffle_groups, x)
+
+
+class PlainTailedGAM(PlainGAM):
+    """:class:`PlainGAM` whose output then runs through one more module, its tail, registered under
+    ``tail_name``: what :func:`gam_triton.revert` gives for a :class:`gam_triton.TailedGAM` (a fork's adaptive
+    ``GAMAttention(c1, c2)`` with c2 != c1 holds its 1x1 Conv + BN + SiLU as ``channel_adjust``)."""
+
+    def __init__(self, in_channels: int, tail: nn.Module, tail_name: str = "tail", **kwargs) -> None:
+        super().__init__(in_channels, **kwargs)
+        self.tail_name = tail_name
+        self.add_module(tail_name, tail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.tail_name](super().forward(x))
 
 
 def layer_forward(channel_attention: nn.Module, spatial_attention: nn.Module, channel_sigmoid: bool,
@@ -391,14 +406,18 @@ def key_table(names: tuple, aliases: tuple = ()) -> dict:
 class Structure(NamedTuple):
     """What the layers of a GAM-shaped block say: the layers, whether it is the seed form, the
     :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups), where
-    the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``) and the other paths a
-    layer is registered under too ((alias, path) pairs)."""
+    the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``), the other paths a
+    layer is registered under too ((alias, path) pairs) and the name of the block's tail, if it has one: the
+    one child that holds every parameter and buffer outside the six layers (a fork's adaptive
+    ``GAMAttention(c1, c2)`` with c2 != c1 appends ``channel_adjust``, a 1x1 Conv + BN + SiLU).
+    :func:`detect_form` then checks that the block computes ``tail(GAM(x))``."""
 
     layers: tuple
     seed: bool
     args: dict
     names: tuple = SEQUENTIAL_PATHS
     aliases: tuple = ()
+    tail: Optional[str] = None
 
 
 _CHANNEL_SEQ = "Linear, ReLU, Linear (optionally then Sigmoid)"
@@ -482,8 +501,22 @@ def _spatial_layers(sa: nn.Module) -> tuple[tuple, tuple]:
     return tuple(found), tuple(f"spatial_attention.{n}" for n in names)
 
 
-def _find(module: nn.Module) -> tuple[tuple, tuple, bool]:
-    """(six layers, their paths, seed form?); ValueError (the first mismatch) for anything else."""
+def _tail(module: nn.Module, found: tuple, extra: list) -> Optional[str]:
+    """The name of the one direct child holding every tensor of ``extra`` (named parameters and buffers
+    outside the six layers) and none of the six layers or the two branches; None when there is none."""
+    heads = {n.split(".", 1)[0] for n in extra}
+    if len(heads) != 1:
+        return None
+    name = heads.pop()
+    child = _child(module, name)
+    if child is None or name in ("channel_attention", "spatial_attention"):
+        return None
+    gam = {id(m) for m in (*found, module.channel_attention, module.spatial_attention)}
+    return None if any(id(m) in gam for m in child.modules()) else name
+
+
+def _find(module: nn.Module) -> tuple[tuple, tuple, bool, Optional[str]]:
+    """(six layers, their paths, seed form?, tail); ValueError (the first mismatch) for anything else."""
     name = type(module).__name__
     ca, sa = _child(module, "channel_attention"), _child(module, "spatial_attention")
     if ca is None or sa is None:
@@ -501,21 +534,25 @@ def _find(module: nn.Module) -> tuple[tuple, tuple, bool]:
         raise ValueError(f"{name}: one layer is used in two places of the block; GAM has six distinct layers")
     own = {id(t) for m in found for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     extra = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in own]
-    if extra:  # before the leaves: a layer with weights outside the six (a trailing projection) is named as one
+    tail = _tail(module, found, extra) if extra else None
+    if extra and tail is None:  # before the leaves: weights outside the six layers are named as such
         shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
         raise ValueError(f"{name}: {shown} outside GAM's six layers (Linear, Linear, Conv2d, BatchNorm2d, Conv2d, "
-                         "BatchNorm2d): gam_triton would drop it")
+                         "BatchNorm2d) and not in one child of the block (a tail run after GAM): gam_triton would "
+                         "drop them")
     for path, m in module.named_modules():
+        if tail is not None and path.split(".", 1)[0] == tail:  # the tail runs as it is: any modules
+            continue
         if m is not module and not m._modules and type(m) not in _LEAVES:
             raise ValueError(f"{name}: {path} is {type(m).__name__}, which gam_triton does not compute (a GAM "
                              "block holds Linear, Conv2d, BatchNorm2d, ReLU and Sigmoid only)")
-    return found, cpaths + spaths, seed
+    return found, cpaths + spaths, seed, tail
 
 
 def layers(module: nn.Module) -> Optional[tuple[tuple, bool]]:
     """((fc1, fc2, conv1, bn1, conv2, bn2), seed form?) of a GAM-shaped module, None for anything else."""
     try:
-        found, _, seed = _find(module)
+        found, _, seed, _ = _find(module)
     except ValueError:
         return None
     return found, seed
@@ -536,12 +573,14 @@ def structure(module: nn.Module) -> Structure:
     function): ``channel_attention`` an ``nn.Sequential`` (Linear, ReLU, Linear [, Sigmoid]) or a module with
     ``fc1``/``fc2``; ``spatial_attention`` an ``nn.Sequential`` (Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d
     [, Sigmoid]), an ``nn.Sequential`` (wrapper, ReLU, wrapper [, Sigmoid]) whose wrappers hold exactly a Conv2d
-    then a BatchNorm2d, or a module with ``conv1``/``bn``/``conv2``/``bn1``. Refused: any other leaf module
-    (SiLU, InstanceNorm2d, Dropout, ...), parameters or buffers outside the six layers, convolutions that are
-    not same-size odd square kernels with stride 1, no dilation and zero padding (``padding='same'`` or
-    ``k // 2``), a hidden width that is no ``C // rate``.
+    then a BatchNorm2d, or a module with ``conv1``/``bn``/``conv2``/``bn1``. A tail (one more child holding
+    every parameter and buffer outside the six layers, e.g. a 1x1 Conv + BN + SiLU) may hold any modules: it
+    runs as it is, after GAM. Refused: any other leaf module (SiLU, InstanceNorm2d, Dropout, ...), parameters
+    or buffers outside the six layers and not all in one child, convolutions that are not same-size odd square
+    kernels with stride 1, no dilation and zero padding (``padding='same'`` or ``k // 2``), a hidden width
+    that is no ``C // rate``.
     """
-    found_layers, names, seed = _find(module)
+    found_layers, names, seed, tail = _find(module)
     name = type(module).__name__
     fc1, fc2, conv1, bn1, conv2, bn2 = found_layers
     c, cr = fc1.in_features, fc1.out_features
@@ -582,7 +621,7 @@ def structure(module: nn.Module) -> Structure:
         raise ValueError(f"{name}: hidden width {cr} is not in_channels // rate for any rate gam_triton can express "
                          f"(C={c}, groups={groups})")
     args = dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1 and groups == rate, groups=groups)
-    return Structure(found_layers, seed, args, names, _aliases(module, found_layers, names))
+    return Structure(found_layers, seed, args, names, _aliases(module, found_layers, names), tail)
 
 
 def _aliases(module: nn.Module, found: tuple, names: tuple) -> tuple:
@@ -634,16 +673,21 @@ def _randomise(module: nn.Module, gen: torch.Generator) -> None:
                 b.copy_(torch.rand(b.shape, generator=gen, dtype=b.dtype) + 0.5)
 
 
-def _probe_copy(module: nn.Module) -> nn.Module:
-    """A float64 CPU deep copy of ``module`` with no hook (the block's own function). The hook tables are
-    not even copied (an empty table stands in for each in the deepcopy memo): ``module`` is only read."""
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` and its submodules without their hooks. The hook tables are not even copied
+    (an empty table stands in for each in the deepcopy memo): ``module`` is only read."""
     memo: dict = {}
     for m in module.modules():
         for table in HOOK_TABLES:
             hooks = getattr(m, table, None)
             if hooks:
                 memo[id(hooks)] = type(hooks)()
-    return copy.deepcopy(module, memo).to(device="cpu", dtype=torch.float64)
+    return copy.deepcopy(module, memo)
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``module`` with no hook (the block's own function)."""
+    return copy_without_hooks(module).to(device="cpu", dtype=torch.float64)
 
 
 @contextlib.contextmanager
@@ -685,8 +729,11 @@ def _form_name(form: tuple) -> str:
     return f"channel {'sigmoid' if sigmoid else 'identity'}, {f'shuffle {groups}' if groups else 'no shuffle'}"
 
 
-def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, where: str, name: str) -> list:
-    """The forms of ``forms`` that compute what ``src`` computes on ``x`` (output and buffers moved)."""
+def _probe(src: nn.Module, probe_layers: tuple, tail: Optional[nn.Module], forms: list, x: torch.Tensor,
+           where: str, name: str) -> list:
+    """The forms of ``forms`` that compute what ``src`` computes on ``x`` (output and buffers moved): GAM's
+    output, run through ``tail`` when the block has one (each candidate from the same statistics and random
+    state, as the block runs it)."""
     before = _buffers(src)
     versions = [p._version for p in src.parameters()]
     torch.default_generator.manual_seed(_PROBE_SEED)  # the CPU generator only: fork_rng restores it
@@ -694,7 +741,7 @@ def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, wh
         want = src(x)
     except Exception as e:  # the source's own forward failed: nothing to compare against
         raise ValueError(f"{name}: running it on a probe input failed ({where}: {e!r})") from e
-    if not isinstance(want, torch.Tensor) or want.shape != x.shape:
+    if not isinstance(want, torch.Tensor) or (tail is None and want.shape != x.shape):
         raise ValueError(f"{name} returns {getattr(want, 'shape', type(want))} for input {tuple(x.shape)}: "
                          "not a GAM block")
     if [p._version for p in src.parameters()] != versions:
@@ -705,11 +752,17 @@ def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, wh
     for sigmoid in dict.fromkeys(s for s, _ in forms):
         torch.default_generator.manual_seed(_PROBE_SEED)
         outs = _candidate_outputs(probe_layers, sigmoid, [g for s, g in forms if s == sigmoid], x)
-        got_bufs = _buffers(src)
-        _restore(src, before)
-        bad_buf = next((k for k, v in want_bufs.items()
-                        if not torch.allclose(got_bufs[k].double(), v.double(), rtol=1e-9, atol=1e-10)), None)
+        mid, rng = _buffers(src), torch.default_generator.get_state()
         for groups, out in outs.items():
+            if tail is not None:  # each candidate through the tail from the same statistics and random state
+                _restore(src, mid)
+                torch.default_generator.set_state(rng)
+                out = tail(out)
+            got_bufs = _buffers(src)
+            bad_buf = next((k for k, v in want_bufs.items()
+                            if not torch.allclose(got_bufs[k].double(), v.double(), rtol=1e-9, atol=1e-10)), None)
+            if out.shape != want.shape:
+                continue
             diff = (out - want).abs().max().item() if out.numel() else 0.0
             if torch.allclose(out, want, rtol=1e-9, atol=1e-10):
                 if bad_buf is None:
@@ -718,6 +771,7 @@ def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, wh
                     moved = bad_buf
             elif not diff >= closest[0]:  # NaN-safe
                 closest = (diff, (sigmoid, groups))
+        _restore(src, before)
     if alive:
         return [f for f in forms if f in alive]
     if moved is not None:
@@ -730,7 +784,7 @@ def _probe(src: nn.Module, probe_layers: tuple, forms: list, x: torch.Tensor, wh
 
 def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[bool, Optional[int]]:
     """(channel_sigmoid, shuffle_groups) of the GAM block ``module``, found by experiment; ValueError when its
-    function is none of the forms gam_triton computes.
+    function is none of the forms gam_triton computes (followed by its tail, :attr:`Structure.tail`).
 
     The probe runs on a float64 CPU copy of ``module`` without hooks, its parameters and BatchNorm statistics
     randomised (no trained weight can hide a difference), in eval mode and in train mode (every layer; and in
@@ -755,6 +809,7 @@ def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[b
         gen = torch.Generator().manual_seed(_PROBE_SEED)
         _randomise(src, gen)
         probe_layers = tuple(src.get_submodule(p) for p in found.names)
+        tail = None if found.tail is None else src.get_submodule(found.tail)
         for mode, flag in modes:
             if flag is None:
                 for m, f in zip(src.modules(), flags):
@@ -763,7 +818,8 @@ def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[b
                 src.train(flag)
             for b, h, w in PROBE_SHAPES:
                 x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-                forms = _probe(src, probe_layers, forms, x, f"{mode}-mode probe at input {(b, c, h, w)}", name)
+                forms = _probe(src, probe_layers, tail, forms, x, f"{mode}-mode probe at input {(b, c, h, w)}",
+                               name)
     return forms[0]
 
 

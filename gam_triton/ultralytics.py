@@ -193,6 +193,9 @@ def _as_source(gam: GAM) -> nn.Module:
     block.train(gam.training)
     for theirs, mine in zip(reference.structure(block).layers, gam._layers()):
         theirs.training = mine.training
+    tail = getattr(gam, "tail_name", None)
+    if tail is not None:  # the module after GAM (a TailedGAM's): the trained one itself, its own modes
+        block._modules[tail] = gam._modules[tail]
     return block
 
 

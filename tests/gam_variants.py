@@ -188,7 +188,7 @@ def extra_conv_entry(c: int) -> nn.Module:
 
 
 class ExtraConvChild(PaperGAM):
-    """The paper's block followed by a 1x1 projection held as another child."""
+    """The paper's block followed by a 1x1 projection held as another child (a tail)."""
 
     def __init__(self, c: int) -> None:
         super().__init__(c)
@@ -196,6 +196,24 @@ class ExtraConvChild(PaperGAM):
 
     def forward(self, x):
         return self.proj(super().forward(x))
+
+
+class ProjectionBefore(ExtraConvChild):
+    """The same layers, the 1x1 projection run before GAM instead of after it."""
+
+    def forward(self, x):
+        return PaperGAM.forward(self, self.proj(x))
+
+
+class TwoExtraChildren(ExtraConvChild):
+    """A projection after GAM and a learnt scale beside it: weights outside GAM's six in two children."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.scale = nn.Conv2d(c, c, 1, groups=c, bias=False)
+
+    def forward(self, x):
+        return self.scale(super().forward(x))
 
 
 def dropout_layer(c: int) -> nn.Module:
@@ -396,10 +414,12 @@ ZOO = {
     "instance_norm": Variant(instance_norm, 20, "refused",
                              reason="spatial_attention[1] is InstanceNorm2d, expected BatchNorm2d"),
     "extra_conv_entry": Variant(extra_conv_entry, 20, "refused", reason="spatial_attention has 6 entries"),
-    "extra_conv_child": Variant(ExtraConvChild, 20, "refused", reason="proj.weight, proj.bias outside GAM's six"),
-    "adaptive_projection": Variant(lambda c: AdaptiveGAM(c, 2 * c), 16, "refused",
-                                   reason="channel_adjust.conv.weight, channel_adjust.bn.weight",
-                                   note="AdaptiveGAM with c2 != c1: GAM, then a 1x1 conv + BN + SiLU"),
+    "extra_conv_child": Variant(ExtraConvChild, 20, "converts", (True, None, 1, 4)),
+    "adaptive_projection": Variant(lambda c: AdaptiveGAM(c, 2 * c), 16, "converts", (True, 4, 4, 2),
+                                   note="AdaptiveGAM with c2 != c1: GAM, then a 1x1 conv + BN + SiLU (its tail)"),
+    "projection_before": Variant(ProjectionBefore, 20, "refused", reason="computes none of the GAM forms"),
+    "two_extra_children": Variant(TwoExtraChildren, 20, "refused",
+                                  reason="proj.weight, proj.bias, scale.weight outside GAM's six layers"),
     "dropout_layer": Variant(dropout_layer, 20, "refused", reason="channel_attention has 4 entries"),
     "double_sigmoid": Variant(DoubleSigmoid, 20, "refused", reason="computes none of the GAM forms"),
     "residual": Variant(ResidualGAM, 20, "refused", reason="computes none of the GAM forms"),
@@ -422,12 +442,18 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 
 # --- comparing a converted block with its source ----------------------------------------------------------------
-def run(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, layer_paths: tuple) -> dict:
-    """Output, grad of x, grads of the six layers' parameters (by Sequential name) and their buffers."""
+def run(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, layer_paths: tuple, tail: Optional[str]) -> dict:
+    """Output, grad of x, grads of the six layers' parameters (by Sequential name) and their buffers, and the
+    grads and buffers of the tail (the module after GAM, at path ``tail``) if there is one."""
     x = x.detach().clone().requires_grad_(True)
     out = module(x)
     out.backward(gout)
     res = {"out": out.detach(), "grad x": x.grad}
+    if tail is not None:
+        for n, p in module.get_submodule(tail).named_parameters():
+            res[f"grad tail.{n}"] = p.grad
+        for n, b in module.get_submodule(tail).named_buffers():
+            res[f"tail.{n}"] = b.detach().clone()
     for theirs, ours in zip(layer_paths, SEQUENTIAL_PATHS):
         layer = module.get_submodule(theirs)
         for n, p in layer.named_parameters(recurse=False):
@@ -440,9 +466,10 @@ def run(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, layer_paths: tup
 def differences(source: nn.Module, dtype: torch.dtype, device: str, mode: str, b: int = 2, h: int = 5,
                 w: int = 6) -> dict:
     """{quantity: max |difference|} between ``GAM.from_module(source)`` run in ``dtype`` on ``device`` and the
-    float64 source, outputs, gradients (of x and of the six layers' parameters, relative to max(1, |ref|))
-    and the six layers' buffers after one forward and backward. ``mode``: "eval" or "train" (set on the
-    source before the conversion) or "as-is" (the source's own per-layer modes, carried by the conversion).
+    float64 source, outputs, gradients (of x and of the six layers' and the tail's parameters, relative to
+    max(1, |ref|)) and the six layers' and the tail's buffers after one forward and backward. ``mode``: "eval"
+    or "train" (set on the source before the conversion) or "as-is" (the source's own per-layer modes, carried
+    by the conversion).
     Which path runs follows dtype, device and ``gam_triton.ops._runtime.INTERPRET`` (float64: PyTorch)."""
     source = copy.deepcopy(source)
     if mode != "as-is":
@@ -456,9 +483,11 @@ def differences(source: nn.Module, dtype: torch.dtype, device: str, mode: str, b
     c = found.args["in_channels"]
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-    gout = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-    want = run(ref, x, gout, found.names)
-    got = run(gam, x.to(device, dtype), gout.to(device, dtype), SEQUENTIAL_PATHS)
+    with torch.no_grad():  # a tail may change the channel count
+        out_shape = copy.deepcopy(ref)(x).shape
+    gout = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    want = run(ref, x, gout, found.names, found.tail)
+    got = run(gam, x.to(device, dtype), gout.to(device, dtype), SEQUENTIAL_PATHS, getattr(gam, "tail_name", None))
     assert set(got) == set(want), set(got) ^ set(want)
     diffs = {}
     for k, v in want.items():

@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import gam_variants as gv
 import torchvision_standin
 import ultralytics_cases as uc
+from gam_cases import randomise
 
 torchvision_standin.install()
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install -e '.[ultralytics]')")
@@ -107,6 +109,26 @@ def test_registration_keeps_a_forks_own_class(monkeypatch):
     monkeypatch.setattr(tasks, "GAM_Attention", ultralytics_fork.GAM_Attention)
     assert gu.register()["GAM_Attention"] is ultralytics_fork.GAM_Attention
     assert gu.register(overwrite=True)["GAM_Attention"] is gu.GAM_Attention
+
+
+def test_a_forks_block_with_a_tail_is_saved_as_the_forks_class():
+    """What GAMTrainer.save_model writes for a fork's adaptive ``GAMAttention(c1, c2)`` with c2 != c1 (converted
+    to a TailedGAM): the fork's class again, holding the trained tensors of GAM and of its tail, the tail's own
+    modes kept."""
+    torch.manual_seed(0)
+    net = randomise(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), gv.AdaptiveGAM(16, 32)))
+    gu._convert_keeping_sources(net)
+    assert type(net[1]) is gam_triton.TailedGAM
+    with torch.no_grad():  # "trained" after the conversion
+        for p in net[1].parameters():
+            p.add_(0.25)
+    net[1].channel_adjust.bn.eval()  # frozen inside the training block
+    saved = gu._with_source_classes(net)[1]
+    assert type(saved) is gv.AdaptiveGAM and saved.training and not saved.channel_adjust.bn.training
+    x = torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(saved.eval()(net[0](x)), net.eval()(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(saved.channel_adjust.state_dict(), net[1].channel_adjust.state_dict())
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------------------------
