@@ -30,14 +30,13 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from . import reference
 from .deploy import deploying
 from .ops import _runtime, channel_gate, conv, elementwise, train_block
-from .reference import bn_scale_shift, fold_conv_bn, gate_multiply, uses_batch_stats
+from .reference import bn_scale_shift, conv_like, fold_conv_bn, gate_multiply, uses_batch_stats
 
 __all__ = ["GAM", "TailedGAM", "Plan", "x1_channels_last"]
 
@@ -74,12 +73,13 @@ class Plan(NamedTuple):
     out_cl: bool                #: the output in channels_last (the input's layout)
     stats1: bool                #: BatchNorm1 on batch statistics
     stats2: bool                #: BatchNorm2 on batch statistics
-    fused_eval: bool            #: both on running statistics, no autocast: the fused eval branch
+    fused_eval: bool            #: both on running statistics, no autocast, zero padding: the fused eval branch
+    fused_train: bool           #: both on batch statistics, zero padding: the fused train block
     conv: str                   #: its convolutions: "auto", "triton" or "cudnn" (GAM_TRITON_CONV, if they can)
     path: str = "triton"        #: "layers" (hooks), "plain" (capture, foreign BatchNorm), "torch" or "triton"
 
 
-_LAYERS, _PLAIN, _TORCH = (Plan(None, False, False, False, False, False, "cudnn", p)
+_LAYERS, _PLAIN, _TORCH = (Plan(None, False, False, False, False, False, False, "cudnn", p)
                            for p in ("layers", "plain", "torch"))
 
 
@@ -125,13 +125,18 @@ class GAM(nn.Module):
         groups: the group count of both convolutions, any divisor of C and C // rate (a fork's
             ``groups=4`` with ``rate=8``); None: ``rate`` if ``group`` else 1. Given with ``group``, the two
             must agree (``group=True`` means ``groups == rate``, ``group=False`` means ``groups != rate``).
+        padding_mode: how both convolutions pad, as ``nn.Conv2d``'s: "zeros" (the public forms), "replicate"
+            (dengbuqi/GAM_Pytorch), "reflect" or "circular". Modes other than zeros run the convolutions on
+            cuDNN / PyTorch, with the channel gate, BatchNorm + ReLU and final gate kernels around them (the
+            Triton convolutions and the fused train block pad with zeros).
 
     Defaults are the paper's form. :meth:`from_module` builds one from any of the public forms.
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, rate: int = 4,
                  kernel_size: int = 7, group: Optional[bool] = None, channel_sigmoid: bool = True,
-                 shuffle_groups: Optional[int] = None, groups: Optional[int] = None) -> None:
+                 shuffle_groups: Optional[int] = None, groups: Optional[int] = None,
+                 padding_mode: str = "zeros") -> None:
         super().__init__()
         c = _check_int("in_channels", in_channels, 1)
         if out_channels is not None and _check_int("out_channels", out_channels, 1) != c:
@@ -149,6 +154,11 @@ class GAM(nn.Module):
             raise ValueError(f"GAM: in_channels // rate is 0 (in_channels={c}, rate={rate}): "
                              "the channel MLP would have no hidden unit")
         group, groups = _check_groups(group, groups, c, cr, rate)
+        if not isinstance(padding_mode, str):
+            raise TypeError(f"GAM: padding_mode must be a str, got {type(padding_mode).__name__}")
+        if padding_mode not in reference.PADDING_MODES:
+            raise ValueError(f"GAM: padding_mode must be one of {', '.join(reference.PADDING_MODES)}, got "
+                             f"{padding_mode!r}")
         if shuffle_groups is not None:
             shuffle_groups = _check_int("shuffle_groups", shuffle_groups, 1)
             if c % shuffle_groups:
@@ -162,10 +172,10 @@ class GAM(nn.Module):
         self.shuffle_groups = shuffle_groups
         self.channel_attention = nn.Sequential(nn.Linear(c, cr), nn.ReLU(inplace=True), nn.Linear(cr, c))
         self.spatial_attention = nn.Sequential(
-            nn.Conv2d(c, cr, k, padding=k // 2, groups=groups),
+            nn.Conv2d(c, cr, k, padding=k // 2, groups=groups, padding_mode=padding_mode),
             nn.BatchNorm2d(cr),
             nn.ReLU(inplace=True),
-            nn.Conv2d(cr, c, k, padding=k // 2, groups=groups),
+            nn.Conv2d(cr, c, k, padding=k // 2, groups=groups, padding_mode=padding_mode),
             nn.BatchNorm2d(c),
         )
         self._eval_cache: dict = {}  # name -> (key, value): eval-mode constants, see _cached
@@ -177,10 +187,16 @@ class GAM(nn.Module):
     def out_channels(self) -> int:
         return self.in_channels
 
+    @property
+    def padding_mode(self) -> str:
+        """How the convolutions pad (conv1's ``padding_mode``, which conv2 shares)."""
+        return self.spatial_attention[0].padding_mode
+
     def extra_repr(self) -> str:
+        pad = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (f"in_channels={self.in_channels}, rate={self.rate}, kernel_size={self.kernel_size}, "
                 f"group={self.group}, groups={self.groups}, channel_sigmoid={self.channel_sigmoid}, "
-                f"shuffle_groups={self.shuffle_groups}")
+                f"shuffle_groups={self.shuffle_groups}{pad}")
 
     @classmethod
     def from_module(cls, module: nn.Module, share: bool = False) -> "GAM":
@@ -217,16 +233,18 @@ class GAM(nn.Module):
         if found.tail is not None:  # the very module (share), or a copy without its hooks; its own modes
             theirs = module.get_submodule(found.tail)
             gam._modules[found.tail] = theirs if share else reference.copy_without_hooks(theirs)
-        for mine, theirs in ((gam.channel_attention, module.channel_attention),
-                             (gam.spatial_attention, module.spatial_attention)):
+        ca, sa = (module._modules.get(n) for n in ("channel_attention", "spatial_attention"))
+        for mine, theirs in ((gam.channel_attention, ca), (gam.spatial_attention, sa)):
+            theirs = module if theirs is None else theirs  # the flat layout: the block holds the layers itself
             for m in mine.children():
                 if type(m) is nn.ReLU:  # no counterpart in every layout: the branch's flag
                     m.training = theirs.training
             mine.training = theirs.training
         if share:
-            pairs = zip((*gam._layers(), gam.channel_attention, gam.spatial_attention),
-                        (*found.layers, module.channel_attention, module.spatial_attention))
+            pairs = zip((*gam._layers(), gam.channel_attention, gam.spatial_attention), (*found.layers, ca, sa))
             for mine, theirs in pairs:
+                if theirs is None:  # no branch in the flat layout (the block's own hooks stay the block's)
+                    continue
                 for name in _HOOK_TABLES + ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                             "_forward_pre_hooks_with_kwargs"):
                     if getattr(theirs, name, None):
@@ -280,8 +298,9 @@ class GAM(nn.Module):
 
         YOLO form (identity channel gate, shuffle 4, 7x7) -> :class:`~gam_triton.reference.YoloGAM`; paper
         form -> ``PaperGAM``; identity gate without shuffle or grouping -> ``SeedGAM`` (the seed's children
-        names ``fc1``...); anything else -> ``PlainGAM``. The new module SHARES this GAM's layers (the same
-        Linear, Conv2d and BatchNorm objects: parameters, buffers, BN settings, hooks on them) and, as
+        names ``fc1``...); anything else (a padding mode other than zeros too) -> ``PlainGAM``. The new module
+        SHARES this GAM's layers (the same Linear, Conv2d and BatchNorm objects: parameters, buffers, BN
+        settings, hooks on them) and, as
         :func:`gam_triton.convert` does the other way (:func:`~gam_triton.reference.carry_over`), takes its
         mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own checkpoint-name
         renamers excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
@@ -315,8 +334,11 @@ class GAM(nn.Module):
     def _reference_form(self) -> nn.Module:
         """An empty-layered instance of the public form with this configuration (PlainGAM if none fits)."""
         c, r, k = self.in_channels, self.rate, self.kernel_size
-        sig, shuffle, g = self.channel_sigmoid, self.shuffle_groups, self.groups
+        sig, shuffle, g, pad = self.channel_sigmoid, self.shuffle_groups, self.groups, self.padding_mode
         with torch.device("meta"):  # the layers are replaced by this GAM's own right after: allocate nothing
+            if pad != "zeros":
+                return reference.PlainGAM(c, rate=r, kernel_size=k, channel_sigmoid=sig, shuffle_groups=shuffle,
+                                          groups=g, padding_mode=pad)
             if k == 7 and not sig and shuffle == 4 and g in (1, r):
                 return reference.YoloGAM(c, c, group=g > 1, rate=r)
             if k == 7 and sig and shuffle is None and g == 1:
@@ -342,6 +364,12 @@ class GAM(nn.Module):
             raise ValueError(f"GAM: expected a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"GAM: expected {self.in_channels} channels, got input shape {tuple(x.shape)}")
+        mode = self.spatial_attention._modules["0"].padding_mode
+        if mode in ("reflect", "circular") and min(x.shape[2], x.shape[3]) < reference.min_map_size(
+                mode, self.kernel_size):
+            raise ValueError(f"GAM: padding_mode {mode!r} needs H and W of at least "
+                             f"{reference.min_map_size(mode, self.kernel_size)} with kernel_size {self.kernel_size}, "
+                             f"got input shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"GAM: input must be a floating-point tensor, got {x.dtype}")
         w = self.channel_attention[0].weight
@@ -387,7 +415,9 @@ class GAM(nn.Module):
 
         x1 is written channels_last for fp16/bf16 and autocast on CUDA (cuDNN runs those fastest NHWC); the
         output keeps x's layout. The Triton convolutions need both BatchNorms on running statistics, no
-        autocast and no gradient; ``GAM_TRITON_CONV`` is read here, once per call, and only then.
+        autocast and no gradient; ``GAM_TRITON_CONV`` is read here, once per call, and only then. The fused eval
+        branch and the fused train block pad with zeros: another padding mode runs the generic Triton path
+        (the convolutions on cuDNN, padded as the layers say).
         """
         hooked = self._hooked_layer()
         if hooked is not None:
@@ -407,11 +437,12 @@ class GAM(nn.Module):
         x1_cl = x1_channels_last(in_cl, x.is_cuda, x.dtype, amp)
         layers = self.spatial_attention._modules
         stats1, stats2 = _batch_stats(layers["1"]), _batch_stats(layers["4"])
-        fused_eval = amp is None and not stats1 and not stats2
+        zeros = layers["0"].padding_mode == "zeros"
+        fused_eval = zeros and amp is None and not stats1 and not stats2
         grad = fused_eval and torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in self.parameters()))
-        return Plan(amp, x1_cl, in_cl, stats1, stats2, fused_eval, conv.conv_mode() if fused_eval and not grad
-                    else "cudnn")
+        return Plan(amp, x1_cl, in_cl, stats1, stats2, fused_eval, zeros and stats1 and stats2,
+                    conv.conv_mode() if fused_eval and not grad else "cudnn")
 
     # -- constants, cached while nothing they depend on changes ---------------------------------------------
     def _cached(self, name: str, tensors: list, extra: tuple, compute):
@@ -503,20 +534,19 @@ class GAM(nn.Module):
         lin = self._linear(p.amp)
         shuffle = self.shuffle_groups or 0
         conv1, bn1, conv2, bn2 = (self.spatial_attention[i] for i in (0, 1, 3, 4))
-        if p.stats1 and p.stats2:  # train mode: forward and backward in fused kernels
+        if p.fused_train:  # train mode: forward and backward in fused kernels
             return self._train_block(x, lin, p)
         x1 = channel_gate.run(x, *lin, self.channel_sigmoid, p.x1_cl)
         if p.fused_eval:
             *consts, packed = self._eval_constants(x1.dtype, p.conv != "cudnn")
             return conv.spatial_run(x1, *consts, packed, conv1.groups, shuffle, p.out_cl, p.conv)
-        pad, groups = conv1.padding, conv1.groups
         if p.stats1:
-            y1 = F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)
+            y1 = conv_like(conv1, x1, conv1.weight, conv1.bias)
             z1 = elementwise.run_bn_relu(y1, *bn_scale_shift(bn1, y1))
         else:
             w1, b1 = self._fold1()
-            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
-        y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=conv2.padding, groups=conv2.groups)
+            z1 = torch.relu_(conv_like(conv1, x1, w1, b1))
+        y2 = conv_like(conv2, z1, conv2.weight, conv2.bias)
         if p.stats2:
             scale2, shift2 = bn_scale_shift(bn2, y2)
         else:  # BN2 is applied inside the final-gate kernel, for free
@@ -546,19 +576,18 @@ class GAM(nn.Module):
         x1 = channel_gate.torch_forward(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_sigmoid)
         fmt = torch.channels_last if _runtime.is_channels_last(x) else torch.contiguous_format
         x1 = x1 if x1.is_contiguous(memory_format=fmt) else x1.contiguous(memory_format=fmt)
-        pad, groups = conv1.padding, conv1.groups
         if uses_batch_stats(bn1):
-            z1 = torch.relu(bn1(F.conv2d(x1, conv1.weight, conv1.bias, padding=pad, groups=groups)))
+            z1 = torch.relu(bn1(conv_like(conv1, x1, conv1.weight, conv1.bias)))
         else:
             w1, b1 = self._fold1()
-            z1 = torch.relu_(F.conv2d(x1, w1, b1, padding=pad, groups=groups))
+            z1 = torch.relu_(conv_like(conv1, x1, w1, b1))
         shuffle = self.shuffle_groups or 0
         if uses_batch_stats(bn2):
-            y2 = F.conv2d(z1, conv2.weight, conv2.bias, padding=pad, groups=groups)
+            y2 = conv_like(conv2, z1, conv2.weight, conv2.bias)
             return gate_multiply(x1, torch.sigmoid(bn2(y2)), shuffle)
         w2, b2 = self._cached("conv2_bn2", [conv2.weight, conv2.bias, *self._bn_tensors(bn2)], (bn2.eps,),
                               lambda: fold_conv_bn(conv2.weight, conv2.bias, bn2))
-        return gate_multiply(x1, F.conv2d(z1, w2, b2, padding=pad, groups=groups).sigmoid_(), shuffle)
+        return gate_multiply(x1, conv_like(conv2, z1, w2, b2).sigmoid_(), shuffle)
 
 
 class TailedGAM(GAM):
@@ -605,7 +634,8 @@ class TailedGAM(GAM):
         with torch.device("meta"):
             return reference.PlainTailedGAM(self.in_channels, nn.Identity(), self.tail_name, rate=self.rate,
                                             kernel_size=self.kernel_size, channel_sigmoid=self.channel_sigmoid,
-                                            shuffle_groups=self.shuffle_groups, groups=self.groups)
+                                            shuffle_groups=self.shuffle_groups, groups=self.groups,
+                                            padding_mode=self.padding_mode)
 
 
 #: Instance attributes every GAM has (nn.Module internals and its configuration): what to_reference leaves.

@@ -20,11 +20,12 @@ Nothing in the forms is fast on purpose: the permutes and separate elementwise p
 Recognising a block (:func:`structure`, :func:`detect_form`): forms 1 and 2 have identical layers, so the
 structure gives the weights but not the function. :func:`structure` finds the six layers (fc1, fc2, conv1,
 bn1, conv2, bn2) in the layouts public code holds them in (the Sequentials, with or without a trailing
-Sigmoid; conv+BatchNorm wrappers; the seed's names) and refuses, naming the first mismatch, anything else
-(another activation or norm, extra layers, padding other than zeros). The function is found by experiment: a
-float64 copy of the block, with random parameters and statistics (no trained weight can hide a difference),
-is run in eval and in train mode on two probe inputs and compared, output and running statistics, with each
-candidate configuration computed from the same copy. The block itself is never run.
+Sigmoid; conv+BatchNorm wrappers; the seed's names; the layers as the block's own children) and refuses, naming
+the first mismatch, anything else (another activation or norm, extra layers, convolutions padded differently).
+The function is found by experiment: a float64 copy of the block, with random parameters and statistics (no
+trained weight can hide a difference), is run in eval and in train mode on two probe inputs and compared, output
+and running statistics, with each candidate configuration computed from the same copy. The block itself is
+never run.
 
 Also here: the channel shuffle and the gated multiply (:func:`shuffle`, :func:`unshuffle`,
 :func:`gate_multiply`), BatchNorm2d as a per-channel affine exactly as ``nn.BatchNorm2d`` behaves
@@ -46,7 +47,8 @@ __all__ = ["YoloGAM", "PaperGAM", "SeedGAM", "PlainGAM", "PlainTailedGAM", "chan
            "gate_multiply", "uses_batch_stats", "bn_scale_shift", "fold_conv_bn", "plain_forward", "layer_forward",
            "SEQUENTIAL_PATHS", "SEED_NAMES", "WRAPPED_NAMES", "KEY_PREFIXES", "rename_keys", "rename_seed_keys",
            "KeyMap", "key_table", "Structure", "layers", "structure", "looks_like_gam", "PROBE_SHAPES",
-           "detect_form", "HOOK_TABLES", "carry_over", "copy_without_hooks"]
+           "detect_form", "min_map_size", "HOOK_TABLES", "carry_over", "copy_without_hooks", "conv_like",
+           "PADDING_MODES"]
 
 
 # --- the public forms ----------------------------------------------------------------------------------------
@@ -58,17 +60,18 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _sequential_layers(c1: int, c2: int, rate: int, group: bool, kernel_size: int = 7,
-                       groups: Optional[int] = None) -> tuple[nn.Sequential, nn.Sequential]:
+                       groups: Optional[int] = None,
+                       padding_mode: str = "zeros") -> tuple[nn.Sequential, nn.Sequential]:
     cr = c1 // rate
     if groups is None:
         groups = rate if group else 1
     k = kernel_size
     channel = nn.Sequential(nn.Linear(c1, cr), nn.ReLU(inplace=True), nn.Linear(cr, c1))
     spatial = nn.Sequential(
-        nn.Conv2d(c1, cr, kernel_size=k, padding=k // 2, groups=groups),
+        nn.Conv2d(c1, cr, kernel_size=k, padding=k // 2, groups=groups, padding_mode=padding_mode),
         nn.BatchNorm2d(cr),
         nn.ReLU(inplace=True),
-        nn.Conv2d(cr, c2, kernel_size=k, padding=k // 2, groups=groups),
+        nn.Conv2d(cr, c2, kernel_size=k, padding=k // 2, groups=groups, padding_mode=padding_mode),
         nn.BatchNorm2d(c2),
     )
     return channel, spatial
@@ -159,17 +162,18 @@ class PlainGAM(nn.Module):
     """Every configuration of :class:`gam_triton.GAM` in plain PyTorch (forms 1 and 2 are special cases).
 
     Same layers and parameter names as forms 1 and 2; ``shuffle_groups`` None or 0 means no shuffle;
-    ``groups`` (the convolutions' group count, any divisor of C and C/r) overrides ``group`` (groups = rate).
+    ``groups`` (the convolutions' group count, any divisor of C and C/r) overrides ``group`` (groups = rate);
+    ``padding_mode`` is both convolutions' (``nn.Conv2d``'s: zeros, replicate, reflect, circular).
     """
 
     def __init__(self, in_channels: int, rate: int = 4, kernel_size: int = 7, group: bool = False,
                  channel_sigmoid: bool = True, shuffle_groups: int | None = None,
-                 groups: int | None = None) -> None:
+                 groups: int | None = None, padding_mode: str = "zeros") -> None:
         super().__init__()
         self.channel_sigmoid = channel_sigmoid
         self.shuffle_groups = shuffle_groups
         self.channel_attention, self.spatial_attention = _sequential_layers(
-            in_channels, in_channels, rate, group, kernel_size, groups
+            in_channels, in_channels, rate, group, kernel_size, groups, padding_mode
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,12 +300,22 @@ def fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 # --- GAM's function in standard ops (deployment graphs) --------------------------------------------------
+def conv_like(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.conv2d`` of ``x`` with ``weight`` and ``bias`` (the layer's own, or with a BatchNorm folded in) and
+    ``conv``'s padding, padding mode and groups: a padding mode other than zeros pads first (``F.pad``, as
+    ``nn.Conv2d`` does), then convolves unpadded. ``conv.padding`` is a pair of ints (GAM's layers)."""
+    if conv.padding_mode == "zeros":
+        return F.conv2d(x, weight, bias, padding=conv.padding, groups=conv.groups)
+    ph, pw = conv.padding
+    return F.conv2d(F.pad(x, (pw, pw, ph, ph), mode=conv.padding_mode), weight, bias, groups=conv.groups)
+
+
 def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
     """bn(conv(x)): folded into one convolution when ``bn`` uses its running statistics."""
     if uses_batch_stats(bn):
-        return bn(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups))
+        return bn(conv_like(conv, x, conv.weight, conv.bias))
     w, b = fold_conv_bn(conv.weight, conv.bias, bn)
-    return F.conv2d(x, w, b, padding=conv.padding, groups=conv.groups)
+    return conv_like(conv, x, w, b)
 
 
 def plain_forward(gam_layers: tuple, channel_sigmoid: bool, shuffle_groups: Optional[int],
@@ -405,7 +419,8 @@ def key_table(names: tuple, aliases: tuple = ()) -> dict:
 # --- recognising a GAM block ---------------------------------------------------------------------------------
 class Structure(NamedTuple):
     """What the layers of a GAM-shaped block say: the layers, whether it is the seed form, the
-    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups), where
+    :class:`gam_triton.GAM` constructor arguments (in_channels, rate, kernel_size, group, groups,
+    padding_mode), where
     the six layers sit in the block (their paths, e.g. ``spatial_attention.0.conv``), the other paths a
     layer is registered under too ((alias, path) pairs) and the name of the block's tail, if it has one: the
     one child that holds every parameter and buffer outside the six layers (a fork's adaptive
@@ -423,6 +438,8 @@ class Structure(NamedTuple):
 _CHANNEL_SEQ = "Linear, ReLU, Linear (optionally then Sigmoid)"
 _SPATIAL_SEQ = ("Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, or conv+BatchNorm, ReLU, conv+BatchNorm "
                 "(optionally then Sigmoid)")
+#: ``nn.Conv2d``'s padding modes; GAM's convolutions take any of them (both the same).
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: Leaf modules a GAM block may hold: the six layers' kinds, its two activations, no-ops and empty containers.
 _LEAVES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Sigmoid, nn.Identity, nn.Sequential, nn.ModuleList,
            nn.ModuleDict)
@@ -515,15 +532,36 @@ def _tail(module: nn.Module, found: tuple, extra: list) -> Optional[str]:
     return None if any(id(m) in gam for m in child.modules()) else name
 
 
+_FLAT_KINDS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+
+
+def _flat_layers(module: nn.Module) -> Optional[tuple[tuple, tuple]]:
+    """(fc1, fc2, conv1, bn1, conv2, bn2) and their names when they are ``module``'s own children, two of each
+    kind, taken in the order the block registers them (dengbuqi/GAM_Pytorch's ``linear1``, ``linear2``,
+    ``conv1``, ``conv2``, ``norm1``, ``norm2``); None otherwise."""
+    kids = [(n, m) for n, m in module._modules.items() if m is not None]
+    picked = {kind: [(n, m) for n, m in kids if type(m) is kind] for kind in _FLAT_KINDS}
+    if any(len(v) != 2 for v in picked.values()) or any(isinstance(m, nn.Module) and m._modules for _, m in kids):
+        return None
+    (l1, l2), (c1, c2), (b1, b2) = (picked[k] for k in _FLAT_KINDS)
+    order = (l1, l2, c1, b1, c2, b2)
+    return tuple(m for _, m in order), tuple(n for n, _ in order)
+
+
 def _find(module: nn.Module) -> tuple[tuple, tuple, bool, Optional[str]]:
     """(six layers, their paths, seed form?, tail); ValueError (the first mismatch) for anything else."""
     name = type(module).__name__
     ca, sa = _child(module, "channel_attention"), _child(module, "spatial_attention")
+    flat = _flat_layers(module) if ca is None and sa is None and "GAM" in name else None
+    if flat is not None:  # the six layers as the block's own children: no branches, no tail
+        found, paths = flat
+        return found, paths, False, _check_rest(module, name, found, flat=True)
     if ca is None or sa is None:
         missing = " and ".join(n for n, m in (("channel_attention", ca), ("spatial_attention", sa)) if m is None)
         raise ValueError(f"{name} is not a GAM block: it has no child {missing} (expected children "
                          f"channel_attention ({_CHANNEL_SEQ}) and spatial_attention ({_SPATIAL_SEQ}), or the seed "
-                         "form's fc1/fc2 and conv1/bn/conv2/bn1)")
+                         "form's fc1/fc2 and conv1/bn/conv2/bn1, or, in a block named GAM, the six layers as its "
+                         "own children: two Linear, two Conv2d and two BatchNorm2d)")
     try:
         (fc1, fc2), cpaths, seed = _channel_layers(ca)
         spatial, spaths = _spatial_layers(sa)
@@ -532,9 +570,15 @@ def _find(module: nn.Module) -> tuple[tuple, tuple, bool, Optional[str]]:
     found = (fc1, fc2, *spatial)
     if len({id(m) for m in found}) != 6:
         raise ValueError(f"{name}: one layer is used in two places of the block; GAM has six distinct layers")
+    return found, cpaths + spaths, seed, _check_rest(module, name, found)
+
+
+def _check_rest(module: nn.Module, name: str, found: tuple, flat: bool = False) -> Optional[str]:
+    """The tail's name (None without one) once nothing but the six layers, a tail (not in a ``flat`` block,
+    whose layers are its own children) and no-op leaves holds anything; ValueError naming what else is there."""
     own = {id(t) for m in found for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     extra = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in own]
-    tail = _tail(module, found, extra) if extra else None
+    tail = _tail(module, found, extra) if extra and not flat else None
     if extra and tail is None:  # before the leaves: weights outside the six layers are named as such
         shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
         raise ValueError(f"{name}: {shown} outside GAM's six layers (Linear, Linear, Conv2d, BatchNorm2d, Conv2d, "
@@ -546,7 +590,7 @@ def _find(module: nn.Module) -> tuple[tuple, tuple, bool, Optional[str]]:
         if m is not module and not m._modules and type(m) not in _LEAVES:
             raise ValueError(f"{name}: {path} is {type(m).__name__}, which gam_triton does not compute (a GAM "
                              "block holds Linear, Conv2d, BatchNorm2d, ReLU and Sigmoid only)")
-    return found, cpaths + spaths, seed, tail
+    return tail
 
 
 def layers(module: nn.Module) -> Optional[tuple[tuple, bool]]:
@@ -573,12 +617,16 @@ def structure(module: nn.Module) -> Structure:
     function): ``channel_attention`` an ``nn.Sequential`` (Linear, ReLU, Linear [, Sigmoid]) or a module with
     ``fc1``/``fc2``; ``spatial_attention`` an ``nn.Sequential`` (Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d
     [, Sigmoid]), an ``nn.Sequential`` (wrapper, ReLU, wrapper [, Sigmoid]) whose wrappers hold exactly a Conv2d
-    then a BatchNorm2d, or a module with ``conv1``/``bn``/``conv2``/``bn1``. A tail (one more child holding
-    every parameter and buffer outside the six layers, e.g. a 1x1 Conv + BN + SiLU) may hold any modules: it
-    runs as it is, after GAM. Refused: any other leaf module (SiLU, InstanceNorm2d, Dropout, ...), parameters
-    or buffers outside the six layers and not all in one child, convolutions that are not same-size odd square
-    kernels with stride 1, no dilation and zero padding (``padding='same'`` or ``k // 2``), a hidden width
-    that is no ``C // rate``.
+    then a BatchNorm2d, or a module with ``conv1``/``bn``/``conv2``/``bn1``; or, in a block whose class name
+    contains "GAM" and that has neither branch, the six layers as its own children (two Linear, two Conv2d, two
+    BatchNorm2d, each pair in registration order, besides ReLU/Sigmoid leaves: dengbuqi/GAM_Pytorch's
+    ``linear1``/``linear2``/``conv1``/``conv2``/``norm1``/``norm2``). A tail (one more child holding every
+    parameter and buffer outside the six layers, e.g. a 1x1 Conv + BN + SiLU; not in the flat layout) may hold
+    any modules: it runs as it is, after GAM. Both convolutions pad alike, in any ``nn.Conv2d`` padding mode
+    (zeros, replicate, reflect, circular). Refused: any other leaf module (SiLU, InstanceNorm2d, Dropout,
+    ...), parameters or buffers outside the six layers and not all in one child, convolutions that are not
+    same-size odd square kernels with stride 1, no dilation and same-size padding (``padding='same'`` or
+    ``k // 2``), a hidden width that is no ``C // rate``.
     """
     found_layers, names, seed, tail = _find(module)
     name = type(module).__name__
@@ -606,8 +654,9 @@ def structure(module: nn.Module) -> Structure:
             problem = f"stride {cv.stride}, expected 1"
         elif cv.dilation != (1, 1):
             problem = f"dilation {cv.dilation}, expected 1"
-        elif cv.padding_mode != "zeros":
-            problem = f"padding_mode {cv.padding_mode!r}: gam_triton pads with zeros"
+        elif cv.padding_mode != conv1.padding_mode:
+            problem = (f"padding_mode {cv.padding_mode!r} and conv1 {conv1.padding_mode!r}: gam_triton pads both "
+                       "convolutions alike")
         elif not _pads_same(cv, k):
             problem = f"padding {cv.padding}, expected {k // 2} or 'same' (the output keeps H x W)"
         if problem:
@@ -620,7 +669,8 @@ def structure(module: nn.Module) -> Structure:
     if cr == 0 or c // rate != cr:
         raise ValueError(f"{name}: hidden width {cr} is not in_channels // rate for any rate gam_triton can express "
                          f"(C={c}, groups={groups})")
-    args = dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1 and groups == rate, groups=groups)
+    args = dict(in_channels=c, rate=rate, kernel_size=k, group=groups > 1 and groups == rate, groups=groups,
+                padding_mode=conv1.padding_mode)
     return Structure(found_layers, seed, args, names, _aliases(module, found_layers, names), tail)
 
 
@@ -782,13 +832,21 @@ def _probe(src: nn.Module, probe_layers: tuple, tail: Optional[nn.Module], forms
                      f"{near}): refusing to convert it into a different function")
 
 
+def min_map_size(padding_mode: str, kernel_size: int) -> int:
+    """The smallest H and W the convolutions take: reflect padding needs more rows than it pads, circular as
+    many (``F.pad``'s rules), zeros and replicate any."""
+    pad = kernel_size // 2
+    return {"reflect": pad + 1, "circular": pad}.get(padding_mode, 1)
+
+
 def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[bool, Optional[int]]:
     """(channel_sigmoid, shuffle_groups) of the GAM block ``module``, found by experiment; ValueError when its
     function is none of the forms gam_triton computes (followed by its tail, :attr:`Structure.tail`).
 
     The probe runs on a float64 CPU copy of ``module`` without hooks, its parameters and BatchNorm statistics
     randomised (no trained weight can hide a difference), in eval mode and in train mode (every layer; and in
-    the block's own per-layer modes when they are mixed), on inputs of :data:`PROBE_SHAPES`: the block's output
+    the block's own per-layer modes when they are mixed), on inputs of :data:`PROBE_SHAPES` (maps enlarged to
+    :func:`min_map_size` where reflect or circular padding needs it): the block's output
     and the buffers it moves (BatchNorm running statistics, ``num_batches_tracked``) are compared with each
     candidate form's, computed with the copy's own layers from the same starting statistics. A form is kept
     only if every probe agrees. The random state is forked (``torch.random.fork_rng``) and seeded before each
@@ -801,6 +859,7 @@ def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[b
     c = found.args["in_channels"]
     forms = [f for f in (_SEED_FORMS if found.seed else _SEQUENTIAL_FORMS) if not (f[1] and c % f[1])]
     flags = [m.training for m in module.modules()]
+    least = min_map_size(found.args["padding_mode"], found.args["kernel_size"])
     modes = [("eval", False), ("train", True)] + ([("own per-layer", None)] if len(set(flags)) > 1 else [])
     # inference_mode(False): the probe copy holds ordinary tensors (version counters, see _probe) when the
     # caller converts inside torch.inference_mode, as ultralytics' predictor and validator run
@@ -817,6 +876,7 @@ def detect_form(module: nn.Module, found: Optional[Structure] = None) -> tuple[b
             else:
                 src.train(flag)
             for b, h, w in PROBE_SHAPES:
+                h, w = max(h, least), max(w, least)
                 x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
                 forms = _probe(src, probe_layers, tail, forms, x, f"{mode}-mode probe at input {(b, c, h, w)}",
                                name)

@@ -177,6 +177,49 @@ def replicate_padding(c: int) -> nn.Module:
     return _Branches(_mlp(c, c // 4), nn.Sequential(*_spatial(c, c // 4, padding_mode="replicate")))
 
 
+def reflect_padding_yolo(c: int) -> nn.Module:
+    """The YOLO arithmetic (grouped, shuffled) with ``padding_mode='reflect'``."""
+    return _Branches(_mlp(c, c // 4), nn.Sequential(*_spatial(c, c // 4, groups=4, padding_mode="reflect")),
+                     yolo=True)
+
+
+def mixed_padding(c: int) -> nn.Module:
+    """conv1 padded with replicate, conv2 with zeros."""
+    layers = _spatial(c, c // 4)
+    layers[0] = _conv(c, c // 4, padding_mode="replicate")
+    return _Branches(_mlp(c, c // 4), nn.Sequential(*layers))
+
+
+class FlatReplicateGAM(nn.Module):
+    """dengbuqi/GAM_Pytorch ``CAM.py``'s ``GAM(in_channels, out_channels, rate=4)``: every layer a direct
+    child (``linear1``, ``relu``, ``linear2``, ``conv1``, ``conv2``, ``norm1``, ``norm2``, ``sigmoid``),
+    ``padding_mode='replicate'``, no channel sigmoid."""
+
+    def __init__(self, c: int, rate: int = 4) -> None:
+        super().__init__()
+        cr = c // rate
+        self.linear1, self.relu, self.linear2 = nn.Linear(c, cr), nn.ReLU(inplace=True), nn.Linear(cr, c)
+        self.conv1 = _conv(c, cr, padding_mode="replicate")
+        self.conv2 = _conv(cr, c, padding_mode="replicate")
+        self.norm1, self.norm2, self.sigmoid = nn.BatchNorm2d(cr), nn.BatchNorm2d(c), nn.Sigmoid()
+
+    def forward(self, x):
+        x = x * _gate(nn.Sequential(self.linear1, self.relu, self.linear2), x)
+        s = self.relu(self.norm1(self.conv1(x)))
+        return x * self.sigmoid(self.norm2(self.conv2(s)))
+
+
+class FlatExtraConvGAM(FlatReplicateGAM):
+    """The flat layout with a third convolution among the block's children."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.proj(super().forward(x))
+
+
 def instance_norm(c: int) -> nn.Module:
     """InstanceNorm2d in place of BatchNorm2d (segmentation / restoration code, batch size 1)."""
     return _Branches(_mlp(c, c // 4), nn.Sequential(*_spatial(c, c // 4, norm=nn.InstanceNorm2d)))
@@ -306,7 +349,7 @@ class PooledGAM(nn.Module):
 
 
 class FlatGAM(nn.Module):
-    """GAM's arithmetic with every layer a direct child (linear1, linear2, conv1, bn1, ...)."""
+    """The paper's arithmetic with every layer a direct child (linear1, linear2, conv1, bn1, ...)."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -410,7 +453,11 @@ ZOO = {
     "dropout_in_forward": Variant(DropoutInForward, 20, "refused", reason="train-mode probe"),
     "silu_entries": Variant(silu_entries, 16, "refused", reason="spatial_attention[2] is SiLU, expected ReLU"),
     "ultralytics_conv": Variant(ultralytics_conv, 16, "refused", reason="spatial_attention has 2 entries"),
-    "replicate_padding": Variant(replicate_padding, 20, "refused", reason="padding_mode 'replicate'"),
+    "replicate_padding": Variant(replicate_padding, 20, "converts", (True, None, 1, 4)),
+    "reflect_padding_yolo": Variant(reflect_padding_yolo, 16, "converts", (False, 4, 4, 4)),
+    "flat_replicate": Variant(FlatReplicateGAM, 16, "converts", (False, None, 1, 4)),
+    "mixed_padding": Variant(mixed_padding, 20, "refused", reason="padding_mode 'zeros' and conv1 'replicate'"),
+    "flat_extra_conv": Variant(FlatExtraConvGAM, 16, "refused", reason="no child channel_attention and spatial"),
     "instance_norm": Variant(instance_norm, 20, "refused",
                              reason="spatial_attention[1] is InstanceNorm2d, expected BatchNorm2d"),
     "extra_conv_entry": Variant(extra_conv_entry, 20, "refused", reason="spatial_attention has 6 entries"),
@@ -428,7 +475,7 @@ ZOO = {
                          note="GAM's layers with a tanh channel gate"),
     "cbam_named_children": Variant(CBAM, 16, "refused", reason="not a GAM block", warns=False),
     "pooled_gam_named": Variant(PooledGAM, 16, "refused", reason="no child channel_attention and spatial"),
-    "flat_gam_named": Variant(FlatGAM, 16, "refused", reason="no child channel_attention and spatial"),
+    "flat_gam_named": Variant(FlatGAM, 16, "converts", (True, None, 1, 4)),
     "gam_spatial_only": Variant(GAM_SpatialOnly, 16, "refused", reason="no child channel_attention"),
 }
 CONVERTS = [n for n, v in ZOO.items() if v.outcome == "converts"]

@@ -28,6 +28,8 @@ def no_kernel(monkeypatch):
     (dict(in_channels=24.0), TypeError, "in_channels must be an int"),
     (dict(in_channels=24, group="yes"), TypeError, "group must be a bool"),
     (dict(in_channels=24, channel_sigmoid=None), TypeError, "channel_sigmoid must be a bool"),
+    (dict(in_channels=24, padding_mode=None), TypeError, "padding_mode must be a str"),
+    (dict(in_channels=24, padding_mode="same"), ValueError, "padding_mode must be one of zeros, reflect"),
 ])
 def test_bad_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -48,6 +50,19 @@ def test_bad_forward_input(make_x, exc, match, no_kernel):
     gam = GAM(24).eval()
     with pytest.raises(exc, match=match):
         gam(make_x())
+
+
+@pytest.mark.parametrize("mode,least", [("reflect", 4), ("circular", 3)])
+def test_maps_too_small_for_the_padding_mode(mode, least, no_kernel):
+    """Reflect padding needs maps larger than the pad (3 for 7x7), circular at least as large: said before the
+    channel gate runs, for H and for W; the least size runs (float64: the PyTorch path, no kernel)."""
+    gam = GAM(24, padding_mode=mode).eval()
+    for h, w in ((least - 1, 9), (9, least - 1)):
+        with pytest.raises(ValueError, match=f"padding_mode '{mode}' needs H and W of at least {least}"):
+            gam(torch.randn(1, 24, h, w))
+    x = torch.randn(1, 24, least, least, dtype=torch.float64)
+    with torch.no_grad():
+        assert gam.double()(x).shape == x.shape
 
 
 def _cg_args():
