@@ -63,7 +63,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from . import reference
+from . import forms
 from .convert import convert, revert
 from .module import GAM
 from .ops._runtime import HAS_TRITON, INTERPRET
@@ -209,9 +209,9 @@ def without(model: nn.Module, paths: Sequence[str]) -> nn.Module:
         parent, _, name = p.rpartition(".")
         host = out.get_submodule(parent) if parent else out
         block = host.get_submodule(name)
-        tail = reference.structure(block).tail
+        tail = forms.structure(block).tail
         rest = nn.Identity() if tail is None else block.get_submodule(tail)
-        setattr(host, name, reference.carry_over(block, rest, hooks=False))
+        setattr(host, name, forms.carry_over(block, rest, hooks=False))
     return out
 
 

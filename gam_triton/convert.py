@@ -1,6 +1,6 @@
 """Swap GAM blocks in and out of a model: :func:`convert` (public forms -> :class:`~gam_triton.GAM`) and
 :func:`revert` (back to the public forms' plain modules). Tree walks only: what a block is and what a
-replacement takes over live in :mod:`gam_triton.reference`, how a GAM is built from a block in
+replacement takes over live in :mod:`gam_triton.forms`, how a GAM is built from a block in
 :meth:`gam_triton.GAM.from_module`.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 
 from torch import nn
 
-from . import reference
+from . import forms
 from .module import GAM
 
 __all__ = ["convert", "revert"]
@@ -22,11 +22,11 @@ def convert(model: nn.Module, strict: bool = False) -> nn.Module:
 
     Each new block takes the old one's place under the same name and holds the old block's Parameter and
     buffer objects (an optimizer built before the conversion keeps working), its plain attributes, its hooks
-    (:func:`gam_triton.reference.carry_over`) and its modes, layer for layer (:meth:`GAM.from_module`). A block
-    is converted only when :func:`gam_triton.reference.detect_form` proves the new one computes the same
+    (:func:`gam_triton.forms.carry_over`) and its modes, layer for layer (:meth:`GAM.from_module`). A block
+    is converted only when :func:`gam_triton.forms.detect_form` proves the new one computes the same
     function, in eval and in train mode.
 
-    Every block that looks like a GAM (:func:`gam_triton.reference.looks_like_gam`: "GAM" in its class name,
+    Every block that looks like a GAM (:func:`gam_triton.forms.looks_like_gam`: "GAM" in its class name,
     or GAM-like ``channel_attention`` and ``spatial_attention`` children) and is left as it is gets a WARNING
     naming it and the first mismatch; with ``strict=True`` a ``ValueError`` listing them all is raised
     instead, before anything is replaced. A block named like a GAM that only contains GAM blocks (a
@@ -43,10 +43,10 @@ def convert(model: nn.Module, strict: bool = False) -> nn.Module:
             path = f"{prefix}{name}"
             if isinstance(child, GAM):
                 continue
-            if reference.layers(child) is not None or reference.looks_like_gam(child):
+            if forms.layers(child) is not None or forms.looks_like_gam(child):
                 seen = len(plan) + len(refused)
                 try:
-                    new = reference.carry_over(child, GAM.from_module(child, share=True))
+                    new = forms.carry_over(child, GAM.from_module(child, share=True))
                 except ValueError as e:
                     reason = e
                 else:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import forms, reference
 from .ops._runtime import check_bchw
 from .module import GAM
 
@@ -52,10 +52,10 @@ def _form(module: nn.Module) -> tuple[tuple, bool, Optional[int], Optional[nn.Mo
     """(six layers, channel sigmoid, shuffle groups, tail or None) of a GAM block."""
     if isinstance(module, GAM):
         tail = getattr(module, "tail_name", None)
-        return (reference.layers(module)[0], module.channel_sigmoid, module.shuffle_groups,
+        return (forms.layers(module)[0], module.channel_sigmoid, module.shuffle_groups,
                 None if tail is None else module.get_submodule(tail))
-    found = reference.structure(module)  # ValueError for what is not a GAM block
-    sigmoid, groups = reference.detect_form(module, found)
+    found = forms.structure(module)  # ValueError for what is not a GAM block
+    sigmoid, groups = forms.detect_form(module, found)
     return found.layers, sigmoid, groups, None if found.tail is None else module.get_submodule(found.tail)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from . import reference
+from . import forms, reference
 from .deploy import deploying
 from .ops import _runtime, channel_gate, conv, elementwise, train_block
 from .reference import bn_scale_shift, conv_like, fold_conv_bn, gate_multiply, uses_batch_stats
@@ -205,11 +205,11 @@ class GAM(nn.Module):
         Weights, statistics, BatchNorm settings, requires_grad flags, device and dtype are those of
         ``module``, and so are the modes: the block's own training flag, and each layer's (fc1, fc2, conv1,
         bn1, conv2, bn2 and the two branches) its counterpart's, so a BatchNorm frozen with ``.eval()`` in a
-        training block stays frozen. The layers are found by :func:`gam_triton.reference.structure` (any of
-        the layouts it lists), the form by :func:`gam_triton.reference.detect_form` (ValueError naming the
+        training block stays frozen. The layers are found by :func:`gam_triton.forms.structure` (any of
+        the layouts it lists), the form by :func:`gam_triton.forms.detect_form` (ValueError naming the
         first mismatch when it is none that gam_triton computes). A layout with other parameter names
         (conv+BatchNorm wrappers) gets a load-state-dict pre-hook renaming its checkpoints' keys. A block with
-        a tail (a module after GAM, :attr:`gam_triton.reference.Structure.tail`) gives a :class:`TailedGAM`
+        a tail (a module after GAM, :attr:`gam_triton.forms.Structure.tail`) gives a :class:`TailedGAM`
         holding that very module (``share``) or a copy of it without its hooks, under the same name.
 
         ``share`` (what :func:`gam_triton.convert` uses): hold ``module``'s own Parameter and buffer objects
@@ -222,8 +222,8 @@ class GAM(nn.Module):
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
-        found = reference.structure(module)
-        sigmoid, shuffle = reference.detect_form(module, found)
+        found = forms.structure(module)
+        sigmoid, shuffle = forms.detect_form(module, found)
         kind, tail = (cls, {}) if found.tail is None else (TailedGAM, dict(tail=nn.Identity(), tail_name=found.tail))
         if found.tail is None and issubclass(cls, TailedGAM):
             kind = GAM
@@ -232,7 +232,7 @@ class GAM(nn.Module):
         gam._take_layers(found.layers, share)
         if found.tail is not None:  # the very module (share), or a copy without its hooks; its own modes
             theirs = module.get_submodule(found.tail)
-            gam._modules[found.tail] = theirs if share else reference.copy_without_hooks(theirs)
+            gam._modules[found.tail] = theirs if share else forms.copy_without_hooks(theirs)
         ca, sa = (module._modules.get(n) for n in ("channel_attention", "spatial_attention"))
         for mine, theirs in ((gam.channel_attention, ca), (gam.spatial_attention, sa)):
             theirs = module if theirs is None else theirs  # the flat layout: the block holds the layers itself
@@ -251,11 +251,11 @@ class GAM(nn.Module):
                         object.__setattr__(mine, name, getattr(theirs, name))
                 if getattr(theirs, "_is_full_backward_hook", None) is not None:
                     mine._is_full_backward_hook = theirs._is_full_backward_hook
-        table = reference.key_table(found.names, found.aliases)
+        table = forms.key_table(found.names, found.aliases)
         if table:  # this block's own names, renamed before the default seed and wrapper tables see them
             handle = gam._register_load_state_dict_pre_hook(reference.KeyMap(table))
             gam._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)
-        return reference.carry_over(module, gam, hooks=False)
+        return forms.carry_over(module, gam, hooks=False)
 
     def _take_layers(self, theirs_all: tuple, share: bool) -> None:
         """Take the weights, statistics, BatchNorm settings and training flags of (fc1, fc2, conv1, bn1,
@@ -301,7 +301,7 @@ class GAM(nn.Module):
         names ``fc1``...); anything else (a padding mode other than zeros too) -> ``PlainGAM``. The new module
         SHARES this GAM's layers (the same Linear, Conv2d and BatchNorm objects: parameters, buffers, BN
         settings, hooks on them) and, as
-        :func:`gam_triton.convert` does the other way (:func:`~gam_triton.reference.carry_over`), takes its
+        :func:`gam_triton.convert` does the other way (:func:`~gam_triton.forms.carry_over`), takes its
         mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own checkpoint-name
         renamers excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
         ``type`` a YOLO parser sets). Each layer keeps its own training flag (they are the same objects); the
@@ -322,7 +322,7 @@ class GAM(nn.Module):
         else:
             ref.channel_attention, ref.spatial_attention = ca, sa
         before = set(vars(ref))
-        reference.carry_over(self, ref)  # what convert() carried from the original block, carried back
+        forms.carry_over(self, ref)  # what convert() carried from the original block, carried back
         for name in _OWN_STATE & (set(vars(ref)) - before):  # GAM's own configuration and cache stay here
             delattr(ref, name)
         table = ref._load_state_dict_pre_hooks

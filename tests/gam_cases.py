@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import io
+import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,3 +80,18 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scal
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(got.detach().to("cpu", torch.float64), want.detach().to(torch.float64),
                                rtol=rtol * scale, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def onnx_in_onnxruntime(model: nn.Module, x: torch.Tensor) -> tuple:
+    """(the checked ONNX graph, onnxruntime's CPU output for ``x``) of ``model`` exported by the TorchScript
+    exporter at opset 17; skips without onnx or onnxruntime (the test extras)."""
+    onnx = pytest.importorskip("onnx", reason="onnx is in the test extras")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extras")
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["out"])
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    return proto, torch.from_numpy(sess.run(None, {"x": x.detach().cpu().numpy()})[0])

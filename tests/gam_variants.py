@@ -26,7 +26,8 @@ from torch import nn
 from gam_cases import randomise
 from gam_triton import GAM
 from gam_triton.ops import _runtime
-from gam_triton.reference import SEQUENTIAL_PATHS, PaperGAM, SeedGAM, YoloGAM, channel_shuffle, structure
+from gam_triton.forms import structure
+from gam_triton.reference import SEQUENTIAL_PATHS, PaperGAM, SeedGAM, YoloGAM, channel_shuffle
 
 
 # --- pieces the variants share ---------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_from_module_copies_attributes_but_not_hooks():
 
 @pytest.mark.parametrize("old, new", [(1, "gam"), ("gam", None)])
 def test_carry_over_rejects_non_modules(old, new):
-    from gam_triton.reference import carry_over
+    from gam_triton.forms import carry_over
 
     gam = GAM(8)
     with pytest.raises(TypeError, match="two nn.Modules"):

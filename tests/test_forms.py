@@ -20,7 +20,7 @@ import gam_variants as gv
 from gam_cases import assert_close, f64, make_input, make_ref, randomise
 from gam_triton import GAM, convert, revert
 from gam_triton.ops import _runtime
-from gam_triton import reference as R
+from gam_triton import forms, reference
 from gam_triton.inspect import attention_maps
 from gam_triton.reference import PaperGAM, PlainGAM, YoloGAM
 
@@ -416,10 +416,10 @@ def test_attention_maps_of_a_wrapped_form_and_a_training_layer():
 
 
 def test_structure_reports_the_layer_paths():
-    found = R.structure(gv.build("wrapped_conv_bn"))
+    found = forms.structure(gv.build("wrapped_conv_bn"))
     assert found.names == ("channel_attention.0", "channel_attention.2", "spatial_attention.0.conv",
                            "spatial_attention.0.bn", "spatial_attention.2.conv", "spatial_attention.2.bn")
-    assert R.key_table(found.names) == R.WRAPPED_NAMES
-    assert R.structure(gv.build("seed")).names[0] == "channel_attention.fc1"
-    assert R.key_table(R.structure(gv.build("seed")).names) == R.SEED_NAMES
-    assert R.key_table(R.SEQUENTIAL_PATHS) == {}
+    assert forms.key_table(found.names) == reference.WRAPPED_NAMES
+    assert forms.structure(gv.build("seed")).names[0] == "channel_attention.fc1"
+    assert forms.key_table(forms.structure(gv.build("seed")).names) == reference.SEED_NAMES
+    assert forms.key_table(reference.SEQUENTIAL_PATHS) == {}

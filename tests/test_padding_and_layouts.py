@@ -10,18 +10,17 @@ circular padding are in tests/test_bad_input.py.
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import gam_variants as gv
-from gam_cases import TOL, assert_close, f64, make_input, randomise
+from gam_cases import assert_close, f64, make_input, onnx_in_onnxruntime, randomise
 from gam_triton import GAM, convert, revert
 from gam_triton.ops import _runtime, conv, train_block
-from gam_triton.reference import PlainGAM, YoloGAM, structure
+from gam_triton.forms import structure
+from gam_triton.reference import PlainGAM, YoloGAM
 
 TRITON_RUNS = _runtime.HAS_TRITON and (_runtime.INTERPRET or torch.cuda.is_available())
 
@@ -34,6 +33,7 @@ def dev(device) -> str:
     return device
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("mode", ["zeros", "replicate"])
 def test_the_fused_paths_run_for_zero_padding_only(mode, dev, monkeypatch):
     """Replicate padding runs the generic Triton path, its convolutions padded as the layers say; zeros keeps
@@ -105,21 +105,11 @@ def test_flat_layout_is_read_only_in_blocks_named_gam():
 
 
 def test_onnx_export_of_replicate_padding_runs_in_onnxruntime(dev):
-    onnx = pytest.importorskip("onnx", reason="onnx is in the test extras")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extras")
     ref = gv.build("flat_replicate").eval()
     model = convert(nn.Sequential(copy.deepcopy(ref))).to(dev)
     x = make_input(2, 16, 5, 6, torch.float32, dev, False)
     with torch.no_grad():
         model(x)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["out"])
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
+    proto, got = onnx_in_onnxruntime(model, x)
     assert any(n.op_type == "Pad" for n in proto.graph.node)
-    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"x": x.cpu().numpy()})[0])
-    rtol, atol = TOL[torch.float32]
-    torch.testing.assert_close(got.double(), f64(ref)(x.cpu().double()), rtol=rtol, atol=atol)
+    assert_close(got, f64(ref)(x.cpu().double()), torch.float32, what="onnxruntime vs float64 source")

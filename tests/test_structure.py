@@ -3,6 +3,8 @@ table of generated facts, few files on the hot path of one eval forward.
 """
 import ast
 import os
+import pickle
+import pickletools
 import sys
 
 import pytest
@@ -89,6 +91,7 @@ def test_no_import_cycle_and_no_function_level_package_import():
         if m not in state:
             visit(m, [])
     assert "gam_triton.reference" in graph and not {d for d in graph["gam_triton.reference"]}, "reference is a leaf"
+    assert graph["gam_triton.forms"] == {"gam_triton.reference"}, "forms reads blocks with reference alone"
     assert not graph["gam_triton.deploy"], "deploy is a leaf"
 
 
@@ -126,3 +129,17 @@ def test_one_eval_forward_passes_through_at_most_six_library_files(monkeypatch):
     files = sorted(os.path.relpath(f, PACKAGE) for f in seen if f.startswith(PACKAGE + os.sep))
     assert len(files) <= 6, files
     assert {"module.py", os.path.join("ops", "conv.py"), os.path.join("ops", "channel_gate.py")} <= set(files)
+
+
+def test_a_pickled_gam_refers_only_to_names_that_stay_put():
+    """torch.save of a model (ultralytics' checkpoints) pickles GAM and the load-state-dict hooks it registers by
+    module and name: moving any of them breaks every checkpoint saved before. These are the names it may use."""
+    gam = gam_triton.GAM.from_module(gam_triton.reference.PaperGAM(16))  # with a block key map of its own
+    tailed = gam_triton.TailedGAM(16, torch.nn.Identity())
+    found = set()
+    for m in (gam, tailed, gam_triton.GAM(16, padding_mode="replicate")):
+        for op, arg, _ in pickletools.genops(pickle.dumps(m, protocol=2)):
+            if op.name == "GLOBAL" and arg.startswith("gam_triton"):
+                found.add(tuple(arg.split(" ")))
+    assert found == {("gam_triton.module", "GAM"), ("gam_triton.module", "TailedGAM"),
+                     ("gam_triton.reference", "KeyMap"), ("gam_triton.reference", "rename_seed_keys")}, found

@@ -10,20 +10,19 @@ the forms the tail rule still refuses are there too (``projection_before``, ``tw
 from __future__ import annotations
 
 import copy
-import io
 import pickle
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import gam_variants as gv
-from gam_cases import TOL, assert_close, f64, make_input, randomise
+from gam_cases import assert_close, f64, make_input, onnx_in_onnxruntime, randomise
 from gam_triton import GAM, TailedGAM, bench, convert, revert
 from gam_triton.inspect import attention_maps
 from gam_triton.ops import _runtime
-from gam_triton.reference import PlainTailedGAM, structure
+from gam_triton.forms import structure
+from gam_triton.reference import PlainTailedGAM
 
 TRITON_RUNS = _runtime.HAS_TRITON and (_runtime.INTERPRET or torch.cuda.is_available())
 
@@ -160,23 +159,13 @@ def test_bench_without_gam_keeps_the_tail():
 
 
 def test_onnx_export_runs_in_onnxruntime(dev):
-    onnx = pytest.importorskip("onnx", reason="onnx is in the test extras")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extras")
     ref = make_net()
     model = convert(copy.deepcopy(ref)).to(dev)
     x = make_input(2, 3, 5, 6, torch.float32, dev, False)
     with torch.no_grad():
         model(x)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["out"])
-    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
-    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"images": x.cpu().numpy()})[0])
-    rtol, atol = TOL[torch.float32]
-    torch.testing.assert_close(got.double(), f64(ref)(x.cpu().double()), rtol=rtol, atol=atol)
+    _, got = onnx_in_onnxruntime(model, x)
+    assert_close(got, f64(ref)(x.cpu().double()), torch.float32, what="onnxruntime vs float64 source")
 
 
 def test_compiles_in_one_graph(dev):
