@@ -288,8 +288,8 @@ def key_table(names: tuple, aliases: tuple = ()) -> dict:
     """{prefix in the block: prefix in the Sequential forms} for six layer paths (``Structure.names``), the
     paths the Sequential forms share left out, and for the other paths a layer is registered under
     (``Structure.aliases``: a checkpoint holds a layer's tensors under each; they load into the one layer).
-    Applied before :func:`rename_seed_keys` (a Sequential whose entries are named ``conv1``, ``bn1``, ... must
-    not get the seed form's meaning of ``bn1``)."""
+    Applied before :func:`gam_triton.reference.rename_seed_keys` (a Sequential whose entries are named
+    ``conv1``, ``bn1``, ... must not get the seed form's meaning of ``bn1``)."""
     ours = dict(zip(names, SEQUENTIAL_PATHS))
     table = {theirs + ".": mine + "." for theirs, mine in ours.items() if theirs != mine}
     return {**table, **{alias + ".": ours[primary] + "." for alias, primary in aliases}}

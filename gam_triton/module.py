@@ -224,11 +224,12 @@ class GAM(nn.Module):
             raise TypeError(f"from_module expects an nn.Module, got {type(module).__name__}")
         found = forms.structure(module)
         sigmoid, shuffle = forms.detect_form(module, found)
-        kind, tail = (cls, {}) if found.tail is None else (TailedGAM, dict(tail=nn.Identity(), tail_name=found.tail))
-        if found.tail is None and issubclass(cls, TailedGAM):
-            kind = GAM
+        if found.tail is None:  # TailedGAM.from_module of a block without a tail: a plain GAM
+            kind, more = (GAM if issubclass(cls, TailedGAM) else cls), {}
+        else:  # the tail itself is put in after the layers (to_empty would empty it)
+            kind, more = TailedGAM, dict(tail=nn.Identity(), tail_name=found.tail)
         with torch.device("meta"):  # every tensor comes from ``module``: no allocation, no random init (which
-            gam = kind(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle, **tail)  # moves the RNG)
+            gam = kind(**found.args, channel_sigmoid=sigmoid, shuffle_groups=shuffle, **more)  # moves the RNG)
         gam._take_layers(found.layers, share)
         if found.tail is not None:  # the very module (share), or a copy without its hooks; its own modes
             theirs = module.get_submodule(found.tail)
@@ -300,12 +301,12 @@ class GAM(nn.Module):
         form -> ``PaperGAM``; identity gate without shuffle or grouping -> ``SeedGAM`` (the seed's children
         names ``fc1``...); anything else (a padding mode other than zeros too) -> ``PlainGAM``. The new module
         SHARES this GAM's layers (the same Linear, Conv2d and BatchNorm objects: parameters, buffers, BN
-        settings, hooks on them) and, as
-        :func:`gam_triton.convert` does the other way (:func:`~gam_triton.forms.carry_over`), takes its
-        mode, its hook tables (the same dict objects, so handles still remove hooks; GAM's own checkpoint-name
-        renamers excepted) and the instance attributes GAM itself does not define (e.g. the ``f``, ``i``,
-        ``type`` a YOLO parser sets). Each layer keeps its own training flag (they are the same objects); the
-        seed form's branch modules take the flags of this GAM's branches.
+        settings, hooks on them) and, as :func:`gam_triton.convert` does the other way
+        (:func:`~gam_triton.forms.carry_over`), takes its mode, its hook tables (the same dict objects, so
+        handles still remove hooks; GAM's own checkpoint-name renamers excepted) and the instance attributes
+        GAM itself does not define (e.g. the ``f``, ``i``, ``type`` a YOLO parser sets). Each layer keeps its own
+        training flag (they are the same objects); the seed form's branch modules take the flags of this GAM's
+        branches.
         """
         ref = self._reference_form()
         ca, sa = self.channel_attention, self.spatial_attention
