@@ -52,7 +52,7 @@ def _form(module: nn.Module) -> tuple[tuple, bool, Optional[int], Optional[nn.Mo
     """(six layers, channel sigmoid, shuffle groups, tail or None) of a GAM block."""
     if isinstance(module, GAM):
         tail = getattr(module, "tail_name", None)
-        return (forms.layers(module)[0], module.channel_sigmoid, module.shuffle_groups,
+        return (module._layers(), module.channel_sigmoid, module.shuffle_groups,
                 None if tail is None else module.get_submodule(tail))
     found = forms.structure(module)  # ValueError for what is not a GAM block
     sigmoid, groups = forms.detect_form(module, found)

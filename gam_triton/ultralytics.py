@@ -185,13 +185,14 @@ def _convert_keeping_sources(model: nn.Module) -> nn.Module:
 def _as_source(gam: GAM) -> nn.Module:
     """The user's block again, holding ``gam``'s tensors (its own parameter and buffer objects) and modes."""
     block = copy.deepcopy(vars(gam)[SOURCE])
-    for theirs, mine in zip(forms.structure(block).layers, gam._layers()):
+    layers = forms.structure(block).layers
+    for theirs, mine in zip(layers, gam._layers()):
         for name in list(theirs._parameters):
             theirs._parameters[name] = mine._parameters[name]
         for name in list(theirs._buffers):
             theirs._buffers[name] = mine._buffers[name]
     block.train(gam.training)
-    for theirs, mine in zip(forms.structure(block).layers, gam._layers()):
+    for theirs, mine in zip(layers, gam._layers()):
         theirs.training = mine.training
     tail = getattr(gam, "tail_name", None)
     if tail is not None:  # the module after GAM (a TailedGAM's): the trained one itself, its own modes
